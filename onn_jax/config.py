@@ -1,0 +1,217 @@
+"""Frozen, validated configuration dataclasses for the model, the MoE layer and the optimizer.
+
+Every field has the faithful default of shared/REFERENCE.md unless its docstring says
+otherwise. Validation happens at construction time and raises `ConfigError`, which names
+the offending field by its dotted path so the training program can point at the source.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+ROUTERS = ("surprise", "topk", "dense")
+EXPERT_KINDS = ("gelu", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
+DTYPES = ("float32", "bfloat16")
+FILTER_MODES = ("one_sided", "two_sided", "off")
+FILTER_SCOPES = ("pooled", "per_layer")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. `field` is the dotted path of the culprit."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _check(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(field_name, message)
+
+
+def _positive_int(value: Any, name: str) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool), name,
+           f"must be an integer, got {type(value).__name__} {value!r}")
+    _check(value > 0, name, f"must be > 0, got {value}")
+
+
+def _nonneg_float(value: Any, name: str) -> None:
+    _check(isinstance(value, (int, float)) and not isinstance(value, bool), name,
+           f"must be a number, got {type(value).__name__} {value!r}")
+    _check(value >= 0, name, f"must be >= 0, got {value}")
+
+
+def _choice(value: Any, choices: tuple[str, ...], name: str) -> None:
+    _check(value in choices, name, f"must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """The MoE feed-forward layer: router kind, experts and the gate losses.
+
+    router: `surprise` (faithful top-any gate trained by the Surprise hybrid loss),
+      `topk` (linear router, top_k experts, Switch load-balancing loss) or `dense`
+      (a plain FFN whose width equals top_k experts).
+    fallback_k: experts activated for a token with none active; None means E // 2.
+    w_ce, w_kl: weights of the hard (CE to argmin S) and soft (KL) gate targets.
+    w_aux: weight of the summed per-layer gate losses in the total loss.
+    surprise: name of the surprise definition (see onn_jax.surprise.SURPRISE_FNS).
+    lb_weight, z_weight: Switch load-balancing and router z-loss weights (topk router).
+    """
+
+    num_experts: int = 32
+    intermediate: int = 128
+    expert_kind: str = "gelu"
+    router: str = "surprise"
+    fallback_k: int | None = None
+    w_ce: float = 1.0
+    w_kl: float = 1.0
+    w_aux: float = 1.0
+    surprise: str = "output_grad"
+    top_k: int = 2
+    lb_weight: float = 0.01
+    z_weight: float = 0.0
+
+    def __post_init__(self):
+        p = "model.moe."
+        _positive_int(self.num_experts, p + "num_experts")
+        _positive_int(self.intermediate, p + "intermediate")
+        _choice(self.expert_kind, EXPERT_KINDS, p + "expert_kind")
+        _choice(self.router, ROUTERS, p + "router")
+        if self.fallback_k is not None:
+            _positive_int(self.fallback_k, p + "fallback_k")
+            _check(self.fallback_k <= self.num_experts, p + "fallback_k",
+                   f"must be <= num_experts ({self.num_experts}), got {self.fallback_k}")
+        _positive_int(self.top_k, p + "top_k")
+        _check(self.top_k <= self.num_experts, p + "top_k",
+               f"must be <= num_experts ({self.num_experts}), got {self.top_k}")
+        for name in ("w_ce", "w_kl", "w_aux", "lb_weight", "z_weight"):
+            _nonneg_float(getattr(self, name), p + name)
+        _check(isinstance(self.surprise, str) and self.surprise != "", p + "surprise",
+               f"must be the name of a surprise function, got {self.surprise!r}")
+
+    @property
+    def effective_fallback_k(self) -> int:
+        """The fallback size in force: fallback_k, or E // 2 (at least 1) by default."""
+        if self.fallback_k is not None:
+            return self.fallback_k
+        return max(1, self.num_experts // 2)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The transformer around the MoE layer (faithful PoC numerics by default)."""
+
+    vocab_size: int = 256
+    hidden: int = 32
+    num_layers: int = 1
+    num_heads: int = 4
+    max_len: int = 256
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    final_norm: bool = False
+    dtype: str = "float32"
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self):
+        p = "model."
+        for name in ("vocab_size", "hidden", "num_layers", "num_heads", "max_len"):
+            _positive_int(getattr(self, name), p + name)
+        _check(self.hidden % self.num_heads == 0, p + "num_heads",
+               f"must divide hidden ({self.hidden}), got {self.num_heads}")
+        _check((self.hidden // self.num_heads) % 2 == 0, p + "num_heads",
+               f"head dim hidden/num_heads = {self.hidden // self.num_heads} must be even for RoPE")
+        _choice(self.norm, NORMS, p + "norm")
+        _check(isinstance(self.norm_eps, float) and self.norm_eps > 0, p + "norm_eps",
+               f"must be a float > 0, got {self.norm_eps!r}")
+        _check(isinstance(self.rope_base, (int, float)) and self.rope_base > 1, p + "rope_base",
+               f"must be > 1, got {self.rope_base!r}")
+        _check(isinstance(self.final_norm, bool), p + "final_norm",
+               f"must be a bool, got {self.final_norm!r}")
+        _choice(self.dtype, DTYPES, p + "dtype")
+        _check(isinstance(self.moe, MoEConfig), p + "moe", "must be a MoEConfig")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.num_heads
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """The expert gradient filter ("2-sigma").
+
+    mode: `one_sided` (faithful: zero g > mean + sigma*std), `two_sided` (zero |g| >
+      mean(|g|) + sigma*std(|g|)) or `off`.
+    scope: `pooled` (faithful: statistics over all expert gradients together) or
+      `per_layer` (statistics per transformer block).
+    """
+
+    mode: str = "one_sided"
+    scope: str = "pooled"
+    sigma: float = 2.0
+
+    def __post_init__(self):
+        p = "optim.grad_filter."
+        _choice(self.mode, FILTER_MODES, p + "mode")
+        _choice(self.scope, FILTER_SCOPES, p + "scope")
+        _nonneg_float(self.sigma, p + "sigma")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with the faithful PoC hyper-parameters, plus the expert gradient filter.
+
+    clip_norm: optional global-norm clipping (an option; None = off, faithful).
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float | None = None
+    grad_filter: FilterConfig = field(default_factory=FilterConfig)
+
+    def __post_init__(self):
+        p = "optim."
+        for name in ("lr", "weight_decay", "eps"):
+            _nonneg_float(getattr(self, name), p + name)
+        _check(self.lr > 0, p + "lr", f"must be > 0, got {self.lr}")
+        for name in ("b1", "b2"):
+            v = getattr(self, name)
+            _nonneg_float(v, p + name)
+            _check(v < 1, p + name, f"must be < 1, got {v}")
+        if self.clip_norm is not None:
+            _nonneg_float(self.clip_norm, p + "clip_norm")
+            _check(self.clip_norm > 0, p + "clip_norm", f"must be > 0, got {self.clip_norm}")
+        _check(isinstance(self.grad_filter, FilterConfig), p + "grad_filter",
+               "must be a FilterConfig")
+
+
+def from_dict(cls, data: Mapping[str, Any], path: str = ""):
+    """Builds config dataclass `cls` from a nested mapping, rejecting unknown keys.
+
+    Nested dataclass fields are built recursively. Errors name the dotted field path.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(path.rstrip(".") or cls.__name__,
+                          f"must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(path + key, f"unknown key; known keys: {sorted(fields)}")
+        default = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
+        if default is not None and dataclasses.is_dataclass(default):
+            value = from_dict(default, value, path + key + ".")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def to_dict(config) -> dict[str, Any]:
+    """The config as a plain nested dict (for logging and checkpoint metadata)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,82 @@
+"""Routers as pure functions of arrays: the top-any surprise gate and a top-k baseline.
+
+The top-any gate (DynMoE style, shared/REFERENCE.md section "One MoE layer"):
+  1. logits[t, e] = <x_t / |x_t|, P_e / |P_e|>          cosine similarity to prototypes
+  2. pre[t, e]    = logits[t, e] - sigmoid(theta_e)     learnable thresholds
+  3. active       = relu(pre) > 0                       k is dynamic, 0..E per token
+  4. fallback     tokens with no active expert take their top `fallback_k` by logits
+  5. weights      softmax(relu(pre)) over active experts, exactly 0 elsewhere
+All router math runs in float32 whatever the compute dtype.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class RouterOutput(NamedTuple):
+    """What a router hands to the MoE layer and to its gate loss, all [N, E]."""
+
+    logits: jax.Array   # router scores (cosine similarity, or linear logits for top-k)
+    pre: jax.Array      # scores the gate loss trains (pre-activation; = logits for top-k)
+    mask: jax.Array     # bool, expert active for the token (after fallback)
+    weights: jax.Array  # combine weights, sum to 1 over active experts, 0 elsewhere
+
+
+def l2_normalize(x: jax.Array, axis: int, eps: float = 1e-12) -> jax.Array:
+    """x / max(|x|, eps) along `axis` (PyTorch F.normalize semantics)."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+def cosine_logits(x_NxC: jax.Array, protos_CxE: jax.Array) -> jax.Array:
+    """Cosine similarity of every token to every expert prototype, float32 [N, E]."""
+    x = l2_normalize(x_NxC.astype(jnp.float32), axis=-1)
+    p = l2_normalize(protos_CxE.astype(jnp.float32), axis=0)
+    return jnp.einsum("nc,ce->ne", x, p, precision=jax.lax.Precision.HIGHEST)
+
+
+def masked_softmax(scores_NxE: jax.Array, mask_NxE: jax.Array) -> jax.Array:
+    """Softmax over the entries where mask is True; exactly 0 elsewhere.
+
+    Every row must have at least one True entry (the gate's fallback guarantees it).
+    """
+    neg = jnp.finfo(scores_NxE.dtype).min
+    row_max = jax.lax.stop_gradient(jnp.max(jnp.where(mask_NxE, scores_NxE, neg), -1, keepdims=True))
+    e = jnp.where(mask_NxE, jnp.exp(jnp.where(mask_NxE, scores_NxE - row_max, 0.0)), 0.0)
+    return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+def topk_mask(scores_NxE: jax.Array, k: int) -> jax.Array:
+    """Boolean [N, E] mask of each row's k largest scores."""
+    _, idx_NxK = jax.lax.top_k(scores_NxE, k)
+    return jnp.any(jax.nn.one_hot(idx_NxK, scores_NxE.shape[-1], dtype=jnp.bool_), axis=-2)
+
+
+def top_any_gate(x_NxC: jax.Array, protos_CxE: jax.Array, theta_E: jax.Array,
+                 fallback_k: int) -> RouterOutput:
+    """The faithful top-any gate with learnable thresholds and a top-`fallback_k` fallback.
+
+    Gradients reach the prototypes and thresholds through `weights` (via relu(pre)) and
+    through `pre`; the boolean mask carries none. Fallback experts have relu(pre) = 0 and
+    so share their token's weight equally.
+    """
+    logits = cosine_logits(x_NxC, protos_CxE)
+    pre = logits - jax.nn.sigmoid(theta_E.astype(jnp.float32))[None, :]
+    gated = jax.nn.relu(pre)
+    active = gated > 0
+    none_active = ~jnp.any(active, axis=-1, keepdims=True)
+    mask = active | (none_active & topk_mask(logits, fallback_k))
+    weights = masked_softmax(gated, mask)
+    return RouterOutput(logits=logits, pre=pre, mask=mask, weights=weights)
+
+
+def topk_gate(x_NxC: jax.Array, router_CxE: jax.Array, k: int) -> RouterOutput:
+    """Baseline linear router: softmax probabilities, top-k experts, renormalised weights."""
+    logits = jnp.einsum("nc,ce->ne", x_NxC.astype(jnp.float32), router_CxE.astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST)
+    mask = topk_mask(logits, k)
+    weights = masked_softmax(logits, mask)
+    return RouterOutput(logits=logits, pre=logits, mask=mask, weights=weights)

@@ -1,0 +1,182 @@
+"""Flax Linen modules: embedding, pre-norm causal attention with RoPE, MoE layer, LM head.
+
+The modules only create parameters and call the pure functions of onn_jax.moe / gate /
+experts, so `model.apply` is itself a pure function of (params, tokens, taps) that
+`jax.vjp` can differentiate with respect to the Surprise taps.
+
+Parameter layout (what onn_jax.sharding and the expert filter key on):
+  embed/embedding [V, C]
+  block_i/attn/{query,key,value}/kernel [C, H, D], block_i/attn/out/kernel [H, D, C]
+  block_i/{norm_attn,norm_moe}/{scale,bias}
+  block_i/moe/{prototypes [C, E], thresholds [E]} or router [C, E]
+  block_i/moe/experts/{w1 [E, C, I], w2 [E, I, C], w3 [E, C, I] for SwiGLU}
+  block_i/moe/ffn/{w1, w2, w3} for the dense baseline
+  lm_head/kernel [C, V]
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from onn_jax.config import ModelConfig
+from onn_jax.experts import dense_ffn
+from onn_jax.moe import MoERecord, MoETaps, moe_layer, zero_taps
+
+# PyTorch nn.Linear's default init (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)).
+torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def stacked_linear_init(in_axis: int, out_axis: int):
+    """PyTorch-Linear init for weights stacked over a leading expert axis."""
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
+                                            in_axis=in_axis, out_axis=out_axis, batch_axis=(0,))
+
+
+def compute_dtype(cfg: ModelConfig):
+    return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+
+
+def apply_rope(x_BxTxHxD: jax.Array, positions_BxT: jax.Array, base: float) -> jax.Array:
+    """Rotary position embedding (rotate-half form), computed in float32."""
+    half = x_BxTxHxD.shape[-1] // 2
+    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions_BxT.astype(jnp.float32)[..., None] * freqs  # [B, T, D/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x = x_BxTxHxD.astype(jnp.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxHxD.dtype)
+
+
+def causal_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, q_pos_BxT, kv_pos_BxS, kv_valid_BxS=None):
+    """Softmax attention scaled by 1/sqrt(D); query t sees keys with position <= its own."""
+    scale = q_BxTxHxD.shape[-1] ** -0.5
+    scores = jnp.einsum("bthd,bshd->bhts", q_BxTxHxD, k_BxSxHxD,
+                        preferred_element_type=jnp.float32) * scale
+    allowed = kv_pos_BxS[:, None, None, :] <= q_pos_BxT[:, None, :, None]
+    if kv_valid_BxS is not None:
+        allowed = allowed & kv_valid_BxS[:, None, None, :]
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxHxD.dtype)
+    return jnp.einsum("bhts,bshd->bthd", probs, v_BxSxHxD)
+
+
+class Norm(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        if self.cfg.norm == "layernorm":
+            y = nn.LayerNorm(epsilon=self.cfg.norm_eps, dtype=jnp.float32, name="ln")(x.astype(jnp.float32))
+        else:
+            y = nn.RMSNorm(epsilon=self.cfg.norm_eps, dtype=jnp.float32, name="rms")(x.astype(jnp.float32))
+        return y.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxC, positions_BxT):
+        cfg, dt = self.cfg, compute_dtype(self.cfg)
+        proj = lambda name: nn.DenseGeneral((cfg.num_heads, cfg.head_dim), use_bias=False, dtype=dt,
+                                            kernel_init=torch_linear_init, name=name)
+        q = apply_rope(proj("query")(x_BxTxC), positions_BxT, cfg.rope_base)
+        k = apply_rope(proj("key")(x_BxTxC), positions_BxT, cfg.rope_base)
+        v = proj("value")(x_BxTxC)
+        o = causal_attention(q, k, v, positions_BxT, positions_BxT)
+        return nn.DenseGeneral(cfg.hidden, axis=(-2, -1), use_bias=False, dtype=dt,
+                               kernel_init=torch_linear_init, name="out")(o)
+
+
+class Experts(nn.Module):
+    """Holds the stacked expert weights w1 [E, C, I], w2 [E, I, C] (w3 for SwiGLU)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self):
+        m, c = self.cfg.moe, self.cfg.hidden
+        params = {"w1": self.param("w1", stacked_linear_init(1, 2), (m.num_experts, c, m.intermediate)),
+                  "w2": self.param("w2", stacked_linear_init(1, 2), (m.num_experts, m.intermediate, c))}
+        if m.expert_kind == "swiglu":
+            params["w3"] = self.param("w3", stacked_linear_init(1, 2), (m.num_experts, c, m.intermediate))
+        return params
+
+
+class MoEFeedForward(nn.Module):
+    """Parameter holder for moe_layer (or the dense FFN baseline)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxC, taps: MoETaps | None = None):
+        cfg, m = self.cfg, self.cfg.moe
+        b, t, c = x_BxTxC.shape
+        x_NxC = x_BxTxC.reshape(b * t, c)
+        if m.router == "dense":
+            width = m.intermediate * m.top_k
+            ffn = {"w1": self.param("ffn_w1", torch_linear_init, (c, width)),
+                   "w2": self.param("ffn_w2", torch_linear_init, (width, c))}
+            if m.expert_kind == "swiglu":
+                ffn["w3"] = self.param("ffn_w3", torch_linear_init, (c, width))
+            return dense_ffn(ffn, x_NxC, m.expert_kind).reshape(b, t, c), None
+        params = {"experts": Experts(cfg, name="experts")()}
+        if m.router == "surprise":
+            params["prototypes"] = self.param("prototypes", nn.initializers.normal(1.0), (c, m.num_experts))
+            params["thresholds"] = self.param("thresholds", nn.initializers.zeros, (m.num_experts,))
+        else:
+            params["router"] = self.param("router", torch_linear_init, (c, m.num_experts))
+        out_NxC, record = moe_layer(params, x_NxC, m, taps)
+        return out_NxC.astype(x_BxTxC.dtype).reshape(b, t, c), record
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxC, positions_BxT, taps: MoETaps | None = None):
+        h = x_BxTxC + Attention(self.cfg, name="attn")(Norm(self.cfg, name="norm_attn")(x_BxTxC), positions_BxT)
+        moe_out, record = MoEFeedForward(self.cfg, name="moe")(Norm(self.cfg, name="norm_moe")(h), taps)
+        return h + moe_out, record
+
+
+class Transformer(nn.Module):
+    """The LM: tokens [B, T] -> (logits [B, T, V] float32, per-layer MoE records)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxT, taps: Sequence[MoETaps] | None = None, positions_BxT=None):
+        cfg = self.cfg
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+        x = nn.Embed(cfg.vocab_size, cfg.hidden, embedding_init=nn.initializers.normal(1.0),
+                     name="embed")(tokens_BxT).astype(compute_dtype(cfg))
+        records = []
+        for i in range(cfg.num_layers):
+            x, record = Block(cfg, name=f"block_{i}")(x, positions_BxT, None if taps is None else taps[i])
+            records.append(record)
+        if cfg.final_norm:
+            x = Norm(cfg, name="final_norm")(x)
+        logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=compute_dtype(cfg),
+                          kernel_init=torch_linear_init, name="lm_head")(x)
+        return logits.astype(jnp.float32), tuple(records)
+
+
+def model_taps(cfg: ModelConfig, batch_size: int, seq_len: int) -> tuple[MoETaps, ...] | None:
+    """Zero Surprise taps for every MoE layer, or None for the dense baseline."""
+    if cfg.moe.router == "dense":
+        return None
+    return tuple(zero_taps(batch_size * seq_len, cfg.moe.num_experts, cfg.hidden)
+                 for _ in range(cfg.num_layers))
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int | None = None) -> dict:
+    """Initial parameters (a plain nested dict of float32 arrays)."""
+    tokens = jnp.zeros((1, seq_len or min(cfg.max_len, 8)), jnp.int32)
+    return Transformer(cfg).init(rng, tokens)["params"]

@@ -1,0 +1,152 @@
+"""The unified train step: one forward, Surprise from the main loss, one joint update.
+
+    grads = d main/d params + w_aux * d (sum_l gate_loss_l(pre_l, S_l)) / d params
+
+with S_l = surprise(dL_main/dY_l, ...) held constant. `jax.vjp` linearises the forward once;
+its pullback is applied twice to the same residuals:
+  1. cotangent (1, 0) -> only the taps' cotangents are used, so XLA prunes every parameter
+     gradient and everything below the lowest MoE layer (the cheap Surprise backward);
+  2. cotangent (1, w_aux * d gate / d pre) -> the gradient of the total loss.
+The forward is never recomputed. The optax chain applies the expert filter, then AdamW.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from onn_jax.config import ModelConfig, OptimConfig
+from onn_jax.grad_filter import SigmaFilterState, sigma_filter
+from onn_jax.losses import hybrid_gate_loss, load_balancing_loss, next_token_loss, router_z_loss
+from onn_jax.model import Transformer, init_params, model_taps
+from onn_jax.moe import MoERecord
+from onn_jax.surprise import SurpriseFn, SurpriseInputs, get_surprise_fn
+
+Batch = dict[str, jax.Array]  # inputs [B, T] int32, targets [B, T] int32, loss_mask [B, T]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """Expert gradient filter -> optional global-norm clip -> AdamW (faithful hyper-parameters)."""
+    f = cfg.grad_filter
+    parts = [sigma_filter(f.mode, f.scope, f.sigma)]
+    if cfg.clip_norm is not None:
+        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    parts.append(optax.adamw(cfg.lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+    return optax.chain(*parts)
+
+
+def init_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    params = init_params(model_cfg, rng)
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def layer_gate_loss(cfg: ModelConfig, gate_input: jax.Array, surprise: jax.Array | None,
+                    record: MoERecord):
+    """One layer's gate loss: the Surprise hybrid, or load-balancing (+ z) for top-k."""
+    m = cfg.moe
+    if m.router == "surprise":
+        return hybrid_gate_loss(gate_input, surprise, m.w_ce, m.w_kl)
+    lb = load_balancing_loss(gate_input, record.router.mask)
+    z = router_z_loss(gate_input)
+    return m.lb_weight * lb + m.z_weight * z, {"lb": lb, "z": z}
+
+
+def compute_grads(params, batch: Batch, cfg: ModelConfig,
+                  surprise_fn: str | SurpriseFn | None = None) -> tuple[Any, dict[str, jax.Array]]:
+    """Gradient of main + w_aux * sum of gate losses, and the step's metrics (no update)."""
+    model = Transformer(cfg)
+    b, t = batch["inputs"].shape
+    taps = model_taps(cfg, b, t)
+    uses_surprise = cfg.moe.router == "surprise"
+    surprise_fn = get_surprise_fn(surprise_fn or cfg.moe.surprise) if uses_surprise else None
+
+    def forward(params, taps):
+        logits, records = model.apply({"params": params}, batch["inputs"], taps)
+        main, acc, count = next_token_loss(logits, batch["targets"], batch["loss_mask"])
+        gate_inputs = tuple(r.router.pre for r in records if r is not None)
+        return (main, gate_inputs), (acc, count, records)
+
+    (main, gate_inputs), pullback, (acc, count, records) = jax.vjp(forward, params, taps, has_aux=True)
+    records = tuple(r for r in records if r is not None)
+    one = jnp.ones_like(main)
+    no_gate = jax.tree.map(jnp.zeros_like, gate_inputs)
+
+    surprises = (None,) * len(records)
+    if uses_surprise:
+        _, d_taps = pullback((one, no_gate))
+        surprises = tuple(
+            jax.lax.stop_gradient(surprise_fn(SurpriseInputs(
+                d_expert_out=d.expert_out, d_moe_out=d.moe_out, expert_out=r.expert_out,
+                weights=r.router.weights, mask=r.router.mask)))
+            for d, r in zip(d_taps, records))
+
+    def total_gate_loss(gate_inputs):
+        losses, parts = zip(*(layer_gate_loss(cfg, g, s, r)
+                              for g, s, r in zip(gate_inputs, surprises, records))) if records else ((), ())
+        return sum(losses, jnp.zeros([], jnp.float32)), parts
+
+    (gate_loss, parts), d_gate = jax.value_and_grad(total_gate_loss, has_aux=True)(gate_inputs)
+    w_aux = cfg.moe.w_aux
+    grads, _ = pullback((one, jax.tree.map(lambda g: w_aux * g, d_gate)))
+
+    metrics = {
+        "train/main_loss": main,
+        "train/main_acc": acc,
+        "train/loss_tokens": count,
+        "train/total_loss": main + w_aux * gate_loss,
+        "moe/gate_loss": gate_loss,
+    }
+    metrics.update(moe_metrics(cfg, params, records, surprises, parts))
+    return grads, metrics
+
+
+def moe_metrics(cfg: ModelConfig, params, records, surprises, parts) -> dict[str, jax.Array]:
+    """Routing metrics averaged over MoE layers, plus per-layer expert load [L, E]."""
+    if not records:
+        return {}
+    mean = lambda xs: jnp.mean(jnp.stack(xs))
+    out = {
+        "moe/avg_k": mean([jnp.mean(jnp.sum(r.router.mask, -1).astype(jnp.float32)) for r in records]),
+        "moe/expert_load": jnp.stack([jnp.mean(r.router.mask.astype(jnp.float32), 0) for r in records]),
+    }
+    for key in parts[0]:
+        out[f"moe/gate_{key}"] = sum(p[key] for p in parts)
+    if cfg.moe.router == "surprise":
+        out["moe/gate_acc"] = mean([jnp.mean((jnp.argmax(r.router.pre, -1) == jnp.argmin(s, -1))
+                                             .astype(jnp.float32)) for r, s in zip(records, surprises)])
+        out["moe/surprise_mean"] = mean([jnp.mean(s) for s in surprises])
+        out["moe/threshold_mean"] = mean([jnp.mean(jax.nn.sigmoid(params[f"block_{i}"]["moe"]["thresholds"]))
+                                          for i in range(cfg.num_layers)])
+    return out
+
+
+def train_step(state: TrainState, batch: Batch, cfg: ModelConfig, tx: optax.GradientTransformation,
+               surprise_fn: str | SurpriseFn | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One joint update. Pure: jit it (see make_train_step)."""
+    grads, metrics = compute_grads(state.params, batch, cfg, surprise_fn)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["train/grad_norm"] = optax.global_norm(grads)
+    filt = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SigmaFilterState))
+            if isinstance(s, SigmaFilterState)]
+    if filt:
+        metrics["train/filtered_frac"] = filt[0].zeroed_fraction
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation,
+                    surprise_fn: str | SurpriseFn | None = None, donate: bool = True) -> Callable:
+    """The jitted step `(state, batch) -> (state, metrics)`, donating the old state."""
+    fn = functools.partial(train_step, cfg=cfg, tx=tx, surprise_fn=surprise_fn)
+    return jax.jit(fn, donate_argnums=(0,) if donate else ())

@@ -1,0 +1,51 @@
+"""Surprise definitions: pure functions from the main loss's cotangents to S [N, E].
+
+The train step takes one reverse pass of the main loss (never the gate losses) into zero
+"taps" added to each MoE layer's dense expert output Y [N, E, C] and layer output
+out [N, C], and hands the cotangents with the forward values to a surprise function.
+A researcher adds a definition by writing one function with this signature and passing
+it to the train step (or registering it in SURPRISE_FNS to select it by name).
+
+Note (shared/REFERENCE.md): with out = sum_e w[t,e] Y[t,e], dL/dY[t,e] = w[t,e] dL/dout[t],
+so the faithful S[t,e] = w[t,e] |dL/dout[t]|, zero for every inactive expert.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class SurpriseInputs(NamedTuple):
+    """Everything a surprise definition may use, for one MoE layer."""
+
+    d_expert_out: jax.Array  # [N, E, C] dL_main / dY
+    d_moe_out: jax.Array     # [N, C]    dL_main / dout
+    expert_out: jax.Array    # [N, E, C] Y
+    weights: jax.Array       # [N, E]    combine weights
+    mask: jax.Array          # [N, E]    active experts
+
+
+SurpriseFn = Callable[[SurpriseInputs], jax.Array]
+
+
+def output_grad_surprise(inputs: SurpriseInputs) -> jax.Array:
+    """Faithful: S[t, e] = || dL/dY[t, e, :] ||_2 in float32."""
+    d = inputs.d_expert_out.astype(jnp.float32)
+    return jnp.sqrt(jnp.sum(jnp.square(d), axis=-1))
+
+
+SURPRISE_FNS: dict[str, SurpriseFn] = {
+    "output_grad": output_grad_surprise,
+}
+
+
+def get_surprise_fn(name_or_fn: str | SurpriseFn) -> SurpriseFn:
+    """Looks a surprise definition up by name; a callable is returned unchanged."""
+    if callable(name_or_fn):
+        return name_or_fn
+    try:
+        return SURPRISE_FNS[name_or_fn]
+    except KeyError:
+        raise ValueError(f"unknown surprise {name_or_fn!r}; known: {sorted(SURPRISE_FNS)}") from None
