@@ -16,6 +16,7 @@ NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "bfloat16")
 FILTER_MODES = ("one_sided", "two_sided", "off")
 FILTER_SCOPES = ("pooled", "per_layer")
+DISPATCHES = ("dense", "sparse")
 
 
 class ConfigError(ValueError):
@@ -60,6 +61,10 @@ class MoEConfig:
     w_aux: weight of the summed per-layer gate losses in the total loss.
     surprise: name of the surprise definition (see onn_jax.surprise.SURPRISE_FNS).
     lb_weight, z_weight: Switch load-balancing and router z-loss weights (topk router).
+    dispatch: `dense` (faithful reference: every expert on every token) or `sparse`
+      (only active pairs, within a per-expert capacity; see onn_jax.dispatch).
+    capacity_factor: sparse capacity per expert = ceil(capacity_factor * N * avg slots / E);
+      None means no pair is ever dropped (capacity N).
     """
 
     num_experts: int = 32
@@ -74,9 +79,16 @@ class MoEConfig:
     top_k: int = 2
     lb_weight: float = 0.01
     z_weight: float = 0.0
+    dispatch: str = "dense"
+    capacity_factor: float | None = None
 
     def __post_init__(self):
         p = "model.moe."
+        _choice(self.dispatch, DISPATCHES, p + "dispatch")
+        if self.capacity_factor is not None:
+            _nonneg_float(self.capacity_factor, p + "capacity_factor")
+            _check(self.capacity_factor > 0, p + "capacity_factor",
+                   f"must be > 0, got {self.capacity_factor}")
         _positive_int(self.num_experts, p + "num_experts")
         _positive_int(self.intermediate, p + "intermediate")
         _choice(self.expert_kind, EXPERT_KINDS, p + "expert_kind")
@@ -190,6 +202,29 @@ class OptimConfig:
             _check(self.clip_norm > 0, p + "clip_norm", f"must be > 0, got {self.clip_norm}")
         _check(isinstance(self.grad_filter, FilterConfig), p + "grad_filter",
                "must be a FilterConfig")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh shape. -1 on one axis means 'all remaining devices' (like MaxText's ici_*).
+
+    data: data parallelism; expert: expert parallelism (experts split, tokens too);
+    fsdp: parameters and batch sharded together (ZeRO-3 style).
+    """
+
+    data: int = -1
+    expert: int = 1
+    fsdp: int = 1
+
+    def __post_init__(self):
+        p = "mesh."
+        sizes = {"data": self.data, "expert": self.expert, "fsdp": self.fsdp}
+        for name, v in sizes.items():
+            _check(isinstance(v, int) and not isinstance(v, bool), p + name,
+                   f"must be an integer, got {v!r}")
+            _check(v == -1 or v > 0, p + name, f"must be > 0 or -1, got {v}")
+        _check(sum(v == -1 for v in sizes.values()) <= 1, p + "data",
+               "at most one mesh axis may be -1")
 
 
 def from_dict(cls, data: Mapping[str, Any], path: str = ""):
