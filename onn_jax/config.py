@@ -250,3 +250,110 @@ def from_dict(cls, data: Mapping[str, Any], path: str = ""):
 def to_dict(config) -> dict[str, Any]:
     """The config as a plain nested dict (for logging and checkpoint metadata)."""
     return dataclasses.asdict(config)
+
+
+# --- The training program: data, loop, checkpoints, and the top-level Config -------------------
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the tokens come from and how they are batched (see onn_jax.data).
+
+    source: `builtin` (the embedded multi-domain chat corpus) or a path to a chat `.jsonl`
+      file or a plain-text file.
+    tokenizer: `byte` (byte-level, default) or a path to a local HF `tokenizer.json`.
+    num_records: size of the builtin corpus (ignored for user files).
+    eval_fraction: share of records held out for the evaluation split.
+    seed: corpus generation, split and shuffling seed.
+    """
+
+    source: str = "builtin"
+    tokenizer: str = "byte"
+    seq_len: int = 256
+    batch_size: int = 8
+    num_records: int = 2000
+    eval_fraction: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self):
+        p = "data."
+        for name in ("source", "tokenizer"):
+            v = getattr(self, name)
+            _check(isinstance(v, str) and v != "", p + name, f"must be a non-empty string, got {v!r}")
+        for name in ("seq_len", "batch_size", "num_records"):
+            _positive_int(getattr(self, name), p + name)
+        _nonneg_float(self.eval_fraction, p + "eval_fraction")
+        _check(self.eval_fraction < 1, p + "eval_fraction", f"must be < 1, got {self.eval_fraction}")
+        _check(isinstance(self.seed, int) and not isinstance(self.seed, bool), p + "seed",
+               f"must be an integer, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop: length, logging, evaluation and sample generation.
+
+    steps: total optimizer steps (a resumed run continues up to this number).
+    log_every: steps between metrics.jsonl / TensorBoard records (scalars averaged over them).
+    eval_every: steps between held-out evaluations (0 = only at the end); eval_batches per eval.
+    sample_every: steps between sample generations (0 = only at the end).
+    sample_prompt, sample_tokens: the prompt of the greedy sample and its length in new tokens.
+    progress: show the tqdm progress bar.
+    """
+
+    steps: int = 1000
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    sample_every: int = 0
+    sample_prompt: str = "What is 12 + 7?"
+    sample_tokens: int = 48
+    progress: bool = True
+
+    def __post_init__(self):
+        p = "train."
+        for name in ("steps", "log_every", "eval_batches", "sample_tokens"):
+            _positive_int(getattr(self, name), p + name)
+        for name in ("eval_every", "sample_every", "seed"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and not isinstance(v, bool), p + name,
+                   f"must be an integer, got {v!r}")
+            _check(v >= 0 or name == "seed", p + name, f"must be >= 0, got {v}")
+        _check(isinstance(self.sample_prompt, str), p + "sample_prompt",
+               f"must be a string, got {self.sample_prompt!r}")
+        _check(isinstance(self.progress, bool), p + "progress", f"must be a bool, got {self.progress!r}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints under WORKDIR/checkpoints: every `every` steps and at the end, the
+    last `keep` kept. enabled=False writes none (and so never resumes)."""
+
+    enabled: bool = True
+    every: int = 500
+    keep: int = 3
+
+    def __post_init__(self):
+        p = "checkpoint."
+        _check(isinstance(self.enabled, bool), p + "enabled", f"must be a bool, got {self.enabled!r}")
+        _positive_int(self.every, p + "every")
+        _positive_int(self.keep, p + "keep")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one training run needs; `from_dict(Config, d)` builds it from a config file."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self):
+        kinds = {"model": ModelConfig, "optim": OptimConfig, "mesh": MeshConfig, "data": DataConfig,
+                 "train": TrainConfig, "checkpoint": CheckpointConfig}
+        for name, cls in kinds.items():
+            _check(isinstance(getattr(self, name), cls), name, f"must be a {cls.__name__}")
+        _check(self.data.seq_len <= self.model.max_len, "data.seq_len",
+               f"must be <= model.max_len ({self.model.max_len}), got {self.data.seq_len}")
