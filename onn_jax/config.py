@@ -261,7 +261,7 @@ class DataConfig:
     source: `builtin` (the embedded multi-domain chat corpus) or a path to a chat `.jsonl`
       file or a plain-text file.
     tokenizer: `byte` (byte-level, default) or a path to a local HF `tokenizer.json`.
-    num_records: size of the builtin corpus (ignored for user files).
+    records_per_domain: records per domain of the builtin corpus (ignored for user files).
     eval_fraction: share of records held out for the evaluation split.
     seed: corpus generation, split and shuffling seed.
     """
@@ -270,7 +270,7 @@ class DataConfig:
     tokenizer: str = "byte"
     seq_len: int = 256
     batch_size: int = 8
-    num_records: int = 2000
+    records_per_domain: int = 1000
     eval_fraction: float = 0.05
     seed: int = 0
 
@@ -279,7 +279,7 @@ class DataConfig:
         for name in ("source", "tokenizer"):
             v = getattr(self, name)
             _check(isinstance(v, str) and v != "", p + name, f"must be a non-empty string, got {v!r}")
-        for name in ("seq_len", "batch_size", "num_records"):
+        for name in ("seq_len", "batch_size", "records_per_domain"):
             _positive_int(getattr(self, name), p + name)
         _nonneg_float(self.eval_fraction, p + "eval_fraction")
         _check(self.eval_fraction < 1, p + "eval_fraction", f"must be < 1, got {self.eval_fraction}")

@@ -1,0 +1,1 @@
+"""The training program: onn-train (main, loop), config loading, logging and dashboards."""

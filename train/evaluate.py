@@ -1,0 +1,89 @@
+"""Held-out evaluation: main loss and accuracy, routing metrics and a Surprise histogram.
+
+The eval step runs the forward and one reverse pass of the main loss into the Surprise
+taps (as the train step does, without any parameter gradient), so the histogram shows the
+very S the gate is trained on. Histogram counts cover active (token, expert) pairs only
+(the faithful S is exactly 0 on inactive pairs; their share is reported separately).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from onn_jax.config import ModelConfig
+from onn_jax.losses import next_token_loss
+from onn_jax.model import Transformer, model_taps
+from onn_jax.surprise import SurpriseInputs, get_surprise_fn
+
+# 40 log-spaced bins from 1e-9 to 10; values outside are counted in the end bins.
+SURPRISE_EDGES = np.logspace(-9, 1, 41)
+
+
+def make_eval_step(cfg: ModelConfig, edges: np.ndarray = SURPRISE_EDGES) -> Callable:
+    """Jitted `(params, batch) -> sums` of one eval batch (see `finish` for the means)."""
+    model = Transformer(cfg)
+    uses_surprise = cfg.moe.router == "surprise"
+    surprise_fn = get_surprise_fn(cfg.moe.surprise) if uses_surprise else None
+    edges = jnp.asarray(edges, jnp.float32)
+
+    def eval_step(params, batch):
+        b, t = batch["inputs"].shape
+        taps = model_taps(cfg, b, t)
+
+        def forward(taps):
+            logits, records = model.apply({"params": params}, batch["inputs"], taps)
+            main, acc, count = next_token_loss(logits, batch["targets"], batch["loss_mask"])
+            return main, (acc, count, records)
+
+        main, pullback, (acc, count, records) = jax.vjp(forward, taps, has_aux=True)
+        out = {"main_loss": main * count, "main_acc": acc * count, "tokens": count}
+        records = tuple(r for r in records if r is not None)
+        if not records:
+            return out
+        out["avg_k"] = jnp.mean(jnp.stack([jnp.mean(jnp.sum(r.router.mask, -1).astype(jnp.float32))
+                                           for r in records]))
+        if uses_surprise:
+            (d_taps,) = pullback(jnp.ones_like(main))
+            hists, zeros, accs = [], [], []
+            for d, r in zip(d_taps, records):
+                s = surprise_fn(SurpriseInputs(d_expert_out=d.expert_out, d_moe_out=d.moe_out,
+                                               expert_out=r.expert_out, weights=r.router.weights,
+                                               mask=r.router.mask))
+                active = r.router.mask.astype(jnp.float32)
+                clipped = jnp.clip(s, edges[0], edges[-1]).ravel()
+                hists.append(jnp.histogram(clipped, bins=edges, weights=active.ravel())[0])
+                zeros.append(jnp.mean((s == 0).astype(jnp.float32)))
+                accs.append(jnp.mean((jnp.argmax(r.router.pre, -1) == jnp.argmin(s, -1)).astype(jnp.float32)))
+            out.update(surprise_hist=jnp.stack(hists), surprise_zero_frac=jnp.stack(zeros),
+                       gate_acc=jnp.mean(jnp.stack(accs)))
+        return out
+
+    return jax.jit(eval_step)
+
+
+def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict[str, np.ndarray]],
+             edges: np.ndarray = SURPRISE_EDGES) -> dict[str, Any]:
+    """Runs eval_step over `batches`; returns `eval/...` metrics (token-weighted means,
+    summed histogram counts, per-batch means of the routing metrics)."""
+    sums: dict[str, np.ndarray] = {}
+    n = 0
+    for batch in batches:
+        out = jax.device_get(eval_step(params, {k: batch[k] for k in ("inputs", "targets", "loss_mask")}))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0) + np.asarray(v, np.float64)
+        n += 1
+    if n == 0:
+        return {}
+    tokens = max(float(sums.pop("tokens")), 1.0)
+    metrics = {"eval/main_loss": float(sums.pop("main_loss")) / tokens,
+               "eval/main_acc": float(sums.pop("main_acc")) / tokens,
+               "eval/tokens": tokens, "eval/batches": n}
+    if "surprise_hist" in sums:
+        metrics["eval/surprise_hist"] = sums.pop("surprise_hist")
+        metrics["eval/surprise_edges"] = np.asarray(edges, np.float64)
+    for k, v in sums.items():
+        metrics[f"eval/{k}"] = v / n
+    return metrics

@@ -1,0 +1,154 @@
+"""Run outputs: metrics.jsonl (one JSON object per logged step), TensorBoard events, progress bar.
+
+metrics.jsonl rows look like {"step": 120, "time": 1732620000.0, "train/main_loss": 2.1,
+"moe/expert_load": [[...], ...], ...}: namespaced keys, arrays as (nested) lists. A resumed
+run appends; rows with a step at or beyond the resume step are dropped first so the file
+stays one row per step (the run restarts from its last checkpoint, not its last log).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+# Keys shown in the progress bar, with their short labels.
+PROGRESS_KEYS = (("train/main_loss", "loss"), ("moe/gate_acc", "gate_acc"), ("moe/avg_k", "avg_k"),
+                 ("perf/tokens_per_sec", "tok/s"))
+
+
+def to_jsonable(value: Any) -> Any:
+    """Numbers and arrays -> JSON values (floats, nested lists); NaN/inf -> None."""
+    arr = np.asarray(value)
+    if arr.ndim == 0:
+        item = arr.item()
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        return item
+    if np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float64)
+        return [to_jsonable(v) for v in arr] if not np.all(np.isfinite(arr)) else arr.tolist()
+    return arr.tolist()
+
+
+def mean_metrics(rows: Iterable[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """Element-wise mean of metric dicts (host arrays) over logged steps; keys of the first row."""
+    rows = list(rows)
+    if not rows:
+        return {}
+    return {k: np.mean(np.stack([np.asarray(r[k], np.float64) for r in rows if k in r]), axis=0)
+            for k in rows[0]}
+
+
+def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
+    """All rows of WORKDIR/metrics.jsonl (empty if the file does not exist)."""
+    path = Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: malformed JSON line: {e}") from None
+    return rows
+
+
+class MetricsWriter:
+    """Appends metric rows to metrics.jsonl and TensorBoard (scalars, histograms)."""
+
+    def __init__(self, workdir: str | Path, resume_step: int = 0, tensorboard: bool = True):
+        self.path = Path(workdir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # keep rows before the resume point only
+            kept = [r for r in read_metrics(workdir) if r.get("step", 0) < resume_step] if resume_step else []
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # lazy: heavy import
+            self._tb = SummaryWriter(str(Path(workdir) / TB_DIR), purge_step=resume_step or None)
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """Writes one row (step + wall time + metrics) and returns it as written."""
+        row = {"step": int(step), "time": round(time.time(), 3)}
+        row.update({k: to_jsonable(v) for k, v in metrics.items()})
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            self._write_tb(step, metrics)
+        return row
+
+    def _write_tb(self, step: int, metrics: Mapping[str, Any]) -> None:
+        for key, value in metrics.items():
+            arr = np.asarray(value)
+            if arr.ndim == 0 and np.issubdtype(arr.dtype, np.number):
+                self._tb.add_scalar(key, float(arr), step)
+            elif key.endswith("expert_load") and arr.ndim == 2:  # [L, E] -> one scalar per layer & expert
+                for layer, row in enumerate(arr):
+                    self._tb.add_histogram(f"{key}/layer_{layer}", row, step)
+            elif key.endswith("surprise_hist") and arr.ndim == 2:
+                edges = np.asarray(metrics.get(key.replace("surprise_hist", "surprise_edges")))
+                if edges.ndim == 1 and edges.size == arr.shape[1] + 1:
+                    for layer, counts in enumerate(arr):
+                        total = float(counts.sum())
+                        if total > 0:
+                            mid = np.sqrt(edges[:-1] * edges[1:])
+                            self._tb.add_histogram_raw(
+                                f"{key}/layer_{layer}", min=float(edges[0]), max=float(edges[-1]),
+                                num=total, sum=float((counts * mid).sum()),
+                                sum_squares=float((counts * mid ** 2).sum()),
+                                bucket_limits=edges[1:].tolist(), bucket_counts=counts.tolist(),
+                                global_step=step)
+        self._tb.flush()
+
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        if self._tb is not None:
+            self._tb.add_text(tag, text, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Progress:
+    """tqdm bar over the steps, its postfix showing the latest main loss, gate acc, avg_k, tok/s."""
+
+    def __init__(self, total: int, initial: int, enabled: bool = True):
+        self._bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def show(self, metrics: Mapping[str, Any]) -> None:
+        if self._bar is None:
+            return
+        post = {}
+        for key, label in PROGRESS_KEYS:
+            if key in metrics and np.ndim(metrics[key]) == 0:
+                v = float(metrics[key])
+                post[label] = f"{v:.0f}" if key.startswith("perf/") else f"{v:.3f}"
+        self._bar.set_postfix(post, refresh=True)
+
+    def write(self, text: str) -> None:
+        """Prints a line above the bar (or plainly when the bar is off)."""
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,149 @@
+"""PNG dashboards from a run's metrics.jsonl: `onn-plot DIR` writes DIR/plots/*.png.
+
+    loss.png         main loss and accuracy, train and held-out eval
+    gate.png         gate accuracy, avg_k, gate loss and mean threshold sigmoid(theta)
+    expert_load.png  per-layer heatmap: expert x step, share of tokens routed to the expert
+    surprise.png     per-layer histogram of Surprise on active (token, expert) pairs, latest eval
+
+Each figure is drawn only when its metrics exist (a dense baseline has no gate). Uses the
+Agg backend, so it works without a display.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+PLOTS_DIR = "plots"
+
+
+def series(rows: Sequence[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of the rows holding a numeric `key`."""
+    pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    if not pts:
+        return np.zeros(0), np.zeros(0)
+    steps, values = zip(*pts)
+    return np.asarray(steps), np.asarray(values, np.float64)
+
+
+def _line(ax, rows, keys_labels, ylabel: str) -> bool:
+    drawn = False
+    for key, label in keys_labels:
+        x, y = series(rows, key)
+        if x.size:
+            ax.plot(x, y, marker="o" if x.size < 20 else None, ms=3, label=label)
+            drawn = True
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=8)
+    return drawn
+
+
+def plot_loss(rows, out: Path, plt) -> Path | None:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    drawn = _line(a, rows, [("train/main_loss", "train"), ("eval/main_loss", "eval")], "main loss")
+    _line(b, rows, [("train/main_acc", "train"), ("eval/main_acc", "eval")], "next-token accuracy")
+    a.set_title("main loss")
+    b.set_title("accuracy")
+    return _save(fig, out / "loss.png", plt, drawn)
+
+
+def plot_gate(rows, out: Path, plt) -> Path | None:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    drawn = _line(axes[0], rows, [("moe/gate_acc", "train"), ("eval/gate_acc", "eval")], "gate accuracy")
+    drawn |= _line(axes[1], rows, [("moe/avg_k", "train"), ("eval/avg_k", "eval")], "avg_k (experts/token)")
+    _line(axes[2], rows, [("moe/gate_loss", "gate loss"), ("moe/gate_ce", "ce"), ("moe/gate_kl", "kl"),
+                          ("moe/threshold_mean", "mean sigmoid(theta)")], "value")
+    for ax, title in zip(axes, ("gate accuracy (argmax pre == argmin S)", "avg_k", "gate loss, thresholds")):
+        ax.set_title(title)
+    return _save(fig, out / "gate.png", plt, drawn)
+
+
+def plot_expert_load(rows, out: Path, plt) -> Path | None:
+    pts = [(r["step"], np.asarray(r["moe/expert_load"], np.float64)) for r in rows
+           if isinstance(r.get("moe/expert_load"), list)]
+    if not pts:
+        return None
+    steps = np.asarray([s for s, _ in pts])
+    load_SxLxE = np.stack([v.reshape(v.shape[0], -1) if v.ndim == 2 else v[None] for _, v in pts])
+    n_layers, n_experts = load_SxLxE.shape[1:]
+    fig, axes = plt.subplots(n_layers, 1, figsize=(10, 1.2 + 2.2 * n_layers), squeeze=False)
+    vmax = max(float(load_SxLxE.max()), 1e-6)
+    for layer, ax in enumerate(axes[:, 0]):
+        im = ax.imshow(load_SxLxE[:, layer, :].T, aspect="auto", origin="lower", cmap="viridis",
+                       vmin=0.0, vmax=vmax, interpolation="nearest",
+                       extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, n_experts - 0.5))
+        ax.set_ylabel(f"layer {layer}\nexpert")
+        fig.colorbar(im, ax=ax, label="share of tokens")
+    axes[-1, 0].set_xlabel("step")
+    axes[0, 0].set_title("expert load: fraction of tokens routed to each expert")
+    return _save(fig, out / "expert_load.png", plt, True)
+
+
+def plot_surprise(rows, out: Path, plt) -> Path | None:
+    last = next((r for r in reversed(rows) if isinstance(r.get("eval/surprise_hist"), list)), None)
+    if last is None:
+        return None
+    hist_LxB = np.asarray(last["eval/surprise_hist"], np.float64)
+    edges = np.asarray(last["eval/surprise_edges"], np.float64)
+    zeros = np.asarray(last.get("eval/surprise_zero_frac", [np.nan] * len(hist_LxB)), np.float64)
+    fig, axes = plt.subplots(1, len(hist_LxB), figsize=(5 * len(hist_LxB), 3.8), squeeze=False)
+    for layer, ax in enumerate(axes[0]):
+        ax.stairs(hist_LxB[layer], edges, fill=True, alpha=0.7)
+        ax.set_xscale("log")
+        ax.set_xlabel("Surprise S = |dL/dY| (active pairs)")
+        ax.set_ylabel("count")
+        ax.set_title(f"layer {layer}, step {last['step']} (S=0 on {zeros[layer]:.0%} of pairs)",
+                     fontsize=9)
+    return _save(fig, out / "surprise.png", plt, True)
+
+
+def _save(fig, path: Path, plt, drawn: bool) -> Path | None:
+    if not drawn:
+        plt.close(fig)
+        return None
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def make_dashboards(workdir: str | Path) -> list[Path]:
+    """Rebuilds WORKDIR/plots/*.png from WORKDIR/metrics.jsonl; returns the files written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from train.logging import read_metrics
+
+    workdir = Path(workdir)
+    rows = read_metrics(workdir)
+    if not rows:
+        raise FileNotFoundError(f"{workdir}: no metrics.jsonl rows to plot (is this a training workdir?)")
+    out = workdir / PLOTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    written = [fn(rows, out, plt) for fn in (plot_loss, plot_gate, plot_expert_load, plot_surprise)]
+    return [p for p in written if p is not None]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="onn-plot", description=__doc__.split("\n")[0])
+    parser.add_argument("workdir", help="a training workdir holding metrics.jsonl")
+    args = parser.parse_args(argv)
+    try:
+        paths = make_dashboards(args.workdir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"onn-plot: error: {e}", file=sys.stderr)
+        return 2
+    for p in paths:
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
