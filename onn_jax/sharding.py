@@ -1,0 +1,270 @@
+"""Sharding by logical axes: names per parameter, one rules table, mesh, sharded init and step.
+
+Every parameter gets logical axis names from its path in the Linen tree (model.py's layout):
+
+  embed/embedding [V, C]                       (vocab, embed)
+  attn/{query,key,value}/kernel [C, H, D]      (embed, heads, kv)
+  attn/out/kernel [H, D, C]                    (heads, kv, embed)
+  norm_*/{ln,rms}/{scale,bias} [C]             (norm,)
+  moe/prototypes, moe/router [C, E]            (embed, expert)
+  moe/thresholds [E]                           (expert,)
+  moe/experts/{w1,w3} [E, C, I], w2 [E, I, C]  (expert, embed, mlp), (expert, mlp, embed)
+  moe/ffn_{w1,w3} [C, W], ffn_w2 [W, C]        (embed, mlp), (mlp, embed)
+  lm_head/kernel [C, V]                        (embed, vocab)
+
+RULES maps logical names to the mesh axes `data`, `expert` and `fsdp`: experts are split
+along `expert`, every weight's `embed` dimension along `fsdp` (ZeRO-3 style; norms stay
+replicated), and the batch along all three axes (expert parallelism splits tokens too).
+Resolution (`logical_to_spec`) uses each mesh axis at most once per array, omits axes of size
+1, and leaves a dimension unsharded when its size is not divisible — except the expert and
+batch dimensions, where that is a configuration error.
+
+The train step is step.train_step itself, jitted with explicit in/out shardings and a
+donated state, so every mesh computes the same function as one device.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from onn_jax.config import ConfigError, MeshConfig, ModelConfig
+from onn_jax.step import TrainState, init_state, train_step
+
+MESH_AXES = ("data", "expert", "fsdp")
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "expert", "vocab", "norm",
+                "moe_batch")
+
+Rules = Sequence[tuple[str, Any]]
+
+# logical name -> mesh axis, tuple of mesh axes, or None (replicated). `moe_batch` names the
+# token axis of the dense [N, E, C] expert tensors: tokens along data, experts along expert.
+RULES: Rules = (
+    ("batch", ("data", "expert", "fsdp")),
+    ("moe_batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", None),
+    ("kv", None),
+    ("mlp", None),
+    ("expert", "expert"),
+    ("vocab", None),
+    ("norm", None),
+)
+
+# (path suffix, logical names); "*" matches any key. First match wins.
+_PARAM_AXES: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (("embed", "embedding"), ("vocab", "embed")),
+    (("query", "kernel"), ("embed", "heads", "kv")),
+    (("key", "kernel"), ("embed", "heads", "kv")),
+    (("value", "kernel"), ("embed", "heads", "kv")),
+    (("attn", "out", "kernel"), ("heads", "kv", "embed")),
+    (("experts", "w1"), ("expert", "embed", "mlp")),
+    (("experts", "w3"), ("expert", "embed", "mlp")),
+    (("experts", "w2"), ("expert", "mlp", "embed")),
+    (("moe", "prototypes"), ("embed", "expert")),
+    (("moe", "router"), ("embed", "expert")),
+    (("moe", "thresholds"), ("expert",)),
+    (("moe", "ffn_w1"), ("embed", "mlp")),
+    (("moe", "ffn_w3"), ("embed", "mlp")),
+    (("moe", "ffn_w2"), ("mlp", "embed")),
+    (("lm_head", "kernel"), ("embed", "vocab")),
+    (("*", "scale"), ("norm",)),
+    (("*", "bias"), ("norm",)),
+)
+
+
+def _dict_keys(path) -> tuple[str, ...]:
+    """The dict keys of a pytree path (skips tuple indices and attribute names)."""
+    return tuple(str(e.key) for e in path if isinstance(e, jax.tree_util.DictKey))
+
+
+def param_logical_axes(names: Sequence[str], ndim: int | None = None) -> tuple[str, ...] | None:
+    """Logical axis names of the parameter at dict-key path `names`, or None if unknown."""
+    names = tuple(names)
+    for suffix, axes in _PARAM_AXES:
+        tail = names[-len(suffix):]
+        if len(tail) == len(suffix) and all(s in ("*", n) for s, n in zip(suffix, tail)):
+            if ndim is not None and ndim != len(axes):
+                return None
+            return axes
+    return None
+
+
+def logical_axes_tree(params) -> Any:
+    """The tree of logical names for a parameter tree; raises for a path not in the table."""
+    def one(path, leaf):
+        axes = param_logical_axes(_dict_keys(path), np.ndim(leaf))
+        if axes is None:
+            raise ValueError(f"onn_jax.sharding: no logical axes for parameter "
+                             f"{'/'.join(_dict_keys(path))} of shape {np.shape(leaf)}; "
+                             "add its path to sharding._PARAM_AXES")
+        return axes
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, expert, fsdp) mesh over `devices` (default: all); one -1 axis takes the rest."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": cfg.data, "expert": cfg.expert, "fsdp": cfg.fsdp}
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    for name, v in sizes.items():
+        if v == -1:
+            if len(devices) % fixed:
+                raise ConfigError(f"mesh.{name}", f"-1 needs the device count ({len(devices)}) "
+                                  f"to be divisible by the other axes' product ({fixed})")
+            sizes[name] = len(devices) // fixed
+    if math.prod(sizes.values()) != len(devices):
+        raise ConfigError("mesh", f"data*expert*fsdp = {sizes['data']}*{sizes['expert']}*"
+                          f"{sizes['fsdp']} must equal the device count ({len(devices)})")
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def _rule(name: str | None, rules: Rules) -> tuple[str, ...]:
+    if name is None:
+        return ()
+    for logical, mesh_axes in rules:
+        if logical == name:
+            if mesh_axes is None:
+                return ()
+            return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+    raise ValueError(f"onn_jax.sharding: logical axis {name!r} has no rule; rules cover "
+                     f"{[r[0] for r in rules]}")
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Rules = RULES) -> P:
+    """PartitionSpec for an array of `shape` whose dims have logical `names`.
+
+    A mesh axis already used by an earlier dim, absent from the mesh or of size 1 is skipped. A dim
+    not divisible by its mesh axes' product stays unsharded, except `expert` and `batch`
+    dims, which raise (the config, not the code, must change).
+    """
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(names, shape):
+        axes = tuple(a for a in _rule(name, rules)
+                     if mesh.shape.get(a, 1) > 1 and a not in used)
+        ways = math.prod(mesh.shape[a] for a in axes)
+        if axes and size % ways:
+            if name == "expert":
+                raise ConfigError("mesh.expert", f"the expert dimension ({size}) must be divisible "
+                                  f"by the mesh axes {axes} of total size {ways}")
+            if name in ("batch", "moe_batch"):
+                raise ConfigError("train.batch_size", f"the batch dimension ({size}) must be "
+                                  f"divisible by the mesh axes {axes} of total size {ways}")
+            axes = ()
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return P(*spec)
+
+
+def param_shardings(params, mesh: Mesh, rules: Rules = RULES):
+    """NamedShardings for a parameter tree (arrays or ShapeDtypeStructs)."""
+    axes = logical_axes_tree(params)
+    return jax.tree.map(lambda a, x: NamedSharding(mesh, logical_to_spec(a, np.shape(x), mesh, rules)),
+                        axes, params, is_leaf=lambda a: isinstance(a, tuple))
+
+
+def state_shardings(state_shape: TrainState, mesh: Mesh, rules: Rules = RULES) -> TrainState:
+    """Shardings of a TrainState: optimizer moments like their parameters, scalars replicated."""
+    def opt_leaf(path, x):
+        axes = param_logical_axes(_dict_keys(path), np.ndim(x)) if np.ndim(x) else None
+        spec = P() if axes is None else logical_to_spec(axes, np.shape(x), mesh, rules)
+        return NamedSharding(mesh, spec)
+    return TrainState(step=NamedSharding(mesh, P()),
+                      params=param_shardings(state_shape.params, mesh, rules),
+                      opt_state=jax.tree_util.tree_map_with_path(opt_leaf, state_shape.opt_state))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules = RULES) -> NamedSharding:
+    """Sharding of every batch array: leading (batch) dim along the `batch` rule's axes."""
+    axes = tuple(a for a in _rule("batch", rules) if mesh.shape.get(a, 1) > 1)
+    return NamedSharding(mesh, P(axes[0] if len(axes) == 1 else axes) if axes else P())
+
+
+def check_batch(batch_size: int, mesh: Mesh, rules: Rules = RULES) -> None:
+    """Raises a ConfigError unless `batch_size` divides evenly over the batch mesh axes."""
+    logical_to_spec(("batch",), (batch_size,), mesh, rules)
+
+
+def abstract_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                   rules: Rules = RULES) -> TrainState:
+    """ShapeDtypeStructs of the TrainState carrying this mesh's shardings (restore target)."""
+    shape = jax.eval_shape(functools.partial(init_state, model_cfg, tx), jax.random.key(0))
+    shardings = state_shardings(shape, mesh, rules)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shape, shardings)
+
+
+def sharded_init(model_cfg: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array,
+                 mesh: Mesh, rules: Rules = RULES) -> TrainState:
+    """init_state jitted with out_shardings: every array is created already sharded."""
+    fn = functools.partial(init_state, model_cfg, tx)
+    shardings = state_shardings(jax.eval_shape(fn, rng), mesh, rules)
+    return jax.jit(fn, out_shardings=shardings)(rng)
+
+
+# ---- activation constraints: a hook the model code may call; a no-op outside a sharded step.
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "onn_jax_sharding_rules", default=None)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules: Rules = RULES):
+    """Within this context (while tracing), `constrain` applies the rules on `mesh`."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """with_sharding_constraint by logical names, e.g. constrain(y_NxExC, ("moe_batch",
+    "expert", "embed")); returns x unchanged outside `activation_rules`."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)))
+
+
+def make_sharded_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                            rules: Rules = RULES, surprise_fn: str | Callable | None = None,
+                            donate: bool = True) -> Callable:
+    """step.train_step jitted on `mesh`: `(state, batch) -> (state, metrics)`.
+
+    State in and out with `state_shardings`, the batch with `batch_sharding`, metrics
+    replicated; the old state is donated. The same function as step.make_train_step.
+    """
+    shape = jax.eval_shape(functools.partial(init_state, model_cfg, tx), jax.random.key(0))
+    st = state_shardings(shape, mesh, rules)
+
+    def step(state, batch):
+        check_batch(jax.tree.leaves(batch)[0].shape[0], mesh, rules)
+        with activation_rules(mesh, rules):
+            return train_step(state, batch, model_cfg, tx, surprise_fn)
+
+    return jax.jit(step, in_shardings=(st, batch_sharding(mesh, rules)),
+                   out_shardings=(st, NamedSharding(mesh, P())),
+                   donate_argnums=(0,) if donate else ())
+
+
+def shard_batch(batch: dict, mesh: Mesh, rules: Rules = RULES) -> dict:
+    """Places a host batch (every process holding the whole global batch) on the mesh."""
+    sharding = batch_sharding(mesh, rules)
+    check_batch(jax.tree.leaves(batch)[0].shape[0], mesh, rules)
+    return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)

@@ -1,0 +1,162 @@
+"""Sharded init and train step on 8 forced CPU devices equal the 1-device computation."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from onn_jax import sharding as sh
+from onn_jax.config import ConfigError, MeshConfig, ModelConfig, MoEConfig, OptimConfig
+from onn_jax.step import compute_grads, init_state, make_optimizer, make_train_step
+
+CFG = ModelConfig(vocab_size=64, hidden=16, num_layers=1, num_heads=2, max_len=16,
+                  moe=MoEConfig(num_experts=8, intermediate=16))
+TX = make_optimizer(OptimConfig())
+B, T = 8, 8
+MESHES = [(8, 1, 1), (4, 2, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)]
+
+
+def make_batch(seed=0, batch=B):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, CFG.vocab_size, (batch, T + 1)).astype(np.int32)
+    mask = (rng.random((batch, T)) > 0.2).astype(np.float32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask}
+
+
+def mesh_of(shape):
+    data, expert, fsdp = shape
+    return sh.make_mesh(MeshConfig(data=data, expert=expert, fsdp=fsdp))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """One step on one device (no shardings): initial state, grads, new state, metrics."""
+    state0 = init_state(CFG, TX, jax.random.key(0))
+    batch = make_batch()
+    grads, _ = jax.jit(functools.partial(compute_grads, cfg=CFG))(state0.params, batch)
+    state1, metrics = make_train_step(CFG, TX, donate=False)(state0, batch)
+    return jax.device_get((state0, grads, state1, metrics))
+
+
+def assert_tree_close(actual, expected, rtol=1e-5, atol=1e-6):
+    for (path, a), e in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
+def test_sharded_step_equals_one_device(shape, reference):
+    state0_ref, grads_ref, state1_ref, metrics_ref = reference
+    mesh = mesh_of(shape)
+    state = sh.sharded_init(CFG, TX, jax.random.key(0), mesh)
+    assert_tree_close(state, state0_ref, rtol=0, atol=0)  # same init, now sharded
+    batch = sh.shard_batch(make_batch(), mesh)
+
+    param_sh = sh.state_shardings(state, mesh).params
+    grad_fn = jax.jit(functools.partial(compute_grads, cfg=CFG),
+                      in_shardings=(param_sh, sh.batch_sharding(mesh)), out_shardings=(param_sh, None))
+    grads, _ = grad_fn(state.params, batch)
+    assert_tree_close(grads, grads_ref)
+
+    step = sh.make_sharded_train_step(CFG, TX, mesh)
+    new_state, metrics = step(state, batch)
+    assert state.params["embed"]["embedding"].is_deleted()  # donated
+    for key in ("train/main_loss", "train/total_loss", "moe/gate_loss", "moe/avg_k", "train/grad_norm"):
+        np.testing.assert_allclose(metrics[key], metrics_ref[key], rtol=1e-5, err_msg=key)
+    assert_tree_close(new_state, state1_ref)
+    # the output state keeps the input layout, so the step can be called again without resharding
+    assert jax.tree.leaves(jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim),
+                                        new_state, sh.state_shardings(new_state, mesh)))
+    assert all(jax.tree.leaves(jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim),
+                                            new_state, sh.state_shardings(new_state, mesh))))
+
+
+def test_expert_weight_specs():
+    state = sh.sharded_init(CFG, TX, jax.random.key(0), mesh_of((2, 4, 1)))
+    moe = state.params["block_0"]["moe"]
+    assert moe["experts"]["w1"].sharding.spec == P("expert")
+    assert moe["experts"]["w2"].sharding.spec == P("expert")
+    assert moe["prototypes"].sharding.spec == P(None, "expert")
+    assert moe["thresholds"].sharding.spec == P("expert")
+    assert state.params["embed"]["embedding"].sharding.spec == P()
+    # each device holds E/4 experts
+    assert {s.data.shape for s in moe["experts"]["w1"].addressable_shards} == {(2, 16, 16)}
+    mu = state.opt_state[1][0].mu["block_0"]["moe"]["experts"]["w1"]
+    assert mu.sharding.spec == P("expert")
+
+    fsdp = sh.sharded_init(CFG, TX, jax.random.key(0), mesh_of((2, 2, 2))).params
+    assert fsdp["block_0"]["moe"]["experts"]["w1"].sharding.spec == P("expert", "fsdp")
+    assert fsdp["block_0"]["moe"]["experts"]["w2"].sharding.spec == P("expert", None, "fsdp")
+    assert fsdp["lm_head"]["kernel"].sharding.spec == P("fsdp")
+    assert fsdp["block_0"]["norm_moe"]["ln"]["scale"].sharding.spec == P()
+    assert sh.batch_sharding(mesh_of((2, 2, 2))).spec == P(("data", "expert", "fsdp"))
+    assert sh.batch_sharding(mesh_of((8, 1, 1))).spec == P("data")
+
+
+def test_logical_axes_cover_every_parameter():
+    for moe in (MoEConfig(num_experts=8, intermediate=16, expert_kind="swiglu"),
+                MoEConfig(num_experts=8, intermediate=16, router="topk"),
+                MoEConfig(num_experts=8, intermediate=16, router="dense")):
+        cfg = ModelConfig(vocab_size=64, hidden=16, num_heads=2, norm="rmsnorm", final_norm=True, moe=moe)
+        shapes = jax.eval_shape(functools.partial(init_state, cfg, TX), jax.random.key(0)).params
+        axes = sh.logical_axes_tree(shapes)
+        for a, x in zip(jax.tree.leaves(axes, is_leaf=lambda a: isinstance(a, tuple)), jax.tree.leaves(shapes)):
+            assert len(a) == x.ndim and set(a) <= set(sh.LOGICAL_AXES)
+    with pytest.raises(ValueError, match="block_0/mystery"):
+        sh.logical_axes_tree({"block_0": {"mystery": jnp.zeros(3)}})
+
+
+def test_make_mesh_resolves_and_rejects():
+    assert dict(sh.make_mesh(MeshConfig(data=-1, expert=2)).shape) == {"data": 4, "expert": 2, "fsdp": 1}
+    assert dict(sh.make_mesh(MeshConfig(data=2, expert=-1, fsdp=2)).shape) == {"data": 2, "expert": 2, "fsdp": 2}
+    with pytest.raises(ConfigError, match="mesh: data\\*expert\\*fsdp = 2\\*2\\*1"):
+        sh.make_mesh(MeshConfig(data=2, expert=2))
+    with pytest.raises(ConfigError, match="mesh.expert"):
+        sh.make_mesh(MeshConfig(data=1, expert=-1, fsdp=3))
+
+
+def test_indivisible_experts_and_batch_are_config_errors():
+    mesh = mesh_of((1, 8, 1))
+    cfg = ModelConfig(vocab_size=64, hidden=16, num_heads=2, moe=MoEConfig(num_experts=4, intermediate=16))
+    with pytest.raises(ConfigError, match="mesh.expert"):
+        sh.sharded_init(cfg, TX, jax.random.key(0), mesh)
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        sh.shard_batch(make_batch(batch=4), mesh)
+
+
+def test_constrain_applies_only_inside_activation_rules():
+    mesh = mesh_of((2, 4, 1))
+    x = jnp.ones((8, 8, 4))
+    assert sh.constrain(x, ("moe_batch", "expert", "embed")) is x
+
+    @jax.jit
+    def f(x):
+        with sh.activation_rules(mesh):
+            return sh.constrain(x * 2, ("moe_batch", "expert", "embed"))
+
+    y = f(x)
+    assert y.sharding.is_equivalent_to(NamedSharding(mesh, P("data", "expert")), 3)
+    np.testing.assert_array_equal(y, 2 * x)
+
+
+def test_checkpoint_saved_on_one_mesh_restores_on_another(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    mesh_a, mesh_b = mesh_of((8, 1, 1)), mesh_of((2, 4, 1))
+    state = sh.sharded_init(CFG, TX, jax.random.key(0), mesh_a)
+    state, _ = sh.make_sharded_train_step(CFG, TX, mesh_a)(state, sh.shard_batch(make_batch(), mesh_a))
+    expected = jax.device_get(state)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "ckpt", state)
+        ckptr.wait_until_finished()
+        restored = ckptr.restore(tmp_path / "ckpt", sh.abstract_state(CFG, TX, mesh_b))
+    assert_tree_close(restored, expected, rtol=0, atol=0)
+    w1 = restored.params["block_0"]["moe"]["experts"]["w1"]
+    assert w1.sharding.mesh.shape == mesh_b.shape and w1.sharding.spec == P("expert")
+    # and the restored state trains on the new mesh exactly like on the old one
+    batch = make_batch(seed=1)
+    out_b, m_b = sh.make_sharded_train_step(CFG, TX, mesh_b)(restored, sh.shard_batch(batch, mesh_b))
+    out_a, m_a = make_train_step(CFG, TX, donate=False)(jax.device_put(expected, jax.devices()[0]), batch)
+    np.testing.assert_allclose(m_b["train/main_loss"], m_a["train/main_loss"], rtol=1e-5)
+    assert_tree_close(out_b.params, out_a.params)
