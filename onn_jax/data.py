@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -257,14 +258,17 @@ class TrainIterator:
         return {"epoch": int(self.epoch), "index": int(self.index)}
 
     def restore(self, state: dict) -> None:
+        """Accepts ints or 0-d integer arrays (as a checkpoint library may restore them)."""
         n = len(self.examples)
-        ok = (isinstance(state, dict) and set(state) == {"epoch", "index"}
-              and all(isinstance(state[k], (int, np.integer)) for k in state)
-              and state["epoch"] >= 0 and 0 <= state["index"] < n)
+        try:
+            epoch, index = operator.index(state["epoch"]), operator.index(state["index"])
+            ok = set(state) == {"epoch", "index"} and epoch >= 0 and 0 <= index < n
+        except (TypeError, KeyError):
+            ok = False
         if not ok:
             raise ValueError(f"bad data iterator state {state!r}: expected "
                              f'{{"epoch": int >= 0, "index": int in [0, {n})}}')
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self.epoch, self.index = epoch, index
 
     def _order(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:

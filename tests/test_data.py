@@ -127,8 +127,12 @@ def test_resume_from_state_gives_identical_next_batches(small_ds):
         got = next(resumed)
         for k in w:
             np.testing.assert_array_equal(got[k], w[k])
-    with pytest.raises(ValueError, match="bad data iterator state"):
-        small_ds.train_iter(global_batch=gb, state={"epoch": 0, "index": n})
+    as_arrays = {k: np.asarray(v) for k, v in saved.items()}  # as a checkpoint may restore it
+    np.testing.assert_array_equal(next(small_ds.train_iter(gb, 1, state=as_arrays))["inputs"],
+                                  want[0]["inputs"])
+    for bad in ({"epoch": 0, "index": n}, {"epoch": 0}, {"epoch": 0.5, "index": 0}, [0, 0]):
+        with pytest.raises(ValueError, match="bad data iterator state"):
+            small_ds.train_iter(global_batch=gb, state=bad)
 
 
 @pytest.mark.parametrize("count", [2, 4])
