@@ -258,12 +258,13 @@ def to_dict(config) -> dict[str, Any]:
 class DataConfig:
     """Where the tokens come from and how they are batched (see onn_jax.data).
 
-    source: `builtin` (the embedded multi-domain chat corpus) or a path to a chat `.jsonl`
-      file or a plain-text file.
+    source: `builtin` (the embedded multi-domain chat corpus) or comma-separated paths of
+      chat `.jsonl` files and plain-text files.
     tokenizer: `byte` (byte-level, default) or a path to a local HF `tokenizer.json`.
     records_per_domain: records per domain of the builtin corpus (ignored for user files).
     eval_fraction: share of records held out for the evaluation split.
-    seed: corpus generation, split and shuffling seed.
+    pack: pack several records of one domain per row (else one record per row, padded).
+    seed: corpus generation and shuffling seed.
     """
 
     source: str = "builtin"
@@ -272,10 +273,12 @@ class DataConfig:
     batch_size: int = 8
     records_per_domain: int = 1000
     eval_fraction: float = 0.05
+    pack: bool = True
     seed: int = 0
 
     def __post_init__(self):
         p = "data."
+        _check(isinstance(self.pack, bool), p + "pack", f"must be a bool, got {self.pack!r}")
         for name in ("source", "tokenizer"):
             v = getattr(self, name)
             _check(isinstance(v, str) and v != "", p + name, f"must be a non-empty string, got {v!r}")

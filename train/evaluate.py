@@ -2,8 +2,9 @@
 
 The eval step runs the forward and one reverse pass of the main loss into the Surprise
 taps (as the train step does, without any parameter gradient), so the histogram shows the
-very S the gate is trained on. Histogram counts cover active (token, expert) pairs only
-(the faithful S is exactly 0 on inactive pairs; their share is reported separately).
+very S the gate is trained on. The histogram counts active (token, expert) pairs with S > 0
+(the faithful S is exactly 0 on inactive pairs); `eval/surprise_zero_frac` is the share of
+active pairs with S == 0 (e.g. positions whose loss is masked, in the last layer).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from onn_jax.config import ModelConfig
 from onn_jax.losses import next_token_loss
@@ -22,8 +24,12 @@ from onn_jax.surprise import SurpriseInputs, get_surprise_fn
 SURPRISE_EDGES = np.logspace(-9, 1, 41)
 
 
-def make_eval_step(cfg: ModelConfig, edges: np.ndarray = SURPRISE_EDGES) -> Callable:
-    """Jitted `(params, batch) -> sums` of one eval batch (see `finish` for the means)."""
+def make_eval_step(cfg: ModelConfig, num_domains: int, edges: np.ndarray = SURPRISE_EDGES) -> Callable:
+    """Jitted `(params, batch) -> sums` of one eval batch (`evaluate` turns them into means).
+
+    Per domain d (batch["domain"] == d; -1 rows are padding) it also sums the loss, the
+    counted tokens and each layer's expert assignments, for routing analysis by domain.
+    """
     model = Transformer(cfg)
     uses_surprise = cfg.moe.router == "surprise"
     surprise_fn = get_surprise_fn(cfg.moe.surprise) if uses_surprise else None
@@ -36,13 +42,21 @@ def make_eval_step(cfg: ModelConfig, edges: np.ndarray = SURPRISE_EDGES) -> Call
         def forward(taps):
             logits, records = model.apply({"params": params}, batch["inputs"], taps)
             main, acc, count = next_token_loss(logits, batch["targets"], batch["loss_mask"])
-            return main, (acc, count, records)
+            ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+            return main, (acc, count, records, ce_BxT)
 
-        main, pullback, (acc, count, records) = jax.vjp(forward, taps, has_aux=True)
+        main, pullback, (acc, count, records, ce_BxT) = jax.vjp(forward, taps, has_aux=True)
         out = {"main_loss": main * count, "main_acc": acc * count, "tokens": count}
+        onehot_BxD = jax.nn.one_hot(batch["domain"], num_domains, dtype=jnp.float32)  # -1 -> zeros
+        mask_BxT = batch["loss_mask"].astype(jnp.float32)
+        out["domain_tokens"] = onehot_BxD.T @ jnp.sum(mask_BxT, -1)
+        out["domain_loss"] = onehot_BxD.T @ jnp.sum(ce_BxT * mask_BxT, -1)
         records = tuple(r for r in records if r is not None)
         if not records:
             return out
+        load_LxBxE = jnp.stack([r.router.mask.astype(jnp.float32).reshape(b, t, -1).sum(1) for r in records])
+        out["domain_assign"] = jnp.einsum("bd,lbe->dle", onehot_BxD, load_LxBxE)
+        out["domain_positions"] = onehot_BxD.sum(0) * t
         out["avg_k"] = jnp.mean(jnp.stack([jnp.mean(jnp.sum(r.router.mask, -1).astype(jnp.float32))
                                            for r in records]))
         if uses_surprise:
@@ -52,10 +66,10 @@ def make_eval_step(cfg: ModelConfig, edges: np.ndarray = SURPRISE_EDGES) -> Call
                 s = surprise_fn(SurpriseInputs(d_expert_out=d.expert_out, d_moe_out=d.moe_out,
                                                expert_out=r.expert_out, weights=r.router.weights,
                                                mask=r.router.mask))
-                active = r.router.mask.astype(jnp.float32)
+                active = r.router.mask
                 clipped = jnp.clip(s, edges[0], edges[-1]).ravel()
-                hists.append(jnp.histogram(clipped, bins=edges, weights=active.ravel())[0])
-                zeros.append(jnp.mean((s == 0).astype(jnp.float32)))
+                hists.append(jnp.histogram(clipped, bins=edges, weights=(active & (s > 0)).ravel())[0])
+                zeros.append(jnp.sum(active & (s == 0)) / jnp.maximum(jnp.sum(active), 1))
                 accs.append(jnp.mean((jnp.argmax(r.router.pre, -1) == jnp.argmin(s, -1)).astype(jnp.float32)))
             out.update(surprise_hist=jnp.stack(hists), surprise_zero_frac=jnp.stack(zeros),
                        gate_acc=jnp.mean(jnp.stack(accs)))
@@ -71,7 +85,7 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict[str, np.nd
     sums: dict[str, np.ndarray] = {}
     n = 0
     for batch in batches:
-        out = jax.device_get(eval_step(params, {k: batch[k] for k in ("inputs", "targets", "loss_mask")}))
+        out = jax.device_get(eval_step(params, {k: batch[k] for k in ("inputs", "targets", "loss_mask", "domain")}))
         for k, v in out.items():
             sums[k] = sums.get(k, 0) + np.asarray(v, np.float64)
         n += 1
@@ -81,6 +95,11 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict[str, np.nd
     metrics = {"eval/main_loss": float(sums.pop("main_loss")) / tokens,
                "eval/main_acc": float(sums.pop("main_acc")) / tokens,
                "eval/tokens": tokens, "eval/batches": n}
+    d_tokens = sums.pop("domain_tokens")
+    metrics["eval/domain_loss"] = np.where(d_tokens > 0, sums.pop("domain_loss") / np.maximum(d_tokens, 1), np.nan)
+    if "domain_assign" in sums:  # [D, L, E] share of each domain's positions routed to each expert
+        positions = sums.pop("domain_positions")
+        metrics["eval/domain_expert_load"] = sums.pop("domain_assign") / np.maximum(positions, 1)[:, None, None]
     if "surprise_hist" in sums:
         metrics["eval/surprise_hist"] = sums.pop("surprise_hist")
         metrics["eval/surprise_edges"] = np.asarray(edges, np.float64)

@@ -4,6 +4,7 @@
     gate.png         gate accuracy, avg_k, gate loss and mean threshold sigmoid(theta)
     expert_load.png  per-layer heatmap: expert x step, share of tokens routed to the expert
     surprise.png     per-layer histogram of Surprise on active (token, expert) pairs, latest eval
+    domain_routing.png  per-layer heatmap: domain x expert, share of positions routed, latest eval
 
 Each figure is drawn only when its metrics exist (a dense baseline has no gate). Uses the
 Agg backend, so it works without a display.
@@ -74,10 +75,12 @@ def plot_expert_load(rows, out: Path, plt) -> Path | None:
     n_layers, n_experts = load_SxLxE.shape[1:]
     fig, axes = plt.subplots(n_layers, 1, figsize=(10, 1.2 + 2.2 * n_layers), squeeze=False)
     vmax = max(float(load_SxLxE.max()), 1e-6)
+    # cell edges halfway between logged steps, so uneven logging intervals draw truthfully
+    mid = (steps[1:] + steps[:-1]) / 2
+    x_edges = np.concatenate([[steps[0] - 0.5], mid, [steps[-1] + 0.5]])
+    y_edges = np.arange(n_experts + 1) - 0.5
     for layer, ax in enumerate(axes[:, 0]):
-        im = ax.imshow(load_SxLxE[:, layer, :].T, aspect="auto", origin="lower", cmap="viridis",
-                       vmin=0.0, vmax=vmax, interpolation="nearest",
-                       extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, n_experts - 0.5))
+        im = ax.pcolormesh(x_edges, y_edges, load_SxLxE[:, layer, :].T, cmap="viridis", vmin=0.0, vmax=vmax)
         ax.set_ylabel(f"layer {layer}\nexpert")
         fig.colorbar(im, ax=ax, label="share of tokens")
     axes[-1, 0].set_xlabel("step")
@@ -96,11 +99,29 @@ def plot_surprise(rows, out: Path, plt) -> Path | None:
     for layer, ax in enumerate(axes[0]):
         ax.stairs(hist_LxB[layer], edges, fill=True, alpha=0.7)
         ax.set_xscale("log")
-        ax.set_xlabel("Surprise S = |dL/dY| (active pairs)")
+        ax.set_xlabel("Surprise S = |dL/dY| (active pairs, S > 0)")
         ax.set_ylabel("count")
-        ax.set_title(f"layer {layer}, step {last['step']} (S=0 on {zeros[layer]:.0%} of pairs)",
+        ax.set_title(f"layer {layer}, step {last['step']} (S=0 on {zeros[layer]:.0%} of active pairs)",
                      fontsize=9)
     return _save(fig, out / "surprise.png", plt, True)
+
+
+def plot_domain_routing(rows, out: Path, plt) -> Path | None:
+    last = next((r for r in reversed(rows) if isinstance(r.get("eval/domain_expert_load"), list)), None)
+    if last is None:
+        return None
+    load_DxLxE = np.asarray(last["eval/domain_expert_load"], np.float64)
+    names = last.get("eval/domain_names") or [str(d) for d in range(len(load_DxLxE))]
+    n_layers = load_DxLxE.shape[1]
+    fig, axes = plt.subplots(1, n_layers, figsize=(2 + 4 * n_layers, 1.5 + 0.5 * len(names)), squeeze=False)
+    for layer, ax in enumerate(axes[0]):
+        im = ax.imshow(load_DxLxE[:, layer, :], aspect="auto", cmap="viridis", vmin=0.0,
+                       interpolation="nearest")
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("expert")
+        ax.set_title(f"layer {layer}: share of positions routed (eval, step {last['step']})", fontsize=9)
+        fig.colorbar(im, ax=ax)
+    return _save(fig, out / "domain_routing.png", plt, True)
 
 
 def _save(fig, path: Path, plt, drawn: bool) -> Path | None:
@@ -127,7 +148,8 @@ def make_dashboards(workdir: str | Path) -> list[Path]:
         raise FileNotFoundError(f"{workdir}: no metrics.jsonl rows to plot (is this a training workdir?)")
     out = workdir / PLOTS_DIR
     out.mkdir(parents=True, exist_ok=True)
-    written = [fn(rows, out, plt) for fn in (plot_loss, plot_gate, plot_expert_load, plot_surprise)]
+    written = [fn(rows, out, plt) for fn in (plot_loss, plot_gate, plot_expert_load, plot_surprise,
+                                      plot_domain_routing)]
     return [p for p in written if p is not None]
 
 

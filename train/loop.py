@@ -1,0 +1,235 @@
+"""The training loop behind `onn-train`: data, sharded step, eval, checkpoints, logs, plots.
+
+    summary = train(cfg, workdir)
+
+Workdir layout: config.json (the resolved Config), checkpoints/ (orbax, see
+onn_jax.checkpoint), metrics.jsonl and tb/ (see train.logging), plots/*.png (train.plot).
+If checkpoints/ holds a checkpoint the run resumes from the latest one: TrainState and the
+data iterator position are restored, so the continuation equals an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from onn_jax import checkpoint as ckpt_lib
+from onn_jax import sharding
+from onn_jax.config import Config, ConfigError, MeshConfig, to_dict
+from onn_jax.corpus import build_corpus
+from onn_jax.data import DataError, Dataset, load_records
+from onn_jax.step import make_optimizer
+from onn_jax.tokenizer import encode_chat, load_tokenizer
+from train.evaluate import evaluate, make_eval_step
+from train.logging import MetricsWriter, Progress, mean_metrics
+from train.plot import make_dashboards
+
+CONFIG_FILE, CHECKPOINT_DIR = "config.json", "checkpoints"
+
+
+class TrainError(RuntimeError):
+    """A run cannot start or continue; the message says why (field, file or checkpoint)."""
+
+
+def build_dataset(cfg: Config) -> Dataset:
+    """The tokenizer and the train/eval dataset of cfg.data (builtin corpus or user files)."""
+    d = cfg.data
+    try:
+        tok = load_tokenizer(d.tokenizer)
+    except (OSError, ValueError, ImportError) as e:
+        raise TrainError(f"data.tokenizer: {e}") from e
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise TrainError(f"model.vocab_size: must be >= the tokenizer's vocab size "
+                         f"{tok.vocab_size} ({d.tokenizer}), got {cfg.model.vocab_size}")
+    try:
+        if d.source == "builtin":
+            records = build_corpus(seed=d.seed, records_per_domain=d.records_per_domain)
+        else:
+            records = load_records([p.strip() for p in d.source.split(",") if p.strip()])
+        return Dataset(records, tok, d.seq_len, d.eval_fraction, pack=d.pack)
+    except DataError as e:
+        raise TrainError(f"data.source: {e}") from e
+    except ValueError as e:
+        raise TrainError(f"data: {e}") from e
+
+
+def make_mesh(cfg: MeshConfig):
+    """The device mesh; a fully specified shape uses the first data*expert*fsdp devices."""
+    devices = jax.devices()
+    sizes = (cfg.data, cfg.expert, cfg.fsdp)
+    if -1 not in sizes:
+        devices = devices[:math.prod(sizes)]
+    try:
+        return sharding.make_mesh(cfg, devices)
+    except ConfigError as e:
+        raise TrainError(str(e)) from e
+
+
+def sample(params: Any, cfg: Config, tok, prompt: str, max_new_tokens: int) -> str:
+    """Greedy continuation of `prompt` as a user turn (the reply the model would give)."""
+    from onn_jax.generate import generate  # noqa: PLC0415 (optional until generation lands)
+    ids, _ = encode_chat(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+    out = generate(params, cfg.model, ids, max_new_tokens=max_new_tokens, temperature=0.0,
+                   eos_id=tok.eos_id)
+    return tok.decode(out)
+
+
+class Run:
+    """One invocation of the loop; attributes hold what the summary reports."""
+
+    def __init__(self, cfg: Config, workdir: str | Path):
+        self.cfg, self.workdir = cfg, Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.ds = build_dataset(cfg)
+        self.tok = self.ds.tokenizer
+        self.mesh = make_mesh(cfg.mesh)
+        try:
+            sharding.check_batch(cfg.data.batch_size, self.mesh)
+        except ConfigError as e:
+            raise TrainError(f"data.batch_size: {e.message}") from e
+        self.tx = make_optimizer(cfg.optim)
+        self.step_fn = sharding.make_sharded_train_step(cfg.model, self.tx, self.mesh)
+        self.eval_fn = make_eval_step(cfg.model, len(self.ds.domains))
+        self.ckpt = None
+        if cfg.checkpoint.enabled:
+            self.ckpt = ckpt_lib.Checkpointer(self.workdir / CHECKPOINT_DIR, save_every=cfg.checkpoint.every,
+                                              keep=cfg.checkpoint.keep)
+        self.state, data_state = self._init_or_restore()
+        self.start_step = int(jax.device_get(self.state.step))
+        pi, pc = jax.process_index(), jax.process_count()
+        self.data_iter = self.ds.train_iter(cfg.data.batch_size, cfg.data.seed, pi, pc, data_state)
+        (self.workdir / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+    def _init_or_restore(self):
+        rng = jax.random.key(self.cfg.train.seed)
+        latest = self.ckpt.latest_step() if self.ckpt is not None else None
+        if latest is None:
+            return sharding.sharded_init(self.cfg.model, self.tx, rng, self.mesh), None
+        target = sharding.abstract_state(self.cfg.model, self.tx, self.mesh)
+        try:
+            state, meta = self.ckpt.restore(target)
+        except ckpt_lib.CheckpointError as e:
+            raise TrainError(f"cannot resume from {self.workdir / CHECKPOINT_DIR}: {e}") from e
+        return state, (meta or {}).get("data")
+
+    def _meta(self) -> dict:
+        tok = {"name": self.cfg.data.tokenizer, "vocab_size": self.tok.vocab_size}
+        return ckpt_lib.make_meta(config=to_dict(self.cfg), data_state=self.data_iter.state(),
+                                  rng=jax.random.key(self.cfg.train.seed), tokenizer=tok,
+                                  domains=list(self.ds.domains))
+
+    def _batch(self):
+        host = next(self.data_iter)
+        host = {k: host[k] for k in ("inputs", "targets", "loss_mask")}
+        if jax.process_count() == 1:
+            return sharding.shard_batch(host, self.mesh)
+        spec = sharding.batch_sharding(self.mesh)
+        return {k: jax.make_array_from_process_local_data(spec, v) for k, v in host.items()}
+
+    def evaluate(self) -> dict[str, Any]:
+        batches = self.ds.eval_batches(self.cfg.data.batch_size, jax.process_index(), jax.process_count())
+        limited = (b for b, _ in zip(batches, range(self.cfg.train.eval_batches)))
+        metrics = evaluate(self.eval_fn, self.state.params, limited)
+        metrics["eval/domain_names"] = list(self.ds.domains)
+        return metrics
+
+    def thresholds(self) -> dict[str, np.ndarray]:
+        p = self.state.params
+        if self.cfg.model.moe.router != "surprise":
+            return {}
+        theta = [p[f"block_{i}"]["moe"]["thresholds"] for i in range(self.cfg.model.num_layers)]
+        return {"moe/thresholds": np.asarray(jax.device_get(jax.nn.sigmoid(jnp.stack(theta))))}
+
+    def run(self) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.train
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        writer = MetricsWriter(self.workdir, resume_step=self.start_step + 1 if self.start_step else 0)
+        bar = Progress(t.steps, self.start_step, enabled=t.progress)
+        if self.start_step:
+            bar.write(f"resuming from step {self.start_step} ({self.workdir / CHECKPOINT_DIR})")
+        if self.start_step >= t.steps:
+            bar.write(f"already at step {self.start_step} >= train.steps = {t.steps}: nothing to train")
+        pending, first_loss, last, compile_logged = [], None, {}, False
+        interval_start, interval_steps = time.perf_counter(), 0
+        step = self.start_step
+        while step < t.steps:
+            self.state, metrics = self.step_fn(self.state, self._batch())
+            step += 1
+            pending.append(metrics)
+            interval_steps += 1
+            bar.update()
+            if step == self.start_step + 1:  # exclude compilation from the throughput figures
+                jax.block_until_ready(metrics)
+                compile_s = time.perf_counter() - interval_start
+                interval_start, interval_steps = time.perf_counter(), 0
+            if step % t.log_every == 0 or step == t.steps or step == self.start_step + 1:
+                row = mean_metrics(jax.device_get(pending))
+                pending = []
+                elapsed = time.perf_counter() - interval_start
+                if interval_steps:
+                    row["perf/step_time_s"] = elapsed / interval_steps
+                    row["perf/tokens_per_sec"] = tokens_per_step * interval_steps / max(elapsed, 1e-9)
+                if not compile_logged:
+                    row["perf/compile_s"], compile_logged = compile_s, True
+                row.update(self.thresholds())
+                row["train/epoch"] = self.data_iter.state()["epoch"]
+                if t.eval_every and step % t.eval_every == 0 or step == t.steps:
+                    row.update(self.evaluate())
+                if t.sample_every and step % t.sample_every == 0 and step != t.steps:
+                    text = self._sample()
+                    bar.write(f"step {step} sample: {t.sample_prompt!r} -> {text!r}")
+                    writer.add_text("sample", text, step)
+                last = writer.write(step, row)
+                first_loss = last.get("train/main_loss") if first_loss is None else first_loss
+                bar.show(last)
+                interval_start, interval_steps = time.perf_counter(), 0
+            if self.ckpt is not None and (step % cfg.checkpoint.every == 0 or step == t.steps):
+                self.ckpt.save(step, self.state, self._meta(), force=step == t.steps)
+        bar.close()
+        if self.ckpt is not None:
+            self.ckpt.close()  # waits for the asynchronous saves
+        text = self._sample()
+        writer.add_text("sample", text, step)
+        writer.close()
+        plots = make_dashboards(self.workdir) if (self.workdir / "metrics.jsonl").exists() else []
+        return {"workdir": str(self.workdir), "start_step": self.start_step, "step": step,
+                "first_loss": first_loss, "last": last, "sample": text, "plots": [str(p) for p in plots]}
+
+    def _sample(self) -> str:
+        try:
+            return sample(self.state.params, self.cfg, self.tok, self.cfg.train.sample_prompt,
+                          self.cfg.train.sample_tokens)
+        except ImportError:
+            return "(generation unavailable: onn_jax.generate is missing)"
+
+
+def train(cfg: Config, workdir: str | Path, quiet: bool = False) -> dict[str, Any]:
+    """Runs (or resumes) training in `workdir`; prints where everything went and a sample."""
+    summary = Run(cfg, workdir).run()
+    if not quiet:
+        print(report(summary, cfg))
+    return summary
+
+
+def report(summary: dict[str, Any], cfg: Config) -> str:
+    """The end-of-run text: losses, outputs and the sample generation."""
+    w, last = Path(summary["workdir"]), summary["last"]
+    lines = [f"trained steps {summary['start_step']} -> {summary['step']}"]
+    if summary["first_loss"] is not None and last.get("train/main_loss") is not None:
+        lines.append(f"main loss {summary['first_loss']:.4f} (first log) -> {last['train/main_loss']:.4f}")
+    if last.get("eval/main_loss") is not None:
+        lines.append(f"eval loss {last['eval/main_loss']:.4f}, eval acc {last.get('eval/main_acc', 0):.3f}")
+    lines += [f"  config       {w / CONFIG_FILE}",
+              f"  checkpoints  {w / CHECKPOINT_DIR}" + ("" if cfg.checkpoint.enabled else " (disabled)"),
+              f"  metrics      {w / 'metrics.jsonl'}",
+              f"  tensorboard  tensorboard --logdir {w / 'tb'}",
+              f"  plots        " + (", ".join(Path(p).name for p in summary["plots"]) + f" in {w / 'plots'}"
+                                    if summary["plots"] else "(none)"),
+              f"sample (greedy): {cfg.train.sample_prompt!r} -> {summary['sample']!r}"]
+    return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""`onn-train`: train a surprise-gated MoE LM from a config file.
+
+    onn-train --config configs/default.py [--config.a.b=VALUE ...] [--workdir DIR]
+
+DIR (default runs/<config name>) receives config.json, checkpoints/, metrics.jsonl, tb/ and
+plots/. When DIR already holds checkpoints the run resumes from the latest one (parameters,
+optimizer, step and data position), continuing up to train.steps.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from train.config_loader import ConfigLoadError, load, split_overrides
+
+
+def parse_args(argv: Sequence[str]):
+    """(argparse namespace, overrides) from the command line."""
+    overrides, rest = split_overrides(list(argv))
+    parser = argparse.ArgumentParser(
+        prog="onn-train", description="Train a surprise-gated sparse MoE language model.",
+        epilog="Override any config field with --config.SECTION.FIELD=VALUE, "
+               "e.g. --config.train.steps=200 --config.model.moe.num_experts=8.")
+    parser.add_argument("--config", required=True, metavar="FILE",
+                        help="config file with get_config(), e.g. configs/default.py")
+    parser.add_argument("--workdir", default=None, metavar="DIR",
+                        help="output directory (default runs/<config name>); resumes if it holds checkpoints")
+    return parser.parse_args(rest), overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load(args.config, overrides)
+    except ConfigLoadError as e:
+        print(f"onn-train: config error: {e}", file=sys.stderr)
+        return 2
+    workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
+    from train.loop import TrainError, train  # heavy imports (jax) after the cheap checks
+    try:
+        train(cfg, workdir)
+    except TrainError as e:
+        print(f"onn-train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
