@@ -5,7 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test install clean
+.PHONY: test train install clean
+
+# `make train CONFIG=configs/tiny.py WORKDIR=runs/tiny` picks another config / output dir.
+CONFIG ?= configs/default.py
+WORKDIR ?= runs/$(basename $(notdir $(CONFIG)))
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +18,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+train: $(STAMP)
+	$(VENV)/bin/onn-train --config $(CONFIG) --workdir $(WORKDIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
