@@ -1,0 +1,309 @@
+"""Checkpoints: a thin wrapper over orbax-checkpoint's CheckpointManager.
+
+Layout of a training checkpoint directory (one orbax step folder per saved step):
+
+    DIR/<step>/state   the whole TrainState (step, params, opt_state), orbax PyTree format
+    DIR/<step>/meta    JSON: {"config", "data", "rng", "tokenizer", ...} (see `make_meta`)
+
+The state is saved with orbax's PyTree handler (rather than the Standard one) because it
+can restore a *part* of a tree: inference loads `params` alone, without the optimizer.
+Restoring goes into an abstract target (ShapeDtypeStructs, with shardings when given), so
+a checkpoint written on one device mesh restores onto another; shapes are checked first,
+and a mismatch names the parameter path and both shapes.
+
+An export (`export_params`) is a params-only checkpoint for inference:
+
+    OUT/params         orbax PyTree checkpoint of the params
+    OUT/export.json    {"step", "config", "tokenizer"} copied from the training meta
+
+orbax is imported lazily, so the rest of onn_jax works where it is not installed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+STATE, META = "state", "meta"
+EXPORT_PARAMS, EXPORT_META = "params", "export.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing or does not match what the caller expects."""
+
+
+def _ocp():
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("onn_jax.checkpoint needs orbax-checkpoint "
+                          "(pip install orbax-checkpoint==0.12.8)") from e
+    return ocp
+
+
+def _handlers(ocp) -> dict:
+    return {STATE: ocp.PyTreeCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
+
+
+# ---------------------------------------------------------------- abstract targets
+
+
+def with_shardings(tree: Any, shardings: Any = None) -> Any:
+    """ShapeDtypeStructs of `tree` carrying `shardings` (a matching tree, one Sharding for
+    all leaves, or None = the first local device)."""
+    if shardings is None:
+        shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings), tree)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def abstract_like(init_fn, *args, shardings: Any = None, **kwargs) -> Any:
+    """The restore target for `init_fn(*args, **kwargs)` without computing it (jax.eval_shape)."""
+    return with_shardings(jax.eval_shape(lambda: init_fn(*args, **kwargs)), shardings)
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    ocp = _ocp()
+    return ocp.tree.to_flat_dict(ocp.tree.serialize_tree(tree), sep="/")
+
+
+def check_shapes(saved_flat: Mapping[str, Any], target: Any, where: str, partial: bool = False) -> None:
+    """Raises CheckpointError naming the first path whose presence or shape differs."""
+    want = _flat(target)
+    for path, leaf in sorted(want.items(), key=lambda kv: not kv[0].startswith("params/")):
+        if path not in saved_flat:
+            raise CheckpointError(f"{where}: parameter {path} {tuple(leaf.shape)} is in the model "
+                                  "but not in the checkpoint (was it written with another config?)")
+        have = tuple(saved_flat[path].shape)
+        if have != tuple(leaf.shape):
+            raise CheckpointError(f"{where}: parameter {path} has shape {have} in the checkpoint "
+                                  f"but {tuple(leaf.shape)} in the model config")
+    if not partial:
+        extra = sorted(set(saved_flat) - set(want))
+        if extra:
+            raise CheckpointError(f"{where}: checkpoint holds {extra[0]} (and {len(extra) - 1} more) "
+                                  "that the model does not have (was it written with another config?)")
+
+
+def _restore_args(target: Any, partial: bool = False):
+    ocp = _ocp()
+    return ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=partial)
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def rng_to_json(key: jax.Array | None) -> dict | None:
+    """A JAX PRNG key (typed or raw uint32) as a JSON-able dict."""
+    if key is None:
+        return None
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    data = jax.random.key_data(key) if typed else key
+    impl = str(jax.random.key_impl(key)) if typed else None
+    return {"typed": bool(typed), "impl": impl, "data": np.asarray(data).tolist()}
+
+
+def rng_from_json(obj: dict | None) -> jax.Array | None:
+    """Inverse of rng_to_json."""
+    if obj is None:
+        return None
+    data = np.asarray(obj["data"], np.uint32)
+    return jax.random.wrap_key_data(data, impl=obj["impl"]) if obj["typed"] else jax.numpy.asarray(data)
+
+
+def make_meta(config: Any = None, data_state: Mapping | None = None, rng: jax.Array | None = None,
+              tokenizer: Mapping | None = None, **extra) -> dict:
+    """The JSON metadata stored next to the state.
+
+    config: a dict (e.g. onn_jax.config.to_dict of each section); data_state: the data
+    iterator's position (small dict); rng: the training PRNG key; tokenizer: its description.
+    """
+    meta = {"config": config, "data": dict(data_state) if data_state is not None else None,
+            "rng": rng_to_json(rng), "tokenizer": dict(tokenizer) if tokenizer is not None else None}
+    meta.update(extra)
+    json.dumps(meta)  # fail here, at save time, on anything JSON cannot hold
+    return meta
+
+
+# ---------------------------------------------------------------- the manager
+
+
+class Checkpointer:
+    """Saves every `save_every` steps (and on `force`), keeps the last `keep`; restores exactly.
+
+        ckpt = Checkpointer(workdir / "checkpoints", save_every=100, keep=3)
+        start = ckpt.latest_step()
+        if start is not None:
+            state, meta = ckpt.restore(abstract_like(init_state, cfg, tx, rng, shardings=s))
+        ...
+        ckpt.save(step, state, make_meta(...))          # async; returns True if it saved
+        ckpt.save(step, state, meta, force=True)         # at the end
+        ckpt.close()                                     # waits for pending writes
+    """
+
+    def __init__(self, directory: str | os.PathLike, save_every: int = 1000, keep: int | None = 3,
+                 async_save: bool = True, read_only: bool = False):
+        if not isinstance(save_every, int) or save_every <= 0:
+            raise CheckpointError(f"checkpoint save_every must be a positive integer, got {save_every!r}")
+        if keep is not None and (not isinstance(keep, int) or keep <= 0):
+            raise CheckpointError(f"checkpoint keep must be a positive integer or None, got {keep!r}")
+        ocp = _ocp()
+        self.directory = os.path.abspath(os.fspath(directory))
+        if read_only and not os.path.isdir(self.directory):
+            raise CheckpointError(f"no checkpoint directory {self.directory}")
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=1, max_to_keep=keep, enable_async_checkpointing=async_save,
+            read_only=read_only, create=not read_only)
+        self.save_every = save_every
+        self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers(ocp))
+
+    def latest_step(self) -> int | None:
+        return self._mgr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._mgr.all_steps())
+
+    def save(self, step: int, state: Any, meta: Mapping | None = None, force: bool = False) -> bool:
+        """Saves `state` and `meta` at `step` if due (every save_every steps) or forced.
+
+        Asynchronous: returns once the arrays are copied off the device. Saving a step that
+        already exists is a no-op (returns False).
+        """
+        ocp = _ocp()
+        step = int(step)
+        if step in self._mgr.all_steps() or not (force or step % self.save_every == 0):
+            return False
+        args = ocp.args.Composite(**{STATE: ocp.args.PyTreeSave(state),
+                                     META: ocp.args.JsonSave(dict(meta or {}))})
+        return self._mgr.save(step, args=args, force=True)
+
+    def _step(self, step: int | None) -> int:
+        self._mgr.reload()
+        steps = self._mgr.all_steps()
+        if step is None:
+            step = self._mgr.latest_step()
+            if step is None:
+                raise CheckpointError(f"no checkpoint in {self.directory}")
+        elif step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; have {sorted(steps)}")
+        return step
+
+    def saved_shapes(self, step: int | None = None) -> dict[str, Any]:
+        """Flat {path: array metadata (shape, dtype)} of the saved state."""
+        step = self._step(step)
+        return _ocp().tree.to_flat_dict(self._mgr.item_metadata(step)[STATE], sep="/")
+
+    def restore_meta(self, step: int | None = None) -> dict:
+        ocp = _ocp()
+        step = self._step(step)
+        return self._mgr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+
+    def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
+        """(state, meta) of `step` (default: the latest) restored into `target`.
+
+        `target` is an abstract state (see abstract_like) whose shardings decide where each
+        array lands; shapes must match the checkpoint exactly.
+        """
+        ocp = _ocp()
+        step = self._step(step)
+        check_shapes(self.saved_shapes(step), target, f"{self.directory} step {step}")
+        out = self._mgr.restore(step, args=ocp.args.Composite(
+            **{STATE: _restore_args(target), META: ocp.args.JsonRestore()}))
+        return out[STATE], out[META]
+
+    def restore_params(self, target_params: Any = None, step: int | None = None) -> tuple[Any, dict]:
+        """(params, meta) alone, without the optimizer state. `target_params`: abstract params
+        (shape-checked); None = as saved, on the first local device."""
+        ocp = _ocp()
+        step = self._step(step)
+        saved = self.saved_shapes(step)
+        where = f"{self.directory} step {step}"
+        if target_params is None:
+            target_params = _tree_from_flat({k[len("params/"):]: v for k, v in saved.items()
+                                              if k.startswith("params/")})
+            if not target_params:
+                raise CheckpointError(f"{where}: the checkpoint holds no params")
+        target = {"params": target_params}
+        check_shapes(saved, target, where, partial=True)
+        out = self._mgr.restore(step, args=ocp.args.Composite(
+            **{STATE: _restore_args(target, partial=True), META: ocp.args.JsonRestore()}))
+        return out[STATE]["params"], out[META]
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are on disk."""
+        self._mgr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mgr.wait_until_finished()
+        self._mgr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _tree_from_flat(flat: Mapping[str, Any]) -> dict:
+    """Nested dict of single-device ShapeDtypeStructs from flat {a/b/c: metadata}."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    tree: dict = {}
+    for path, meta in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype, sharding=sharding)
+    return tree
+
+
+# ---------------------------------------------------------------- params-only export
+
+
+def export_params(ckpt_dir: str | os.PathLike, out: str | os.PathLike, step: int | None = None) -> int:
+    """Writes the params of checkpoint `step` (default: latest) as an inference export; returns the step."""
+    ocp = _ocp()
+    src = Checkpointer(ckpt_dir, read_only=True)
+    step = src._step(step)
+    params, meta = src.restore_params(step=step)
+    src.close()
+    out = os.path.abspath(os.fspath(out))
+    if os.path.exists(os.path.join(out, EXPORT_PARAMS)):
+        raise CheckpointError(f"{out} already holds an export; choose a new directory")
+    os.makedirs(out, exist_ok=True)
+    ckptr = ocp.PyTreeCheckpointer()
+    ckptr.save(os.path.join(out, EXPORT_PARAMS), args=ocp.args.PyTreeSave(params))  # synchronous
+    export_meta = {"step": int(step), "config": meta.get("config"), "tokenizer": meta.get("tokenizer")}
+    with open(os.path.join(out, EXPORT_META), "w") as f:
+        json.dump(export_meta, f, indent=2)
+    return int(step)
+
+
+def is_export(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(path, EXPORT_META)) and os.path.isdir(os.path.join(path, EXPORT_PARAMS))
+
+
+def load_params(out: str | os.PathLike, target_params: Any = None) -> tuple[Any, dict]:
+    """(params, export meta) of an export written by export_params.
+
+    `target_params`: abstract params (shape-checked, with shardings); None = as saved, on
+    the first local device.
+    """
+    ocp = _ocp()
+    out = os.path.abspath(os.fspath(out))
+    if not is_export(out):
+        raise CheckpointError(f"{out} is not a params export (expected {EXPORT_PARAMS}/ and {EXPORT_META})")
+    with open(os.path.join(out, EXPORT_META)) as f:
+        meta = json.load(f)
+    path = os.path.join(out, EXPORT_PARAMS)
+    ckptr = ocp.PyTreeCheckpointer()
+    saved = ocp.tree.to_flat_dict(ckptr.metadata(path).item_metadata.tree, sep="/")
+    if target_params is None:
+        target_params = _tree_from_flat(saved)
+    check_shapes(saved, target_params, path)
+    return ckptr.restore(path, args=_restore_args(target_params)), meta

@@ -1,0 +1,170 @@
+"""Checkpoints: exact resume, save cadence and retention, shape errors, resharding, export."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("orbax.checkpoint")
+
+from onn_jax.checkpoint import (Checkpointer, CheckpointError, abstract_like, export_params,  # noqa: E402
+                                load_params, make_meta, rng_from_json, rng_to_json)
+from onn_jax.config import ModelConfig, MoEConfig, OptimConfig, to_dict  # noqa: E402
+from onn_jax.step import init_state, make_optimizer, make_train_step  # noqa: E402
+
+CFG = ModelConfig(hidden=16, num_heads=2, max_len=16, moe=MoEConfig(num_experts=4, intermediate=8))
+TX = make_optimizer(OptimConfig())
+
+
+def batch(seed, b=2, t=8):
+    toks = jax.random.randint(jax.random.key(seed), (b, t + 1), 0, CFG.vocab_size)
+    return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "loss_mask": jnp.ones((b, t), jnp.float32)}
+
+
+def leaves_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(
+        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+@pytest.fixture(scope="module")
+def step_fn():
+    return make_train_step(CFG, TX, donate=False)
+
+
+@pytest.fixture(scope="module")
+def state0():
+    # Committed to device 0 like restored arrays, so the jitted step is not compiled twice.
+    state = jax.jit(init_state, static_argnums=(0, 1))(CFG, TX, jax.random.key(0))
+    return jax.device_put(state, jax.local_devices()[0])
+
+
+@pytest.mark.slow
+def test_resume_continues_bit_identically(tmp_path, step_fn, state0):
+    state = state0
+    state, _ = step_fn(state, batch(1))
+    rng = jax.random.key(7)
+    meta = make_meta(config={"model": to_dict(CFG)}, data_state={"epoch": 0, "index": 3}, rng=rng,
+                     tokenizer={"kind": "bytes", "vocab_size": 256})
+    with Checkpointer(tmp_path / "ck", save_every=1) as ck:
+        assert ck.save(1, state, meta)
+    uninterrupted, m_ref = step_fn(state, batch(2))
+
+    ck = Checkpointer(tmp_path / "ck")
+    assert ck.latest_step() == 1
+    restored, meta2 = ck.restore(abstract_like(init_state, CFG, TX, jax.random.key(123)))
+    assert leaves_equal(restored, state)
+    assert meta2["data"] == {"epoch": 0, "index": 3}
+    assert meta2["config"]["model"]["moe"]["num_experts"] == 4
+    assert np.array_equal(jax.random.key_data(rng_from_json(meta2["rng"])), jax.random.key_data(rng))
+    resumed, m_res = step_fn(restored, batch(2))
+    assert leaves_equal(resumed, uninterrupted)
+    assert all(np.array_equal(m_ref[k], m_res[k]) for k in m_ref)
+    ck.close()
+
+
+def test_save_every_keep_last_and_force(tmp_path, state0):
+    state = state0
+    with Checkpointer(tmp_path, save_every=2, keep=2) as ck:
+        saved = [s for s in range(1, 8) if ck.save(s, state, {"s": s})]
+        assert saved == [2, 4, 6]
+        assert ck.save(7, state, {"s": 7}, force=True)
+        assert not ck.save(7, state, {"s": 7}, force=True)  # same step twice: no-op
+        ck.wait()
+        assert ck.all_steps() == [6, 7]
+        assert ck.restore_meta() == {"s": 7}
+        assert ck.restore_meta(6) == {"s": 6}
+
+
+def test_shape_mismatch_names_path_and_shapes(tmp_path, state0):
+    state = state0
+    with Checkpointer(tmp_path) as ck:
+        ck.save(1, state, {}, force=True)
+    other = ModelConfig(hidden=16, num_heads=2, max_len=16, moe=MoEConfig(num_experts=8, intermediate=8))
+    ck = Checkpointer(tmp_path, read_only=True)
+    with pytest.raises(CheckpointError, match=r"params/block_0/moe/experts/w1 has shape \(4, 16, 8\) "
+                                              r"in the checkpoint but \(8, 16, 8\)"):
+        ck.restore(abstract_like(init_state, other, TX, jax.random.key(0)))
+    from onn_jax.model import init_params
+    with pytest.raises(CheckpointError, match=r"moe/experts/w1 has shape \(4, 16, 8\)"):
+        ck.restore_params(abstract_like(init_params, other, jax.random.key(0)))
+    deeper = ModelConfig(hidden=16, num_heads=2, max_len=16, num_layers=2,
+                         moe=MoEConfig(num_experts=4, intermediate=8))
+    with pytest.raises(CheckpointError, match=r"block_1/.* is in the model but not in the checkpoint"):
+        ck.restore_params(abstract_like(init_params, deeper, jax.random.key(0)))
+
+
+def test_missing_checkpoints_are_clear_errors(tmp_path, state0):
+    with pytest.raises(CheckpointError, match="no checkpoint directory"):
+        Checkpointer(tmp_path / "nope", read_only=True)
+    with Checkpointer(tmp_path / "empty") as ck:
+        with pytest.raises(CheckpointError, match="no checkpoint in"):
+            ck.restore_meta()
+    state = state0
+    with Checkpointer(tmp_path / "one") as ck:
+        ck.save(5, state, {}, force=True)
+        ck.wait()
+        with pytest.raises(CheckpointError, match=r"no checkpoint for step 4 .* have \[5\]"):
+            ck.restore_meta(4)
+    with pytest.raises(CheckpointError, match="save_every"):
+        Checkpointer(tmp_path / "x", save_every=0)
+
+
+def test_restore_onto_another_mesh(tmp_path, state0):
+    """Saved from one device; restored sharded over 8 (embedding rows split, rest replicated)."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py forces them on CPU)")
+    state = state0
+    with Checkpointer(tmp_path) as ck:
+        ck.save(1, state, {}, force=True)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+    P, NS = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
+    abstract = jax.eval_shape(lambda: init_state(CFG, TX, jax.random.key(0)))
+    shard = jax.tree_util.tree_map_with_path(
+        lambda path, a: NS(mesh, P("data") if "embedding" in jax.tree_util.keystr(path) else P()), abstract)
+    restored, _ = Checkpointer(tmp_path).restore(abstract_like(init_state, CFG, TX, jax.random.key(0),
+                                                               shardings=shard))
+    emb = restored.params["embed"]["embedding"]
+    assert emb.sharding.is_equivalent_to(NS(mesh, P("data")), emb.ndim)
+    assert len(emb.addressable_shards) == 8 and emb.addressable_shards[0].data.shape == (32, 16)
+    assert leaves_equal(jax.device_get(restored), jax.device_get(state))
+
+
+def test_export_then_load_params(tmp_path, state0):
+    state = state0
+    meta = make_meta(config={"model": to_dict(CFG)}, tokenizer={"kind": "bytes"})
+    with Checkpointer(tmp_path / "ck", save_every=1) as ck:
+        ck.save(1, state, meta)
+        ck.save(2, jax.tree.map(lambda x: x + 1, state), meta)
+    assert export_params(tmp_path / "ck", tmp_path / "out") == 2
+    params, emeta = load_params(tmp_path / "out")
+    assert leaves_equal(params, jax.tree.map(lambda x: x + 1, state.params))
+    assert emeta == {"step": 2, "config": {"model": to_dict(CFG)}, "tokenizer": {"kind": "bytes"}}
+    assert sorted(os.listdir(tmp_path / "out")) == ["export.json", "params"]
+    json.loads((tmp_path / "out" / "export.json").read_text())
+    assert export_params(tmp_path / "ck", tmp_path / "out1", step=1) == 1
+    assert leaves_equal(load_params(tmp_path / "out1")[0], state.params)
+    with pytest.raises(CheckpointError, match="already holds an export"):
+        export_params(tmp_path / "ck", tmp_path / "out")
+    with pytest.raises(CheckpointError, match="not a params export"):
+        load_params(tmp_path / "ck")
+    from onn_jax.model import init_params
+    small = ModelConfig(hidden=8, num_heads=2, max_len=16, moe=MoEConfig(num_experts=4, intermediate=8))
+    with pytest.raises(CheckpointError, match=r"block_0/attn/key/kernel has shape \(16, 2, 8\) in the checkpoint "
+                                              r"but \(8, 2, 4\)"):
+        load_params(tmp_path / "out", abstract_like(init_params, small, jax.random.key(0)))
+
+
+def test_rng_json_roundtrip():
+    typed = jax.random.key(3)
+    raw = jax.random.PRNGKey(3)
+    back = rng_from_json(json.loads(json.dumps(rng_to_json(typed))))
+    assert np.array_equal(jax.random.key_data(back), jax.random.key_data(typed))
+    assert np.array_equal(jax.random.normal(back, (3,)), jax.random.normal(typed, (3,)))
+    back_raw = rng_from_json(json.loads(json.dumps(rng_to_json(raw))))
+    assert back_raw.dtype == jnp.uint32 and np.array_equal(back_raw, raw)
+    assert rng_to_json(None) is None and rng_from_json(None) is None
+    with pytest.raises(TypeError):
+        make_meta(data_state={"bad": object()})
