@@ -6,6 +6,10 @@
 layer output out [N, C]; differentiating the main loss with respect to them yields
 dL/dY and dL/dout in one reverse pass (the Surprise mechanism) without touching the
 forward values. `record` keeps what the gate loss and the metrics need.
+
+With `cfg.dispatch == "sparse"` (onn_jax.dispatch) only active pairs within a per-expert
+capacity are computed; Y and its tap then live in slot space [E, K, C], and
+`surprise_inputs` maps them back to the pair layout [N, E, C] for the surprise function.
 """
 from __future__ import annotations
 
@@ -15,27 +19,53 @@ import jax
 import jax.numpy as jnp
 
 from onn_jax.config import MoEConfig
+from onn_jax.dispatch import (Dispatch, combine_slots, dispatch_tokens, expert_capacity,
+                              make_dispatch, slot_expert_outputs, to_pairs)
 from onn_jax.experts import combine, expert_outputs
 from onn_jax.gate import RouterOutput, top_any_gate, topk_gate
+from onn_jax.surprise import SurpriseInputs
 
 
 class MoERecord(NamedTuple):
     """Forward values of one MoE layer kept for the gate loss, Surprise and metrics."""
 
     router: RouterOutput
-    expert_out: jax.Array  # Y [N, E, C], float32
+    expert_out: jax.Array  # Y [N, E, C] float32; slot space [E, K, C] under sparse dispatch
+    dispatch: Dispatch | None = None  # set under sparse dispatch
 
 
 class MoETaps(NamedTuple):
     """Zero taps whose cotangents are dL/dY and dL/dout."""
 
-    expert_out: jax.Array  # [N, E, C] float32
+    expert_out: jax.Array  # [N, E, C] float32 ([E, K, C] under sparse dispatch)
     moe_out: jax.Array     # [N, C] float32
 
 
 def zero_taps(num_tokens: int, num_experts: int, hidden: int) -> MoETaps:
     return MoETaps(jnp.zeros((num_tokens, num_experts, hidden), jnp.float32),
                    jnp.zeros((num_tokens, hidden), jnp.float32))
+
+
+def layer_taps(cfg: MoEConfig, num_tokens: int, hidden: int) -> MoETaps:
+    """Zero taps shaped for the layer's dispatch: Y taps are [E, K, C] slots when sparse."""
+    if cfg.dispatch == "sparse":
+        k = expert_capacity(num_tokens, cfg)
+        return MoETaps(jnp.zeros((cfg.num_experts, k, hidden), jnp.float32),
+                       jnp.zeros((num_tokens, hidden), jnp.float32))
+    return zero_taps(num_tokens, cfg.num_experts, hidden)
+
+
+def surprise_inputs(record: MoERecord, d_taps: MoETaps) -> SurpriseInputs:
+    """The surprise function's inputs in the pair layout [N, E, C], whatever the dispatch.
+
+    Under sparse dispatch, pairs that were not computed (inactive or dropped) get zero
+    Y and zero dL/dY, so the faithful S is 0 there, as in the dense path for inactive pairs.
+    """
+    d_y, y = d_taps.expert_out, record.expert_out
+    if record.dispatch is not None:
+        d_y, y = to_pairs(d_y, record.dispatch), to_pairs(y, record.dispatch)
+    return SurpriseInputs(d_expert_out=d_y, d_moe_out=d_taps.moe_out, expert_out=y,
+                          weights=record.router.weights, mask=record.router.mask)
 
 
 def route(params: dict, x_NxC: jax.Array, cfg: MoEConfig) -> RouterOutput:
@@ -50,11 +80,23 @@ def route(params: dict, x_NxC: jax.Array, cfg: MoEConfig) -> RouterOutput:
 
 def moe_layer(params: dict, x_NxC: jax.Array, cfg: MoEConfig,
               taps: MoETaps | None = None) -> tuple[jax.Array, MoERecord]:
-    """Routes, runs all experts densely, and combines: out[t] = sum_e w[t,e] Y[t,e].
+    """Routes, runs the experts, and combines: out[t] = sum_e w[t,e] Y[t,e].
 
-    The output is float32; the caller casts it back to the residual dtype.
+    `dense` dispatch runs every expert on every token (the faithful reference); `sparse`
+    runs only active pairs within the capacity (onn_jax.dispatch). The output is float32;
+    the caller casts it back to the residual dtype.
     """
     router = route(params, x_NxC, cfg)
+    if cfg.dispatch == "sparse":
+        d = make_dispatch(router.mask, expert_capacity(x_NxC.shape[0], cfg))
+        y_ExKxC = slot_expert_outputs(params["experts"], dispatch_tokens(x_NxC, d),
+                                      cfg.expert_kind).astype(jnp.float32)
+        if taps is not None:
+            y_ExKxC = y_ExKxC + taps.expert_out
+        out_NxC = combine_slots(router.weights, y_ExKxC, d)
+        if taps is not None:
+            out_NxC = out_NxC + taps.moe_out
+        return out_NxC, MoERecord(router=router, expert_out=y_ExKxC, dispatch=d)
     y_NxExC = expert_outputs(params["experts"], x_NxC, cfg.expert_kind).astype(jnp.float32)
     if taps is not None:
         y_NxExC = y_NxExC + taps.expert_out

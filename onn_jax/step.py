@@ -22,9 +22,10 @@ import optax
 from onn_jax.config import ModelConfig, OptimConfig
 from onn_jax.grad_filter import SigmaFilterState, sigma_filter
 from onn_jax.losses import hybrid_gate_loss, load_balancing_loss, next_token_loss, router_z_loss
+from onn_jax.dispatch import dropped_fraction
 from onn_jax.model import Transformer, init_params, model_taps
-from onn_jax.moe import MoERecord
-from onn_jax.surprise import SurpriseFn, SurpriseInputs, get_surprise_fn
+from onn_jax.moe import MoERecord, layer_taps, surprise_inputs
+from onn_jax.surprise import SurpriseFn, get_surprise_fn
 
 Batch = dict[str, jax.Array]  # inputs [B, T] int32, targets [B, T] int32, loss_mask [B, T]
 
@@ -62,12 +63,19 @@ def layer_gate_loss(cfg: ModelConfig, gate_input: jax.Array, surprise: jax.Array
     return m.lb_weight * lb + m.z_weight * z, {"lb": lb, "z": z}
 
 
+def step_taps(cfg: ModelConfig, batch_size: int, seq_len: int):
+    """The zero Surprise taps of every MoE layer, shaped for its dispatch (None for dense FFN)."""
+    if cfg.moe.router == "dense" or cfg.moe.dispatch == "dense":
+        return model_taps(cfg, batch_size, seq_len)
+    return tuple(layer_taps(cfg.moe, batch_size * seq_len, cfg.hidden) for _ in range(cfg.num_layers))
+
+
 def compute_grads(params, batch: Batch, cfg: ModelConfig,
                   surprise_fn: str | SurpriseFn | None = None) -> tuple[Any, dict[str, jax.Array]]:
     """Gradient of main + w_aux * sum of gate losses, and the step's metrics (no update)."""
     model = Transformer(cfg)
     b, t = batch["inputs"].shape
-    taps = model_taps(cfg, b, t)
+    taps = step_taps(cfg, b, t)
     uses_surprise = cfg.moe.router == "surprise"
     surprise_fn = get_surprise_fn(surprise_fn or cfg.moe.surprise) if uses_surprise else None
 
@@ -85,11 +93,8 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig,
     surprises = (None,) * len(records)
     if uses_surprise:
         _, d_taps = pullback((one, no_gate))
-        surprises = tuple(
-            jax.lax.stop_gradient(surprise_fn(SurpriseInputs(
-                d_expert_out=d.expert_out, d_moe_out=d.moe_out, expert_out=r.expert_out,
-                weights=r.router.weights, mask=r.router.mask)))
-            for d, r in zip(d_taps, records))
+        surprises = tuple(jax.lax.stop_gradient(surprise_fn(surprise_inputs(r, d)))
+                          for d, r in zip(d_taps, records))
 
     def total_gate_loss(gate_inputs):
         losses, parts = zip(*(layer_gate_loss(cfg, g, s, r)
@@ -120,6 +125,8 @@ def moe_metrics(cfg: ModelConfig, params, records, surprises, parts) -> dict[str
         "moe/avg_k": mean([jnp.mean(jnp.sum(r.router.mask, -1).astype(jnp.float32)) for r in records]),
         "moe/expert_load": jnp.stack([jnp.mean(r.router.mask.astype(jnp.float32), 0) for r in records]),
     }
+    if records[0].dispatch is not None:
+        out["moe/dropped_frac"] = mean([dropped_fraction(r.router.mask, r.dispatch) for r in records])
     for key in parts[0]:
         out[f"moe/gate_{key}"] = sum(p[key] for p in parts)
     if cfg.moe.router == "surprise":

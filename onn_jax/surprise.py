@@ -36,8 +36,21 @@ def output_grad_surprise(inputs: SurpriseInputs) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(d), axis=-1))
 
 
+def output_grad_closed_surprise(inputs: SurpriseInputs) -> jax.Array:
+    """Option: the faithful S in closed form, S[t, e] = w[t, e] * || dL/dout[t] ||_2.
+
+    Equal to `output_grad` (up to rounding) for the faithful combine out = sum_e w Y, and
+    cheaper: it needs only dL/dout [N, C], never the [N, E, C] cotangent. Under sparse
+    dispatch it also gives dropped pairs their (dense-path) Surprise instead of 0.
+    """
+    d = inputs.d_moe_out.astype(jnp.float32)
+    norm_N = jnp.sqrt(jnp.sum(jnp.square(d), axis=-1))
+    return inputs.weights.astype(jnp.float32) * norm_N[:, None]
+
+
 SURPRISE_FNS: dict[str, SurpriseFn] = {
     "output_grad": output_grad_surprise,
+    "output_grad_closed": output_grad_closed_surprise,
 }
 
 
