@@ -1,0 +1,44 @@
+"""Config validation: every error names its field."""
+import pytest
+
+from onn_jax.config import ConfigError, FilterConfig, ModelConfig, MoEConfig, OptimConfig, from_dict
+
+
+@pytest.mark.parametrize("build,field", [
+    (lambda: ModelConfig(hidden=30, num_heads=4), "model.num_heads"),
+    (lambda: ModelConfig(hidden=12, num_heads=4), "model.num_heads"),  # head dim 3: odd for RoPE
+    (lambda: ModelConfig(num_layers=0), "model.num_layers"),
+    (lambda: ModelConfig(vocab_size=2.5), "model.vocab_size"),
+    (lambda: ModelConfig(dtype="float16"), "model.dtype"),
+    (lambda: MoEConfig(num_experts=4, fallback_k=5), "model.moe.fallback_k"),
+    (lambda: MoEConfig(w_kl=-1.0), "model.moe.w_kl"),
+    (lambda: MoEConfig(router="hash"), "model.moe.router"),
+    (lambda: MoEConfig(top_k=40), "model.moe.top_k"),
+    (lambda: OptimConfig(lr=0.0), "optim.lr"),
+    (lambda: OptimConfig(b2=1.0), "optim.b2"),
+    (lambda: FilterConfig(mode="three_sided"), "optim.grad_filter.mode"),
+])
+def test_invalid_values_name_the_field(build, field):
+    with pytest.raises(ConfigError) as err:
+        build()
+    assert err.value.field == field
+    assert str(err.value).startswith(field + ":")
+
+
+def test_from_dict_builds_nested_and_rejects_unknown_keys():
+    cfg = from_dict(ModelConfig, {"hidden": 64, "moe": {"num_experts": 4, "fallback_k": 2}})
+    assert cfg.hidden == 64 and cfg.moe.effective_fallback_k == 2
+    with pytest.raises(ConfigError) as err:
+        from_dict(ModelConfig, {"moe": {"num_expert": 4}}, "model.")
+    assert err.value.field == "model.moe.num_expert"
+
+
+def test_faithful_defaults():
+    m = MoEConfig()
+    assert (m.num_experts, m.intermediate, m.effective_fallback_k) == (32, 128, 16)
+    assert (m.w_ce, m.w_kl, m.w_aux, m.router, m.surprise, m.dispatch) == (1.0, 1.0, 1.0, "surprise", "output_grad", "dense")
+    o = OptimConfig()
+    assert (o.lr, o.weight_decay, o.b1, o.b2, o.eps, o.clip_norm) == (1e-3, 0.01, 0.9, 0.999, 1e-8, None)
+    assert (o.grad_filter.mode, o.grad_filter.scope, o.grad_filter.sigma) == ("one_sided", "pooled", 2.0)
+    c = ModelConfig()
+    assert (c.hidden, c.norm, c.norm_eps, c.final_norm) == (32, "layernorm", 1e-5, False)
