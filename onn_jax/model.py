@@ -12,10 +12,14 @@ Parameter layout (what onn_jax.sharding and the expert filter key on):
   block_i/moe/experts/{w1 [E, C, I], w2 [E, I, C], w3 [E, C, I] for SwiGLU}
   block_i/moe/ffn/{w1, w2, w3} for the dense baseline
   lm_head/kernel [C, V]
+
+Decoding (onn_jax.generate) passes a `DecodeCache` (keys/values of every layer at absolute
+positions, static shape [B, S, H, D], and a [B, S] mask of the slots holding real tokens);
+the call then also returns the updated cache. Without a cache nothing changes.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -65,6 +69,34 @@ def causal_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, q_pos_BxT, kv_pos_BxS, kv_
     return jnp.einsum("bhts,bshd->bthd", probs, v_BxSxHxD)
 
 
+class KVCache(NamedTuple):
+    """One attention layer's keys and values, indexed by absolute position: [B, S, H, D]."""
+
+    key: jax.Array
+    value: jax.Array
+
+
+class DecodeCache(NamedTuple):
+    """Every layer's KVCache and which slots hold real tokens (valid [B, S] bool)."""
+
+    layers: tuple[KVCache, ...]
+    valid: jax.Array
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, length: int) -> DecodeCache:
+    """An empty decode cache for `length` positions (zeros, no valid slot)."""
+    shape = (batch_size, length, cfg.num_heads, cfg.head_dim)
+    dt = compute_dtype(cfg)
+    layers = tuple(KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(cfg.num_layers))
+    return DecodeCache(layers=layers, valid=jnp.zeros((batch_size, length), jnp.bool_))
+
+
+def write_positions(cache_BxSx: jax.Array, new_BxTx: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+    """cache[b, positions[b, t]] = new[b, t] (per-row positions, so rows may differ)."""
+    rows_Bx1 = jnp.arange(cache_BxSx.shape[0])[:, None]
+    return cache_BxSx.at[rows_Bx1, positions_BxT].set(new_BxTx.astype(cache_BxSx.dtype))
+
+
 class Norm(nn.Module):
     cfg: ModelConfig
 
@@ -81,16 +113,25 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxC, positions_BxT):
+    def __call__(self, x_BxTxC, positions_BxT, cache: KVCache | None = None, kv_valid_BxS=None):
+        """Output [B, T, C]; with a cache, (output, cache with this call's keys/values written)."""
         cfg, dt = self.cfg, compute_dtype(self.cfg)
         proj = lambda name: nn.DenseGeneral((cfg.num_heads, cfg.head_dim), use_bias=False, dtype=dt,
                                             kernel_init=torch_linear_init, name=name)
         q = apply_rope(proj("query")(x_BxTxC), positions_BxT, cfg.rope_base)
         k = apply_rope(proj("key")(x_BxTxC), positions_BxT, cfg.rope_base)
         v = proj("value")(x_BxTxC)
-        o = causal_attention(q, k, v, positions_BxT, positions_BxT)
-        return nn.DenseGeneral(cfg.hidden, axis=(-2, -1), use_bias=False, dtype=dt,
-                               kernel_init=torch_linear_init, name="out")(o)
+        if cache is None:
+            o = causal_attention(q, k, v, positions_BxT, positions_BxT)
+        else:
+            cache = KVCache(write_positions(cache.key, k, positions_BxT),
+                            write_positions(cache.value, v, positions_BxT))
+            b, s = kv_valid_BxS.shape
+            kv_pos_BxS = jnp.broadcast_to(jnp.arange(s), (b, s))
+            o = causal_attention(q, cache.key, cache.value, positions_BxT, kv_pos_BxS, kv_valid_BxS)
+        out = nn.DenseGeneral(cfg.hidden, axis=(-2, -1), use_bias=False, dtype=dt,
+                              kernel_init=torch_linear_init, name="out")(o)
+        return out if cache is None else (out, cache)
 
 
 class Experts(nn.Module):
@@ -139,33 +180,59 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxC, positions_BxT, taps: MoETaps | None = None):
-        h = x_BxTxC + Attention(self.cfg, name="attn")(Norm(self.cfg, name="norm_attn")(x_BxTxC), positions_BxT)
+    def __call__(self, x_BxTxC, positions_BxT, taps: MoETaps | None = None,
+                 cache: KVCache | None = None, kv_valid_BxS=None):
+        """(output, MoE record), plus the updated KVCache when a cache is given."""
+        attn = Attention(self.cfg, name="attn")(Norm(self.cfg, name="norm_attn")(x_BxTxC), positions_BxT,
+                                                cache, kv_valid_BxS)
+        if cache is not None:
+            attn, cache = attn
+        h = x_BxTxC + attn
         moe_out, record = MoEFeedForward(self.cfg, name="moe")(Norm(self.cfg, name="norm_moe")(h), taps)
-        return h + moe_out, record
+        return (h + moe_out, record) if cache is None else (h + moe_out, record, cache)
 
 
 class Transformer(nn.Module):
-    """The LM: tokens [B, T] -> (logits [B, T, V] float32, per-layer MoE records)."""
+    """The LM: tokens [B, T] -> (logits [B, T, V] float32, per-layer MoE records).
+
+    Decoding: with `cache` (a DecodeCache) the tokens are written at `positions_BxT`
+    (absolute, per row) and attend to every valid cached slot at or before their position;
+    `tokens_valid_BxT` (default all True) marks padding that later tokens must not see.
+    The call then returns (logits, records, updated cache).
+    """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BxT, taps: Sequence[MoETaps] | None = None, positions_BxT=None):
+    def __call__(self, tokens_BxT, taps: Sequence[MoETaps] | None = None, positions_BxT=None,
+                 cache: DecodeCache | None = None, tokens_valid_BxT=None):
         cfg = self.cfg
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+        kv_valid_BxS, new_layers = None, []
+        if cache is not None:
+            if tokens_valid_BxT is None:
+                tokens_valid_BxT = jnp.ones(tokens_BxT.shape, jnp.bool_)
+            kv_valid_BxS = write_positions(cache.valid, tokens_valid_BxT, positions_BxT)
         x = nn.Embed(cfg.vocab_size, cfg.hidden, embedding_init=nn.initializers.normal(1.0),
                      name="embed")(tokens_BxT).astype(compute_dtype(cfg))
         records = []
         for i in range(cfg.num_layers):
-            x, record = Block(cfg, name=f"block_{i}")(x, positions_BxT, None if taps is None else taps[i])
+            block = Block(cfg, name=f"block_{i}")
+            layer_taps = None if taps is None else taps[i]
+            if cache is None:
+                x, record = block(x, positions_BxT, layer_taps)
+            else:
+                x, record, layer_cache = block(x, positions_BxT, layer_taps, cache.layers[i], kv_valid_BxS)
+                new_layers.append(layer_cache)
             records.append(record)
         if cfg.final_norm:
             x = Norm(cfg, name="final_norm")(x)
         logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=compute_dtype(cfg),
                           kernel_init=torch_linear_init, name="lm_head")(x)
-        return logits.astype(jnp.float32), tuple(records)
+        if cache is None:
+            return logits.astype(jnp.float32), tuple(records)
+        return logits.astype(jnp.float32), tuple(records), DecodeCache(tuple(new_layers), kv_valid_BxS)
 
 
 def model_taps(cfg: ModelConfig, batch_size: int, seq_len: int) -> tuple[MoETaps, ...] | None:
