@@ -182,7 +182,8 @@ class Checkpointer:
                                      META: ocp.args.JsonSave(dict(meta or {}))})
         return self._mgr.save(step, args=args, force=True)
 
-    def _step(self, step: int | None) -> int:
+    def resolve_step(self, step: int | None = None) -> int:
+        """`step` if saved (default: the latest), else a CheckpointError listing what exists."""
         self._mgr.reload()
         steps = self._mgr.all_steps()
         if step is None:
@@ -195,12 +196,12 @@ class Checkpointer:
 
     def saved_shapes(self, step: int | None = None) -> dict[str, Any]:
         """Flat {path: array metadata (shape, dtype)} of the saved state."""
-        step = self._step(step)
+        step = self.resolve_step(step)
         return _ocp().tree.to_flat_dict(self._mgr.item_metadata(step)[STATE], sep="/")
 
     def restore_meta(self, step: int | None = None) -> dict:
         ocp = _ocp()
-        step = self._step(step)
+        step = self.resolve_step(step)
         return self._mgr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
 
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
@@ -210,7 +211,7 @@ class Checkpointer:
         array lands; shapes must match the checkpoint exactly.
         """
         ocp = _ocp()
-        step = self._step(step)
+        step = self.resolve_step(step)
         check_shapes(self.saved_shapes(step), target, f"{self.directory} step {step}")
         out = self._mgr.restore(step, args=ocp.args.Composite(
             **{STATE: _restore_args(target), META: ocp.args.JsonRestore()}))
@@ -220,7 +221,7 @@ class Checkpointer:
         """(params, meta) alone, without the optimizer state. `target_params`: abstract params
         (shape-checked); None = as saved, on the first local device."""
         ocp = _ocp()
-        step = self._step(step)
+        step = self.resolve_step(step)
         saved = self.saved_shapes(step)
         where = f"{self.directory} step {step}"
         if target_params is None:
@@ -269,7 +270,7 @@ def export_params(ckpt_dir: str | os.PathLike, out: str | os.PathLike, step: int
     """Writes the params of checkpoint `step` (default: latest) as an inference export; returns the step."""
     ocp = _ocp()
     src = Checkpointer(ckpt_dir, read_only=True)
-    step = src._step(step)
+    step = src.resolve_step(step)
     params, meta = src.restore_params(step=step)
     src.close()
     out = os.path.abspath(os.fspath(out))

@@ -168,3 +168,60 @@ def test_rng_json_roundtrip():
     assert rng_to_json(None) is None and rng_from_json(None) is None
     with pytest.raises(TypeError):
         make_meta(data_state={"bad": object()})
+
+
+@pytest.mark.slow
+def test_generate_and_export_clis(tmp_path, capsys):
+    """onn-generate on a workdir, onn-export, onn-generate on the export: same greedy text."""
+    from onn_jax.config import Config, DataConfig
+    from onn_jax.generate import generate
+    from onn_jax.model import init_params
+    from onn_jax.tokenizer import ByteTokenizer, encode_chat
+    from train import export as export_cli
+    from train import generate as generate_cli
+
+    model = ModelConfig(vocab_size=262, hidden=16, num_heads=2, max_len=64,
+                        moe=MoEConfig(num_experts=4, intermediate=8))
+    cfg = Config(model=model, data=DataConfig(seq_len=32))
+    params = jax.jit(init_params, static_argnums=(0,))(model, jax.random.key(5))
+    work = tmp_path / "run"
+    work.mkdir()
+    (work / "config.json").write_text(json.dumps(to_dict(cfg)))
+    assert generate_cli.main(["--workdir", str(work), "--prompt", "hi"]) == 2
+    assert "checkpoints: no checkpoints" in capsys.readouterr().err
+    with Checkpointer(work / "checkpoints") as ck:
+        ck.save(3, {"step": jnp.int32(3), "params": params, "opt_state": {}}, make_meta(config=to_dict(cfg)),
+                force=True)
+
+    tok = ByteTokenizer()
+    ids, _ = encode_chat(tok, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    want = tok.decode(generate(params, model, ids, max_new_tokens=8, eos_id=tok.eos_id))
+    argv = ["--prompt", "hi", "--max-new-tokens", "8"]
+    assert generate_cli.main(["--workdir", str(work)] + argv) == 0
+    assert capsys.readouterr().out == want + "\n"
+
+    assert export_cli.main([str(work), str(tmp_path / "exp")]) == 0
+    assert "exported step 3" in capsys.readouterr().out
+    assert generate_cli.main(["--workdir", str(tmp_path / "exp")] + argv) == 0
+    assert capsys.readouterr().out == want + "\n"
+    sampled = ["--workdir", str(work), "--prompt", "hi", "--max-new-tokens", "8", "--temperature", "1",
+               "--top-p", "0.9", "--seed", "4"]
+    assert generate_cli.main(sampled) == 0
+    first = capsys.readouterr().out
+    assert generate_cli.main(sampled) == 0 and capsys.readouterr().out == first
+
+    for argv_err, msg in [
+        (["--workdir", str(tmp_path / "nope"), "--prompt", "x"], "no such directory"),
+        (["--workdir", str(work), "--prompt", "x", "--step", "9"], "no checkpoint for step 9"),
+        (["--workdir", str(work), "--prompt", "x", "--max-new-tokens", "80"], "exceeds model.max_len 64"),
+        (["--workdir", str(work), "--prompt", "x", "--top-p", "0"], "top_p"),
+    ]:
+        assert generate_cli.main(argv_err) == 2
+        assert msg in capsys.readouterr().err
+    assert export_cli.main([str(tmp_path / "nope"), str(tmp_path / "o")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert export_cli.main([str(work), str(tmp_path / "exp")]) == 2
+    assert "already holds an export" in capsys.readouterr().err
+    (work / "config.json").write_text("{\n  bad")
+    assert generate_cli.main(["--workdir", str(work), "--prompt", "x"]) == 2
+    assert "config.json: invalid JSON at line 2" in capsys.readouterr().err

@@ -1,0 +1,128 @@
+"""`onn-generate`: continue a prompt with a trained model (KV-cache sampling).
+
+    onn-generate --workdir DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
+                 [--top-p P] [--seed S] [--step K] [--raw]
+
+DIR is a training workdir (config.json + checkpoints/, the latest checkpoint unless --step)
+or an export written by `onn-export` (export.json + params/). The prompt is sent as a user
+turn followed by the assistant marker, as in training's chat format (--raw: BOS + the text).
+temperature 0 (default) is greedy. Prints the continuation; errors exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+CONFIG_FILE, CHECKPOINT_DIR = "config.json", "checkpoints"  # as written by train.loop
+
+
+class GenerateError(RuntimeError):
+    """The workdir cannot be loaded; the message names the file."""
+
+
+def parse_args(argv: Sequence[str]):
+    parser = argparse.ArgumentParser(prog="onn-generate", description="Sample a continuation from a trained model.")
+    parser.add_argument("--workdir", required=True, metavar="DIR",
+                        help="training workdir (config.json, checkpoints/) or an onn-export directory")
+    parser.add_argument("--prompt", required=True, metavar="TEXT")
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus mass, (0, 1]")
+    parser.add_argument("--seed", type=int, default=0, metavar="S")
+    parser.add_argument("--step", type=int, default=None, metavar="K", help="checkpoint step (default: latest)")
+    parser.add_argument("--raw", action="store_true", help="prompt is plain text (BOS + text), not a user turn")
+    return parser.parse_args(argv)
+
+
+def _config_sections(raw: Any, where: str):
+    """(ModelConfig, tokenizer name) from a resolved Config dict."""
+    from onn_jax.config import ConfigError, ModelConfig, from_dict
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+        raise GenerateError(f"{where}: no 'model' section")
+    try:
+        model_cfg = from_dict(ModelConfig, raw["model"], "model.")
+    except ConfigError as e:
+        raise GenerateError(f"{where}: {e}") from e
+    return model_cfg, (raw.get("data") or {}).get("tokenizer", "byte")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GenerateError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise GenerateError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
+def load_model(workdir: str | Path, step: int | None = None):
+    """(params, ModelConfig, tokenizer name, step) of a training workdir or an export."""
+    import jax
+
+    from onn_jax import checkpoint as ckpt_lib
+    from onn_jax.model import init_params
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise GenerateError(f"{workdir}: no such directory")
+    try:
+        if ckpt_lib.is_export(workdir):
+            meta = _read_json(workdir / ckpt_lib.EXPORT_META)
+            model_cfg, tok = _config_sections(meta.get("config"), str(workdir / ckpt_lib.EXPORT_META))
+            if step is not None and step != meta.get("step"):
+                raise GenerateError(f"{workdir}: the export holds step {meta.get('step')}, not {step}")
+            target = ckpt_lib.abstract_like(init_params, model_cfg, jax.random.key(0))
+            params, _ = ckpt_lib.load_params(workdir, target)
+            return params, model_cfg, tok, meta.get("step")
+        model_cfg, tok = _config_sections(_read_json(workdir / CONFIG_FILE), str(workdir / CONFIG_FILE))
+        ckpt_dir = workdir / CHECKPOINT_DIR
+        if not ckpt_dir.is_dir():
+            raise GenerateError(f"{ckpt_dir}: no checkpoints (train first, or pass an onn-export directory)")
+        ckpt = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
+        step = ckpt.resolve_step(step)
+        params, _ = ckpt.restore_params(ckpt_lib.abstract_like(init_params, model_cfg, jax.random.key(0)), step)
+        return params, model_cfg, tok, step
+    except ckpt_lib.CheckpointError as e:
+        raise GenerateError(str(e)) from e
+
+
+def prompt_ids(tok, text: str, raw: bool) -> list[int]:
+    """Token ids of the prompt: a user turn + the assistant marker, or BOS + text."""
+    from onn_jax.tokenizer import encode_chat
+    if raw:
+        return [tok.bos_id] + tok.encode(text)
+    return encode_chat(tok, [{"role": "user", "content": text}], add_generation_prompt=True)[0]
+
+
+def run(args) -> str:
+    from onn_jax.generate import generate
+    from onn_jax.tokenizer import load_tokenizer
+    params, model_cfg, tok_name, _ = load_model(args.workdir, args.step)
+    try:
+        tok = load_tokenizer(tok_name)
+    except (OSError, ValueError, ImportError) as e:
+        raise GenerateError(f"tokenizer {tok_name!r}: {e}") from e
+    ids = prompt_ids(tok, args.prompt, args.raw)
+    try:
+        out = generate(params, model_cfg, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_p=args.top_p, seed=args.seed, eos_id=tok.eos_id)
+    except ValueError as e:
+        raise GenerateError(str(e)) from e
+    return tok.decode(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        text = run(args)
+    except GenerateError as e:
+        print(f"onn-generate: error: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
