@@ -73,9 +73,12 @@ def make_mesh(cfg: MeshConfig):
 
 def sample(params: Any, cfg: Config, tok, prompt: str, max_new_tokens: int) -> str:
     """Greedy continuation of `prompt` as a user turn (the reply the model would give)."""
-    from onn_jax.generate import generate  # noqa: PLC0415 (optional until generation lands)
+    from onn_jax.generate import generate
     ids, _ = encode_chat(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
-    out = generate(params, cfg.model, ids, max_new_tokens=max_new_tokens, temperature=0.0,
+    room = cfg.model.max_len - len(ids)
+    if room < 1:
+        return f"(prompt of {len(ids)} tokens does not fit model.max_len {cfg.model.max_len})"
+    out = generate(params, cfg.model, ids, max_new_tokens=min(max_new_tokens, room), temperature=0.0,
                    eos_id=tok.eos_id)
     return tok.decode(out)
 
@@ -168,7 +171,7 @@ class Run:
                 jax.block_until_ready(metrics)
                 compile_s = time.perf_counter() - interval_start
                 interval_start, interval_steps = time.perf_counter(), 0
-            if step % t.log_every == 0 or step == t.steps or step == self.start_step + 1:
+            if step % t.log_every == 0 or step == t.steps or step == 1:  # step 1: initial loss
                 row = mean_metrics(jax.device_get(pending))
                 pending = []
                 elapsed = time.perf_counter() - interval_start
@@ -202,11 +205,8 @@ class Run:
                 "first_loss": first_loss, "last": last, "sample": text, "plots": [str(p) for p in plots]}
 
     def _sample(self) -> str:
-        try:
-            return sample(self.state.params, self.cfg, self.tok, self.cfg.train.sample_prompt,
-                          self.cfg.train.sample_tokens)
-        except ImportError:
-            return "(generation unavailable: onn_jax.generate is missing)"
+        return sample(self.state.params, self.cfg, self.tok, self.cfg.train.sample_prompt,
+                      self.cfg.train.sample_tokens)
 
 
 def train(cfg: Config, workdir: str | Path, quiet: bool = False) -> dict[str, Any]:
