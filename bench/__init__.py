@@ -1,0 +1,1 @@
+"""Benchmark programs (onn-bench) that print one JSON line per measurement."""

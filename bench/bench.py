@@ -1,0 +1,302 @@
+"""onn-bench: train-step speed of the surprise-gated MoE and its baselines, one JSON line each.
+
+    onn-bench --config configs/gpu_large.py --mode smk,plain,dense,sparse --force-avg-k E/8
+
+Modes (same model size, same batch):
+  smk     the default unified step (surprise router, Surprise backward, config's dispatch)
+  plain   router=topk + load-balancing loss, no Surprise (top_k = the forced k if given)
+  dense   router=dense: a plain FFN of width top_k * intermediate (active-FLOP matched)
+  sparse  smk with dispatch=sparse (capacity = capacity_rel * N * k / E slots per expert)
+
+Each line: step time (median over --steps >= 20 timed steps after compilation and warm-up,
+each step waited for, none of them synchronising inside), tokens/s, model TFLOP/s and MFU
+counting only active-expert FLOPs (formula in `train_flops_per_token`), peak device memory
+(memory_stats, per mode in its own process), XLA's own FLOP count and compile time.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from onn_jax.config import Config, ModelConfig, MoEConfig, OptimConfig
+from onn_jax.model import Transformer
+from onn_jax.step import init_state, make_optimizer, make_train_step
+
+MODES = ("smk", "plain", "dense", "sparse")
+MIN_STEPS = 20
+
+# Dense bf16 tensor-core peak in TFLOP/s, matched as a substring of jax's device_kind.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0,
+               "TPU v4": 275.0, "TPU v6": 918.0}
+
+PRESETS = {  # built-in sizes (the same as configs/*.py), usable without a config file
+    "tiny": dict(model=dict(vocab_size=262, hidden=32, num_layers=1, num_heads=4, max_len=64,
+                            moe=dict(num_experts=4, intermediate=32)),
+                 data=dict(batch_size=8, seq_len=64)),
+    "gpu_large": dict(model=dict(vocab_size=32000, hidden=512, num_layers=8, num_heads=8, max_len=512,
+                                 dtype="bfloat16", moe=dict(num_experts=64, intermediate=256)),
+                      data=dict(batch_size=32, seq_len=512)),
+}
+
+
+class BenchError(ValueError):
+    """A bad command-line value; the message names the flag."""
+
+
+def load_config(args) -> tuple[str, Config]:
+    """(name, Config) from --config FILE (through the training program's loader) or --preset."""
+    if args.config:
+        from train.config_loader import load  # the training program's loader: same errors, same files
+        return os.path.splitext(os.path.basename(args.config))[0], load(args.config)
+    if args.preset not in PRESETS:
+        raise BenchError(f"--preset: unknown preset {args.preset!r}; known: {sorted(PRESETS)}")
+    p = PRESETS[args.preset]
+    moe = MoEConfig(**p["model"]["moe"])
+    model = ModelConfig(**{**p["model"], "moe": moe})
+    data = dataclasses.replace(Config().data, **p["data"])
+    return args.preset, Config(model=model, data=data)
+
+
+def parse_k(text: str | None, num_experts: int) -> int | None:
+    """'E/8' -> num_experts // 8; '6' -> 6; None -> None."""
+    if text is None:
+        return None
+    try:
+        k = num_experts // int(text[2:]) if text.upper().startswith("E/") else int(text)
+    except (ValueError, ZeroDivisionError):
+        raise BenchError(f"--force-avg-k: expected an integer or E/n, got {text!r}") from None
+    if not 1 <= k <= num_experts:
+        raise BenchError(f"--force-avg-k: {text!r} gives k={k}, outside 1..{num_experts}")
+    return k
+
+
+def mode_config(model: ModelConfig, mode: str, k: int | None, capacity_rel: float,
+                surprise: str | None) -> ModelConfig:
+    """The model config a mode runs: the same sizes, a different router / dispatch."""
+    m = model.moe
+    top_k = k if k is not None else m.top_k
+    if mode == "smk":
+        moe = m
+    elif mode == "plain":
+        moe = dataclasses.replace(m, router="topk", top_k=top_k)
+    elif mode == "dense":
+        moe = dataclasses.replace(m, router="dense", top_k=top_k)
+    elif mode == "sparse":
+        k_target = k if k is not None else m.effective_fallback_k
+        cf = m.capacity_factor or capacity_rel * k_target / m.effective_fallback_k
+        moe = dataclasses.replace(m, dispatch="sparse", capacity_factor=cf)
+    else:
+        raise BenchError(f"--mode: unknown mode {mode!r}; known: {list(MODES)}")
+    if surprise and moe.router == "surprise":
+        moe = dataclasses.replace(moe, surprise=surprise)
+    return dataclasses.replace(model, moe=moe)
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, active_k: float) -> float:
+    """Model FLOPs of one training step per token: 3 x (forward matmul FLOPs).
+
+    forward = 2 * [L * (4 C^2 + C E + k * m * C * I) + C V] + L * 4 * T * C
+    (attention projections, router, the k active experts with m = 2 (GELU) or 3 (SwiGLU)
+    matrices, LM head; then QK^T and PV over all T keys). The dense FFN counts k = top_k
+    with no router. Inactive experts computed by the dense dispatch and the Surprise
+    backward are not counted: they are overhead, not model work.
+    """
+    c, m, L = cfg.hidden, cfg.moe, cfg.num_layers
+    mats = 3 if m.expert_kind == "swiglu" else 2
+    router = 0 if m.router == "dense" else c * m.num_experts
+    per_layer = 4 * c * c + router + active_k * mats * c * m.intermediate
+    return 3.0 * (2.0 * (L * per_layer + c * cfg.vocab_size) + L * 4.0 * seq_len * c)
+
+
+def random_batch(rng: np.random.Generator, batch: int, seq: int, vocab: int) -> dict[str, jax.Array]:
+    tokens = rng.integers(0, vocab, size=(batch, seq + 1)).astype(np.int32)
+    return {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
+            "loss_mask": jnp.ones((batch, seq), jnp.float32)}
+
+
+def force_thresholds(params, cfg: ModelConfig, inputs: jax.Array, k: int, rounds: int = 3):
+    """Sets each expert's threshold to the (1 - k/E) quantile of its cosine logits on `inputs`,
+    so that about k experts pass per token (layer by layer; repeated as routing feeds forward)."""
+    e = cfg.moe.num_experts
+    apply = jax.jit(lambda p: [r.router.logits for r in Transformer(cfg).apply({"params": p}, inputs)[1]])
+    for _ in range(rounds):
+        for i, logits_NxE in enumerate(apply(params)):
+            q_E = jnp.clip(jnp.quantile(logits_NxE, 1.0 - k / e, axis=0), 1e-4, 1 - 1e-4)
+            block = dict(params[f"block_{i}"])
+            block["moe"] = {**block["moe"], "thresholds": jnp.log(q_E / (1 - q_E))}
+            params = {**params, f"block_{i}": block}
+    return params
+
+
+def device_peak_tflops(kind: str, override: float | None) -> float | None:
+    if override is not None:
+        return override
+    for key, value in PEAK_TFLOPS.items():
+        if key.lower() in kind.lower():
+            return value
+    return None
+
+
+def hlo_stats(compiled) -> dict[str, Any]:
+    """XLA's FLOP count, matmul count and host-callback count of the compiled step."""
+    out: dict[str, Any] = {}
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        out["xla_tflop_per_step"] = float(cost.get("flops", float("nan"))) / 1e12
+    except Exception:  # cost analysis is best effort on some backends
+        out["xla_tflop_per_step"] = None
+    text = compiled.as_text()
+    out["matmuls"] = text.count(" dot(") + text.count("custom_call_target=\"__cublas")
+    out["host_callbacks"] = text.count("xla_python_cpu_callback") + text.count("xla_python_gpu_callback") \
+        + text.count("xla_ffi_python")
+    try:
+        mem = compiled.memory_analysis()
+        out["compiled_temp_gib"] = round(mem.temp_size_in_bytes / 2**30, 3)
+    except Exception:
+        out["compiled_temp_gib"] = None
+    return out
+
+
+def measure(name: str, cfg: Config, mode: str, args) -> dict[str, Any]:
+    """Compiles and times one mode; returns its JSON record."""
+    k = parse_k(args.force_avg_k, cfg.model.moe.num_experts)
+    model = mode_config(cfg.model, mode, k, args.capacity_rel, args.surprise)
+    b, t = cfg.data.batch_size, cfg.data.seq_len
+    tx = make_optimizer(cfg.optim)
+    state = init_state(model, tx, jax.random.key(args.seed))
+    rng = np.random.default_rng(args.seed)
+    batches = [random_batch(rng, b, t, model.vocab_size) for _ in range(2)]
+    if k is not None and model.moe.router == "surprise":
+        state = state.replace(params=force_thresholds(state.params, model, batches[0]["inputs"], k))
+    step = make_train_step(model, tx)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - t0
+    for i in range(args.warmup):
+        state, metrics = compiled(state, batches[i % 2])
+    jax.block_until_ready(state)
+    times, avg_k, dropped = [], [], []
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batches[i % 2])
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+        avg_k.append(float(metrics.get("moe/avg_k", model.moe.top_k)))
+        dropped.append(float(metrics.get("moe/dropped_frac", 0.0)))
+    dev = jax.devices()[0]
+    step_s = statistics.median(times)
+    tokens_s = b * t / step_s
+    active_k = float(np.mean(avg_k))
+    flops_tok = train_flops_per_token(model, t, active_k)
+    peak = device_peak_tflops(dev.device_kind, args.peak_tflops)
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    record = {
+        "config": name, "mode": mode, "device_kind": dev.device_kind, "backend": jax.default_backend(),
+        "batch": b, "seq": t, "router": model.moe.router, "dispatch": model.moe.dispatch,
+        "surprise": model.moe.surprise if model.moe.router == "surprise" else None,
+        "capacity_factor": model.moe.capacity_factor if model.moe.dispatch == "sparse" else None,
+        "step_ms": round(step_s * 1e3, 3), "step_ms_min": round(min(times) * 1e3, 3),
+        "step_ms_max": round(max(times) * 1e3, 3), "steps": args.steps,
+        "tokens_per_s": round(tokens_s, 1), "avg_k": round(active_k, 3),
+        "dropped_frac": round(float(np.mean(dropped)), 5),
+        "model_tflop_per_step": round(flops_tok * b * t / 1e12, 4),
+        "model_tflops": round(flops_tok * tokens_s / 1e12, 2),
+        "mfu": round(flops_tok * tokens_s / (peak * 1e12), 4) if peak else None,
+        "peak_tflops": peak,
+        "peak_mem_gib": round(stats["peak_bytes_in_use"] / 2**30, 3) if stats and "peak_bytes_in_use" in stats else None,
+        "compile_s": round(compile_s, 2),
+        "main_loss": float(metrics["train/main_loss"]),
+    }
+    record.update(hlo_stats(compiled))
+    return record
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="onn-bench", description=__doc__.split("\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="a config file (configs/NAME.py)")
+    src.add_argument("--preset", help=f"a built-in size: {sorted(PRESETS)}")
+    ap.add_argument("--mode", default="smk", help=f"comma-separated modes from {list(MODES)}")
+    ap.add_argument("--steps", type=int, default=30, help=f"timed steps (>= {MIN_STEPS}); median reported")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (TFLOP/s)")
+    ap.add_argument("--force-avg-k", default=None,
+                    help="set the thresholds so that about k experts pass per token (int or E/n); "
+                         "plain and dense then use top_k = k")
+    ap.add_argument("--capacity-rel", type=float, default=1.25,
+                    help="sparse mode: slots per expert = capacity_rel * N * k / E (unless the config sets "
+                         "model.moe.capacity_factor)")
+    ap.add_argument("--surprise", default=None, help="surprise function for smk/sparse (e.g. output_grad_closed)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-isolate", action="store_true",
+                    help="run all modes in this process (peak memory is then cumulative)")
+    return ap
+
+
+def child_argv(argv: Sequence[str], mode: str) -> list[str]:
+    """argv with --mode replaced by one mode and --no-isolate added."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--mode":
+            skip = True
+            continue
+        if a.startswith("--mode="):
+            continue
+        out.append(a)
+    return out + ["--mode", mode, "--no-isolate"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+        for m in modes:
+            if m not in MODES:
+                raise BenchError(f"--mode: unknown mode {m!r}; known: {list(MODES)}")
+        if args.steps < MIN_STEPS:
+            raise BenchError(f"--steps: must be >= {MIN_STEPS}, got {args.steps}")
+        name, cfg = load_config(args)
+        parse_k(args.force_avg_k, cfg.model.moe.num_experts)
+    except (BenchError, ValueError) as e:
+        print(f"onn-bench: {e}", file=sys.stderr)
+        return 2
+    if len(modes) > 1 and not args.no_isolate:  # one process per mode: clean peak memory, no OOM carry-over
+        rc = 0
+        for m in modes:
+            p = subprocess.run([sys.executable, "-m", "bench.bench", *child_argv(argv, m)],
+                               stdout=subprocess.PIPE, text=True)
+            sys.stdout.write(p.stdout)
+            sys.stdout.flush()
+            if p.returncode != 0:
+                print(json.dumps({"config": name, "mode": m, "error": f"exit code {p.returncode}"}), flush=True)
+                rc = 1
+        return rc
+    rc = 0
+    for m in modes:
+        try:
+            record = measure(name, cfg, m, args)
+        except Exception as e:  # e.g. out of memory: report it and go on with the next mode
+            record, rc = {"config": name, "mode": m, "error": f"{type(e).__name__}: {str(e)[:500]}"}, 1
+        print(json.dumps(record), flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

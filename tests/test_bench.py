@@ -1,0 +1,122 @@
+"""onn-bench on CPU (tiny size, JSON lines), its FLOP formula, and the cheap Surprise backward
+checked in the compiled HLO."""
+import dataclasses
+import json
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from bench.bench import force_thresholds, main, mode_config, train_flops_per_token
+from helpers import random_batch, tiny_config
+from onn_jax.config import ModelConfig, MoEConfig
+from onn_jax.losses import next_token_loss
+from onn_jax.model import Transformer, init_params, model_taps
+from onn_jax.step import compute_grads
+
+
+def test_flop_formula_counts_each_matmul():
+    cfg = ModelConfig(vocab_size=100, hidden=8, num_layers=2, num_heads=2,
+                      moe=MoEConfig(num_experts=4, intermediate=6, expert_kind="swiglu"))
+    t, k = 10, 1.5
+    per_token_matmuls = [  # (in, out) of every forward matmul a token goes through, per layer
+        (8, 8), (8, 8), (8, 8), (8, 8),        # q, k, v, out projections
+        (8, 4),                                # router / prototypes
+        *[(8, 6), (8, 6), (6, 8)] * 1,         # one expert: w1, w3, w2 (times k below)
+    ]
+    attn, router, expert = 4 * 2 * 8 * 8, 2 * 8 * 4, 2 * (8 * 6 + 8 * 6 + 6 * 8)
+    assert sum(2 * a * b for a, b in per_token_matmuls) == attn + router + expert
+    forward = 2 * (attn + router + k * expert) + 2 * 8 * 100 + 2 * (2 * 2 * t * 8)
+    assert train_flops_per_token(cfg, t, k) == pytest.approx(3 * forward)
+    dense = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, router="dense"))
+    assert train_flops_per_token(dense, t, k) == pytest.approx(3 * forward - 3 * 2 * router)
+
+
+def test_modes_change_only_router_and_dispatch():
+    cfg = tiny_config()
+    assert mode_config(cfg, "smk", None, 1.25, None) == cfg
+    plain = mode_config(cfg, "plain", 3, 1.25, None)
+    assert (plain.moe.router, plain.moe.top_k) == ("topk", 3)
+    sparse = mode_config(cfg, "sparse", 2, 1.25, "output_grad_closed")
+    assert sparse.moe.dispatch == "sparse" and sparse.moe.surprise == "output_grad_closed"
+    assert sparse.moe.capacity_factor == pytest.approx(1.25 * 2 / 4)  # k_ref = fallback E/2 = 4
+    assert dataclasses.replace(sparse.moe, dispatch="dense", capacity_factor=None,
+                               surprise="output_grad") == cfg.moe
+
+
+@pytest.mark.slow
+def test_force_thresholds_sets_avg_k():
+    cfg = tiny_config(num_layers=2)
+    batch = random_batch(0, batch=4, length=16)
+    params = force_thresholds(init_params(cfg, jax.random.key(0)), cfg, batch["inputs"], 2)
+    _, records = Transformer(cfg).apply({"params": params}, batch["inputs"])
+    for r in records:  # each expert passes a quarter (k/E) of the tokens before the fallback
+        passed_E = np.asarray(r.router.pre > 0).mean(0)
+        np.testing.assert_allclose(passed_E, 2 / 8, atol=1.5 / 64)
+
+
+@pytest.mark.slow
+def test_bench_prints_one_json_line_per_mode(capsys):
+    rc = main(["--preset", "tiny", "--mode", "smk,sparse", "--steps", "20", "--warmup", "1",
+               "--force-avg-k", "2", "--no-isolate"])
+    lines = [json.loads(s) for s in capsys.readouterr().out.splitlines() if s.startswith("{")]
+    assert rc == 0 and [r["mode"] for r in lines] == ["smk", "sparse"]
+    for r in lines:
+        assert r["config"] == "tiny" and r["device_kind"] and r["steps"] == 20
+        assert 0 < r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"]
+        assert r["tokens_per_s"] == pytest.approx(8 * 64 / (r["step_ms"] / 1e3), rel=1e-3)
+        assert 1.0 <= r["avg_k"] <= 4.0 and r["compile_s"] > 0 and r["host_callbacks"] == 0
+        assert np.isfinite(r["main_loss"])
+    assert lines[1]["dispatch"] == "sparse" and 0.0 <= lines[1]["dropped_frac"] < 1.0
+    assert lines[0]["main_loss"] == pytest.approx(lines[1]["main_loss"], rel=1e-4)  # same model, same step
+
+
+@pytest.mark.parametrize("argv,flag", [(["--mode", "fast"], "--mode"), (["--steps", "5"], "--steps"),
+                                       (["--force-avg-k", "E/0"], "--force-avg-k"),
+                                       (["--force-avg-k", "9"], "--force-avg-k")])
+def test_bad_flags_name_the_flag(argv, flag, capsys):
+    assert main(["--preset", "tiny", *argv]) == 2
+    assert flag in capsys.readouterr().err
+
+
+# --- Cheap Surprise: the Surprise backward holds no parameter gradient and stops at the lowest
+# MoE layer. Token axes (B=3, T=7, N=21) differ from every model size, so a dot whose output has
+# no token axis is a parameter gradient.
+
+TOKEN_SIZES = {3, 7, 21}
+
+
+def dot_shapes(fn, *args):
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return [tuple(int(d) for d in m.group(1).split(",") if d)
+            for m in re.finditer(r"= \w+\[([\d,]*)\]\{[^}]*\} dot\(", text)]
+
+
+def loss_and_inputs(num_layers):
+    cfg = tiny_config(num_layers=num_layers)
+    params = init_params(cfg, jax.random.key(0))
+    batch = random_batch(1, batch=3, length=7)
+    taps = model_taps(cfg, 3, 7)
+
+    def loss(p, taps):
+        logits, _ = Transformer(cfg).apply({"params": p}, batch["inputs"], taps)
+        return next_token_loss(logits, batch["targets"], batch["loss_mask"])[0]
+    return cfg, params, batch, taps, loss
+
+
+@pytest.mark.slow
+def test_surprise_backward_has_no_parameter_gradient_and_stops_at_the_lowest_moe_layer():
+    cfg, params, batch, taps, loss = loss_and_inputs(1)
+    forward = dot_shapes(loss, params, taps)
+    surprise = dot_shapes(jax.grad(loss, argnums=1), params, taps)
+    full = dot_shapes(jax.grad(loss, argnums=0), params, taps)
+    has_token_axis = lambda s: bool(TOKEN_SIZES & set(s))
+    assert all(has_token_axis(s) for s in surprise)
+    assert not all(has_token_axis(s) for s in full)  # the check can fail: weight grads lack them
+    # One layer: the only backward matmul is the LM head's input gradient.
+    assert len(surprise) == len(forward) + 1
+    # In the unified step that matmul is shared with the total-gradient pullback: the smk step
+    # has exactly the matmuls of the plain gradient of one loss.
+    smk = dot_shapes(lambda p: compute_grads(p, batch, cfg)[0], params)
+    assert len(smk) == len(full)
