@@ -32,7 +32,8 @@ import numpy as np
 
 from onn_jax.config import Config, ModelConfig, MoEConfig, OptimConfig
 from onn_jax.model import Transformer
-from onn_jax.step import init_state, make_optimizer, make_train_step
+from onn_jax.losses import next_token_loss
+from onn_jax.step import compute_grads, init_state, make_optimizer, make_train_step
 
 MODES = ("smk", "plain", "dense", "sparse")
 MIN_STEPS = 20
@@ -170,6 +171,26 @@ def hlo_stats(compiled) -> dict[str, Any]:
     return out
 
 
+def time_fn(fn, *args, reps: int = 10) -> float:
+    """Median wall time (ms) of a jitted function over `reps` waited-for calls, after one."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return round(statistics.median(times) * 1e3, 3)
+
+
+def breakdown(model: ModelConfig, params, batch) -> dict[str, float]:
+    """Where a step's time goes: forward (main loss only) and the gradient (no optimizer)."""
+    def loss(p):
+        logits, _ = Transformer(model).apply({"params": p}, batch["inputs"])
+        return next_token_loss(logits, batch["targets"], batch["loss_mask"])[0]
+    return {"forward_ms": time_fn(jax.jit(loss), params),
+            "grads_ms": time_fn(jax.jit(lambda p: compute_grads(p, batch, model)), params)}
+
+
 def measure(name: str, cfg: Config, mode: str, args) -> dict[str, Any]:
     """Compiles and times one mode; returns its JSON record."""
     k = parse_k(args.force_avg_k, cfg.model.moe.num_experts)
@@ -181,6 +202,7 @@ def measure(name: str, cfg: Config, mode: str, args) -> dict[str, Any]:
     batches = [random_batch(rng, b, t, model.vocab_size) for _ in range(2)]
     if k is not None and model.moe.router == "surprise":
         state = state.replace(params=force_thresholds(state.params, model, batches[0]["inputs"], k))
+    parts = breakdown(model, state.params, batches[0]) if args.breakdown else {}
     step = make_train_step(model, tx)
     t0 = time.perf_counter()
     compiled = step.lower(state, batches[0]).compile()
@@ -220,6 +242,7 @@ def measure(name: str, cfg: Config, mode: str, args) -> dict[str, Any]:
         "compile_s": round(compile_s, 2),
         "main_loss": float(metrics["train/main_loss"]),
     }
+    record.update(parts)
     record.update(hlo_stats(compiled))
     return record
 
@@ -240,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sparse mode: slots per expert = capacity_rel * N * k / E (unless the config sets "
                          "model.moe.capacity_factor)")
     ap.add_argument("--surprise", default=None, help="surprise function for smk/sparse (e.g. output_grad_closed)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the forward alone and the gradient without the optimizer")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-isolate", action="store_true",
                     help="run all modes in this process (peak memory is then cumulative)")
