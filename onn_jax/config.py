@@ -295,7 +295,8 @@ class TrainConfig:
     """The training loop: length, logging, evaluation and sample generation.
 
     steps: total optimizer steps (a resumed run continues up to this number).
-    log_every: steps between metrics.jsonl / TensorBoard records (scalars averaged over them).
+    log_every: steps between metrics.jsonl / TensorBoard records (train metrics averaged over
+      the steps since the last record); step 1, eval and sample steps are recorded too.
     eval_every: steps between held-out evaluations (0 = only at the end); eval_batches per eval.
     sample_every: steps between sample generations (0 = only at the end).
     sample_prompt, sample_tokens: the prompt of the greedy sample and its length in new tokens.

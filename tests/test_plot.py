@@ -71,7 +71,7 @@ def test_read_metrics_names_bad_line(tmp_path):
 
 
 def test_dashboards_are_valid_pngs(tmp_path):
-    w = MetricsWriter(tmp_path, tensorboard=False)
+    w = MetricsWriter(tmp_path, tensorboard=True)  # also exercises the TensorBoard histograms
     for step, row in synthetic_rows():
         w.write(step, row)
     w.close()

@@ -24,15 +24,18 @@ EVAL_KEYS = {"eval/main_loss", "eval/main_acc", "eval/gate_acc", "eval/avg_k", "
              "eval/surprise_edges", "eval/domain_loss", "eval/domain_expert_load", "eval/domain_names"}
 
 
+RUN20 = ("--config.train.steps=20", "--config.checkpoint.every=10", "--config.train.eval_every=7")
+
+
 def onn_train(workdir, *overrides):
     return main(["--config", TINY, "--workdir", str(workdir), *overrides])
 
 
 @pytest.fixture(scope="module")
 def run20(tmp_path_factory):
-    """A 20-step tiny run with checkpoints at 10 and 20."""
+    """A 20-step tiny run: logs every 5 steps, eval every 7, checkpoints at 10 and 20."""
     workdir = tmp_path_factory.mktemp("tiny20")
-    assert onn_train(workdir, "--config.train.steps=20", "--config.checkpoint.every=10") == 0
+    assert onn_train(workdir, *RUN20) == 0
     return workdir
 
 
@@ -47,7 +50,7 @@ def test_workdir_layout(run20):
 
 def test_metrics_rows_and_keys(run20):
     rows = read_metrics(run20)
-    assert [r["step"] for r in rows] == [1, 5, 10, 15, 20]
+    assert [r["step"] for r in rows] == [1, 5, 7, 10, 14, 15, 20]
     perf = {"perf/tokens_per_sec", "perf/step_time_s"}
     for r in rows[1:]:
         assert TRAIN_KEYS <= set(r), TRAIN_KEYS - set(r)
@@ -55,7 +58,7 @@ def test_metrics_rows_and_keys(run20):
     assert TRAIN_KEYS - perf <= set(rows[0]) and not perf & set(rows[0])
     assert "perf/compile_s" in rows[0] and all("perf/compile_s" not in r for r in rows[1:])
     evals = [r["step"] for r in rows if "eval/main_loss" in r]
-    assert evals == [15, 20]  # eval_every=15, and at the end
+    assert evals == [7, 14, 20]  # eval_every=7 (off the log grid), and at the end
     last = rows[-1]
     assert EVAL_KEYS <= set(last), EVAL_KEYS - set(last)
     assert np.asarray(last["moe/expert_load"]).shape == (1, 4)
@@ -78,12 +81,12 @@ def test_resume_continues_exactly(run20, tmp_path, capsys):
     resumed, straight = tmp_path / "resumed", tmp_path / "straight"
     shutil.copytree(run20, resumed)
     capsys.readouterr()
-    assert onn_train(resumed, "--config.train.steps=30", "--config.checkpoint.every=10") == 0
+    assert onn_train(resumed, *RUN20, "--config.train.steps=30") == 0
     out = capsys.readouterr()
     assert "resuming from step 20" in out.out + out.err and "trained steps 20 -> 30" in out.out
-    assert onn_train(straight, "--config.train.steps=30", "--config.checkpoint.every=10") == 0
+    assert onn_train(straight, *RUN20, "--config.train.steps=30") == 0
     a, b = read_metrics(resumed), read_metrics(straight)
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 5, 10, 15, 20, 25, 30]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 5, 7, 10, 14, 15, 20, 21, 25, 28, 30]
     for ra, rb in zip(a, b):
         for key in ("train/main_loss", "moe/gate_acc", "moe/avg_k", "train/grad_norm", "moe/expert_load"):
             np.testing.assert_allclose(ra[key], rb[key], rtol=1e-6, err_msg=f"step {ra['step']} {key}")
@@ -95,10 +98,10 @@ def test_rerun_at_final_step_trains_nothing(run20, tmp_path, capsys):
     workdir = tmp_path / "again"
     shutil.copytree(run20, workdir)
     capsys.readouterr()
-    assert onn_train(workdir, "--config.train.steps=20", "--config.checkpoint.every=10") == 0
+    assert onn_train(workdir, *RUN20) == 0
     out = capsys.readouterr()
     assert "nothing to train" in out.out + out.err and "trained steps 20 -> 20" in out.out
-    assert [r["step"] for r in read_metrics(workdir)] == [1, 5, 10, 15, 20]
+    assert [r["step"] for r in read_metrics(workdir)] == [1, 5, 7, 10, 14, 15, 20]
 
 
 def test_config_errors_exit_2(tmp_path, capsys):

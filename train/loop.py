@@ -171,7 +171,10 @@ class Run:
                 jax.block_until_ready(metrics)
                 compile_s = time.perf_counter() - interval_start
                 interval_start, interval_steps = time.perf_counter(), 0
-            if step % t.log_every == 0 or step == t.steps or step == 1:  # step 1: initial loss
+            every = lambda n: n > 0 and step % n == 0
+            do_eval = every(t.eval_every) or step == t.steps
+            do_sample = every(t.sample_every) and step != t.steps  # the end always samples
+            if every(t.log_every) or step in (1, t.steps) or do_eval or do_sample:  # 1: initial loss
                 row = mean_metrics(jax.device_get(pending))
                 pending = []
                 elapsed = time.perf_counter() - interval_start
@@ -182,9 +185,9 @@ class Run:
                     row["perf/compile_s"], compile_logged = compile_s, True
                 row.update(self.thresholds())
                 row["train/epoch"] = self.data_iter.state()["epoch"]
-                if t.eval_every and step % t.eval_every == 0 or step == t.steps:
+                if do_eval:
                     row.update(self.evaluate())
-                if t.sample_every and step % t.sample_every == 0 and step != t.steps:
+                if do_sample:
                     text = self._sample()
                     bar.write(f"step {step} sample: {t.sample_prompt!r} -> {text!r}")
                     writer.add_text("sample", text, step)
