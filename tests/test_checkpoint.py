@@ -184,6 +184,7 @@ def test_generate_and_export_clis(tmp_path, capsys):
                         moe=MoEConfig(num_experts=4, intermediate=8))
     cfg = Config(model=model, data=DataConfig(seq_len=32))
     params = jax.jit(init_params, static_argnums=(0,))(model, jax.random.key(5))
+    params = jax.device_put(params, jax.local_devices()[0])  # committed like restored params: one compile
     work = tmp_path / "run"
     work.mkdir()
     (work / "config.json").write_text(json.dumps(to_dict(cfg)))
@@ -209,11 +210,15 @@ def test_generate_and_export_clis(tmp_path, capsys):
     assert generate_cli.main(sampled) == 0
     first = capsys.readouterr().out
     assert generate_cli.main(sampled) == 0 and capsys.readouterr().out == first
+    assert generate_cli.main(["--workdir", str(work), "--prompt", "hi", "--max-new-tokens", "500"]) == 0
+    captured = capsys.readouterr()
+    assert "generating 58" in captured.err  # BOS, user, "h", "i", EOS, assistant: 6 prompt tokens
 
     for argv_err, msg in [
         (["--workdir", str(tmp_path / "nope"), "--prompt", "x"], "no such directory"),
         (["--workdir", str(work), "--prompt", "x", "--step", "9"], "no checkpoint for step 9"),
-        (["--workdir", str(work), "--prompt", "x", "--max-new-tokens", "80"], "exceeds model.max_len 64"),
+        (["--workdir", str(work), "--prompt", "x" * 70], "model.max_len 64 leaves no room"),
+        (["--workdir", str(work), "--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens"),
         (["--workdir", str(work), "--prompt", "x", "--top-p", "0"], "top_p"),
     ]:
         assert generate_cli.main(argv_err) == 2

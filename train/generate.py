@@ -76,6 +76,9 @@ def load_model(workdir: str | Path, step: int | None = None):
             target = ckpt_lib.abstract_like(init_params, model_cfg, jax.random.key(0))
             params, _ = ckpt_lib.load_params(workdir, target)
             return params, model_cfg, tok, meta.get("step")
+        if not (workdir / CONFIG_FILE).is_file():
+            raise GenerateError(f"{workdir}: neither a training workdir (no {CONFIG_FILE}) "
+                                f"nor an onn-export directory (no {ckpt_lib.EXPORT_META})")
         model_cfg, tok = _config_sections(_read_json(workdir / CONFIG_FILE), str(workdir / CONFIG_FILE))
         ckpt_dir = workdir / CHECKPOINT_DIR
         if not ckpt_dir.is_dir():
@@ -105,8 +108,16 @@ def run(args) -> str:
     except (OSError, ValueError, ImportError) as e:
         raise GenerateError(f"tokenizer {tok_name!r}: {e}") from e
     ids = prompt_ids(tok, args.prompt, args.raw)
+    room = model_cfg.max_len - len(ids)
+    if room < 1:
+        raise GenerateError(f"the prompt is {len(ids)} tokens; model.max_len {model_cfg.max_len} leaves no room")
+    n = args.max_new_tokens
+    if isinstance(n, int) and n > room:
+        print(f"onn-generate: note: {n} new tokens do not fit model.max_len {model_cfg.max_len} after "
+              f"a {len(ids)}-token prompt; generating {room}", file=sys.stderr)
+        n = room
     try:
-        out = generate(params, model_cfg, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        out = generate(params, model_cfg, ids, max_new_tokens=n, temperature=args.temperature,
                        top_p=args.top_p, seed=args.seed, eos_id=tok.eos_id)
     except ValueError as e:
         raise GenerateError(str(e)) from e
