@@ -44,7 +44,6 @@ def install_moe_hook() -> None:
         return sh.constrain(expert_outputs(params, x_NxC, kind), ("moe_batch", "expert", "embed"))
 
     def hooked_combine(weights_NxE, y_NxExC):
-        weights_NxE = sh.constrain(weights_NxE, ("moe_batch", "expert"))
         return sh.constrain(combine(weights_NxE, y_NxExC), ("batch", "embed"))
 
     moe_module.expert_outputs, moe_module.combine = hooked_expert_outputs, hooked_combine
