@@ -85,21 +85,14 @@ def process_batch_rows(mesh: Mesh, global_batch_size: int, rules: Rules = RULES)
     """
     check_batch(global_batch_size, mesh, rules)
     sharding = batch_sharding(mesh, rules)
-    starts = set()
-    stops = set()
-    for index in sharding.addressable_devices_indices_map((global_batch_size,)).values():
-        rows = index[0] if index else slice(None)
-        start, stop, _ = rows.indices(global_batch_size)
-        starts.add(start)
-        stops.add(stop)
-    start, stop = min(starts), max(stops)
-    covered = sorted(zip(sorted(starts), sorted(stops)))
-    pos = start
-    for a, b in covered:
-        if a > pos:
+    spans = sorted({index[0].indices(global_batch_size)[:2] if index else (0, global_batch_size)
+                    for index in sharding.addressable_devices_indices_map((global_batch_size,)).values()})
+    start, stop = spans[0][0], spans[0][0]
+    for a, b in spans:
+        if a > stop:
             raise ValueError(f"process {jax.process_index()} holds non-contiguous batch rows "
-                             f"{covered}; order the mesh so each process's devices are adjacent")
-        pos = max(pos, b)
+                             f"{spans}; order the mesh so each process's devices are adjacent")
+        stop = max(stop, b)
     return slice(start, stop)
 
 

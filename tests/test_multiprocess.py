@@ -122,3 +122,17 @@ def test_incomplete_launch_names_the_missing_variables(monkeypatch):
     monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
     with pytest.raises(ValueError, match="JAX_NUM_PROCESSES must be an integer, got 'two'"):
         distributed.initialize_distributed()
+
+
+def test_process_batch_rows_single_process():
+    from onn_jax import sharding as sh
+    from onn_jax.config import ConfigError, MeshConfig
+    from onn_jax.distributed import global_batch, process_batch_rows
+    mesh = sh.make_mesh(MeshConfig(data=2, expert=4))
+    assert process_batch_rows(mesh, 16) == slice(0, 16)
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        process_batch_rows(mesh, 12)
+    x = np.arange(16 * 3).reshape(16, 3)
+    arr = global_batch({"inputs": x}, mesh, 16)["inputs"]
+    assert arr.sharding.is_equivalent_to(sh.batch_sharding(mesh), 2)
+    np.testing.assert_array_equal(np.asarray(arr), x)
