@@ -129,3 +129,15 @@ def test_bad_arguments_are_clear(params):
         generate(params, CFG, [1], temperature=-1.0)
     with pytest.raises(ValueError, match="token id 64 outside model.vocab_size 64"):
         generate(params, CFG, [1, 64])
+
+
+def test_sparse_dispatch_generates_without_capacity_drops(params):
+    """Generation lifts the capacity limit: sparse dispatch with a tight capacity_factor
+    generates exactly what the dense layer (no drops) does."""
+    import dataclasses
+
+    from onn_jax.generate import decode_config
+    sparse = dataclasses.replace(CFG, moe=dataclasses.replace(MOE, dispatch="sparse", capacity_factor=0.1))
+    assert decode_config(sparse).moe.capacity_factor is None and decode_config(CFG) is CFG
+    prompt = [4, 8, 15, 16, 23, 42]
+    assert generate(params, sparse, prompt, max_new_tokens=N) == generate(params, CFG, prompt, max_new_tokens=N)
