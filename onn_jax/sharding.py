@@ -36,7 +36,9 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from onn_jax.config import ConfigError, MeshConfig, ModelConfig
-from onn_jax.step import TrainState, init_state, train_step
+
+# onn_jax.step is imported inside the functions that need it, so that model code (moe.py) can
+# import `constrain` from here without an import cycle.
 
 MESH_AXES = ("data", "expert", "fsdp")
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "expert", "vocab", "norm",
@@ -177,8 +179,9 @@ def param_shardings(params, mesh: Mesh, rules: Rules = RULES):
                         axes, params, is_leaf=lambda a: isinstance(a, tuple))
 
 
-def state_shardings(state_shape: TrainState, mesh: Mesh, rules: Rules = RULES) -> TrainState:
+def state_shardings(state_shape, mesh: Mesh, rules: Rules = RULES):
     """Shardings of a TrainState: optimizer moments like their parameters, scalars replicated."""
+    from onn_jax.step import TrainState
     def opt_leaf(path, x):
         axes = param_logical_axes(_dict_keys(path), np.ndim(x)) if np.ndim(x) else None
         spec = P() if axes is None else logical_to_spec(axes, np.shape(x), mesh, rules)
@@ -200,8 +203,9 @@ def check_batch(batch_size: int, mesh: Mesh, rules: Rules = RULES) -> None:
 
 
 def abstract_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                   rules: Rules = RULES) -> TrainState:
+                   rules: Rules = RULES):
     """ShapeDtypeStructs of the TrainState carrying this mesh's shardings (restore target)."""
+    from onn_jax.step import init_state
     shape = jax.eval_shape(functools.partial(init_state, model_cfg, tx), jax.random.key(0))
     shardings = state_shardings(shape, mesh, rules)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -209,8 +213,9 @@ def abstract_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, mes
 
 
 def sharded_init(model_cfg: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array,
-                 mesh: Mesh, rules: Rules = RULES) -> TrainState:
-    """init_state jitted with out_shardings: every array is created already sharded."""
+                 mesh: Mesh, rules: Rules = RULES):
+    """init_state jitted with out_shardings: every array is created already sharded (a TrainState)."""
+    from onn_jax.step import init_state
     fn = functools.partial(init_state, model_cfg, tx)
     shardings = state_shardings(jax.eval_shape(fn, rng), mesh, rules)
     return jax.jit(fn, out_shardings=shardings)(rng)
@@ -250,6 +255,7 @@ def make_sharded_train_step(model_cfg: ModelConfig, tx: optax.GradientTransforma
     State in and out with `state_shardings`, the batch with `batch_sharding`, metrics
     replicated; the old state is donated. The same function as step.make_train_step.
     """
+    from onn_jax.step import init_state, train_step
     shape = jax.eval_shape(functools.partial(init_state, model_cfg, tx), jax.random.key(0))
     st = state_shardings(shape, mesh, rules)
 
