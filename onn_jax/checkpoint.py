@@ -156,9 +156,10 @@ class Checkpointer:
         self.directory = os.path.abspath(os.fspath(directory))
         if read_only and not os.path.isdir(self.directory):
             raise CheckpointError(f"no checkpoint directory {self.directory}")
+        # Saving cadence is decided in `save` (orbax would also save the first step it sees).
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=1, max_to_keep=keep, enable_async_checkpointing=async_save,
-            read_only=read_only, create=not read_only)
+            save_interval_steps=0 if read_only else 1, max_to_keep=None if read_only else keep,
+            enable_async_checkpointing=async_save, read_only=read_only, create=not read_only)
         self.save_every = save_every
         self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers(ocp))
 
@@ -176,7 +177,7 @@ class Checkpointer:
         """
         ocp = _ocp()
         step = int(step)
-        if step in self._mgr.all_steps() or not (force or step % self.save_every == 0):
+        if not (force or step % self.save_every == 0) or step in self._mgr.all_steps():
             return False
         args = ocp.args.Composite(**{STATE: ocp.args.PyTreeSave(state),
                                      META: ocp.args.JsonSave(dict(meta or {}))})

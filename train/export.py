@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from train.generate import CHECKPOINT_DIR
+from train.generate import CHECKPOINT_DIR, quiet_orbax
 
 
 def parse_args(argv: Sequence[str]):
@@ -31,6 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not src.is_dir():
         print(f"onn-export: error: {src}: no such directory", file=sys.stderr)
         return 2
+    quiet_orbax()
     if (src / CHECKPOINT_DIR).is_dir():
         src = src / CHECKPOINT_DIR
     from onn_jax.checkpoint import CheckpointError, export_params  # heavy imports after the cheap checks

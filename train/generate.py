@@ -23,6 +23,15 @@ class GenerateError(RuntimeError):
     """The workdir cannot be loaded; the message names the file."""
 
 
+def quiet_orbax() -> None:
+    """Orbax logs routine notes (e.g. 'directory is read only') as absl warnings; hide them."""
+    try:
+        from absl import logging as absl_logging
+    except ImportError:  # pragma: no cover - absl comes with optax/orbax
+        return
+    absl_logging.set_verbosity(absl_logging.ERROR)
+
+
 def parse_args(argv: Sequence[str]):
     parser = argparse.ArgumentParser(prog="onn-generate", description="Sample a continuation from a trained model.")
     parser.add_argument("--workdir", required=True, metavar="DIR",
@@ -126,6 +135,7 @@ def run(args) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    quiet_orbax()
     try:
         text = run(args)
     except GenerateError as e:
