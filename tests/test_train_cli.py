@@ -24,7 +24,8 @@ EVAL_KEYS = {"eval/main_loss", "eval/main_acc", "eval/gate_acc", "eval/avg_k", "
              "eval/surprise_edges", "eval/domain_loss", "eval/domain_expert_load", "eval/domain_names"}
 
 
-RUN20 = ("--config.train.steps=20", "--config.checkpoint.every=10", "--config.train.eval_every=7")
+RUN = ("--config.train.steps=30", "--config.checkpoint.every=10", "--config.train.eval_every=7")
+LOGGED = [1, 5, 7, 10, 14, 15, 20, 21, 25, 28, 30]  # every 5, eval every 7, first and last
 
 
 def onn_train(workdir, *overrides):
@@ -32,25 +33,25 @@ def onn_train(workdir, *overrides):
 
 
 @pytest.fixture(scope="module")
-def run20(tmp_path_factory):
-    """A 20-step tiny run: logs every 5 steps, eval every 7, checkpoints at 10 and 20."""
-    workdir = tmp_path_factory.mktemp("tiny20")
-    assert onn_train(workdir, *RUN20) == 0
+def run30(tmp_path_factory):
+    """A 30-step tiny run: logs every 5 steps, eval every 7, checkpoints every 10 (keeps 2)."""
+    workdir = tmp_path_factory.mktemp("tiny30")
+    assert onn_train(workdir, *RUN) == 0
     return workdir
 
 
-def test_workdir_layout(run20):
-    cfg = from_dict(Config, json.loads((run20 / "config.json").read_text()))
-    assert cfg.train.steps == 20 and cfg.checkpoint.every == 10 and cfg.model.moe.num_experts == 4
-    assert sorted(p.name for p in (run20 / "checkpoints").iterdir() if p.name.isdigit()) == ["10", "20"]
-    assert list((run20 / "tb").glob("events.out.tfevents.*"))
-    assert {p.name for p in (run20 / "plots").glob("*.png")} == {
+def test_workdir_layout(run30):
+    cfg = from_dict(Config, json.loads((run30 / "config.json").read_text()))
+    assert cfg.train.steps == 30 and cfg.checkpoint.every == 10 and cfg.model.moe.num_experts == 4
+    assert sorted(p.name for p in (run30 / "checkpoints").iterdir() if p.name.isdigit()) == ["20", "30"]
+    assert list((run30 / "tb").glob("events.out.tfevents.*"))
+    assert {p.name for p in (run30 / "plots").glob("*.png")} == {
         "loss.png", "gate.png", "expert_load.png", "surprise.png", "domain_routing.png"}
 
 
-def test_metrics_rows_and_keys(run20):
-    rows = read_metrics(run20)
-    assert [r["step"] for r in rows] == [1, 5, 7, 10, 14, 15, 20]
+def test_metrics_rows_and_keys(run30):
+    rows = read_metrics(run30)
+    assert [r["step"] for r in rows] == LOGGED
     perf = {"perf/tokens_per_sec", "perf/step_time_s"}
     for r in rows[1:]:
         assert TRAIN_KEYS <= set(r), TRAIN_KEYS - set(r)
@@ -58,7 +59,7 @@ def test_metrics_rows_and_keys(run20):
     assert TRAIN_KEYS - perf <= set(rows[0]) and not perf & set(rows[0])
     assert "perf/compile_s" in rows[0] and all("perf/compile_s" not in r for r in rows[1:])
     evals = [r["step"] for r in rows if "eval/main_loss" in r]
-    assert evals == [7, 14, 20]  # eval_every=7 (off the log grid), and at the end
+    assert evals == [7, 14, 21, 28, 30]  # eval_every=7 (off the log grid), and at the end
     last = rows[-1]
     assert EVAL_KEYS <= set(last), EVAL_KEYS - set(last)
     assert np.asarray(last["moe/expert_load"]).shape == (1, 4)
@@ -69,24 +70,25 @@ def test_metrics_rows_and_keys(run20):
     assert 1.0 <= last["moe/avg_k"] <= 4.0
 
 
-def test_loss_falls(run20):
-    rows = read_metrics(run20)
+def test_loss_falls(run30):
+    rows = read_metrics(run30)
     first, last = rows[0]["train/main_loss"], rows[-1]["train/main_loss"]
     assert first > 5.0  # about log(262) = 5.57 at initialisation
     assert last < first - 0.8, (first, last)
 
 
 @pytest.mark.slow
-def test_resume_continues_exactly(run20, tmp_path, capsys):
-    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
-    shutil.copytree(run20, resumed)
+def test_resume_continues_exactly(run30, tmp_path, capsys):
+    """Drop the step-30 checkpoint, rerun: it resumes at 20 and reproduces the straight run."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run30, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "30")
     capsys.readouterr()
-    assert onn_train(resumed, *RUN20, "--config.train.steps=30") == 0
+    assert onn_train(resumed, *RUN) == 0
     out = capsys.readouterr()
     assert "resuming from step 20" in out.out + out.err and "trained steps 20 -> 30" in out.out
-    assert onn_train(straight, *RUN20, "--config.train.steps=30") == 0
-    a, b = read_metrics(resumed), read_metrics(straight)
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 5, 7, 10, 14, 15, 20, 21, 25, 28, 30]
+    a, b = read_metrics(resumed), read_metrics(run30)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == LOGGED
     for ra, rb in zip(a, b):
         for key in ("train/main_loss", "moe/gate_acc", "moe/avg_k", "train/grad_norm", "moe/expert_load"):
             np.testing.assert_allclose(ra[key], rb[key], rtol=1e-6, err_msg=f"step {ra['step']} {key}")
@@ -94,14 +96,14 @@ def test_resume_continues_exactly(run20, tmp_path, capsys):
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir() if p.name.isdigit()) == ["20", "30"]
 
 
-def test_rerun_at_final_step_trains_nothing(run20, tmp_path, capsys):
+def test_rerun_at_final_step_trains_nothing(run30, tmp_path, capsys):
     workdir = tmp_path / "again"
-    shutil.copytree(run20, workdir)
+    shutil.copytree(run30, workdir)
     capsys.readouterr()
-    assert onn_train(workdir, *RUN20) == 0
+    assert onn_train(workdir, *RUN) == 0
     out = capsys.readouterr()
-    assert "nothing to train" in out.out + out.err and "trained steps 20 -> 20" in out.out
-    assert [r["step"] for r in read_metrics(workdir)] == [1, 5, 7, 10, 14, 15, 20]
+    assert "nothing to train" in out.out + out.err and "trained steps 30 -> 30" in out.out
+    assert [r["step"] for r in read_metrics(workdir)] == LOGGED
 
 
 def test_config_errors_exit_2(tmp_path, capsys):
@@ -114,9 +116,9 @@ def test_config_errors_exit_2(tmp_path, capsys):
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_sample_is_deterministic_greedy_argmax(run20):
+def test_sample_is_deterministic_greedy_argmax(run30):
     cfg = load(TINY)
-    with Checkpointer(run20 / "checkpoints", read_only=True) as ckpt:
+    with Checkpointer(run30 / "checkpoints", read_only=True) as ckpt:
         params, _ = ckpt.restore_params()
     tok, prompt, n = ByteTokenizer(), "What is 2 + 3?", 10
     text = sample(params, cfg, tok, prompt, n)
@@ -130,3 +132,20 @@ def test_sample_is_deterministic_greedy_argmax(run20):
             break
         new.append(token)
     assert text == tok.decode(new)
+
+
+@pytest.mark.slow
+def test_sharded_run_resumes_on_another_mesh(run30, tmp_path, capsys):
+    """8 forced CPU devices: data-parallel run, then resumed with experts split over 4 devices;
+    it matches the 1-device run of the module fixture to float tolerance."""
+    workdir = tmp_path / "mesh"
+    assert onn_train(workdir, *RUN, "--config.train.steps=10", "--config.mesh.data=8") == 0
+    capsys.readouterr()
+    assert onn_train(workdir, *RUN, "--config.train.steps=20", "--config.mesh.data=2",
+                     "--config.mesh.expert=4") == 0
+    assert "resuming from step 10" in capsys.readouterr().out
+    sharded, single = read_metrics(workdir), [r for r in read_metrics(run30) if r["step"] <= 20]
+    assert [r["step"] for r in sharded] == [r["step"] for r in single] == LOGGED[:7]
+    for rs, r1 in zip(sharded, single):
+        np.testing.assert_allclose(rs["train/main_loss"], r1["train/main_loss"], rtol=1e-4)
+        np.testing.assert_allclose(rs["moe/expert_load"], r1["moe/expert_load"], atol=1e-3)
