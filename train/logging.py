@@ -72,8 +72,12 @@ class MetricsWriter:
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard:
-            from tensorboardX import SummaryWriter  # lazy: heavy import
-            self._tb = SummaryWriter(str(Path(workdir) / TB_DIR), purge_step=resume_step or None)
+            try:
+                from tensorboardX import SummaryWriter  # lazy: heavy import
+            except ImportError:  # a bare accelerator image: metrics.jsonl still has everything
+                print("warning: tensorboardX is not installed; no TensorBoard events written", flush=True)
+            else:
+                self._tb = SummaryWriter(str(Path(workdir) / TB_DIR), purge_step=resume_step or None)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """Writes one row (step + wall time + metrics) and returns it as written."""
