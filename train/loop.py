@@ -106,6 +106,12 @@ class Run:
         self.state, data_state = self._init_or_restore()
         self.start_step = int(jax.device_get(self.state.step))
         pi, pc = jax.process_index(), jax.process_count()
+        if pc > 1:  # the iterator hands process i the i-th equal slice of each global batch
+            from onn_jax.distributed import process_batch_rows
+            per = cfg.data.batch_size // pc
+            if process_batch_rows(self.mesh, cfg.data.batch_size) != slice(pi * per, (pi + 1) * per):
+                raise TrainError("mesh: this process's devices do not hold batch rows "
+                                 f"{pi * per}:{(pi + 1) * per}; order the mesh by process")
         self.data_iter = self.ds.train_iter(cfg.data.batch_size, cfg.data.seed, pi, pc, data_state)
         (self.workdir / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
@@ -132,8 +138,8 @@ class Run:
         host = {k: host[k] for k in ("inputs", "targets", "loss_mask")}
         if jax.process_count() == 1:
             return sharding.shard_batch(host, self.mesh)
-        spec = sharding.batch_sharding(self.mesh)
-        return {k: jax.make_array_from_process_local_data(spec, v) for k, v in host.items()}
+        from onn_jax.distributed import global_batch  # multi-process: this process's rows only
+        return global_batch(host, self.mesh, self.cfg.data.batch_size)
 
     def evaluate(self) -> dict[str, Any]:
         batches = self.ds.eval_batches(self.cfg.data.batch_size, jax.process_index(), jax.process_count())

@@ -38,7 +38,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"onn-train: config error: {e}", file=sys.stderr)
         return 2
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
-    from train.loop import TrainError, train  # heavy imports (jax) after the cheap checks
+    from onn_jax.distributed import initialize_distributed
+    from train.loop import TrainError, train
+    try:
+        initialize_distributed()  # no-op for one process; joins a multi-host launch otherwise
+    except ValueError as e:
+        print(f"onn-train: distributed launch error: {e}", file=sys.stderr)
+        return 2
     try:
         train(cfg, workdir)
     except TrainError as e:
