@@ -24,11 +24,15 @@ the gate loss (its hard target is argmin S, its soft target softmax(-S)).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 
 from onn_jax.experts import gelu_exact
-from onn_jax.surprise import SurpriseInputs
+
+if TYPE_CHECKING:  # annotations only: onn_jax.surprise may import this module for its registry
+    from onn_jax.surprise import SurpriseInputs
 
 HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -1,0 +1,465 @@
+"""`onn-experiment`: a grid of training configs x seeds through the onn-train loop, summarised
+as a markdown table, per-run JSON and plots.
+
+    onn-experiment configs/experiments/routing.py [--out DIR] [--seeds 0,1] [--only a,b] [--steps N]
+                   [--compile-cache DIR|none]
+
+An experiment file defines `get_experiment()` returning a dict:
+  name       the experiment's name (default output dir runs/experiments/<name>)
+  base       a training config file (path relative to the experiment file or the cwd)
+  overrides  {dotted config key: value} for every run, e.g. {"train.steps": 300}
+  runs       {label: {dotted key: value}}: the grid's rows (router kinds, surprise variants...)
+  seeds      [int]: each run is repeated with train.seed = seed (same data, new init)
+  kind       "routing" (default) or "forgetting"
+  phases     (forgetting) {"first": [domains], "second": [domains], "first_steps": int,
+             "second_steps": int}: train on the first domains, then continue (parameters and
+             optimizer state) on the second; the rise of the first domains' loss is forgetting.
+
+Every run is evaluated on the whole held-out split of all domains of the builtin corpus
+(onn_jax.analysis): loss per domain, avg_k (per domain), gate accuracy on unmasked tokens
+(argmax pre == argmin S of the run's own surprise definition) and expert<->domain NMI per
+layer; these also go into each run's metrics.jsonl at every train.eval_every as `analysis/*`.
+Outputs in DIR: results.jsonl (one line per run; finished runs are skipped on re-runs),
+results.md (the table, mean +- std over seeds), plots/*.png, runs/<label>/seed_<s>/ (the
+usual onn-train workdir of each run).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from train.config_loader import ConfigLoadError, build_config, load_config_file, with_defaults
+
+KINDS = ("routing", "forgetting")
+
+
+class ExperimentError(ValueError):
+    """A bad experiment file; the message names the file and the key."""
+
+
+# ------------------------------------------------------------------------- experiment files
+
+def load_experiment(path: str | Path) -> dict[str, Any]:
+    """Runs get_experiment() of `path` and validates it (errors name the file and key)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExperimentError(f"{path}: experiment file not found")
+    spec = importlib.util.spec_from_file_location(f"_onn_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        exp = dict(module.get_experiment())
+    except Exception as e:
+        raise ExperimentError(f"{path}: cannot load get_experiment(): {type(e).__name__}: {e}") from e
+    exp.setdefault("name", path.stem)
+    exp.setdefault("kind", "routing")
+    exp.setdefault("overrides", {})
+    exp.setdefault("seeds", [0])
+    where = lambda key: f"{path}: {key}"
+    unknown = set(exp) - {"name", "base", "overrides", "runs", "seeds", "kind", "phases"}
+    if unknown:
+        raise ExperimentError(where(f"unknown keys {sorted(unknown)}"))
+    if exp["kind"] not in KINDS:
+        raise ExperimentError(where(f"kind must be one of {list(KINDS)}, got {exp['kind']!r}"))
+    if not isinstance(exp.get("runs"), dict) or not exp["runs"]:
+        raise ExperimentError(where("runs must be a non-empty {label: {dotted key: value}} dict"))
+    if not exp["seeds"] or not all(isinstance(s, int) for s in exp["seeds"]):
+        raise ExperimentError(where(f"seeds must be a non-empty list of ints, got {exp['seeds']!r}"))
+    base = Path(exp.get("base", ""))
+    candidates = [path.parent / base, base]
+    found = [c for c in candidates if str(base) and c.is_file()]
+    if not found:
+        raise ExperimentError(where(f"base config {str(base)!r} not found (relative to {path.parent} or the cwd)"))
+    exp["base"] = str(found[0])
+    if exp["kind"] == "forgetting":
+        ph = exp.get("phases")
+        need = {"first", "second", "first_steps", "second_steps"}
+        if not isinstance(ph, dict) or set(ph) != need:
+            raise ExperimentError(where(f"phases must have exactly the keys {sorted(need)}"))
+    exp["path"] = str(path)
+    return exp
+
+
+def set_dotted(cfg: dict, key: str, value: Any, source: str) -> None:
+    """cfg[a][b][c] = value for key 'a.b.c'; the key must exist (typos are errors)."""
+    node, parts = cfg, key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            raise ExperimentError(f"{source}: unknown config key {key!r} (at {'.'.join(parts[:i + 1])!r})")
+        if i < len(parts) - 1:
+            node = node[part]
+    node[parts[-1]] = value
+
+
+def run_config(exp: dict, label: str, seed: int, extra: dict | None = None):
+    """The validated Config of one grid cell: base <- overrides <- runs[label] <- extra, seed."""
+    raw = with_defaults(load_config_file(exp["base"]))
+    src = exp["path"]
+    for k, v in {**exp["overrides"], **exp["runs"][label], **(extra or {})}.items():
+        set_dotted(raw, k, v, f"{src}: runs[{label!r}]" if k in exp["runs"][label] else src)
+    set_dotted(raw, "train.seed", seed, src)
+    try:
+        return build_config(raw, src)
+    except ConfigLoadError as e:
+        raise ExperimentError(f"runs[{label!r}]: {e}") from e
+
+
+# ------------------------------------------------------------------------- analysis eval
+
+def make_analysis_step(model_cfg, num_domains: int):
+    """Jitted (params, batch) -> sums for onn_jax.analysis metrics over one eval batch."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from onn_jax import analysis as an
+    from onn_jax.model import Transformer
+    from onn_jax.moe import surprise_inputs
+    from onn_jax.step import step_taps
+    from onn_jax.surprise import get_surprise_fn
+
+    model = Transformer(model_cfg)
+    surprise_fn = get_surprise_fn(model_cfg.moe.surprise) if model_cfg.moe.router == "surprise" else None
+
+    def step(params, batch):
+        b, t = batch["inputs"].shape
+
+        def forward(taps):
+            logits, records = model.apply({"params": params}, batch["inputs"], taps)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+            main = jnp.sum(ce * batch["loss_mask"]) / jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+            return main, (records, ce)
+
+        main, pullback, (records, ce) = jax.vjp(forward, step_taps(model_cfg, b, t), has_aux=True)
+        out = dict(zip(("loss_sum", "loss_tokens"),
+                       an.domain_loss_sums(ce, batch["loss_mask"], batch["domain"], num_domains)))
+        records = tuple(r for r in records if r is not None)
+        if not records:
+            return out
+        dom_N = jnp.repeat(batch["domain"], t)
+        out["counts"] = jnp.stack([an.domain_expert_counts(r.router.mask, dom_N, num_domains) for r in records])
+        out["tokens"] = an.domain_token_counts(dom_N, num_domains)
+        if surprise_fn is not None:
+            (d_taps,) = pullback(jnp.ones_like(main))
+            unmasked = batch["loss_mask"].reshape(-1)
+            hits = [an.gate_hits(r.router.pre, surprise_fn(surprise_inputs(r, d)), unmasked)
+                    for r, d in zip(records, d_taps)]
+            out["gate_hits"] = jnp.stack([h for h, _ in hits])
+            out["gate_count"] = jnp.stack([c for _, c in hits])
+        return out
+
+    return jax.jit(step)
+
+
+def analyse(step, params, batches, domains: Sequence[str]) -> dict[str, Any]:
+    """Sums `step` over batches -> the `analysis/*` metrics (numpy, JSON-ready)."""
+    import jax
+
+    from onn_jax import analysis as an
+    sums: dict[str, np.ndarray] = {}
+    for batch in batches:
+        out = jax.device_get(step(params, {k: batch[k] for k in ("inputs", "targets", "loss_mask", "domain")}))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0) + np.asarray(v, np.float64)
+    m = {"analysis/loss": float(sums["loss_sum"].sum() / max(sums["loss_tokens"].sum(), 1.0)),
+         "analysis/domain_loss": np.asarray(an.domain_means(sums["loss_sum"], sums["loss_tokens"]))}
+    if "counts" in sums:
+        counts = sums["counts"]  # [L, D, E]
+        m["analysis/avg_k"] = float(counts.sum() / counts.shape[0] / max(sums["tokens"].sum(), 1.0))
+        m["analysis/domain_avg_k"] = np.asarray(an.avg_k_from_counts(counts, sums["tokens"])).mean(0)
+        m["analysis/nmi"] = np.asarray(an.nmi_from_counts(counts), np.float64)
+        m["analysis/domain_expert_share"] = counts / np.maximum(counts.sum(-1, keepdims=True), 1.0)
+    if "gate_hits" in sums:
+        m["analysis/gate_acc_unmasked"] = sums["gate_hits"] / np.maximum(sums["gate_count"], 1.0)
+    return m
+
+
+def _analysis_run_class():
+    """train.loop.Run whose periodic evaluation also logs `analysis/*` on all domains."""
+    from train.loop import Run
+
+    class AnalysisRun(Run):
+        def __init__(self, cfg, workdir, full_ds, init_state=None):
+            super().__init__(cfg, workdir)
+            self.full_ds = full_ds
+            self.analysis_step = make_analysis_step(cfg.model, len(full_ds.domains))
+            if init_state is not None:  # continue another run (the forgetting experiment)
+                self.state = init_state
+
+        def analyse(self) -> dict[str, Any]:
+            batches = self.full_ds.eval_batches(self.cfg.data.batch_size)
+            return analyse(self.analysis_step, self.state.params, batches, self.full_ds.domains)
+
+        def evaluate(self) -> dict[str, Any]:
+            return {**super().evaluate(), **self.analyse()}
+
+        def _sample(self) -> str:  # no greedy sample: it costs a compile per run
+            return ""
+
+    return AnalysisRun
+
+
+# ------------------------------------------------------------------------- running
+
+def full_dataset(cfg):
+    """All domains of cfg's corpus (the held-out split is the same for every run)."""
+    from train.loop import build_dataset
+    return build_dataset(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="builtin")))
+
+
+def write_phase_data(cfg, phases: dict, data_dir: Path) -> dict[str, str]:
+    """Writes the builtin corpus restricted to each phase's domains as chat jsonl files."""
+    from onn_jax.corpus import DOMAINS, build_corpus
+    records = build_corpus(seed=cfg.data.seed, records_per_domain=cfg.data.records_per_domain)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for phase in ("first", "second"):
+        bad = [d for d in phases[phase] if d not in DOMAINS]
+        if bad:
+            raise ExperimentError(f"phases.{phase}: unknown domains {bad}; known: {list(DOMAINS)}")
+        path = data_dir / f"{phase}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records if r["domain"] in phases[phase]))
+        paths[phase] = str(path)
+    return paths
+
+
+def jsonable(m: dict) -> dict:
+    from train.logging import to_jsonable
+    return {k: to_jsonable(v) if not isinstance(v, (str, list, dict)) else v for k, v in m.items()}
+
+
+def run_cell(exp: dict, label: str, seed: int, out: Path, full_ds, phase_paths=None) -> dict:
+    """Trains one (label, seed) cell and returns its result row."""
+    Run = _analysis_run_class()
+    workdir = out / "runs" / label / f"seed_{seed}"
+    start = time.perf_counter()
+    row: dict[str, Any] = {"label": label, "seed": seed}
+    if exp["kind"] == "routing":
+        cfg = run_config(exp, label, seed)
+        run = Run(cfg, workdir, full_ds)
+        run.run()
+        row.update(run.analyse())
+    else:
+        ph = exp["phases"]
+        cfg_a = run_config(exp, label, seed, {"data.source": phase_paths["first"], "train.steps": ph["first_steps"]})
+        run_a = Run(cfg_a, workdir / "first", full_ds)
+        run_a.run()
+        after_a = run_a.analyse()
+        cfg_b = run_config(exp, label, seed, {"data.source": phase_paths["second"], "train.steps": ph["second_steps"]})
+        run_b = Run(cfg_b, workdir / "second", full_ds, init_state=run_a.state)
+        run_b.run()
+        after_b = run_b.analyse()
+        row.update({k.replace("analysis/", "analysis/first_"): v for k, v in after_a.items()})
+        row.update(after_b)
+        idx = lambda names: [full_ds.domains.index(d) for d in names]
+        first, second = idx(ph["first"]), idx(ph["second"])
+        la, lb = after_a["analysis/domain_loss"], after_b["analysis/domain_loss"]
+        row["forget/first_loss_before"] = float(np.mean(la[first]))
+        row["forget/first_loss_after"] = float(np.mean(lb[first]))
+        row["forget/rise"] = row["forget/first_loss_after"] - row["forget/first_loss_before"]
+        row["forget/second_loss_before"] = float(np.mean(la[second]))
+        row["forget/second_loss_after"] = float(np.mean(lb[second]))
+    row["time_s"] = time.perf_counter() - start
+    row["domains"] = list(full_ds.domains)
+    return jsonable(row)
+
+
+def enable_compile_cache(path: Path) -> None:
+    """JAX's persistent compilation cache: the seeds of one config share their compiles."""
+    import jax
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", str(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def run_experiment(exp: dict, out: Path, seeds=None, only=None, steps=None, log=print) -> list[dict]:
+    """Runs every missing (label, seed) cell, then writes results.md and the plots."""
+    out.mkdir(parents=True, exist_ok=True)
+    if steps is not None:
+        exp = {**exp, "overrides": {**exp["overrides"], "train.steps": steps}}
+        if exp["kind"] == "forgetting":
+            exp["phases"] = {**exp["phases"], "first_steps": steps, "second_steps": steps}
+    labels = [l for l in exp["runs"] if only is None or l in only]
+    seeds = seeds or exp["seeds"]
+    results_path = out / "results.jsonl"
+    done = {}
+    if results_path.exists():
+        for line in results_path.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["label"], r["seed"])] = r
+    probe = run_config(exp, labels[0], seeds[0])
+    full_ds = full_dataset(probe)
+    phase_paths = write_phase_data(probe, exp["phases"], out / "data") if exp["kind"] == "forgetting" else None
+    for label in labels:
+        for seed in seeds:
+            if (label, seed) in done:
+                continue
+            row = run_cell(exp, label, seed, out, full_ds, phase_paths)
+            done[(label, seed)] = row
+            with results_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            log(f"[{exp['name']}] {label} seed {seed}: {row['time_s']:.0f}s " + _short(row))
+    rows = [done[(l, s)] for l in labels for s in seeds]
+    (out / "results.md").write_text(markdown_table(exp, rows) + "\n")
+    make_plots(exp, rows, out)
+    return rows
+
+
+def _short(row: dict) -> str:
+    keys = ("analysis/loss", "analysis/avg_k", "forget/rise")
+    return " ".join(f"{k.split('/')[-1]}={row[k]:.3f}" for k in keys if isinstance(row.get(k), float))
+
+
+# ------------------------------------------------------------------------- reporting
+
+def _mean_std(values) -> str:
+    v = [float(np.mean(x)) for x in values if x is not None and np.all(np.isfinite(np.asarray(x, float)))]
+    if not v:
+        return "-"
+    return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+
+
+def table_columns(kind: str) -> list[tuple[str, str]]:
+    if kind == "forgetting":
+        return [("first domains: loss after phase 1", "forget/first_loss_before"),
+                ("after phase 2", "forget/first_loss_after"), ("rise", "forget/rise"),
+                ("second domains: loss after phase 1", "forget/second_loss_before"),
+                ("after phase 2", "forget/second_loss_after"), ("avg_k", "analysis/avg_k"),
+                ("NMI (mean over layers)", "analysis/nmi")]
+    return [("eval loss", "analysis/loss"), ("avg_k", "analysis/avg_k"),
+            ("gate acc (unmasked)", "analysis/gate_acc_unmasked"), ("NMI (mean over layers)", "analysis/nmi"),
+            ("time (s)", "time_s")]
+
+
+def markdown_table(exp: dict, rows: list[dict]) -> str:
+    """Mean ± std over seeds of each label (a `-` where a metric does not apply)."""
+    cols = table_columns(exp["kind"])
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"`{exp['name']}`: mean ± std over seeds {seeds}", "",
+             "| run | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for label in labels:
+        mine = [r for r in rows if r["label"] == label]
+        lines.append(f"| {label} | " + " | ".join(_mean_std([r.get(k) for r in mine]) for _, k in cols) + " |")
+    if exp["kind"] == "routing" and rows and "analysis/domain_loss" in rows[0]:
+        doms = rows[0]["domains"]
+        lines += ["", "Eval loss per domain:", "", "| run | " + " | ".join(doms) + " |", "|---" * (len(doms) + 1) + "|"]
+        for label in labels:
+            mine = [r for r in rows if r["label"] == label]
+            lines.append(f"| {label} | " + " | ".join(
+                _mean_std([r["analysis/domain_loss"][i] for r in mine]) for i in range(len(doms))) + " |")
+    return "\n".join(lines)
+
+
+def make_plots(exp: dict, rows: list[dict], out: Path) -> list[Path]:
+    """Bar charts of the table's metrics, training curves, domain x expert shares (seed 0)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from train.logging import read_metrics
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    cols = [c for c in table_columns(exp["kind"]) if c[1] != "time_s"]
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.6), squeeze=False)
+    for ax, (title, key) in zip(axes[0], cols):
+        for i, label in enumerate(labels):
+            v = [float(np.mean(r[key])) for r in rows if r["label"] == label and r.get(key) is not None]
+            if v:
+                ax.bar(i, np.mean(v), yerr=np.std(v) if len(v) > 1 else None, capsize=3)
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    written = [plots / "metrics.png"]
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    # Curves from each run's metrics.jsonl (seed-averaged where the steps agree).
+    sub = ["first", "second"] if exp["kind"] == "forgetting" else [""]
+    keys = [("train/main_loss", "train loss"), ("moe/avg_k", "avg_k"), ("analysis/loss", "held-out loss, all domains")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], keys):
+        for label in labels:
+            xs, ys, offset = [], [], 0
+            for part in sub:
+                curves = [[(r["step"], r[key]) for r in read_metrics(out / "runs" / label / f"seed_{s}" / part)
+                           if r.get(key) is not None] for s in sorted({r["seed"] for r in rows})]
+                curves = [c for c in curves if c]
+                if curves:
+                    n = min(len(c) for c in curves)
+                    xs += [offset + c[0] for c in curves[0][:n]]
+                    ys += list(np.mean([[v for _, v in c[:n]] for c in curves], axis=0))
+                    offset = xs[-1]
+            if xs:
+                ax.plot(xs, ys, label=label, marker="." if key.startswith("analysis") else None)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    written.append(plots / "curves.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    shares = [(r["label"], np.asarray(r["analysis/domain_expert_share"], float)) for r in rows
+              if r["seed"] == rows[0]["seed"] and r.get("analysis/domain_expert_share") is not None]
+    if shares:
+        n_layers = shares[0][1].shape[0]
+        fig, axes = plt.subplots(n_layers, len(shares), figsize=(2.6 * len(shares), 2.2 * n_layers), squeeze=False)
+        for j, (label, s) in enumerate(shares):
+            for l in range(n_layers):
+                ax = axes[l][j]
+                ax.imshow(s[l], vmin=0, vmax=1, cmap="viridis", aspect="auto")
+                ax.set_yticks(range(len(rows[0]["domains"])), rows[0]["domains"] if j == 0 else [], fontsize=6)
+                ax.set_xticks([])
+                ax.set_title(f"{label} L{l}", fontsize=7)
+        fig.suptitle("share of each domain's (token, expert) pairs per expert", fontsize=8)
+        fig.tight_layout()
+        written.append(plots / "domain_expert.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+# ------------------------------------------------------------------------- CLI
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="onn-experiment", description="Run a grid of configs x seeds.")
+    p.add_argument("experiment", help="experiment file with get_experiment(), e.g. configs/experiments/routing.py")
+    p.add_argument("--out", default=None, help="output dir (default runs/experiments/<name>)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds instead of the file's")
+    p.add_argument("--only", default=None, help="comma-separated run labels to run")
+    p.add_argument("--steps", type=int, default=None, help="train.steps (and both phase lengths) for every run")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="JAX persistent compilation cache (default OUT/jax_cache; 'none': off)")
+    a = p.parse_args(argv)
+    try:
+        exp = load_experiment(a.experiment)
+        only = a.only.split(",") if a.only else None
+        if only and set(only) - set(exp["runs"]):
+            raise ExperimentError(f"--only: unknown labels {sorted(set(only) - set(exp['runs']))}; "
+                                  f"known: {list(exp['runs'])}")
+        seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else None
+        out = Path(a.out or Path("runs") / "experiments" / exp["name"])
+        if a.compile_cache != "none":
+            enable_compile_cache(Path(a.compile_cache or out / "jax_cache"))
+        from train.loop import TrainError
+        try:
+            run_experiment(exp, out, seeds, only, a.steps)
+        except TrainError as e:
+            raise ExperimentError(str(e)) from e
+    except (ExperimentError, ConfigLoadError) as e:
+        print(f"onn-experiment: error: {e}", file=sys.stderr)
+        return 2
+    print(f"results: {out / 'results.md'}\n" + (out / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
