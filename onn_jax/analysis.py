@@ -44,6 +44,22 @@ def gate_accuracy(pre_NxE: jax.Array, surprise_NxE: jax.Array,
     return hits / jnp.maximum(count, 1.0)
 
 
+def surprise_target_counts(surprise_NxE: jax.Array, mask_NxE: jax.Array,
+                           token_mask_N: jax.Array | None = None):
+    """(inactive [], per-expert [E]): how often the hard gate target argmin S is an inactive
+    expert, and how often each expert is the target, over counted tokens.
+
+    With the faithful S = w |g| every token that has an inactive expert gets the first
+    inactive expert as its target, and a token with g = 0 gets expert 0.
+    """
+    w = _token_weights(surprise_NxE.shape[0], token_mask_N)
+    target_N = jnp.argmin(surprise_NxE, axis=-1)
+    active_N = jnp.take_along_axis(mask_NxE, target_N[:, None], axis=-1)[:, 0]
+    hist_E = jnp.einsum("ne,n->e", jax.nn.one_hot(target_N, surprise_NxE.shape[-1], dtype=jnp.float32), w,
+                        precision=jax.lax.Precision.HIGHEST)
+    return jnp.sum(w * (~active_N).astype(jnp.float32)), hist_E
+
+
 def domain_expert_counts(mask_NxE: jax.Array, domain_N: jax.Array, num_domains: int,
                          token_mask_N: jax.Array | None = None) -> jax.Array:
     """[D, E] number of (token, active expert) pairs per token domain and expert.

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from onn_jax.analysis import (avg_k_from_counts, domain_expert_counts, domain_loss_sums, domain_means,
-                              domain_token_counts, gate_accuracy, gate_hits, nmi_from_counts)
+                              domain_token_counts, gate_accuracy, gate_hits, nmi_from_counts,
+                              surprise_target_counts)
 
 
 def test_gate_accuracy_counts_only_unmasked_tokens():
@@ -75,3 +76,15 @@ def test_domain_loss_sums_and_means():
     np.testing.assert_allclose(counts, [0.0, 5.0, 0.0])
     means = domain_means(sums, counts)
     assert np.isnan(means[0]) and np.isnan(means[2]) and float(means[1]) == 4.0
+
+
+def test_surprise_target_counts_inactive_targets_and_histogram():
+    s = jnp.array([[0.0, 0.3, 0.0], [0.2, 0.1, 0.5], [0.0, 0.0, 0.0], [0.4, 0.3, 0.9]])
+    mask = jnp.array([[0, 1, 0], [1, 1, 1], [1, 1, 0], [1, 1, 0]], bool)
+    # argmin S = 0 (inactive), 1 (active), 0 (active; g = 0 row), 1 (active).
+    inactive, hist = surprise_target_counts(s, mask)
+    assert float(inactive) == 1.0
+    np.testing.assert_array_equal(hist, [2, 2, 0])
+    inactive, hist = surprise_target_counts(s, mask, jnp.array([1.0, 0.0, 0.0, 1.0]))
+    assert float(inactive) == 1.0
+    np.testing.assert_array_equal(hist, [1, 1, 0])

@@ -150,10 +150,13 @@ def make_analysis_step(model_cfg, num_domains: int):
         if surprise_fn is not None:
             (d_taps,) = pullback(jnp.ones_like(main))
             unmasked = batch["loss_mask"].reshape(-1)
-            hits = [an.gate_hits(r.router.pre, surprise_fn(surprise_inputs(r, d)), unmasked)
-                    for r, d in zip(records, d_taps)]
+            s = [surprise_fn(surprise_inputs(r, d)) for r, d in zip(records, d_taps)]
+            hits = [an.gate_hits(r.router.pre, s_, unmasked) for r, s_ in zip(records, s)]
             out["gate_hits"] = jnp.stack([h for h, _ in hits])
             out["gate_count"] = jnp.stack([c for _, c in hits])
+            targets = [an.surprise_target_counts(s_, r.router.mask, unmasked) for r, s_ in zip(records, s)]
+            out["target_inactive"] = jnp.stack([i for i, _ in targets])
+            out["target_hist"] = jnp.stack([h for _, h in targets])
         return out
 
     return jax.jit(step)
@@ -178,7 +181,11 @@ def analyse(step, params, batches, domains: Sequence[str]) -> dict[str, Any]:
         m["analysis/nmi"] = np.asarray(an.nmi_from_counts(counts), np.float64)
         m["analysis/domain_expert_share"] = counts / np.maximum(counts.sum(-1, keepdims=True), 1.0)
     if "gate_hits" in sums:
-        m["analysis/gate_acc_unmasked"] = sums["gate_hits"] / np.maximum(sums["gate_count"], 1.0)
+        count = np.maximum(sums["gate_count"], 1.0)  # [L] unmasked tokens
+        m["analysis/gate_acc_unmasked"] = sums["gate_hits"] / count
+        m["analysis/target_inactive_frac"] = sums["target_inactive"] / count
+        m["analysis/target_share"] = sums["target_hist"] / count[:, None]  # [L, E]
+        m["analysis/target_expert0"] = m["analysis/target_share"][:, 0]
     return m
 
 
@@ -335,8 +342,10 @@ def table_columns(kind: str) -> list[tuple[str, str]]:
                 ("after phase 2", "forget/second_loss_after"), ("avg_k", "analysis/avg_k"),
                 ("NMI (mean over layers)", "analysis/nmi")]
     return [("eval loss", "analysis/loss"), ("avg_k", "analysis/avg_k"),
-            ("gate acc (unmasked)", "analysis/gate_acc_unmasked"), ("NMI (mean over layers)", "analysis/nmi"),
-            ("time (s)", "time_s")]
+            ("gate acc (unmasked)", "analysis/gate_acc_unmasked"),
+            ("target inactive (unmasked)", "analysis/target_inactive_frac"),
+            ("target = expert 0", "analysis/target_expert0"),
+            ("NMI (mean over layers)", "analysis/nmi"), ("time (s)", "time_s")]
 
 
 def markdown_table(exp: dict, rows: list[dict]) -> str:
