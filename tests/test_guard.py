@@ -1,0 +1,100 @@
+"""Non-finite guard: a poisoned batch or poisoned params leave the state unchanged and are counted;
+a finite step equals the unguarded step; the sharded guarded step equals the 1-device one."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from onn_jax.config import MeshConfig, OptimConfig
+from onn_jax.guard import SKIPPED, all_finite, make_guarded_step
+from onn_jax.sharding import make_mesh, shard_batch, sharded_init
+from onn_jax.step import init_state, make_optimizer, make_train_step
+from tests.helpers import random_batch, tiny_config
+
+CFG = tiny_config(num_layers=1)
+TX = make_optimizer(OptimConfig())
+
+
+def fresh_state():
+    return init_state(CFG, TX, jax.random.key(0))
+
+
+def host(tree):
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def poisoned(batch):
+    """loss_mask NaN -> main loss sum(ce * NaN) / max(sum NaN, 1) = NaN, and NaN gradients."""
+    return dict(batch, loss_mask=jnp.full_like(batch["loss_mask"], jnp.nan))
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_all_finite():
+    assert bool(all_finite({"a": jnp.ones(3), "b": jnp.arange(3)}))
+    assert not bool(all_finite({"a": jnp.ones(3), "b": jnp.array([1.0, jnp.inf])}))
+    assert not bool(all_finite([jnp.array([jnp.nan])]))
+
+
+def test_poisoned_batch_leaves_state_unchanged_then_training_continues():
+    step = make_guarded_step(CFG, TX, donate=False)
+    plain = make_train_step(CFG, TX, donate=False)
+    s0 = fresh_state()
+    before = host(s0)
+    s1, m1 = step(s0, poisoned(random_batch(0)))
+    assert int(m1[SKIPPED]) == 1 and not np.isfinite(float(m1["train/total_loss"]))
+    assert int(s1.step) == 1  # the counter counts batches consumed
+    assert_trees_equal(host(s1.params), before.params)
+    assert_trees_equal(host(s1.opt_state), before.opt_state)  # AdamW's count did not advance
+    # the next (good) step equals the unguarded step from the untouched state
+    good = random_batch(1)
+    s2, m2 = step(s1, good)
+    ref, mref = plain(fresh_state(), good)
+    assert int(m2[SKIPPED]) == 0 and int(s2.step) == 2
+    np.testing.assert_allclose(float(m2["train/main_loss"]), float(mref["train/main_loss"]), rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(s2.params), jax.tree.leaves(ref.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(jax.tree.leaves(s2.params)[0], jax.tree.leaves(before.params)[0])
+
+
+def test_poisoned_params_are_never_updated():
+    step = make_guarded_step(CFG, TX, donate=False)
+    s = fresh_state()
+    emb = s.params["embed"]["embedding"].at[3, 0].set(jnp.inf)
+    s = s.replace(params={**s.params, "embed": {**s.params["embed"], "embedding": emb}})
+    before = host(s)
+    for i in range(2):
+        s, m = step(s, random_batch(i))
+        assert int(m[SKIPPED]) == 1
+    assert_trees_equal(host(s.params), before.params)
+
+
+def test_finite_step_is_the_unguarded_step_and_donates():
+    step = make_guarded_step(CFG, TX)  # donating
+    s = fresh_state()
+    s, m = step(s, random_batch(2))
+    ref, mref = make_train_step(CFG, TX)(fresh_state(), random_batch(2))
+    assert int(m[SKIPPED]) == 0
+    for k in mref:
+        np.testing.assert_allclose(np.asarray(m[k]), np.asarray(mref[k]), rtol=1e-6, err_msg=k)
+    old = fresh_state()
+    step(old, random_batch(3))
+    assert jax.tree.leaves(old.params)[0].is_deleted()  # the old state was donated
+
+
+def test_sharded_guarded_step_matches_one_device():
+    """8 forced CPU devices, data x expert = 2 x 4: the same skips and the same update."""
+    mesh = make_mesh(MeshConfig(data=2, expert=4), jax.devices()[:8])
+    step8 = make_guarded_step(CFG, TX, mesh)
+    step1 = make_guarded_step(CFG, TX)
+    s8, s1 = sharded_init(CFG, TX, jax.random.key(0), mesh), fresh_state()
+    for batch in (poisoned(random_batch(4, batch=8)), random_batch(5, batch=8)):
+        s8, m8 = step8(s8, shard_batch(dict(batch), mesh))
+        s1, m1 = step1(s1, batch)
+        assert int(m8[SKIPPED]) == int(m1[SKIPPED])
+    assert int(m8[SKIPPED]) == 0
+    for x, y in zip(jax.tree.leaves(s8.params), jax.tree.leaves(s1.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
