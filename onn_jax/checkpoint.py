@@ -20,6 +20,7 @@ orbax is imported lazily, so the rest of onn_jax works where it is not installed
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, Mapping
@@ -28,6 +29,7 @@ import jax
 import numpy as np
 
 STATE, META = "state", "meta"
+TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's temporary folder names: <step>.orbax-checkpoint-tmp-<n>
 EXPORT_PARAMS, EXPORT_META = "params", "export.json"
 
 
@@ -157,11 +159,18 @@ class Checkpointer:
         if read_only and not os.path.isdir(self.directory):
             raise CheckpointError(f"no checkpoint directory {self.directory}")
         # Saving cadence is decided in `save` (orbax would also save the first step it sees).
+        # A save interrupted by a crash leaves a temporary folder (never a step folder: orbax
+        # commits by an atomic rename); a writable manager removes such folders on opening.
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=0 if read_only else 1, max_to_keep=None if read_only else keep,
-            enable_async_checkpointing=async_save, read_only=read_only, create=not read_only)
+            enable_async_checkpointing=async_save, read_only=read_only, create=not read_only,
+            cleanup_tmp_directories=not read_only)
         self.save_every = save_every
-        self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers(ocp))
+        self.interrupted = [] if read_only else interrupted_saves(self.directory)
+        try:
+            self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers(ocp))
+        except OSError as e:
+            raise CheckpointError(f"cannot open checkpoint directory {self.directory}: {e}") from e
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
@@ -198,12 +207,30 @@ class Checkpointer:
     def saved_shapes(self, step: int | None = None) -> dict[str, Any]:
         """Flat {path: array metadata (shape, dtype)} of the saved state."""
         step = self.resolve_step(step)
-        return _ocp().tree.to_flat_dict(self._mgr.item_metadata(step)[STATE], sep="/")
+        with self._reading(step):
+            return _ocp().tree.to_flat_dict(self._mgr.item_metadata(step)[STATE], sep="/")
 
     def restore_meta(self, step: int | None = None) -> dict:
         ocp = _ocp()
         step = self.resolve_step(step)
-        return self._mgr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+        with self._reading(step):
+            meta = self._mgr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{self.directory}/{step}/{META}: expected a JSON object")
+        return meta
+
+    @contextlib.contextmanager
+    def _reading(self, step: int):
+        """Turns a failure to read step's files (missing, truncated, garbled) into a
+        CheckpointError naming the step folder and what to do."""
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except Exception as e:  # orbax/tensorstore raise many kinds for damaged files
+            raise CheckpointError(f"cannot read checkpoint {self.directory}/{step} ({type(e).__name__}: "
+                                  f"{str(e)[:300]}); it is damaged: move it away to resume from the "
+                                  f"previous one ({self.all_steps()})") from e
 
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
         """(state, meta) of `step` (default: the latest) restored into `target`.
@@ -214,8 +241,9 @@ class Checkpointer:
         ocp = _ocp()
         step = self.resolve_step(step)
         check_shapes(self.saved_shapes(step), target, f"{self.directory} step {step}")
-        out = self._mgr.restore(step, args=ocp.args.Composite(
-            **{STATE: _restore_args(target), META: ocp.args.JsonRestore()}))
+        with self._reading(step):
+            out = self._mgr.restore(step, args=ocp.args.Composite(
+                **{STATE: _restore_args(target), META: ocp.args.JsonRestore()}))
         return out[STATE], out[META]
 
     def restore_params(self, target_params: Any = None, step: int | None = None) -> tuple[Any, dict]:
@@ -232,8 +260,9 @@ class Checkpointer:
                 raise CheckpointError(f"{where}: the checkpoint holds no params")
         target = {"params": target_params}
         check_shapes(saved, target, where, partial=True)
-        out = self._mgr.restore(step, args=ocp.args.Composite(
-            **{STATE: _restore_args(target, partial=True), META: ocp.args.JsonRestore()}))
+        with self._reading(step):
+            out = self._mgr.restore(step, args=ocp.args.Composite(
+                **{STATE: _restore_args(target, partial=True), META: ocp.args.JsonRestore()}))
         return out[STATE]["params"], out[META]
 
     def wait(self) -> None:
@@ -249,6 +278,15 @@ class Checkpointer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def interrupted_saves(directory: str | os.PathLike) -> list[str]:
+    """Names of the temporary folders that interrupted saves left in `directory`."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(n for n in names if TMP_MARK in n and os.path.isdir(os.path.join(directory, n)))
 
 
 def _tree_from_flat(flat: Mapping[str, Any]) -> dict:

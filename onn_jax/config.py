@@ -265,6 +265,8 @@ class DataConfig:
     eval_fraction: share of records held out for the evaluation split.
     pack: pack several records of one domain per row (else one record per row, padded).
     seed: corpus generation and shuffling seed.
+    strict: a record longer than seq_len + 1 tokens is an error naming its file and line
+      (default: it is cut to its first seq_len + 1 tokens).
     """
 
     source: str = "builtin"
@@ -275,10 +277,13 @@ class DataConfig:
     eval_fraction: float = 0.05
     pack: bool = True
     seed: int = 0
+    strict: bool = False
 
     def __post_init__(self):
         p = "data."
-        _check(isinstance(self.pack, bool), p + "pack", f"must be a bool, got {self.pack!r}")
+        for name in ("pack", "strict"):
+            v = getattr(self, name)
+            _check(isinstance(v, bool), p + name, f"must be a bool, got {v!r}")
         for name in ("source", "tokenizer"):
             v = getattr(self, name)
             _check(isinstance(v, str) and v != "", p + name, f"must be a non-empty string, got {v!r}")
@@ -301,6 +306,9 @@ class TrainConfig:
     sample_every: steps between sample generations (0 = only at the end).
     sample_prompt, sample_tokens: the prompt of the greedy sample and its length in new tokens.
     progress: show the tqdm progress bar.
+    max_skipped_in_a_row: a step whose loss or gradients are not finite is skipped (state
+      unchanged, counted in train/skipped_steps); this many skipped in a row stop the run
+      with a checkpoint.
     """
 
     steps: int = 1000
@@ -312,10 +320,11 @@ class TrainConfig:
     sample_prompt: str = "What is 12 + 7?"
     sample_tokens: int = 48
     progress: bool = True
+    max_skipped_in_a_row: int = 10
 
     def __post_init__(self):
         p = "train."
-        for name in ("steps", "log_every", "eval_batches", "sample_tokens"):
+        for name in ("steps", "log_every", "eval_batches", "sample_tokens", "max_skipped_in_a_row"):
             _positive_int(getattr(self, name), p + name)
         for name in ("eval_every", "sample_every", "seed"):
             v = getattr(self, name)

@@ -135,10 +135,15 @@ def load_records(paths: Sequence[str | os.PathLike], chunk_chars: int = 1000) ->
     """Records of several files: `.jsonl` files are chat, anything else plain text."""
     records = []
     for p in paths:
+        if os.path.isdir(p):
+            raise DataError(os.fspath(p), None, "is a directory; expected a .jsonl or text file")
         if not os.path.isfile(p):
             raise DataError(os.fspath(p), None, "file not found")
         is_chat = os.fspath(p).endswith(".jsonl")
-        records += load_chat_jsonl(p) if is_chat else load_text(p, chunk_chars)
+        try:
+            records += load_chat_jsonl(p) if is_chat else load_text(p, chunk_chars)
+        except OSError as e:
+            raise DataError(os.fspath(p), None, f"cannot read: {e.strerror or e}") from None
     return records
 
 

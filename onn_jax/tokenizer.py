@@ -89,14 +89,14 @@ class HFTokenizer:
 
     def __init__(self, path: str | os.PathLike, pad_token: str | None = None,
                  bos_token: str | None = None, eos_token: str | None = None):
+        path = os.fspath(path)
+        if not os.path.isfile(path):  # checked first: the clearer error when both apply
+            raise FileNotFoundError(f"{path}: tokenizer file not found")
         try:
             import tokenizers  # optional dependency, imported only here
         except ImportError as e:
             raise ImportError("loading a tokenizer.json needs the `tokenizers` package: "
                               "pip install tokenizers") from e
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: tokenizer file not found")
         self.path = path
         self._tok = tokenizers.Tokenizer.from_file(path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)

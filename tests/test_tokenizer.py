@@ -56,8 +56,11 @@ def test_encode_chat_masks_prompt_exactly():
 
 def test_hf_missing_package_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # makes `import tokenizers` fail
+    (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(ImportError, match="pip install tokenizers"):
         load_tokenizer(tmp_path / "tokenizer.json")
+    with pytest.raises(FileNotFoundError, match="none.json: tokenizer file not found"):
+        load_tokenizer(tmp_path / "none.json")  # a missing file is named first
 
 
 def _word_level(path, vocab):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -45,17 +46,23 @@ def mean_metrics(rows: Iterable[Mapping[str, Any]]) -> dict[str, np.ndarray]:
             for k in rows[0]}
 
 
-def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
-    """All rows of WORKDIR/metrics.jsonl (empty if the file does not exist)."""
+def read_metrics(workdir: str | Path, torn_tail_ok: bool = False) -> list[dict[str, Any]]:
+    """All rows of WORKDIR/metrics.jsonl (empty if the file does not exist).
+
+    torn_tail_ok: drop a malformed last line without its newline (a write cut by a kill)."""
     path = Path(workdir) / METRICS_FILE
     if not path.exists():
         return []
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
+                if torn_tail_ok and n == len(lines) and not text.endswith("\n"):
+                    break
                 raise ValueError(f"{path}:{n}: malformed JSON line: {e}") from None
     return rows
 
@@ -67,8 +74,11 @@ class MetricsWriter:
         self.path = Path(workdir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():  # keep rows before the resume point only
-            kept = [r for r in read_metrics(workdir) if r.get("step", 0) < resume_step] if resume_step else []
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            kept = ([r for r in read_metrics(workdir, torn_tail_ok=True) if r.get("step", 0) < resume_step]
+                    if resume_step else [])
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)  # atomic: a kill never leaves it half rewritten
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard:

@@ -9,8 +9,10 @@ data iterator position are restored, so the continuation equals an uninterrupted
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,12 @@ from onn_jax import sharding
 from onn_jax.config import Config, ConfigError, MeshConfig, to_dict
 from onn_jax.corpus import build_corpus
 from onn_jax.data import DataError, Dataset, load_records
+from onn_jax.guard import SKIPPED, make_guarded_step
 from onn_jax.step import make_optimizer
 from onn_jax.tokenizer import encode_chat, load_tokenizer
+from onn_jax.workdir import WorkdirBusy, WorkdirLock
 from train.evaluate import evaluate, make_eval_step
+from train.faults import Faults
 from train.logging import MetricsWriter, Progress, mean_metrics
 from train.plot import make_dashboards
 
@@ -35,6 +40,10 @@ CONFIG_FILE, CHECKPOINT_DIR = "config.json", "checkpoints"
 
 class TrainError(RuntimeError):
     """A run cannot start or continue; the message says why (field, file or checkpoint)."""
+
+
+class TrainStopped(RuntimeError):
+    """The run stopped on purpose (too many non-finite steps in a row) after a checkpoint."""
 
 
 def build_dataset(cfg: Config) -> Dataset:
@@ -52,7 +61,7 @@ def build_dataset(cfg: Config) -> Dataset:
             records = build_corpus(seed=d.seed, records_per_domain=d.records_per_domain)
         else:
             records = load_records([p.strip() for p in d.source.split(",") if p.strip()])
-        return Dataset(records, tok, d.seq_len, d.eval_fraction, pack=d.pack)
+        return Dataset(records, tok, d.seq_len, d.eval_fraction, pack=d.pack, strict=d.strict)
     except DataError as e:
         raise TrainError(f"data.source: {e}") from e
     except ValueError as e:
@@ -71,8 +80,40 @@ def make_mesh(cfg: MeshConfig):
         raise TrainError(str(e)) from e
 
 
+def tokenizer_info(name: str, tok) -> dict:
+    """What a checkpoint records about its tokenizer: name, vocab size and a fingerprint
+    (sha256 of the tokenizer file; "byte" for the byte tokenizer)."""
+    fingerprint = "byte"
+    if name != "byte":
+        with open(name, "rb") as f:
+            fingerprint = hashlib.sha256(f.read()).hexdigest()[:16]
+    return {"name": name, "vocab_size": int(tok.vocab_size), "fingerprint": fingerprint}
+
+
+def check_tokenizer(saved: dict | None, now: dict, where: str) -> None:
+    """TrainError unless the checkpoint's tokenizer is this run's (vocab size, fingerprint)."""
+    if not saved:
+        return
+    same_vocab = saved.get("vocab_size") == now["vocab_size"]
+    same_file = saved.get("fingerprint", now["fingerprint"]) == now["fingerprint"]
+    if not (same_vocab and same_file):
+        raise TrainError(f"data.tokenizer: {where} was trained with tokenizer {saved.get('name')!r} "
+                         f"(vocab {saved.get('vocab_size')}), but this run uses {now['name']!r} "
+                         f"(vocab {now['vocab_size']}{'' if same_file else ', another vocabulary'}); "
+                         "use the checkpoint's tokenizer or a new --workdir")
+
+
+def config_diff(saved: Any, now: Any, prefix: str) -> list[str]:
+    """`field saved -> now` for every leaf that differs between two config dicts."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(saved) | set(now))
+                for d in config_diff(saved.get(k), now.get(k), f"{prefix}.{k}")]
+    return [] if saved == now else [f"{prefix} {saved!r} -> {now!r}"]
+
+
 def sample(params: Any, cfg: Config, tok, prompt: str, max_new_tokens: int) -> str:
-    """Greedy continuation of `prompt` as a user turn (the reply the model would give)."""
+    """Greedy continuation of `prompt` as a user turn (the reply the model would give); the new
+    tokens are clamped to the room model.max_len leaves after the prompt (as onn-generate does)."""
     from onn_jax.generate import generate
     ids, _ = encode_chat(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
     room = cfg.model.max_len - len(ids)
@@ -84,11 +125,20 @@ def sample(params: Any, cfg: Config, tok, prompt: str, max_new_tokens: int) -> s
 
 
 class Run:
-    """One invocation of the loop; attributes hold what the summary reports."""
+    """One invocation of the loop; attributes hold what the summary reports.
+
+    Everything that can be checked is checked before anything in the workdir is written:
+    config, data, tokenizer, mesh, the workdir lock, the checkpoint's tokenizer, shapes and
+    data position. Call close() (train() does) to release the workdir lock.
+    """
 
     def __init__(self, cfg: Config, workdir: str | Path):
         self.cfg, self.workdir = cfg, Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.lock, self.ckpt = None, None
+        try:
+            self.faults = Faults()
+        except ValueError as e:
+            raise TrainError(str(e)) from e
         self.ds = build_dataset(cfg)
         self.tok = self.ds.tokenizer
         self.mesh = make_mesh(cfg.mesh)
@@ -96,13 +146,55 @@ class Run:
             sharding.check_batch(cfg.data.batch_size, self.mesh)
         except ConfigError as e:
             raise TrainError(f"data.batch_size: {e.message}") from e
+        created = self._open_workdir()
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            if created:  # leave no empty workdir behind a run that never started
+                try:
+                    os.rmdir(self.workdir)
+                except OSError:
+                    pass
+            raise
+
+    def _open_workdir(self) -> bool:
+        """Creates the workdir (True if it was new) and takes its lock (process 0)."""
+        w = self.workdir
+        created = not w.exists()
+        try:
+            w.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise TrainError(f"--workdir {w}: exists and is not a directory") from None
+        except OSError as e:
+            raise TrainError(f"--workdir {w}: cannot create it ({e.strerror or e})") from None
+        if jax.process_index() == 0:
+            try:
+                self.lock = WorkdirLock(w).acquire()
+            except WorkdirBusy as e:
+                raise TrainError(str(e)) from None
+            except OSError as e:
+                raise TrainError(f"--workdir {w}: not writable ({e.strerror or e})") from None
+            if self.lock.stale:
+                print(f"onn-train: note: took over the lock of a process that ended without releasing "
+                      f"it ({self.lock.stale})", flush=True)
+        return created
+
+    def _setup(self) -> None:
+        cfg = self.cfg
         self.tx = make_optimizer(cfg.optim)
-        self.step_fn = sharding.make_sharded_train_step(cfg.model, self.tx, self.mesh)
+        self.step_fn = make_guarded_step(cfg.model, self.tx, self.mesh)
         self.eval_fn = make_eval_step(cfg.model, len(self.ds.domains))
-        self.ckpt = None
         if cfg.checkpoint.enabled:
-            self.ckpt = ckpt_lib.Checkpointer(self.workdir / CHECKPOINT_DIR, save_every=cfg.checkpoint.every,
-                                              keep=cfg.checkpoint.keep)
+            try:
+                self.ckpt = ckpt_lib.Checkpointer(self.workdir / CHECKPOINT_DIR, save_every=cfg.checkpoint.every,
+                                                  keep=cfg.checkpoint.keep)
+            except ckpt_lib.CheckpointError as e:
+                raise TrainError(str(e)) from e
+            for name in self.ckpt.interrupted:
+                print(f"onn-train: note: removing {self.workdir / CHECKPOINT_DIR / name}, left by an "
+                      "interrupted checkpoint save", flush=True)
+        self.skipped_total, self.skipped_in_a_row = 0, 0
         self.state, data_state = self._init_or_restore()
         self.start_step = int(jax.device_get(self.state.step))
         pi, pc = jax.process_index(), jax.process_count()
@@ -112,26 +204,58 @@ class Run:
             if process_batch_rows(self.mesh, cfg.data.batch_size) != slice(pi * per, (pi + 1) * per):
                 raise TrainError("mesh: this process's devices do not hold batch rows "
                                  f"{pi * per}:{(pi + 1) * per}; order the mesh by process")
-        self.data_iter = self.ds.train_iter(cfg.data.batch_size, cfg.data.seed, pi, pc, data_state)
-        (self.workdir / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        try:
+            self.data_iter = self.ds.train_iter(cfg.data.batch_size, cfg.data.seed, pi, pc, data_state)
+        except ValueError as e:
+            raise TrainError(f"data: cannot continue from the data position of checkpoint step "
+                             f"{self.start_step} ({e}); did data.source, data.seq_len or data.pack "
+                             "change? Use the run's data, or a new --workdir") from e
+        try:
+            self.writer = MetricsWriter(self.workdir, resume_step=self.start_step + 1 if self.start_step else 0)
+        except ValueError as e:
+            raise TrainError(f"cannot append to the run's metrics: {e}") from e
+        tmp = self.workdir / (CONFIG_FILE + ".tmp")
+        tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        os.replace(tmp, self.workdir / CONFIG_FILE)  # atomic: a kill never leaves half a file
+
+    def close(self) -> None:
+        """Releases the workdir lock (idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _init_or_restore(self):
         rng = jax.random.key(self.cfg.train.seed)
         latest = self.ckpt.latest_step() if self.ckpt is not None else None
         if latest is None:
             return sharding.sharded_init(self.cfg.model, self.tx, rng, self.mesh), None
+        where = f"checkpoint {self.workdir / CHECKPOINT_DIR / str(latest)}"
+        try:
+            meta = self.ckpt.restore_meta(latest)
+        except ckpt_lib.CheckpointError as e:
+            raise TrainError(f"cannot resume: {e}") from e
+        check_tokenizer(meta.get("tokenizer"), tokenizer_info(self.cfg.data.tokenizer, self.tok), where)
         target = sharding.abstract_state(self.cfg.model, self.tx, self.mesh)
         try:
-            state, meta = self.ckpt.restore(target)
+            state, meta = self.ckpt.restore(target, latest)
         except ckpt_lib.CheckpointError as e:
+            diff = config_diff((meta.get("config") or {}).get("model"), to_dict(self.cfg.model), "model")
+            if diff:
+                raise TrainError(f"{diff[0].split()[0]}: the model config differs from the one of {where} "
+                                 f"({'; '.join(diff)}), and the parameter shapes do not match: {e}. "
+                                 "Resume with the checkpoint's model config, or use a new --workdir") from e
             raise TrainError(f"cannot resume from {self.workdir / CHECKPOINT_DIR}: {e}") from e
+        guard = meta.get("guard") or {}
+        self.skipped_total = int(guard.get("skipped_steps", 0))
+        self.skipped_in_a_row = int(guard.get("skipped_in_a_row", 0))
         return state, (meta or {}).get("data")
 
     def _meta(self) -> dict:
-        tok = {"name": self.cfg.data.tokenizer, "vocab_size": self.tok.vocab_size}
+        tok = tokenizer_info(self.cfg.data.tokenizer, self.tok)
+        guard = {"skipped_steps": self.skipped_total, "skipped_in_a_row": self.skipped_in_a_row}
         return ckpt_lib.make_meta(config=to_dict(self.cfg), data_state=self.data_iter.state(),
                                   rng=jax.random.key(self.cfg.train.seed), tokenizer=tok,
-                                  domains=list(self.ds.domains))
+                                  domains=list(self.ds.domains), guard=guard)
 
     def _batch(self):
         host = next(self.data_iter)
@@ -155,21 +279,43 @@ class Run:
         theta = [p[f"block_{i}"]["moe"]["thresholds"] for i in range(self.cfg.model.num_layers)]
         return {"moe/thresholds": np.asarray(jax.device_get(jax.nn.sigmoid(jnp.stack(theta))))}
 
+    def _account(self, step: int, flag: Any) -> None:
+        """Counts step's guard flag; TrainStopped-worthy when too many were skipped in a row."""
+        if int(jax.device_get(flag)):
+            self.skipped_total += 1
+            self.skipped_in_a_row += 1
+            self.bar.write(f"step {step}: loss or gradients not finite; update skipped "
+                           f"({self.skipped_in_a_row} in a row, {self.skipped_total} in all)")
+        else:
+            self.skipped_in_a_row = 0
+
+    def _log_row(self, pending: list, step: int) -> dict[str, Any]:
+        """Means of the pending step metrics over the steps that were not skipped."""
+        host = jax.device_get(pending)
+        good = [m for m in host if not int(m[SKIPPED])] or host
+        row = mean_metrics({k: v for k, v in m.items() if k != SKIPPED} for m in good)
+        row["train/skipped"] = float(np.mean([int(m[SKIPPED]) for m in host]))
+        row["train/skipped_steps"] = self.skipped_total
+        return row
+
     def run(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-        writer = MetricsWriter(self.workdir, resume_step=self.start_step + 1 if self.start_step else 0)
-        bar = Progress(t.steps, self.start_step, enabled=t.progress)
+        writer = self.writer
+        bar = self.bar = Progress(t.steps, self.start_step, enabled=t.progress)
         if self.start_step:
             bar.write(f"resuming from step {self.start_step} ({self.workdir / CHECKPOINT_DIR})")
         if self.start_step >= t.steps:
             bar.write(f"already at step {self.start_step} >= train.steps = {t.steps}: nothing to train")
         pending, first_loss, last, compile_logged = [], None, {}, False
         interval_start, interval_steps = time.perf_counter(), 0
-        step = self.start_step
+        step, flag = self.start_step, None  # flag: (step, device 0/1) not yet counted
         while step < t.steps:
             self.state, metrics = self.step_fn(self.state, self._batch())
             step += 1
+            if flag is not None:  # read one step late, so the host never waits on the device
+                self._account(*flag)
+            flag = (step, metrics[SKIPPED])
             pending.append(metrics)
             interval_steps += 1
             bar.update()
@@ -178,10 +324,14 @@ class Run:
                 compile_s = time.perf_counter() - interval_start
                 interval_start, interval_steps = time.perf_counter(), 0
             every = lambda n: n > 0 and step % n == 0
-            do_eval = every(t.eval_every) or step == t.steps
-            do_sample = every(t.sample_every) and step != t.steps  # the end always samples
-            if every(t.log_every) or step in (1, t.steps) or do_eval or do_sample:  # 1: initial loss
-                row = mean_metrics(jax.device_get(pending))
+            stop = self.skipped_in_a_row >= t.max_skipped_in_a_row
+            do_eval = (every(t.eval_every) or step == t.steps) and not stop
+            do_sample = every(t.sample_every) and step != t.steps and not stop  # the end always samples
+            if every(t.log_every) or step in (1, t.steps) or do_eval or do_sample or stop:  # 1: initial loss
+                self._account(*flag)
+                flag = None
+                stop = self.skipped_in_a_row >= t.max_skipped_in_a_row
+                row = self._log_row(pending, step)
                 pending = []
                 elapsed = time.perf_counter() - interval_start
                 if interval_steps:
@@ -201,8 +351,13 @@ class Run:
                 first_loss = last.get("train/main_loss") if first_loss is None else first_loss
                 bar.show(last)
                 interval_start, interval_steps = time.perf_counter(), 0
+            if stop:
+                self._stop(step)
             if self.ckpt is not None and (step % cfg.checkpoint.every == 0 or step == t.steps):
                 self.ckpt.save(step, self.state, self._meta(), force=step == t.steps)
+            self.faults.after_step(step, self.ckpt)
+        if flag is not None:
+            self._account(*flag)
         bar.close()
         if self.ckpt is not None:
             self.ckpt.close()  # waits for the asynchronous saves
@@ -211,7 +366,23 @@ class Run:
         writer.close()
         plots = make_dashboards(self.workdir) if (self.workdir / "metrics.jsonl").exists() else []
         return {"workdir": str(self.workdir), "start_step": self.start_step, "step": step,
-                "first_loss": first_loss, "last": last, "sample": text, "plots": [str(p) for p in plots]}
+                "first_loss": first_loss, "last": last, "sample": text, "plots": [str(p) for p in plots],
+                "skipped_steps": self.skipped_total}
+
+    def _stop(self, step: int) -> None:
+        """Too many non-finite steps in a row: checkpoint (the last finite state) and stop."""
+        n, where = self.skipped_in_a_row, "no checkpoint (checkpoint.enabled is false)"
+        if self.ckpt is not None:
+            self.ckpt.save(step, self.state, self._meta(), force=True)
+            self.ckpt.close()
+            where = f"a checkpoint at step {step} in {self.workdir / CHECKPOINT_DIR}"
+        self.bar.close()
+        self.writer.close()
+        raise TrainStopped(
+            f"{n} steps in a row (up to step {step}) had a non-finite loss or gradients "
+            f"(train.max_skipped_in_a_row = {self.cfg.train.max_skipped_in_a_row}); the parameters are "
+            f"those of the last finite step, saved as {where}. Lower optim.lr, set optim.clip_norm, or "
+            f"check the data before position {self.data_iter.state()}; rerunning resumes past these batches")
 
     def _sample(self) -> str:
         return sample(self.state.params, self.cfg, self.tok, self.cfg.train.sample_prompt,
@@ -219,8 +390,14 @@ class Run:
 
 
 def train(cfg: Config, workdir: str | Path, quiet: bool = False) -> dict[str, Any]:
-    """Runs (or resumes) training in `workdir`; prints where everything went and a sample."""
-    summary = Run(cfg, workdir).run()
+    """Runs (or resumes) training in `workdir`; prints where everything went and a sample.
+
+    Raises TrainError (bad input, workdir in use) or TrainStopped (too many non-finite steps)."""
+    run = Run(cfg, workdir)
+    try:
+        summary = run.run()
+    finally:
+        run.close()
     if not quiet:
         print(report(summary, cfg))
     return summary
@@ -230,6 +407,8 @@ def report(summary: dict[str, Any], cfg: Config) -> str:
     """The end-of-run text: losses, outputs and the sample generation."""
     w, last = Path(summary["workdir"]), summary["last"]
     lines = [f"trained steps {summary['start_step']} -> {summary['step']}"]
+    if summary.get("skipped_steps"):
+        lines.append(f"skipped steps (non-finite loss or gradients): {summary['skipped_steps']}")
     if summary["first_loss"] is not None and last.get("train/main_loss") is not None:
         lines.append(f"main loss {summary['first_loss']:.4f} (first log) -> {last['train/main_loss']:.4f}")
     if last.get("eval/main_loss") is not None:

@@ -4,7 +4,9 @@
 
 DIR (default runs/<config name>) receives config.json, checkpoints/, metrics.jsonl, tb/ and
 plots/. When DIR already holds checkpoints the run resumes from the latest one (parameters,
-optimizer, step and data position), continuing up to train.steps.
+optimizer, step and data position), continuing up to train.steps. One trainer per DIR (a
+lock file); exit code 2 for bad input (config, data, tokenizer, checkpoint, workdir), 3 when
+train.max_skipped_in_a_row steps in a row were not finite.
 """
 from __future__ import annotations
 
@@ -31,15 +33,17 @@ def parse_args(argv: Sequence[str]):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    """Exit codes: 0 done, 2 bad input or workdir in use (one line on stderr, no traceback),
+    3 stopped after train.max_skipped_in_a_row non-finite steps (with a checkpoint)."""
     try:
+        args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         cfg = load(args.config, overrides)
     except ConfigLoadError as e:
         print(f"onn-train: config error: {e}", file=sys.stderr)
         return 2
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
     from onn_jax.distributed import initialize_distributed
-    from train.loop import TrainError, train
+    from train.loop import TrainError, TrainStopped, train
     try:
         initialize_distributed()  # no-op for one process; joins a multi-host launch otherwise
     except ValueError as e:
@@ -50,6 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainError as e:
         print(f"onn-train: error: {e}", file=sys.stderr)
         return 2
+    except TrainStopped as e:
+        print(f"onn-train: stopped: {e}", file=sys.stderr)
+        return 3
     return 0
 
 
