@@ -176,7 +176,8 @@ def analyse(step, params, batches, domains: Sequence[str]) -> dict[str, Any]:
          "analysis/domain_loss": np.asarray(an.domain_means(sums["loss_sum"], sums["loss_tokens"]))}
     if "counts" in sums:
         counts = sums["counts"]  # [L, D, E]
-        m["analysis/avg_k"] = float(counts.sum() / counts.shape[0] / max(sums["tokens"].sum(), 1.0))
+        m["analysis/layer_avg_k"] = counts.sum((1, 2)) / max(sums["tokens"].sum(), 1.0)  # [L]
+        m["analysis/avg_k"] = float(m["analysis/layer_avg_k"].mean())
         m["analysis/domain_avg_k"] = np.asarray(an.avg_k_from_counts(counts, sums["tokens"])).mean(0)
         m["analysis/nmi"] = np.asarray(an.nmi_from_counts(counts), np.float64)
         m["analysis/domain_expert_share"] = counts / np.maximum(counts.sum(-1, keepdims=True), 1.0)
@@ -328,9 +329,13 @@ def _short(row: dict) -> str:
 # ------------------------------------------------------------------------- reporting
 
 def _mean_std(values) -> str:
-    v = [float(np.mean(x)) for x in values if x is not None and np.all(np.isfinite(np.asarray(x, float)))]
+    """'mean ± std' over seeds; per-layer lists give 'layer0 / layer1 / ...' seed means."""
+    v = [np.asarray(x, float) for x in values if x is not None and np.all(np.isfinite(np.asarray(x, float)))]
     if not v:
         return "-"
+    if v[0].ndim == 1 and v[0].size > 1:
+        return " / ".join(f"{m:.2f}" for m in np.mean(v, axis=0))
+    v = [float(np.mean(x)) for x in v]
     return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
 
 
@@ -340,12 +345,12 @@ def table_columns(kind: str) -> list[tuple[str, str]]:
                 ("after phase 2", "forget/first_loss_after"), ("rise", "forget/rise"),
                 ("second domains: loss after phase 1", "forget/second_loss_before"),
                 ("after phase 2", "forget/second_loss_after"), ("avg_k", "analysis/avg_k"),
-                ("NMI (mean over layers)", "analysis/nmi")]
-    return [("eval loss", "analysis/loss"), ("avg_k", "analysis/avg_k"),
+                ("NMI per layer", "analysis/nmi")]
+    return [("eval loss", "analysis/loss"), ("avg_k", "analysis/avg_k"), ("avg_k per layer", "analysis/layer_avg_k"),
             ("gate acc (unmasked)", "analysis/gate_acc_unmasked"),
             ("target inactive (unmasked)", "analysis/target_inactive_frac"),
             ("target = expert 0", "analysis/target_expert0"),
-            ("NMI (mean over layers)", "analysis/nmi"), ("time (s)", "time_s")]
+            ("NMI per layer", "analysis/nmi"), ("time (s)", "time_s")]
 
 
 def markdown_table(exp: dict, rows: list[dict]) -> str:
@@ -353,7 +358,8 @@ def markdown_table(exp: dict, rows: list[dict]) -> str:
     cols = table_columns(exp["kind"])
     labels = list(dict.fromkeys(r["label"] for r in rows))
     seeds = sorted({r["seed"] for r in rows})
-    lines = [f"`{exp['name']}`: mean ± std over seeds {seeds}", "",
+    lines = [f"`{exp['name']}`: mean ± std over seeds {seeds}; per-layer columns: seed means "
+             "of layer 0 / layer 1 / ...", "",
              "| run | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for label in labels:
         mine = [r for r in rows if r["label"] == label]
@@ -386,7 +392,8 @@ def make_plots(exp: dict, rows: list[dict], out: Path) -> list[Path]:
             if v:
                 ax.bar(i, np.mean(v), yerr=np.std(v) if len(v) > 1 else None, capsize=3)
         ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
-        ax.set_title(title, fontsize=8)
+        vector = any(np.ndim(r.get(key)) for r in rows if r.get(key) is not None)
+        ax.set_title(title + (" (mean over layers)" if vector else ""), fontsize=8)
     fig.tight_layout()
     written = [plots / "metrics.png"]
     fig.savefig(written[-1], dpi=110)

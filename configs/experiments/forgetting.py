@@ -17,6 +17,6 @@ def get_experiment():
     exp = _routing.get_experiment()
     exp.update(name="forgetting", kind="forgetting", seeds=[0, 1],
                phases={"first": ["arithmetic", "strings"], "second": ["brackets", "prose"],
-                       "first_steps": 200, "second_steps": 200})
-    exp["overrides"] = {**exp["overrides"], "train.eval_every": 50}
+                       "first_steps": 400, "second_steps": 400})
+    exp["overrides"] = {**exp["overrides"], "train.eval_every": 100}
     return exp
