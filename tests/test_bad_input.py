@@ -1,0 +1,260 @@
+"""Bad input to onn-train: each case exits with code 2 and one `onn-train: ...` line on stderr
+naming the field, file and line; no traceback; nothing in the existing workdir (a trained run
+of configs/tiny.py) is overwritten, deleted or added (sha256 of every file, before and after)."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("orbax.checkpoint")
+
+from train.main import main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.py")
+FAST = ["--config.train.steps=4", "--config.checkpoint.every=2", "--config.train.eval_every=0",
+        "--config.train.sample_tokens=2", "--config.train.log_every=2"]
+
+
+def tree_hash(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """An existing workdir: 4 steps of configs/tiny.py, checkpoints at steps 2 and 4."""
+    workdir = tmp_path_factory.mktemp("trained")
+    assert main(["--config", TINY, "--workdir", str(workdir), *FAST]) == 0
+    return workdir
+
+
+def onn_train_fails(capsys, workdir: Path, *args: str, config: str = TINY) -> str:
+    """Runs onn-train on `workdir`; asserts exit 2, one message line, no traceback and an
+    unchanged workdir; returns the message."""
+    before = tree_hash(workdir) if workdir.is_dir() else None
+    capsys.readouterr()
+    argv = (["--config", config] if config else []) + ["--workdir", str(workdir), *FAST, *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("onn-train:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    if before is not None:
+        assert tree_hash(workdir) == before
+    return lines[0]
+
+
+def write(path: Path, text: str | bytes) -> str:
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return str(path)
+
+
+CHAT = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+
+
+# ---------------------------------------------------------------- the config (file and overrides)
+
+@pytest.mark.parametrize("override, expected", [
+    ("--config.model.moe.num_expert=3", "--config.model.moe.num_expert: unknown key 'model.moe.num_expert'"),
+    ("--config.train.steps=ten", "--config.train.steps=ten: expected an integer"),
+    ("--config.train.steps=2.5", "--config.train.steps=2.5: must be an integer, got float 2.5"),
+    ("--config.model.num_heads=3", "--config.model.num_heads=3: must divide hidden (32), got 3"),
+    ("--config.model.moe.fallback_k=5", "--config.model.moe.fallback_k=5: must be <= num_experts (4), got 5"),
+    ("--config.model.moe.w_kl=-1", "--config.model.moe.w_kl=-1: must be >= 0, got -1"),
+    ("--config.optim.lr=0", "--config.optim.lr=0: must be > 0"),
+    ("--config.data.seq_len=128", "--config.data.seq_len=128: must be <= model.max_len (64)"),
+    ("--config.model.moe.router=topany", "--config.model.moe.router=topany: must be one of ['surprise', 'topk', 'dense']"),
+    ("--config.data.pack=maybe", "--config.data.pack=maybe: expected a bool"),
+    ("--config.data.eval_fraction=1.5", "--config.data.eval_fraction=1.5: must be < 1, got 1.5"),
+    ("--config.train.max_skipped_in_a_row=0", "--config.train.max_skipped_in_a_row=0: must be > 0"),
+    ("--config.model", "--config.model: override needs a value"),
+    ("--config.model=3", "'model' is a section of"),
+])
+def test_bad_override(capsys, trained, override, expected):
+    msg = onn_train_fails(capsys, trained, override)
+    assert msg.startswith("onn-train: config error:") and expected in msg, msg
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("c.model.moe.num_expert = 3", "model.moe.num_expert: unknown key"),
+    ("c.train.steps = 'ten'", "get_config() failed: TypeError: Could not override field 'steps'"),
+    ("c = dict(c.to_dict(), train=dict(c.train.to_dict(), eval_batches='two'))",
+     "train.eval_batches: must be an integer, got str 'two'"),
+    ("c.model.moe.w_ce = -0.5", "model.moe.w_ce: must be >= 0, got -0.5"),
+])
+def test_bad_value_in_config_file_names_file_and_line(capsys, trained, tmp_path, body, expected):
+    text = ("from configs.tiny import get_config as tiny\n\n\ndef get_config():\n    c = tiny()\n"
+            f"    {body}\n    return c\n")
+    cfg = write(tmp_path / "bad.py", text)
+    msg = onn_train_fails(capsys, trained, config=cfg)
+    assert f"{cfg}:6: {expected}" in msg, msg
+
+
+def test_config_file_missing_or_broken(capsys, trained, tmp_path):
+    assert f"{tmp_path / 'none.py'}: config file not found" in onn_train_fails(
+        capsys, trained, config=str(tmp_path / "none.py"))
+    cfg = write(tmp_path / "broken.py", "def get_config():\n    return {'model': {\n")
+    assert f"{cfg}:2: cannot load config file: SyntaxError" in onn_train_fails(capsys, trained, config=cfg)
+
+
+def test_missing_config_flag_is_a_usage_error(capsys, trained):
+    with pytest.raises(SystemExit) as e:
+        main(["--workdir", str(trained)])
+    assert e.value.code == 2 and "--config" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- data and tokenizer
+
+def test_missing_data_file(capsys, trained, tmp_path):
+    msg = onn_train_fails(capsys, trained, f"--config.data.source={tmp_path / 'none.jsonl'}")
+    assert f"data.source: {tmp_path / 'none.jsonl'}: file not found" in msg
+
+
+def test_data_source_is_a_directory(capsys, trained, tmp_path):
+    msg = onn_train_fails(capsys, trained, f"--config.data.source={tmp_path}")
+    assert f"data.source: {tmp_path}: is a directory" in msg
+
+
+@pytest.mark.parametrize("lines, line_no, expected", [
+    ([CHAT, '{"messages": [\n'], 2, "malformed JSON"),
+    ([CHAT, CHAT, '{"messages": [{"role": "user", "content": "only a question"}]}\n'], 3,
+     "no assistant message: nothing to train on"),
+    (['{"messages": [{"role": "bot", "content": "x"}]}\n'], 1, "messages[0] has unknown role 'bot'"),
+    ([CHAT, '["not", "an", "object"]\n'], 2, "expected a JSON object, got list"),
+    ([CHAT, '{"messages": [{"role": "assistant", "content": 3}]}\n'], 2, 'messages[0] must be an object with a string "content"'),
+])
+def test_bad_jsonl_line(capsys, trained, tmp_path, lines, line_no, expected):
+    data = write(tmp_path / "chat.jsonl", "".join(lines))
+    msg = onn_train_fails(capsys, trained, f"--config.data.source={data}")
+    assert f"data.source: {data}:{line_no}: {expected}" in msg, msg
+
+
+def test_empty_corpus(capsys, trained, tmp_path):
+    data = write(tmp_path / "empty.jsonl", "\n\n")
+    assert f"data.source: {data}: no records (the file is empty)" in onn_train_fails(
+        capsys, trained, f"--config.data.source={data}")
+
+
+def test_invalid_utf8_text(capsys, trained, tmp_path):
+    data = write(tmp_path / "book.txt", b"fine line\n\xff\xfe broken\n")
+    assert f"data.source: {data}:2: invalid UTF-8" in onn_train_fails(capsys, trained, f"--config.data.source={data}")
+
+
+def test_sequence_longer_than_the_maximum_in_strict_mode(capsys, trained, tmp_path):
+    long = '{"messages": [{"role": "assistant", "content": "' + "x" * 40 + '"}]}\n'
+    data = write(tmp_path / "chat.jsonl", CHAT + long + CHAT)
+    msg = onn_train_fails(capsys, trained, f"--config.data.source={data}", "--config.data.strict=true",
+                          "--config.data.seq_len=16", "--config.data.eval_fraction=0")
+    assert f"data.source: {data}:2: record has 43 tokens, more than seq_len + 1 = 17" in msg, msg
+
+
+def test_tokenizer_file_not_found(capsys, trained, tmp_path):
+    msg = onn_train_fails(capsys, trained, f"--config.data.tokenizer={tmp_path / 'tok.json'}")
+    assert f"data.tokenizer: {tmp_path / 'tok.json'}: tokenizer file not found" in msg
+
+
+def test_vocab_size_smaller_than_the_tokenizer(capsys, trained):
+    msg = onn_train_fails(capsys, trained, "--config.model.vocab_size=100")
+    assert "model.vocab_size: must be >= the tokenizer's vocab size 262 (byte), got 100" in msg
+
+
+# ---------------------------------------------------------------- the workdir and its checkpoints
+
+def copy_of(trained: Path, tmp_path: Path) -> Path:
+    workdir = tmp_path / "copy"
+    shutil.copytree(trained, workdir)
+    return workdir
+
+
+def test_tokenizer_not_matching_the_checkpoint(capsys, trained, tmp_path):
+    workdir = copy_of(trained, tmp_path)
+    meta_file = workdir / "checkpoints" / "4" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["tokenizer"] = {"name": "other/tokenizer.json", "vocab_size": 300, "fingerprint": "0123abcd"}
+    meta_file.write_text(json.dumps(meta))
+    msg = onn_train_fails(capsys, workdir)
+    assert (f"data.tokenizer: checkpoint {workdir / 'checkpoints' / '4'} was trained with tokenizer "
+            "'other/tokenizer.json' (vocab 300), but this run uses 'byte' (vocab 262") in msg, msg
+
+
+def test_checkpoint_shapes_not_matching_the_config(capsys, trained):
+    msg = onn_train_fails(capsys, trained, "--config.model.hidden=64")
+    assert "onn-train: error: model.hidden: the model config differs" in msg and "model.hidden 32 -> 64" in msg
+    assert "has shape" in msg and "(32," in msg and "(64," in msg, msg
+
+
+def test_damaged_checkpoint(capsys, trained, tmp_path):
+    workdir = copy_of(trained, tmp_path)
+    for p in (workdir / "checkpoints" / "4" / "state").rglob("manifest.ocdbt"):
+        p.write_bytes(b"garbage")
+    msg = onn_train_fails(capsys, workdir)
+    assert f"cannot read checkpoint {workdir / 'checkpoints'}/4" in msg and "damaged" in msg, msg
+
+
+def test_data_position_beyond_the_changed_data(capsys, trained):
+    msg = onn_train_fails(capsys, trained, "--config.data.records_per_domain=2")
+    assert "data: cannot continue from the data position of checkpoint step 4" in msg, msg
+
+
+def test_malformed_metrics_file(capsys, trained, tmp_path):
+    workdir = copy_of(trained, tmp_path)
+    lines = (workdir / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (workdir / "metrics.jsonl").write_text(lines[0] + "{oops\n" + "".join(lines[1:]))
+    msg = onn_train_fails(capsys, workdir)
+    assert f"{workdir / 'metrics.jsonl'}:2: malformed JSON line" in msg, msg
+
+
+def test_workdir_is_a_file(capsys, tmp_path):
+    path = Path(write(tmp_path / "file", "x"))
+    assert f"--workdir {path}: exists and is not a directory" in onn_train_fails(capsys, path)
+    assert path.read_text() == "x"
+
+
+def test_workdir_cannot_be_created(capsys, tmp_path):
+    write(tmp_path / "file", "x")
+    assert f"--workdir {tmp_path / 'file' / 'run'}: cannot create it (Not a directory)" in onn_train_fails(
+        capsys, tmp_path / "file" / "run")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_unwritable_workdir(capsys, trained, tmp_path):
+    workdir = copy_of(trained, tmp_path)
+    workdir.chmod(0o555)
+    try:
+        assert f"--workdir {workdir}: not writable" in onn_train_fails(capsys, workdir)
+    finally:
+        workdir.chmod(0o755)
+
+
+def test_batch_not_divisible_by_the_mesh(capsys, trained):
+    msg = onn_train_fails(capsys, trained, "--config.mesh.data=8", "--config.data.batch_size=4")
+    assert msg.startswith("onn-train: error: data.batch_size:"), msg
+
+
+def test_mesh_larger_than_the_devices(capsys, trained):
+    msg = onn_train_fails(capsys, trained, "--config.mesh.data=16")
+    assert "mesh: data*expert*fsdp = 16*1*1 must equal the device count" in msg, msg
+
+
+def test_a_new_workdir_is_not_left_behind(capsys, tmp_path):
+    onn_train_fails(capsys, tmp_path / "new", "--config.data.source=/nonexistent.jsonl")
+    onn_train_fails(capsys, tmp_path / "new2", "--config.model.hidden=33")
+    assert not (tmp_path / "new").exists() and not (tmp_path / "new2").exists()
+
+
+@pytest.mark.slow
+def test_the_cli_prints_one_line_and_no_traceback(tmp_path):
+    """The real entry point, in a fresh interpreter: exit code 2 and exactly one stderr line."""
+    data = write(tmp_path / "chat.jsonl", CHAT + "{oops\n")
+    out = subprocess.run([sys.executable, "-m", "train.main", "--config", TINY, "--workdir", str(tmp_path / "w"),
+                          f"--config.data.source={data}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [f"onn-train: error: data.source: {data}:2: malformed JSON: "
+                                               "Expecting property name enclosed in double quotes (column 2)"]
