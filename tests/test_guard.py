@@ -1,6 +1,7 @@
 """Non-finite guard: a poisoned batch or poisoned params leave the state unchanged and are counted;
 a finite step equals the unguarded step; the sharded guarded step equals the 1-device one."""
 import jax
+import pytest
 import jax.numpy as jnp
 import numpy as np
 
@@ -39,6 +40,7 @@ def test_all_finite():
     assert not bool(all_finite([jnp.array([jnp.nan])]))
 
 
+@pytest.mark.slow
 def test_poisoned_batch_leaves_state_unchanged_then_training_continues():
     step = make_guarded_step(CFG, TX, donate=False)
     plain = make_train_step(CFG, TX, donate=False)
@@ -60,6 +62,7 @@ def test_poisoned_batch_leaves_state_unchanged_then_training_continues():
     assert not np.allclose(jax.tree.leaves(s2.params)[0], jax.tree.leaves(before.params)[0])
 
 
+@pytest.mark.slow
 def test_poisoned_params_are_never_updated():
     step = make_guarded_step(CFG, TX, donate=False)
     s = fresh_state()
@@ -72,6 +75,7 @@ def test_poisoned_params_are_never_updated():
     assert_trees_equal(host(s.params), before.params)
 
 
+@pytest.mark.slow
 def test_finite_step_is_the_unguarded_step_and_donates():
     step = make_guarded_step(CFG, TX)  # donating
     s = fresh_state()
@@ -85,6 +89,7 @@ def test_finite_step_is_the_unguarded_step_and_donates():
     assert jax.tree.leaves(old.params)[0].is_deleted()  # the old state was donated
 
 
+@pytest.mark.slow
 def test_sharded_guarded_step_matches_one_device():
     """8 forced CPU devices, data x expert = 2 x 4: the same skips and the same update."""
     mesh = make_mesh(MeshConfig(data=2, expert=4), jax.devices()[:8])
@@ -98,3 +103,82 @@ def test_sharded_guarded_step_matches_one_device():
     assert int(m8[SKIPPED]) == 0
     for x, y in zip(jax.tree.leaves(s8.params), jax.tree.leaves(s1.params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- through onn-train
+
+TINY = ["--config", "configs/tiny.py", "--config.train.steps=8", "--config.checkpoint.every=4",
+        "--config.train.eval_every=0", "--config.train.log_every=2", "--config.train.sample_tokens=2"]
+
+
+def poison_steps(monkeypatch, steps):
+    """Makes the loop's batches of the given (1-based) steps NaN-poisoned."""
+    import train.loop
+    original, seen = train.loop.Run._batch, []
+
+    def batch(self):
+        b = original(self)
+        seen.append(len(seen) + 1)
+        return poisoned(b) if seen[-1] in steps else b
+
+    monkeypatch.setattr(train.loop.Run, "_batch", batch)
+
+
+@pytest.mark.slow
+def test_training_skips_poisoned_batches_and_continues(monkeypatch, tmp_path, capsys):
+    from onn_jax.checkpoint import Checkpointer
+    from train.logging import read_metrics
+    from train.main import main
+    poison_steps(monkeypatch, {3, 4, 7})
+    assert main([*TINY, "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "step 3: loss or gradients not finite; update skipped (1 in a row, 1 in all)" in out
+    assert "step 4: loss or gradients not finite; update skipped (2 in a row, 2 in all)" in out
+    assert "skipped steps (non-finite loss or gradients): 3" in out
+    rows = {r["step"]: r for r in read_metrics(tmp_path)}
+    assert [rows[s]["train/skipped_steps"] for s in (2, 4, 6, 8)] == [0, 2, 2, 3]
+    assert rows[4]["train/skipped"] == 1.0 and rows[8]["train/skipped"] == 0.5
+    assert rows[8]["train/main_loss"] is not None  # the mean over the step that was not skipped
+    with Checkpointer(tmp_path / "checkpoints", read_only=True) as ckpt:
+        assert ckpt.restore_meta(8)["guard"] == {"skipped_steps": 3, "skipped_in_a_row": 0}
+        params = ckpt.restore_params(step=8)[0]
+    assert bool(all_finite(params))
+
+
+@pytest.mark.slow
+def test_too_many_skips_in_a_row_stop_with_a_checkpoint(monkeypatch, tmp_path, capsys):
+    from onn_jax.checkpoint import Checkpointer
+    from train.main import main
+    poison_steps(monkeypatch, {3, 4, 5, 6, 7, 8})
+    assert main([*TINY, "--workdir", str(tmp_path), "--config.train.max_skipped_in_a_row=3",
+                 "--config.checkpoint.every=2"]) == 3
+    err = capsys.readouterr().err
+    assert "onn-train: stopped: 4 steps in a row (up to step 6) had a non-finite loss" in err
+    with Checkpointer(tmp_path / "checkpoints", read_only=True) as ckpt:
+        assert ckpt.all_steps()[-1] == 6
+        last, good = ckpt.restore_params(step=6)[0], ckpt.restore_params(step=4)[0]  # keep=2
+        assert ckpt.restore_meta(6)["guard"]["skipped_in_a_row"] == 4  # 3, 4, 5 and 6
+    assert_trees_equal(host(last), host(good))  # steps 5 and 6 changed nothing
+    assert not (tmp_path / ".onn-train.lock").exists()
+
+
+def test_sample_clamps_new_tokens_to_max_len(monkeypatch):
+    """A chat prompt plus train.sample_tokens beyond model.max_len generates what fits."""
+    import importlib
+    gen = importlib.import_module("onn_jax.generate")  # the module (the package re-exports a function)
+    from onn_jax.config import Config, ModelConfig, MoEConfig
+    from onn_jax.model import init_params
+    from onn_jax.tokenizer import ByteTokenizer, encode_chat
+    from train.loop import sample
+    model = ModelConfig(vocab_size=262, hidden=16, num_heads=2, max_len=24,
+                        moe=MoEConfig(num_experts=2, intermediate=8))
+    cfg = Config(model=model, data=Config().data.__class__(seq_len=16))
+    params = init_params(model, jax.random.key(0))
+    tok, prompt = ByteTokenizer(), "What is 2 + 3?"
+    n_prompt = len(encode_chat(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)[0])
+    asked, real = [], gen.generate
+    monkeypatch.setattr(gen, "generate",
+                        lambda *a, **kw: asked.append(kw["max_new_tokens"]) or real(*a, **kw))
+    assert isinstance(sample(params, cfg, tok, prompt, max_new_tokens=100), str)
+    assert asked == [model.max_len - n_prompt]
+    assert "does not fit" in sample(params, cfg, tok, "x" * 30, max_new_tokens=5)
