@@ -84,9 +84,12 @@ def parse_k(text: str | None, num_experts: int) -> int | None:
 
 
 def mode_config(model: ModelConfig, mode: str, k: int | None, capacity_rel: float,
-                surprise: str | None) -> ModelConfig:
+                surprise: str | None, dispatch: str | None = None) -> ModelConfig:
     """The model config a mode runs: the same sizes, a different router / dispatch."""
     m = model.moe
+    if dispatch == "sparse" and mode in ("smk", "plain"):  # capacity_rel * N * k / E slots
+        k_rel = 1.0 if mode == "plain" else (k or m.effective_fallback_k) / m.effective_fallback_k
+        m = dataclasses.replace(m, dispatch="sparse", capacity_factor=m.capacity_factor or capacity_rel * k_rel)
     top_k = k if k is not None else m.top_k
     if mode == "smk":
         moe = m
@@ -191,30 +194,67 @@ def breakdown(model: ModelConfig, params, batch) -> dict[str, float]:
             "grads_ms": time_fn(jax.jit(lambda p: compute_grads(p, batch, model)), params)}
 
 
+def profile_ops(run, top: int, steps: int = 3) -> dict:
+    """Device time per step (ms) of the costliest XLA ops and op kinds, from a jax.profiler trace."""
+    import glob
+    import re
+    import tempfile
+    from collections import Counter
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            for i in range(steps):
+                jax.block_until_ready(run(i))
+        files = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+        data = jax.profiler.ProfileData.from_file(files[0])
+    ops, kinds, seen = Counter(), Counter(), []
+    for plane in data.planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        for line in plane.lines:
+            seen.append(line.name)
+            if line.name == "XLA Ops" or line.name.startswith("Stream"):
+                for ev in line.events:
+                    ops[ev.name] += ev.duration_ns
+                    kinds[re.sub(r"[._]\d+$", "", ev.name)] += ev.duration_ns
+    per_step = lambda c: [[n, round(ns / steps / 1e6, 3)] for n, ns in c.most_common(top)]
+    return {"total_ms": round(sum(ops.values()) / steps / 1e6, 3), "kinds": per_step(kinds),
+            "ops": per_step(ops), "lines": sorted(set(seen))} if ops else {"lines": seen}
+
+
 def measure(name: str, cfg: Config, mode: str, args) -> dict[str, Any]:
     """Compiles and times one mode; returns its JSON record."""
     k = parse_k(args.force_avg_k, cfg.model.moe.num_experts)
-    model = mode_config(cfg.model, mode, k, args.capacity_rel, args.surprise)
+    model = mode_config(cfg.model, mode, k, args.capacity_rel, args.surprise, args.dispatch)
     b, t = cfg.data.batch_size, cfg.data.seq_len
     tx = make_optimizer(cfg.optim)
     state = init_state(model, tx, jax.random.key(args.seed))
     rng = np.random.default_rng(args.seed)
-    batches = [random_batch(rng, b, t, model.vocab_size) for _ in range(2)]
+    batches = [random_batch(rng, b, t, model.vocab_size) for _ in range(4)]
     if k is not None and model.moe.router == "surprise":
         state = state.replace(params=force_thresholds(state.params, model, batches[0]["inputs"], k))
     parts = breakdown(model, state.params, batches[0]) if args.breakdown else {}
-    step = make_train_step(model, tx)
+    step = make_train_step(model, tx, donate=args.evolve)
     t0 = time.perf_counter()
     compiled = step.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t0
+    state0 = state
+
+    def run(i):  # --evolve carries the state (routing drifts); else every step starts from state0
+        nonlocal state
+        new, metrics = compiled(state if args.evolve else state0, batches[i % len(batches)])
+        if args.evolve:
+            state = new
+        return new, metrics
+
     for i in range(args.warmup):
-        state, metrics = compiled(state, batches[i % 2])
+        run(i)
     jax.block_until_ready(state)
     times, avg_k, dropped = [], [], []
     for i in range(args.steps):
         t0 = time.perf_counter()
-        state, metrics = compiled(state, batches[i % 2])
-        jax.block_until_ready((state, metrics))
+        out = run(i)
+        jax.block_until_ready(out)
+        metrics = out[1]
         times.append(time.perf_counter() - t0)
         avg_k.append(float(metrics.get("moe/avg_k", model.moe.top_k)))
         dropped.append(float(metrics.get("moe/dropped_frac", 0.0)))
@@ -243,6 +283,8 @@ def measure(name: str, cfg: Config, mode: str, args) -> dict[str, Any]:
         "main_loss": float(metrics["train/main_loss"]),
     }
     record.update(parts)
+    if args.profile:
+        record["profile_ms_per_step"] = profile_ops(lambda i: run(i), args.profile_top)
     record.update(hlo_stats(compiled))
     return record
 
@@ -265,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--surprise", default=None, help="surprise function for smk/sparse (e.g. output_grad_closed)")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time the forward alone and the gradient without the optimizer")
+    ap.add_argument("--dispatch", choices=("dense", "sparse"), default=None,
+                    help="override the dispatch of smk and plain (sparse capacity as for --mode sparse)")
+    ap.add_argument("--evolve", action="store_true",
+                    help="carry the state from step to step (donated; routing drifts); default: every "
+                         "timed step starts from the same state, so avg_k stays where it was forced")
+    ap.add_argument("--profile", action="store_true", help="add the costliest XLA ops per step (jax.profiler)")
+    ap.add_argument("--profile-top", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-isolate", action="store_true",
                     help="run all modes in this process (peak memory is then cumulative)")

@@ -7,7 +7,10 @@ einsum dispatch would cost N*E*K*C multiply-adds, more than the experts themselv
 
   dispatch  x_ExKxC[e, k] = x[token_ExK[e, k]]              (row N is a zero pad row)
   experts   y_ExKxC = W2_e . act(W1_e . x_ExKxC)             (batched over E, bf16 matmuls)
-  combine   out[t] = sum_{(e,k): token=t} w[t, e] * y[e, k]  (float32 scatter-add)
+  combine   out[t] = sum_e w[t, e] * y[e, slot(t, e)]        (float32; slot K is a zero pad)
+
+Both ends and their custom backwards are gathers: every pair has exactly one slot, so no
+transpose needs a scatter-add (atomics were the cost of the autodiff version on an H100).
 
 With nothing dropped (capacity_factor None: K = N) the output, the Surprise of every
 active pair and all gradients equal the dense path's (tests/test_dispatch.py).
@@ -75,20 +78,57 @@ def slot_expert_outputs(params: dict, x_ExKxC: jax.Array, kind: str = "gelu") ->
     return jnp.einsum("eki,eic->ekc", a_ExKxI, params["w2"].astype(dt))
 
 
+@jax.custom_vjp
 def dispatch_tokens(x_NxC: jax.Array, d: Dispatch) -> jax.Array:
-    """x_ExKxC[e, k] = x[token_ExK[e, k]], zero for empty slots."""
+    """x_ExKxC[e, k] = x[token_ExK[e, k]], zero for empty slots.
+
+    Its backward is a gather (dx[t] = sum_e g[e, slot(t, e)]), not the scatter-add autodiff
+    would emit: each (t, e) pair has one slot, so the transpose needs no atomics.
+    """
     x_pad = jnp.concatenate([x_NxC, jnp.zeros((1, x_NxC.shape[1]), x_NxC.dtype)], axis=0)
     return x_pad[d.token_ExK]
 
 
+def _dispatch_fwd(x_NxC, d):
+    return dispatch_tokens(x_NxC, d), d
+
+
+def _dispatch_bwd(d, g_ExKxC):
+    dx_NxC = jnp.sum(to_pairs(g_ExKxC.astype(jnp.float32), d), axis=1)
+    return dx_NxC.astype(g_ExKxC.dtype), None
+
+
+dispatch_tokens.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+@jax.custom_vjp
 def combine_slots(weights_NxE: jax.Array, y_ExKxC: jax.Array, d: Dispatch) -> jax.Array:
-    """out[t] = sum over the slots of token t of w[t, e] * y[e, k], in float32, [N, C]."""
+    """out[t] = sum_e w[t, e] * y[e, slot(t, e)] over kept pairs, in float32, [N, C].
+
+    Forward and backward are gathers (no scatter-add, no atomics):
+    dy[e, k] = w[token, e] * g[token] and dw[t, e] = <g[t], y[e, slot(t, e)]>.
+    """
+    y_NxExC = to_pairs(y_ExKxC.astype(jnp.float32), d)  # a gather XLA fuses into the sum
+    return jnp.sum(weights_NxE.astype(jnp.float32)[..., None] * y_NxExC, axis=1)
+
+
+def _combine_fwd(weights_NxE, y_ExKxC, d):
+    return combine_slots(weights_NxE, y_ExKxC, d), (weights_NxE, y_ExKxC, d)
+
+
+def _combine_bwd(res, g_NxC):
+    weights_NxE, y_ExKxC, d = res
     n, e = weights_NxE.shape
+    g = g_NxC.astype(jnp.float32)
     w_pad = jnp.concatenate([weights_NxE.astype(jnp.float32), jnp.zeros((1, e), jnp.float32)], axis=0)
+    g_pad = jnp.concatenate([g, jnp.zeros((1, g.shape[1]), jnp.float32)], axis=0)
     w_ExK = w_pad[d.token_ExK, jnp.arange(e)[:, None]]
-    contrib_ExKxC = w_ExK[..., None] * y_ExKxC.astype(jnp.float32)
-    out = jnp.zeros((n + 1, y_ExKxC.shape[-1]), jnp.float32).at[d.token_ExK].add(contrib_ExKxC)
-    return out[:n]
+    dy_ExKxC = (w_ExK[..., None] * g_pad[d.token_ExK]).astype(y_ExKxC.dtype)
+    dw_NxE = jnp.sum(to_pairs(y_ExKxC.astype(jnp.float32), d) * g[:, None, :], axis=-1)
+    return dw_NxE.astype(weights_NxE.dtype), dy_ExKxC, None
+
+
+combine_slots.defvjp(_combine_fwd, _combine_bwd)
 
 
 def to_pairs(a_ExKxC: jax.Array, d: Dispatch) -> jax.Array:
