@@ -2,7 +2,7 @@
 
 Every expert e gets a buffer of K = capacity slots. Active pairs (t, e) take the slots of
 expert e in token order; pairs beyond the capacity are dropped (they add nothing to the
-layer output, and their Surprise is 0). The three steps, all gathers/scatters (a one-hot
+layer output, and their Surprise is 0). The three steps, gathers and batched matmuls (a one-hot
 einsum dispatch would cost N*E*K*C multiply-adds, more than the experts themselves):
 
   dispatch  x_ExKxC[e, k] = x[token_ExK[e, k]]              (row N is a zero pad row)
@@ -10,7 +10,8 @@ einsum dispatch would cost N*E*K*C multiply-adds, more than the experts themselv
   combine   out[t] = sum_e w[t, e] * y[e, slot(t, e)]        (float32; slot K is a zero pad)
 
 Both ends and their custom backwards are gathers: every pair has exactly one slot, so no
-transpose needs a scatter-add (atomics were the cost of the autodiff version on an H100).
+transpose needs a scatter-add; the result is deterministic (no atomics) and was no slower
+than the scatter-add version on an H100 (docs/BENCHMARKS.md).
 
 With nothing dropped (capacity_factor None: K = N) the output, the Surprise of every
 active pair and all gradients equal the dense path's (tests/test_dispatch.py).

@@ -69,6 +69,7 @@ def layer_vjp(params, x, cfg, seed):
     return out, rec, surprise_inputs(rec, grads[2]), grads[:2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("router,kind", [("surprise", "gelu"), ("topk", "swiglu")])
 def test_sparse_layer_equals_dense_when_nothing_is_dropped(router, kind):
     dense = MoEConfig(num_experts=8, intermediate=12, router=router, top_k=3, expert_kind=kind)
@@ -91,6 +92,7 @@ def test_sparse_layer_equals_dense_when_nothing_is_dropped(router, kind):
         np.testing.assert_allclose(np.asarray(a)[mask], np.asarray(b)[mask], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dropped_pairs_add_nothing_and_have_zero_surprise():
     cfg = MoEConfig(num_experts=8, intermediate=12, dispatch="sparse", capacity_factor=0.3)  # K = 7
     params = layer_params(4)
@@ -122,6 +124,7 @@ def test_closed_form_surprise_equals_the_faithful_one_on_the_dense_path():
     assert rel_err(output_grad_closed_surprise(s_in), output_grad_surprise(s_in)) < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moe_kwargs", [{}, {"expert_kind": "swiglu", "fallback_k": 3}])
 def test_sparse_train_gradients_equal_dense(moe_kwargs):
     cfg = tiny_config(num_layers=2, **moe_kwargs)
