@@ -60,6 +60,13 @@ def surprise_target_counts(surprise_NxE: jax.Array, mask_NxE: jax.Array,
     return jnp.sum(w * (~active_N).astype(jnp.float32)), hist_E
 
 
+def fallback_count(pre_NxE: jax.Array, token_mask_N: jax.Array | None = None) -> jax.Array:
+    """Counted tokens of the top-any gate with no expert above its threshold (pre <= 0
+    everywhere), i.e. routed by the top-`fallback_k` fallback."""
+    w = _token_weights(pre_NxE.shape[0], token_mask_N)
+    return jnp.sum(w * (~jnp.any(pre_NxE > 0, axis=-1)).astype(jnp.float32))
+
+
 def domain_expert_counts(mask_NxE: jax.Array, domain_N: jax.Array, num_domains: int,
                          token_mask_N: jax.Array | None = None) -> jax.Array:
     """[D, E] number of (token, active expert) pairs per token domain and expert.

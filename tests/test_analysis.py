@@ -7,7 +7,7 @@ import numpy as np
 
 from onn_jax.analysis import (avg_k_from_counts, domain_expert_counts, domain_loss_sums, domain_means,
                               domain_token_counts, gate_accuracy, gate_hits, nmi_from_counts,
-                              surprise_target_counts)
+                              fallback_count, surprise_target_counts)
 
 
 def test_gate_accuracy_counts_only_unmasked_tokens():
@@ -88,3 +88,9 @@ def test_surprise_target_counts_inactive_targets_and_histogram():
     inactive, hist = surprise_target_counts(s, mask, jnp.array([1.0, 0.0, 0.0, 1.0]))
     assert float(inactive) == 1.0
     np.testing.assert_array_equal(hist, [1, 1, 0])
+
+
+def test_fallback_count_counts_tokens_without_an_expert_above_threshold():
+    pre = jnp.array([[-0.1, 0.2], [-0.3, -0.1], [0.0, -0.2], [0.5, 0.1]])
+    assert float(fallback_count(pre)) == 2.0  # rows 1 and 2 (pre == 0 is not above threshold)
+    assert float(fallback_count(pre, jnp.array([1.0, 1.0, 0.0, 1.0]))) == 1.0

@@ -148,6 +148,8 @@ def make_analysis_step(model_cfg, num_domains: int):
         out["counts"] = jnp.stack([an.domain_expert_counts(r.router.mask, dom_N, num_domains) for r in records])
         out["tokens"] = an.domain_token_counts(dom_N, num_domains)
         if surprise_fn is not None:
+            valid_N = (dom_N >= 0).astype(jnp.float32)
+            out["fallback"] = jnp.stack([an.fallback_count(r.router.pre, valid_N) for r in records])
             (d_taps,) = pullback(jnp.ones_like(main))
             unmasked = batch["loss_mask"].reshape(-1)
             s = [surprise_fn(surprise_inputs(r, d)) for r, d in zip(records, d_taps)]
@@ -187,6 +189,7 @@ def analyse(step, params, batches, domains: Sequence[str]) -> dict[str, Any]:
         m["analysis/target_inactive_frac"] = sums["target_inactive"] / count
         m["analysis/target_share"] = sums["target_hist"] / count[:, None]  # [L, E]
         m["analysis/target_expert0"] = m["analysis/target_share"][:, 0]
+        m["analysis/fallback_frac"] = sums["fallback"] / max(sums["tokens"].sum(), 1.0)  # [L]
     return m
 
 
@@ -349,7 +352,7 @@ def table_columns(kind: str) -> list[tuple[str, str]]:
     return [("eval loss", "analysis/loss"), ("avg_k", "analysis/avg_k"), ("avg_k per layer", "analysis/layer_avg_k"),
             ("gate acc (unmasked)", "analysis/gate_acc_unmasked"),
             ("target inactive (unmasked)", "analysis/target_inactive_frac"),
-            ("target = expert 0", "analysis/target_expert0"),
+            ("target = expert 0", "analysis/target_expert0"), ("fallback tokens", "analysis/fallback_frac"),
             ("NMI per layer", "analysis/nmi"), ("time (s)", "time_s")]
 
 
@@ -387,10 +390,14 @@ def make_plots(exp: dict, rows: list[dict], out: Path) -> list[Path]:
     cols = [c for c in table_columns(exp["kind"]) if c[1] != "time_s"]
     fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.6), squeeze=False)
     for ax, (title, key) in zip(axes[0], cols):
+        lows = []
         for i, label in enumerate(labels):
             v = [float(np.mean(r[key])) for r in rows if r["label"] == label and r.get(key) is not None]
             if v:
                 ax.bar(i, np.mean(v), yerr=np.std(v) if len(v) > 1 else None, capsize=3)
+                lows.append(min(v))
+        if "loss" in key and lows:  # losses differ by little: do not start the axis at 0
+            ax.set_ylim(bottom=0.97 * min(lows))
         ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
         vector = any(np.ndim(r.get(key)) for r in rows if r.get(key) is not None)
         ax.set_title(title + (" (mean over layers)" if vector else ""), fontsize=8)
