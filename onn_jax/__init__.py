@@ -11,6 +11,7 @@ from onn_jax.config import (CheckpointConfig, Config, ConfigError, DataConfig, F
                             to_dict)
 from onn_jax.corpus import build_corpus
 from onn_jax.data import DataError, Dataset, load_records
+from onn_jax.dispatch import Dispatch, expert_capacity, make_dispatch
 from onn_jax.distributed import global_batch, initialize_distributed, process_batch_rows
 from onn_jax.experts import combine, dense_ffn, expert_outputs, gelu_exact
 from onn_jax.gate import RouterOutput, cosine_logits, masked_softmax, top_any_gate, topk_gate
@@ -18,12 +19,13 @@ from onn_jax.generate import generate, generate_batch, generate_tokens, sample_l
 from onn_jax.grad_filter import sigma_filter
 from onn_jax.losses import hybrid_gate_loss, load_balancing_loss, next_token_loss, router_z_loss
 from onn_jax.model import DecodeCache, KVCache, Transformer, init_cache, init_params, model_taps
-from onn_jax.moe import MoERecord, MoETaps, moe_layer, zero_taps
+from onn_jax.moe import MoERecord, MoETaps, layer_taps, moe_layer, surprise_inputs, zero_taps
 from onn_jax.sharding import (abstract_state, batch_sharding, make_mesh, make_sharded_train_step,
                               shard_batch, sharded_init)
 from onn_jax.step import (TrainState, compute_grads, init_state, make_optimizer, make_train_step,
                           train_step)
-from onn_jax.surprise import SURPRISE_FNS, SurpriseInputs, get_surprise_fn, output_grad_surprise
+from onn_jax.surprise import (SURPRISE_FNS, SurpriseInputs, get_surprise_fn, output_grad_closed_surprise,
+                              output_grad_surprise)
 from onn_jax.tokenizer import ByteTokenizer, HFTokenizer, encode_chat, load_tokenizer
 
 __version__ = "0.1.0"

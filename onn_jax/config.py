@@ -63,8 +63,9 @@ class MoEConfig:
     lb_weight, z_weight: Switch load-balancing and router z-loss weights (topk router).
     dispatch: `dense` (faithful reference: every expert on every token) or `sparse`
       (only active pairs, within a per-expert capacity; see onn_jax.dispatch).
-    capacity_factor: sparse capacity per expert = ceil(capacity_factor * N * avg slots / E);
-      None means no pair is ever dropped (capacity N).
+    capacity_factor: sparse capacity per expert = ceil(capacity_factor * N * k_ref / E), with
+      k_ref = top_k for the top-k router and fallback_k (E // 2) for the surprise gate (see
+      onn_jax.dispatch.expert_capacity); None means no pair is ever dropped (capacity N).
     """
 
     num_experts: int = 32

@@ -144,7 +144,7 @@ def train_step(state: TrainState, batch: Batch, cfg: ModelConfig, tx: optax.Grad
     grads, metrics = compute_grads(state.params, batch, cfg, surprise_fn)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["train/grad_norm"] = optax.global_norm(grads)
+    metrics["train/grad_norm"] = optax.tree.norm(grads)
     filt = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SigmaFilterState))
             if isinstance(s, SigmaFilterState)]
     if filt:
