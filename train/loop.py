@@ -9,7 +9,6 @@ data iterator position are restored, so the continuation equals an uninterrupted
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -30,6 +29,7 @@ from onn_jax.guard import SKIPPED, make_guarded_step
 from onn_jax.step import make_optimizer
 from onn_jax.tokenizer import encode_chat, load_tokenizer
 from onn_jax.workdir import WorkdirBusy, WorkdirLock
+from train.compat import config_diff, tokenizer_info, tokenizer_mismatch
 from train.evaluate import evaluate, make_eval_step
 from train.faults import Faults
 from train.logging import MetricsWriter, Progress, mean_metrics
@@ -78,37 +78,6 @@ def make_mesh(cfg: MeshConfig):
         return sharding.make_mesh(cfg, devices)
     except ConfigError as e:
         raise TrainError(str(e)) from e
-
-
-def tokenizer_info(name: str, tok) -> dict:
-    """What a checkpoint records about its tokenizer: name, vocab size and a fingerprint
-    (sha256 of the tokenizer file; "byte" for the byte tokenizer)."""
-    fingerprint = "byte"
-    if name != "byte":
-        with open(name, "rb") as f:
-            fingerprint = hashlib.sha256(f.read()).hexdigest()[:16]
-    return {"name": name, "vocab_size": int(tok.vocab_size), "fingerprint": fingerprint}
-
-
-def check_tokenizer(saved: dict | None, now: dict, where: str) -> None:
-    """TrainError unless the checkpoint's tokenizer is this run's (vocab size, fingerprint)."""
-    if not saved:
-        return
-    same_vocab = saved.get("vocab_size") == now["vocab_size"]
-    same_file = saved.get("fingerprint", now["fingerprint"]) == now["fingerprint"]
-    if not (same_vocab and same_file):
-        raise TrainError(f"data.tokenizer: {where} was trained with tokenizer {saved.get('name')!r} "
-                         f"(vocab {saved.get('vocab_size')}), but this run uses {now['name']!r} "
-                         f"(vocab {now['vocab_size']}{'' if same_file else ', another vocabulary'}); "
-                         "use the checkpoint's tokenizer or a new --workdir")
-
-
-def config_diff(saved: Any, now: Any, prefix: str) -> list[str]:
-    """`field saved -> now` for every leaf that differs between two config dicts."""
-    if isinstance(saved, dict) and isinstance(now, dict):
-        return [d for k in sorted(set(saved) | set(now))
-                for d in config_diff(saved.get(k), now.get(k), f"{prefix}.{k}")]
-    return [] if saved == now else [f"{prefix} {saved!r} -> {now!r}"]
 
 
 def sample(params: Any, cfg: Config, tok, prompt: str, max_new_tokens: int) -> str:
@@ -234,7 +203,9 @@ class Run:
             meta = self.ckpt.restore_meta(latest)
         except ckpt_lib.CheckpointError as e:
             raise TrainError(f"cannot resume: {e}") from e
-        check_tokenizer(meta.get("tokenizer"), tokenizer_info(self.cfg.data.tokenizer, self.tok), where)
+        mismatch = tokenizer_mismatch(meta.get("tokenizer"), tokenizer_info(self.cfg.data.tokenizer, self.tok), where)
+        if mismatch:
+            raise TrainError(mismatch)
         target = sharding.abstract_state(self.cfg.model, self.tx, self.mesh)
         try:
             state, meta = self.ckpt.restore(target, latest)
@@ -299,6 +270,13 @@ class Run:
         return row
 
     def run(self) -> dict[str, Any]:
+        """Trains up to train.steps; releases the workdir lock when done (or failed)."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         writer = self.writer

@@ -1,0 +1,37 @@
+"""Does a checkpoint fit this run? Its tokenizer (vocab size, file fingerprint) and its model config."""
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+
+def tokenizer_info(name: str, tok) -> dict:
+    """What a checkpoint records about its tokenizer: name, vocab size and a fingerprint
+    (sha256 of the tokenizer file; "byte" for the byte tokenizer)."""
+    fingerprint = "byte"
+    if name != "byte":
+        with open(name, "rb") as f:
+            fingerprint = hashlib.sha256(f.read()).hexdigest()[:16]
+    return {"name": name, "vocab_size": int(tok.vocab_size), "fingerprint": fingerprint}
+
+
+def tokenizer_mismatch(saved: dict | None, now: dict, where: str) -> str | None:
+    """Why the checkpoint's tokenizer is not this run's (vocab size, fingerprint), or None."""
+    if not saved:
+        return None
+    same_vocab = saved.get("vocab_size") == now["vocab_size"]
+    same_file = saved.get("fingerprint", now["fingerprint"]) == now["fingerprint"]
+    if not (same_vocab and same_file):
+        return (f"data.tokenizer: {where} was trained with tokenizer {saved.get('name')!r} "
+                f"(vocab {saved.get('vocab_size')}), but this run uses {now['name']!r} "
+                f"(vocab {now['vocab_size']}{'' if same_file else ', another vocabulary'}); "
+                "use the checkpoint's tokenizer or a new --workdir")
+    return None
+
+
+def config_diff(saved: Any, now: Any, prefix: str) -> list[str]:
+    """`field saved -> now` for every leaf that differs between two config dicts."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(saved) | set(now))
+                for d in config_diff(saved.get(k), now.get(k), f"{prefix}.{k}")]
+    return [] if saved == now else [f"{prefix} {saved!r} -> {now!r}"]
