@@ -17,6 +17,7 @@ from onn_jax.experts import combine, dense_ffn, expert_outputs, gelu_exact
 from onn_jax.gate import RouterOutput, cosine_logits, masked_softmax, top_any_gate, topk_gate
 from onn_jax.generate import generate, generate_batch, generate_tokens, sample_logits, top_p_filter
 from onn_jax.grad_filter import sigma_filter
+from onn_jax.guard import guarded_train_step, make_guarded_step
 from onn_jax.losses import hybrid_gate_loss, load_balancing_loss, next_token_loss, router_z_loss
 from onn_jax.model import DecodeCache, KVCache, Transformer, init_cache, init_params, model_taps
 from onn_jax.moe import MoERecord, MoETaps, layer_taps, moe_layer, surprise_inputs, zero_taps
