@@ -53,21 +53,9 @@ def make_guarded_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, 
                       surprise_fn: str | Callable | None = None, donate: bool = True) -> Callable:
     """The jitted guarded step. With a mesh: the shardings of
     onn_jax.sharding.make_sharded_train_step (state in/out, batch, replicated metrics)."""
-    fn = functools.partial(guarded_train_step, cfg=model_cfg, tx=tx, surprise_fn=surprise_fn)
-    donate_argnums = (0,) if donate else ()
     if mesh is None:
-        return jax.jit(fn, donate_argnums=donate_argnums)
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from onn_jax import sharding
-    from onn_jax.step import init_state
-    shape = jax.eval_shape(functools.partial(init_state, model_cfg, tx), jax.random.key(0))
-    st = sharding.state_shardings(shape, mesh)
-
-    def step(state, batch):
-        sharding.check_batch(jax.tree.leaves(batch)[0].shape[0], mesh)
-        with sharding.activation_rules(mesh):
-            return fn(state, batch)
-
-    return jax.jit(step, in_shardings=(st, sharding.batch_sharding(mesh)),
-                   out_shardings=(st, NamedSharding(mesh, P())), donate_argnums=donate_argnums)
+        fn = functools.partial(guarded_train_step, cfg=model_cfg, tx=tx, surprise_fn=surprise_fn)
+        return jax.jit(fn, donate_argnums=(0,) if donate else ())
+    from onn_jax.sharding import make_sharded_train_step
+    return make_sharded_train_step(model_cfg, tx, mesh, surprise_fn=surprise_fn, donate=donate,
+                                   step_fn=guarded_train_step)

@@ -249,20 +249,22 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 
 def make_sharded_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
                             rules: Rules = RULES, surprise_fn: str | Callable | None = None,
-                            donate: bool = True) -> Callable:
-    """step.train_step jitted on `mesh`: `(state, batch) -> (state, metrics)`.
+                            donate: bool = True, step_fn: Callable | None = None) -> Callable:
+    """step.train_step (or `step_fn` with its signature) jitted on `mesh`:
+    `(state, batch) -> (state, metrics)`.
 
     State in and out with `state_shardings`, the batch with `batch_sharding`, metrics
     replicated; the old state is donated. The same function as step.make_train_step.
     """
     from onn_jax.step import init_state, train_step
+    step_fn = step_fn or train_step
     shape = jax.eval_shape(functools.partial(init_state, model_cfg, tx), jax.random.key(0))
     st = state_shardings(shape, mesh, rules)
 
     def step(state, batch):
         check_batch(jax.tree.leaves(batch)[0].shape[0], mesh, rules)
         with activation_rules(mesh, rules):
-            return train_step(state, batch, model_cfg, tx, surprise_fn)
+            return step_fn(state, batch, model_cfg, tx, surprise_fn)
 
     return jax.jit(step, in_shardings=(st, batch_sharding(mesh, rules)),
                    out_shardings=(st, NamedSharding(mesh, P())),
