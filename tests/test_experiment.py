@@ -68,3 +68,14 @@ def test_bad_experiment_files_name_the_file_and_key(tmp_path, capsys):
         experiment.run_config(experiment.load_experiment(_write(tmp_path, runs={"x": {"model.moe.num_experts": 0}})), "x", 0)
     assert experiment.main([str(bad), "--only", "y"]) == 2
     assert "unknown labels ['y']" in capsys.readouterr().err
+
+
+def test_shipped_experiment_files_load():
+    root = Path(__file__).resolve().parents[1] / "configs" / "experiments"
+    routing = experiment.load_experiment(root / "routing.py")
+    forgetting = experiment.load_experiment(root / "forgetting.py")
+    assert routing["kind"] == "routing" and routing["seeds"] == [0, 1, 2]
+    assert {"smk_faithful", "smk_advantage", "smk_learning_cost", "topk_lb", "dense"} <= set(routing["runs"])
+    assert forgetting["kind"] == "forgetting" and forgetting["runs"] == routing["runs"]
+    assert set(forgetting["phases"]["first"]).isdisjoint(forgetting["phases"]["second"])
+    assert Path(routing["base"]).resolve() == (root.parent / "tiny.py").resolve()
