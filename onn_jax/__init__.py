@@ -4,6 +4,7 @@ Importing the package has no side effects (orbax is imported lazily by the check
 functions). The functional core (gate, experts, surprise, losses, moe_layer, compute_grads,
 train_step) is plain functions of arrays and parameter pytrees.
 """
+from onn_jax.analysis import avg_k_from_counts, domain_expert_counts, gate_accuracy, nmi_from_counts
 from onn_jax.checkpoint import (CheckpointError, Checkpointer, abstract_like, export_params,
                                 load_params, make_meta)
 from onn_jax.config import (CheckpointConfig, Config, ConfigError, DataConfig, FilterConfig,
@@ -27,6 +28,7 @@ from onn_jax.step import (TrainState, compute_grads, init_state, make_optimizer,
                           train_step)
 from onn_jax.surprise import (SURPRISE_FNS, SurpriseInputs, get_surprise_fn, output_grad_closed_surprise,
                               output_grad_surprise)
+from onn_jax.surprise_variants import advantage_surprise, learning_cost_surprise
 from onn_jax.tokenizer import ByteTokenizer, HFTokenizer, encode_chat, load_tokenizer
 
 __version__ = "0.1.0"

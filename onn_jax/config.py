@@ -17,6 +17,7 @@ DTYPES = ("float32", "bfloat16")
 FILTER_MODES = ("one_sided", "two_sided", "off")
 FILTER_SCOPES = ("pooled", "per_layer")
 DISPATCHES = ("dense", "sparse")
+GATE_TOKENS = ("all", "unmasked")
 
 
 class ConfigError(ValueError):
@@ -63,6 +64,8 @@ class MoEConfig:
     lb_weight, z_weight: Switch load-balancing and router z-loss weights (topk router).
     dispatch: `dense` (faithful reference: every expert on every token) or `sparse`
       (only active pairs, within a per-expert capacity; see onn_jax.dispatch).
+    gate_tokens: tokens the Surprise gate loss averages over: `all` (faithful) or `unmasked`
+      (only positions whose label counts in the main loss; masked ones have g = 0 on top).
     capacity_factor: sparse capacity per expert = ceil(capacity_factor * N * k_ref / E), with
       k_ref = top_k for the top-k router and fallback_k (E // 2) for the surprise gate (see
       onn_jax.dispatch.expert_capacity); None means no pair is ever dropped (capacity N).
@@ -82,10 +85,14 @@ class MoEConfig:
     z_weight: float = 0.0
     dispatch: str = "dense"
     capacity_factor: float | None = None
+    gate_tokens: str = "all"
 
     def __post_init__(self):
         p = "model.moe."
+        _choice(self.gate_tokens, GATE_TOKENS, p + "gate_tokens")
         _choice(self.dispatch, DISPATCHES, p + "dispatch")
+        _check(not (self.surprise == "advantage" and self.dispatch == "sparse"), p + "surprise",
+               "`advantage` needs every expert's output; it cannot run with dispatch='sparse'")
         if self.capacity_factor is not None:
             _nonneg_float(self.capacity_factor, p + "capacity_factor")
             _check(self.capacity_factor > 0, p + "capacity_factor",

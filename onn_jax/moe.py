@@ -32,6 +32,8 @@ class MoERecord(NamedTuple):
     router: RouterOutput
     expert_out: jax.Array  # Y [N, E, C] float32; slot space [E, K, C] under sparse dispatch
     dispatch: Dispatch | None = None  # set under sparse dispatch
+    expert_in: jax.Array | None = None  # x [N, C], the experts' input (surprise `learning_cost`)
+    expert_params: dict | None = None   # the stacked expert weights (surprise `learning_cost`)
 
 
 class MoETaps(NamedTuple):
@@ -65,7 +67,8 @@ def surprise_inputs(record: MoERecord, d_taps: MoETaps) -> SurpriseInputs:
     if record.dispatch is not None:
         d_y, y = to_pairs(d_y, record.dispatch), to_pairs(y, record.dispatch)
     return SurpriseInputs(d_expert_out=d_y, d_moe_out=d_taps.moe_out, expert_out=y,
-                          weights=record.router.weights, mask=record.router.mask)
+                          weights=record.router.weights, mask=record.router.mask,
+                          expert_in=record.expert_in, expert_params=record.expert_params)
 
 
 def route(params: dict, x_NxC: jax.Array, cfg: MoEConfig) -> RouterOutput:
@@ -96,11 +99,13 @@ def moe_layer(params: dict, x_NxC: jax.Array, cfg: MoEConfig,
         out_NxC = combine_slots(router.weights, y_ExKxC, d)
         if taps is not None:
             out_NxC = out_NxC + taps.moe_out
-        return out_NxC, MoERecord(router=router, expert_out=y_ExKxC, dispatch=d)
+        return out_NxC, MoERecord(router=router, expert_out=y_ExKxC, dispatch=d, expert_in=x_NxC,
+                                  expert_params=params["experts"])
     y_NxExC = expert_outputs(params["experts"], x_NxC, cfg.expert_kind).astype(jnp.float32)
     if taps is not None:
         y_NxExC = y_NxExC + taps.expert_out
     out_NxC = combine(router.weights, y_NxExC)
     if taps is not None:
         out_NxC = out_NxC + taps.moe_out
-    return out_NxC, MoERecord(router=router, expert_out=y_NxExC)
+    return out_NxC, MoERecord(router=router, expert_out=y_NxExC, expert_in=x_NxC,
+                              expert_params=params["experts"])

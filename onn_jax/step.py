@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from onn_jax.config import ModelConfig, OptimConfig
+from onn_jax.analysis import gate_accuracy
 from onn_jax.grad_filter import SigmaFilterState, sigma_filter
 from onn_jax.losses import hybrid_gate_loss, load_balancing_loss, next_token_loss, router_z_loss
 from onn_jax.dispatch import dropped_fraction
@@ -53,11 +54,11 @@ def init_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, rng: ja
 
 
 def layer_gate_loss(cfg: ModelConfig, gate_input: jax.Array, surprise: jax.Array | None,
-                    record: MoERecord):
+                    record: MoERecord, token_mask_N: jax.Array | None = None):
     """One layer's gate loss: the Surprise hybrid, or load-balancing (+ z) for top-k."""
     m = cfg.moe
     if m.router == "surprise":
-        return hybrid_gate_loss(gate_input, surprise, m.w_ce, m.w_kl)
+        return hybrid_gate_loss(gate_input, surprise, m.w_ce, m.w_kl, token_mask_N)
     lb = load_balancing_loss(gate_input, record.router.mask)
     z = router_z_loss(gate_input)
     return m.lb_weight * lb + m.z_weight * z, {"lb": lb, "z": z}
@@ -96,8 +97,10 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig,
         surprises = tuple(jax.lax.stop_gradient(surprise_fn(surprise_inputs(r, d)))
                           for d, r in zip(d_taps, records))
 
+    gate_mask = batch["loss_mask"].reshape(-1) if cfg.moe.gate_tokens == "unmasked" else None
+
     def total_gate_loss(gate_inputs):
-        losses, parts = zip(*(layer_gate_loss(cfg, g, s, r)
+        losses, parts = zip(*(layer_gate_loss(cfg, g, s, r, gate_mask)
                               for g, s, r in zip(gate_inputs, surprises, records))) if records else ((), ())
         return sum(losses, jnp.zeros([], jnp.float32)), parts
 
@@ -113,6 +116,10 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig,
         "moe/gate_loss": gate_loss,
     }
     metrics.update(moe_metrics(cfg, params, records, surprises, parts))
+    if cfg.moe.router == "surprise" and records:
+        unmasked = batch["loss_mask"].reshape(-1)
+        metrics["moe/gate_acc_unmasked"] = jnp.mean(jnp.stack(
+            [gate_accuracy(r.router.pre, s, unmasked) for r, s in zip(records, surprises)]))
     return grads, metrics
 
 

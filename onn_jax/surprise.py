@@ -11,7 +11,7 @@ so the faithful S[t,e] = w[t,e] |dL/dout[t]|, zero for every inactive expert.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,8 @@ class SurpriseInputs(NamedTuple):
     expert_out: jax.Array    # [N, E, C] Y
     weights: jax.Array       # [N, E]    combine weights
     mask: jax.Array          # [N, E]    active experts
+    expert_in: jax.Array | None = None  # [N, C] the experts' input x (for `learning_cost`)
+    expert_params: Any = None           # the layer's stacked expert weights {w1, w2[, w3]}
 
 
 SurpriseFn = Callable[[SurpriseInputs], jax.Array]
@@ -48,9 +50,13 @@ def output_grad_closed_surprise(inputs: SurpriseInputs) -> jax.Array:
     return inputs.weights.astype(jnp.float32) * norm_N[:, None]
 
 
+from onn_jax.surprise_variants import advantage_surprise, learning_cost_surprise  # noqa: E402
+
 SURPRISE_FNS: dict[str, SurpriseFn] = {
     "output_grad": output_grad_surprise,
     "output_grad_closed": output_grad_closed_surprise,
+    "advantage": advantage_surprise,
+    "learning_cost": learning_cost_surprise,
 }
 
 

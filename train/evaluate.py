@@ -17,8 +17,10 @@ import optax
 
 from onn_jax.config import ModelConfig
 from onn_jax.losses import next_token_loss
-from onn_jax.model import Transformer, model_taps
-from onn_jax.surprise import SurpriseInputs, get_surprise_fn
+from onn_jax.model import Transformer
+from onn_jax.step import step_taps
+from onn_jax.moe import surprise_inputs
+from onn_jax.surprise import get_surprise_fn
 
 # 40 log-spaced bins from 1e-9 to 10; values outside are counted in the end bins.
 SURPRISE_EDGES = np.logspace(-9, 1, 41)
@@ -37,7 +39,7 @@ def make_eval_step(cfg: ModelConfig, num_domains: int, edges: np.ndarray = SURPR
 
     def eval_step(params, batch):
         b, t = batch["inputs"].shape
-        taps = model_taps(cfg, b, t)
+        taps = step_taps(cfg, b, t)
 
         def forward(taps):
             logits, records = model.apply({"params": params}, batch["inputs"], taps)
@@ -63,9 +65,7 @@ def make_eval_step(cfg: ModelConfig, num_domains: int, edges: np.ndarray = SURPR
             (d_taps,) = pullback(jnp.ones_like(main))
             hists, zeros, accs = [], [], []
             for d, r in zip(d_taps, records):
-                s = surprise_fn(SurpriseInputs(d_expert_out=d.expert_out, d_moe_out=d.moe_out,
-                                               expert_out=r.expert_out, weights=r.router.weights,
-                                               mask=r.router.mask))
+                s = surprise_fn(surprise_inputs(r, d))
                 active = r.router.mask
                 clipped = jnp.clip(s, edges[0], edges[-1]).ravel()
                 hists.append(jnp.histogram(clipped, bins=edges, weights=(active & (s > 0)).ravel())[0])
