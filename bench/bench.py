@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -30,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onn_jax.config import Config, ModelConfig, MoEConfig, OptimConfig
+from onn_jax.config import Config, ModelConfig, MoEConfig
 from onn_jax.model import Transformer
 from onn_jax.losses import next_token_loss
 from onn_jax.step import compute_grads, init_state, make_optimizer, make_train_step

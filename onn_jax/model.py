@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from onn_jax.config import ModelConfig
 from onn_jax.experts import dense_ffn
-from onn_jax.moe import MoERecord, MoETaps, moe_layer, zero_taps
+from onn_jax.moe import MoETaps, moe_layer, zero_taps
 
 # PyTorch nn.Linear's default init (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)).
 torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")

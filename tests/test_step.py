@@ -2,11 +2,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from helpers import random_batch, rel_err, tiny_config
-from onn_jax.config import FilterConfig, OptimConfig
+from onn_jax.config import OptimConfig
 from onn_jax.grad_filter import is_expert_path
 from onn_jax.losses import hybrid_gate_loss, load_balancing_loss, next_token_loss
 from onn_jax.model import Transformer, init_params, model_taps

@@ -37,6 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from train.config_loader import ConfigLoadError, build_config, load_config_file, with_defaults
+from train.experiment_report import make_plots, markdown_table
 
 KINDS = ("routing", "forgetting")
 
@@ -327,127 +328,6 @@ def run_experiment(exp: dict, out: Path, seeds=None, only=None, steps=None, log=
 def _short(row: dict) -> str:
     keys = ("analysis/loss", "analysis/avg_k", "forget/rise")
     return " ".join(f"{k.split('/')[-1]}={row[k]:.3f}" for k in keys if isinstance(row.get(k), float))
-
-
-# ------------------------------------------------------------------------- reporting
-
-def _mean_std(values) -> str:
-    """'mean ± std' over seeds; per-layer lists give 'layer0 / layer1 / ...' seed means."""
-    v = [np.asarray(x, float) for x in values if x is not None and np.all(np.isfinite(np.asarray(x, float)))]
-    if not v:
-        return "-"
-    if v[0].ndim == 1 and v[0].size > 1:
-        return " / ".join(f"{m:.2f}" for m in np.mean(v, axis=0))
-    v = [float(np.mean(x)) for x in v]
-    return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
-
-
-def table_columns(kind: str) -> list[tuple[str, str]]:
-    if kind == "forgetting":
-        return [("first domains: loss after phase 1", "forget/first_loss_before"),
-                ("after phase 2", "forget/first_loss_after"), ("rise", "forget/rise"),
-                ("second domains: loss after phase 1", "forget/second_loss_before"),
-                ("after phase 2", "forget/second_loss_after"), ("avg_k", "analysis/avg_k"),
-                ("NMI per layer", "analysis/nmi")]
-    return [("eval loss", "analysis/loss"), ("avg_k", "analysis/avg_k"), ("avg_k per layer", "analysis/layer_avg_k"),
-            ("gate acc (unmasked)", "analysis/gate_acc_unmasked"),
-            ("target inactive (unmasked)", "analysis/target_inactive_frac"),
-            ("target = expert 0", "analysis/target_expert0"), ("fallback tokens", "analysis/fallback_frac"),
-            ("NMI per layer", "analysis/nmi"), ("time (s)", "time_s")]
-
-
-def markdown_table(exp: dict, rows: list[dict]) -> str:
-    """Mean ± std over seeds of each label (a `-` where a metric does not apply)."""
-    cols = table_columns(exp["kind"])
-    labels = list(dict.fromkeys(r["label"] for r in rows))
-    seeds = sorted({r["seed"] for r in rows})
-    lines = [f"`{exp['name']}`: mean ± std over seeds {seeds}; per-layer columns: seed means "
-             "of layer 0 / layer 1 / ...", "",
-             "| run | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for label in labels:
-        mine = [r for r in rows if r["label"] == label]
-        lines.append(f"| {label} | " + " | ".join(_mean_std([r.get(k) for r in mine]) for _, k in cols) + " |")
-    if exp["kind"] == "routing" and rows and "analysis/domain_loss" in rows[0]:
-        doms = rows[0]["domains"]
-        lines += ["", "Eval loss per domain:", "", "| run | " + " | ".join(doms) + " |", "|---" * (len(doms) + 1) + "|"]
-        for label in labels:
-            mine = [r for r in rows if r["label"] == label]
-            lines.append(f"| {label} | " + " | ".join(
-                _mean_std([r["analysis/domain_loss"][i] for r in mine]) for i in range(len(doms))) + " |")
-    return "\n".join(lines)
-
-
-def make_plots(exp: dict, rows: list[dict], out: Path) -> list[Path]:
-    """Bar charts of the table's metrics, training curves, domain x expert shares (seed 0)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from train.logging import read_metrics
-    plots = out / "plots"
-    plots.mkdir(exist_ok=True)
-    labels = list(dict.fromkeys(r["label"] for r in rows))
-    cols = [c for c in table_columns(exp["kind"]) if c[1] != "time_s"]
-    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.6), squeeze=False)
-    for ax, (title, key) in zip(axes[0], cols):
-        lows = []
-        for i, label in enumerate(labels):
-            v = [float(np.mean(r[key])) for r in rows if r["label"] == label and r.get(key) is not None]
-            if v:
-                ax.bar(i, np.mean(v), yerr=np.std(v) if len(v) > 1 else None, capsize=3)
-                lows.append(min(v))
-        if "loss" in key and lows:  # losses differ by little: do not start the axis at 0
-            ax.set_ylim(bottom=0.97 * min(lows))
-        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
-        vector = any(np.ndim(r.get(key)) for r in rows if r.get(key) is not None)
-        ax.set_title(title + (" (mean over layers)" if vector else ""), fontsize=8)
-    fig.tight_layout()
-    written = [plots / "metrics.png"]
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
-    # Curves from each run's metrics.jsonl (seed-averaged where the steps agree).
-    sub = ["first", "second"] if exp["kind"] == "forgetting" else [""]
-    keys = [("train/main_loss", "train loss"), ("moe/avg_k", "avg_k"), ("analysis/loss", "held-out loss, all domains")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
-    for ax, (key, title) in zip(axes[0], keys):
-        for label in labels:
-            xs, ys, offset = [], [], 0
-            for part in sub:
-                curves = [[(r["step"], r[key]) for r in read_metrics(out / "runs" / label / f"seed_{s}" / part)
-                           if r.get(key) is not None] for s in sorted({r["seed"] for r in rows})]
-                curves = [c for c in curves if c]
-                if curves:
-                    n = min(len(c) for c in curves)
-                    xs += [offset + c[0] for c in curves[0][:n]]
-                    ys += list(np.mean([[v for _, v in c[:n]] for c in curves], axis=0))
-                    offset = xs[-1]
-            if xs:
-                ax.plot(xs, ys, label=label, marker="." if key.startswith("analysis") else None)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("step")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    written.append(plots / "curves.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
-    shares = [(r["label"], np.asarray(r["analysis/domain_expert_share"], float)) for r in rows
-              if r["seed"] == rows[0]["seed"] and r.get("analysis/domain_expert_share") is not None]
-    if shares:
-        n_layers = shares[0][1].shape[0]
-        fig, axes = plt.subplots(n_layers, len(shares), figsize=(2.6 * len(shares), 2.2 * n_layers), squeeze=False)
-        for j, (label, s) in enumerate(shares):
-            for l in range(n_layers):
-                ax = axes[l][j]
-                ax.imshow(s[l], vmin=0, vmax=1, cmap="viridis", aspect="auto")
-                ax.set_yticks(range(len(rows[0]["domains"])), rows[0]["domains"] if j == 0 else [], fontsize=6)
-                ax.set_xticks([])
-                ax.set_title(f"{label} L{l}", fontsize=7)
-        fig.suptitle("share of each domain's (token, expert) pairs per expert", fontsize=8)
-        fig.tight_layout()
-        written.append(plots / "domain_expert.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
-    return written
 
 
 # ------------------------------------------------------------------------- CLI

@@ -395,7 +395,7 @@ def report(summary: dict[str, Any], cfg: Config) -> str:
               f"  checkpoints  {w / CHECKPOINT_DIR}" + ("" if cfg.checkpoint.enabled else " (disabled)"),
               f"  metrics      {w / 'metrics.jsonl'}",
               f"  tensorboard  tensorboard --logdir {w / 'tb'}",
-              f"  plots        " + (", ".join(Path(p).name for p in summary["plots"]) + f" in {w / 'plots'}"
+              "  plots        " + (", ".join(Path(p).name for p in summary["plots"]) + f" in {w / 'plots'}"
                                     if summary["plots"] else "(none)"),
               f"sample (greedy): {cfg.train.sample_prompt!r} -> {summary['sample']!r}"]
     return "\n".join(lines)
