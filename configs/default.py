@@ -18,8 +18,8 @@ def get_config() -> ConfigDict:
     c.mesh = ConfigDict(dict(data=-1, expert=1, fsdp=1))
     c.data = ConfigDict(dict(source="builtin", tokenizer="byte", seq_len=128, batch_size=16,
                              records_per_domain=1000, eval_fraction=0.05, seed=0))
-    c.train = ConfigDict(dict(steps=250, seed=0, log_every=10, eval_every=50, eval_batches=4,
+    c.train = ConfigDict(dict(steps=500, seed=0, log_every=10, eval_every=100, eval_batches=4,
                               sample_every=0, sample_prompt="What is 12 + 7?", sample_tokens=40,
                               progress=True))
-    c.checkpoint = ConfigDict(dict(enabled=True, every=125, keep=2))
+    c.checkpoint = ConfigDict(dict(enabled=True, every=250, keep=2))
     return c
