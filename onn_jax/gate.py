@@ -26,9 +26,13 @@ class RouterOutput(NamedTuple):
 
 
 def l2_normalize(x: jax.Array, axis: int, eps: float = 1e-12) -> jax.Array:
-    """x / max(|x|, eps) along `axis` (PyTorch F.normalize semantics)."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+    """x / max(|x|, eps) along `axis` (PyTorch F.normalize semantics).
+
+    Written as x * rsqrt(max(|x|^2, eps^2)): the same values, and a finite gradient at x = 0
+    (where the gradient of sqrt would be inf * 0 = NaN).
+    """
+    sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 def cosine_logits(x_NxC: jax.Array, protos_CxE: jax.Array) -> jax.Array:

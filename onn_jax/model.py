@@ -103,7 +103,10 @@ class Norm(nn.Module):
     @nn.compact
     def __call__(self, x):
         if self.cfg.norm == "layernorm":
-            y = nn.LayerNorm(epsilon=self.cfg.norm_eps, dtype=jnp.float32, name="ln")(x.astype(jnp.float32))
+            # Two-pass variance, as PyTorch's LayerNorm (Flax's fast E[x^2]-E[x]^2 loses
+            # precision when a token's mean is large against its spread).
+            y = nn.LayerNorm(epsilon=self.cfg.norm_eps, dtype=jnp.float32, use_fast_variance=False,
+                             name="ln")(x.astype(jnp.float32))
         else:
             y = nn.RMSNorm(epsilon=self.cfg.norm_eps, dtype=jnp.float32, name="rms")(x.astype(jnp.float32))
         return y.astype(x.dtype)

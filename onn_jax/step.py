@@ -27,6 +27,7 @@ from onn_jax.dispatch import dropped_fraction
 from onn_jax.model import Transformer, init_params, model_taps
 from onn_jax.moe import MoERecord, layer_taps, surprise_inputs
 from onn_jax.surprise import SurpriseFn, get_surprise_fn
+from onn_jax.surprise_variants import advantage_surprise
 
 Batch = dict[str, jax.Array]  # inputs [B, T] int32, targets [B, T] int32, loss_mask [B, T]
 
@@ -79,6 +80,9 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig,
     taps = step_taps(cfg, b, t)
     uses_surprise = cfg.moe.router == "surprise"
     surprise_fn = get_surprise_fn(surprise_fn or cfg.moe.surprise) if uses_surprise else None
+    if surprise_fn is advantage_surprise and cfg.moe.dispatch == "sparse":
+        raise ValueError("surprise `advantage` needs every expert's output; it cannot run with "
+                         "model.moe.dispatch='sparse'")
 
     def forward(params, taps):
         logits, records = model.apply({"params": params}, batch["inputs"], taps)

@@ -116,3 +116,12 @@ def test_topk_gate_selects_k_and_renormalises(k):
     probs = np.asarray(jax.nn.softmax(x @ w_router))
     sel = np.where(np.asarray(out.mask), probs, 0.0)
     np.testing.assert_allclose(out.weights, sel / sel.sum(-1, keepdims=True), rtol=1e-5)
+
+
+def test_zero_token_has_finite_gradients():
+    x = jnp.zeros((2, 4)).at[1].set(jnp.array([1.0, 2.0, 0.0, -1.0]))
+    protos = jnp.asarray(np.random.default_rng(6).normal(size=(4, 3)), jnp.float32)
+    loss = lambda x_, p_: jnp.sum(top_any_gate(x_, p_, jnp.zeros(3), 1).pre ** 2)
+    gx, gp = jax.grad(loss, argnums=(0, 1))(x, protos)
+    assert bool(jnp.all(jnp.isfinite(gx))) and bool(jnp.all(jnp.isfinite(gp)))
+    np.testing.assert_allclose(cosine_logits(x, protos)[0], 0.0)

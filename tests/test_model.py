@@ -88,3 +88,15 @@ def test_bfloat16_compute_keeps_float32_params_and_router():
     logits, records = Transformer(cfg).apply({"params": params}, jnp.zeros((1, 4), jnp.int32))
     assert logits.dtype == jnp.float32 and records[0].router.pre.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_layernorm_is_two_pass_accurate_on_shifted_tokens():
+    """Rows with a large mean and unit spread: PyTorch-like LayerNorm stays accurate."""
+    from onn_jax.model import Norm
+    cfg = tiny_config(num_layers=1)
+    x = 300.0 + jnp.asarray(np.random.default_rng(7).normal(size=(4, 16)), jnp.float32)
+    norm = Norm(cfg)
+    y = norm.apply(norm.init(jax.random.key(0), x), x)
+    x64 = np.asarray(x, np.float64)
+    ref = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(y, ref, atol=5e-4)
