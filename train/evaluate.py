@@ -89,6 +89,11 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict[str, np.nd
         for k, v in out.items():
             sums[k] = sums.get(k, 0) + np.asarray(v, np.float64)
         n += 1
+    if jax.process_count() > 1:  # every process saw its rows of each eval batch: add them up
+        from jax.experimental import multihost_utils
+        gathered = multihost_utils.process_allgather({k: np.asarray(v) for k, v in sorted(sums.items())})
+        sums = {k: np.asarray(v, np.float64).sum(0) for k, v in gathered.items()}
+        n *= jax.process_count()
     if n == 0:
         return {}
     tokens = max(float(sums.pop("tokens")), 1.0)

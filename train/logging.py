@@ -133,12 +133,28 @@ class MetricsWriter:
             self._tb.close()
 
 
+class NullWriter:
+    """The writer of processes other than 0 in a multi-process run: only process 0 writes the
+    workdir's logs; the others compute the same rows and drop them."""
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        row = {"step": int(step), "time": round(time.time(), 3)}
+        row.update({k: to_jsonable(v) for k, v in metrics.items()})
+        return row
+
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Progress:
     """tqdm bar over the steps, its postfix showing the latest main loss, gate acc, avg_k, tok/s."""
 
-    def __init__(self, total: int, initial: int, enabled: bool = True):
-        self._bar = None
-        if enabled:
+    def __init__(self, total: int, initial: int, enabled: bool = True, silent: bool = False):
+        self._bar, self._silent = None, silent
+        if enabled and not silent:
             from tqdm.auto import tqdm
             self._bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
@@ -160,7 +176,7 @@ class Progress:
         """Prints a line above the bar (or plainly when the bar is off)."""
         if self._bar is not None:
             self._bar.write(text)
-        else:
+        elif not self._silent:
             print(text, flush=True)
 
     def close(self) -> None:

@@ -32,7 +32,7 @@ from onn_jax.workdir import WorkdirBusy, WorkdirLock
 from train.compat import config_diff, tokenizer_info, tokenizer_mismatch
 from train.evaluate import evaluate, make_eval_step
 from train.faults import Faults
-from train.logging import MetricsWriter, Progress, mean_metrics
+from train.logging import MetricsWriter, NullWriter, Progress, mean_metrics
 from train.plot import make_dashboards
 
 CONFIG_FILE, CHECKPOINT_DIR = "config.json", "checkpoints"
@@ -104,6 +104,7 @@ class Run:
     def __init__(self, cfg: Config, workdir: str | Path):
         self.cfg, self.workdir = cfg, Path(workdir)
         self.lock, self.ckpt = None, None
+        self.is_chief = jax.process_index() == 0
         try:
             self.faults = Faults()
         except ValueError as e:
@@ -179,6 +180,9 @@ class Run:
             raise TrainError(f"data: cannot continue from the data position of checkpoint step "
                              f"{self.start_step} ({e}); did data.source, data.seq_len or data.pack "
                              "change? Use the run's data, or a new --workdir") from e
+        self.writer = NullWriter()
+        if not self.is_chief:  # only process 0 writes the workdir's logs, config and plots
+            return
         try:
             self.writer = MetricsWriter(self.workdir, resume_step=self.start_step + 1 if self.start_step else 0)
         except ValueError as e:
@@ -280,7 +284,8 @@ class Run:
         cfg, t = self.cfg, self.cfg.train
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         writer = self.writer
-        bar = self.bar = Progress(t.steps, self.start_step, enabled=t.progress)
+        bar = self.bar = Progress(t.steps, self.start_step, enabled=t.progress,
+                                   silent=not self.is_chief)  # one process speaks
         if self.start_step:
             bar.write(f"resuming from step {self.start_step} ({self.workdir / CHECKPOINT_DIR})")
         if self.start_step >= t.steps:
@@ -342,7 +347,8 @@ class Run:
         text = self._sample()
         writer.add_text("sample", text, step)
         writer.close()
-        plots = make_dashboards(self.workdir) if (self.workdir / "metrics.jsonl").exists() else []
+        plots = (make_dashboards(self.workdir)
+                 if self.is_chief and (self.workdir / "metrics.jsonl").exists() else [])
         return {"workdir": str(self.workdir), "start_step": self.start_step, "step": step,
                 "first_loss": first_loss, "last": last, "sample": text, "plots": [str(p) for p in plots],
                 "skipped_steps": self.skipped_total}
@@ -376,7 +382,7 @@ def train(cfg: Config, workdir: str | Path, quiet: bool = False) -> dict[str, An
         summary = run.run()
     finally:
         run.close()
-    if not quiet:
+    if not quiet and jax.process_index() == 0:
         print(report(summary, cfg))
     return summary
 
