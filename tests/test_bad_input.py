@@ -197,9 +197,27 @@ def test_damaged_checkpoint(capsys, trained, tmp_path):
     assert f"cannot read checkpoint {workdir / 'checkpoints'}/4" in msg and "damaged" in msg, msg
 
 
-def test_data_position_beyond_the_changed_data(capsys, trained):
+def test_resume_with_changed_data_settings(capsys, trained):
     msg = onn_train_fails(capsys, trained, "--config.data.records_per_domain=2")
-    assert "data: cannot continue from the data position of checkpoint step 4" in msg, msg
+    assert msg.startswith("onn-train: error: data.records_per_domain: the data settings differ"), msg
+    assert "data.records_per_domain 100 -> 2" in msg and "new --workdir" in msg, msg
+    msg = onn_train_fails(capsys, trained, "--config.data.seed=7", "--config.data.batch_size=4")
+    assert "data.batch_size 8 -> 4; data.seed 0 -> 7" in msg, msg
+
+
+def test_data_position_beyond_the_changed_data(capsys, trained, tmp_path):
+    """Same settings, but the user's data file shrank under the run."""
+    data = tmp_path / "chat.jsonl"
+    records = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                        {"role": "assistant", "content": "a" * 40}]}) for i in range(60)]
+    data.write_text("\n".join(records) + "\n")
+    workdir = tmp_path / "run"
+    args = ["--config.data.source=" + str(data), "--config.data.batch_size=2"]
+    assert main(["--config", TINY, "--workdir", str(workdir), *FAST, "--config.train.steps=40",
+                 "--config.checkpoint.every=40", *args]) == 0
+    data.write_text("\n".join(records[:4]) + "\n")
+    msg = onn_train_fails(capsys, workdir, "--config.train.steps=41", *args)
+    assert "data: cannot continue from the data position of checkpoint step 40" in msg, msg
 
 
 def test_malformed_metrics_file(capsys, trained, tmp_path):

@@ -36,6 +36,7 @@ from train.logging import MetricsWriter, NullWriter, Progress, mean_metrics
 from train.plot import make_dashboards
 
 CONFIG_FILE, CHECKPOINT_DIR = "config.json", "checkpoints"
+RESUME_FREE_DATA_FIELDS = ("strict",)  # data fields that do not change the batch stream
 
 
 class TrainError(RuntimeError):
@@ -210,6 +211,15 @@ class Run:
         mismatch = tokenizer_mismatch(meta.get("tokenizer"), tokenizer_info(self.cfg.data.tokenizer, self.tok), where)
         if mismatch:
             raise TrainError(mismatch)
+        saved_data = (meta.get("config") or {}).get("data")
+        if saved_data is not None:  # the saved data position only means something in the same stream
+            now = {k: v for k, v in to_dict(self.cfg.data).items() if k not in RESUME_FREE_DATA_FIELDS}
+            diff = config_diff({k: v for k, v in saved_data.items() if k not in RESUME_FREE_DATA_FIELDS},
+                               now, "data")
+            if diff:
+                raise TrainError(f"{diff[0].split()[0]}: the data settings differ from those of {where} "
+                                 f"({'; '.join(diff)}), so the saved data position would not continue the "
+                                 "same stream. Resume with the run's data settings, or use a new --workdir")
         target = sharding.abstract_state(self.cfg.model, self.tx, self.mesh)
         try:
             state, meta = self.ckpt.restore(target, latest)
