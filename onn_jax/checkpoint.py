@@ -308,20 +308,43 @@ def _tree_from_flat(flat: Mapping[str, Any]) -> dict:
 def export_params(ckpt_dir: str | os.PathLike, out: str | os.PathLike, step: int | None = None) -> int:
     """Writes the params of checkpoint `step` (default: latest) as an inference export; returns the step."""
     ocp = _ocp()
+    out = os.path.abspath(os.fspath(out))
+    _check_export_target(out)
     src = Checkpointer(ckpt_dir, read_only=True)
     step = src.resolve_step(step)
     params, meta = src.restore_params(step=step)
     src.close()
-    out = os.path.abspath(os.fspath(out))
-    if os.path.exists(os.path.join(out, EXPORT_PARAMS)):
-        raise CheckpointError(f"{out} already holds an export; choose a new directory")
     os.makedirs(out, exist_ok=True)
     ckptr = ocp.PyTreeCheckpointer()
     ckptr.save(os.path.join(out, EXPORT_PARAMS), args=ocp.args.PyTreeSave(params))  # synchronous
     export_meta = {"step": int(step), "config": meta.get("config"), "tokenizer": meta.get("tokenizer")}
-    with open(os.path.join(out, EXPORT_META), "w") as f:
+    # export.json last and atomically: its presence marks a complete export (see is_export)
+    tmp = os.path.join(out, EXPORT_META + ".tmp")
+    with open(tmp, "w") as f:
         json.dump(export_meta, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(out, EXPORT_META))
     return int(step)
+
+
+def _check_export_target(out: str) -> None:
+    """Refuses an `out` that holds a complete export, or the remains of an interrupted one
+    (params/ or orbax's temporary params folder without export.json): neither export_params
+    nor load_params could use such a folder, and only the user can decide to delete it."""
+    if is_export(out):
+        raise CheckpointError(f"{out} already holds an export; choose a new directory")
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise CheckpointError(f"{out} exists and is not a directory; choose a new directory")
+    partial = sorted(n for n in os.listdir(out) if n in (EXPORT_PARAMS, EXPORT_META)
+                     or n.startswith(EXPORT_PARAMS + TMP_MARK))
+    if partial:
+        raise CheckpointError(
+            f"{out} holds an incomplete export (found {', '.join(partial)}; a complete one has both "
+            f"{EXPORT_PARAMS}/ and {EXPORT_META}: an interrupted onn-export?); delete {out} and export "
+            f"again, or choose a new directory")
 
 
 def is_export(path: str | os.PathLike) -> bool:

@@ -198,9 +198,11 @@ class OptimConfig:
 
     def __post_init__(self):
         p = "optim."
-        for name in ("lr", "weight_decay", "eps"):
-            _nonneg_float(getattr(self, name), p + name)
+        _check(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool), p + "lr",
+               f"must be a number, got {type(self.lr).__name__} {self.lr!r}")
         _check(self.lr > 0, p + "lr", f"must be > 0, got {self.lr}")
+        for name in ("weight_decay", "eps"):
+            _nonneg_float(getattr(self, name), p + name)
         for name in ("b1", "b2"):
             v = getattr(self, name)
             _nonneg_float(v, p + name)

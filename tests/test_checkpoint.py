@@ -148,6 +148,7 @@ def test_export_then_load_params(tmp_path, state0):
     assert leaves_equal(load_params(tmp_path / "out1")[0], state.params)
     with pytest.raises(CheckpointError, match="already holds an export"):
         export_params(tmp_path / "ck", tmp_path / "out")
+    assert not (tmp_path / "out" / "export.json.tmp").exists()  # written atomically, tmp renamed away
     with pytest.raises(CheckpointError, match="not a params export"):
         load_params(tmp_path / "ck")
     from onn_jax.model import init_params
@@ -155,6 +156,65 @@ def test_export_then_load_params(tmp_path, state0):
     with pytest.raises(CheckpointError, match=r"block_0/attn/key/kernel has shape \(16, 2, 8\) in the checkpoint "
                                               r"but \(8, 2, 4\)"):
         load_params(tmp_path / "out", abstract_like(init_params, small, jax.random.key(0)))
+
+
+def test_export_refuses_the_remains_of_an_interrupted_export(tmp_path, state0, monkeypatch):
+    """A crash after params/ but before export.json: neither tool takes the folder; export names it."""
+    import onn_jax.checkpoint as checkpoint_mod
+    with Checkpointer(tmp_path / "ck", save_every=1) as ck:
+        ck.save(1, state0, make_meta(config={"model": to_dict(CFG)}))
+
+    real_replace = os.replace
+
+    def crash(src, dst, *args, **kwargs):
+        if os.fspath(dst).endswith("export.json"):
+            raise OSError("disk full")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_mod.os, "replace", crash)  # dies committing export.json
+    with pytest.raises(OSError, match="disk full"):
+        export_params(tmp_path / "ck", tmp_path / "out")
+    monkeypatch.undo()
+    out = tmp_path / "out"
+    assert (out / "params").is_dir() and not (out / "export.json").exists()  # no half-written meta
+    with pytest.raises(CheckpointError, match="not a params export"):
+        load_params(out)
+    with pytest.raises(CheckpointError, match=rf"{out} holds an incomplete export \(found params; "
+                                              rf".*delete {out} and export again"):
+        export_params(tmp_path / "ck", out)
+    (tmp_path / "tmp_only" / "params.orbax-checkpoint-tmp-1").mkdir(parents=True)  # died inside the save
+    with pytest.raises(CheckpointError, match="incomplete export"):
+        export_params(tmp_path / "ck", tmp_path / "tmp_only")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CheckpointError, match="not a directory"):
+        export_params(tmp_path / "ck", tmp_path / "afile")
+    (tmp_path / "empty").mkdir()
+    assert export_params(tmp_path / "ck", tmp_path / "empty") == 1  # an empty existing folder is fine
+    assert load_params(tmp_path / "empty")[1]["step"] == 1
+
+
+def test_generate_reads_the_model_config_of_the_checkpoint_step(tmp_path, state0):
+    """onn-generate --step K: the model config stored with step K, not the workdir's current
+    config.json (a later run may have changed it); config.json only for a meta without one."""
+    from onn_jax.config import Config
+    from train.generate import GenerateError, load_model
+    work = tmp_path / "run"
+    work.mkdir()
+    (work / "config.json").write_text(json.dumps(to_dict(Config())))  # another model (hidden 32)
+    assert Config().model != CFG
+    with Checkpointer(work / "checkpoints", save_every=1) as ck:
+        ck.save(1, state0, make_meta(config={"model": to_dict(CFG), "data": {"tokenizer": "byte"}}))
+    params, model_cfg, tok, step = load_model(work, step=1)
+    assert (model_cfg, tok, step) == (CFG, "byte", 1) and leaves_equal(params, state0.params)
+    # a checkpoint without a config in its meta: config.json is used
+    (work / "config.json").write_text(json.dumps({"model": to_dict(CFG)}))
+    with Checkpointer(work / "checkpoints", save_every=1) as ck:
+        ck.save(2, state0, make_meta())
+    assert load_model(work, step=2)[1:] == (CFG, "byte", 2)
+    (work / "config.json").write_text("{\n  bad")
+    with pytest.raises(GenerateError, match="config.json: invalid JSON at line 2"):
+        load_model(work, step=2)
+    assert load_model(work, step=1)[1] == CFG  # its own config: config.json not read
 
 
 def test_rng_json_roundtrip():
@@ -227,6 +287,6 @@ def test_generate_and_export_clis(tmp_path, capsys):
     assert "no such directory" in capsys.readouterr().err
     assert export_cli.main([str(work), str(tmp_path / "exp")]) == 2
     assert "already holds an export" in capsys.readouterr().err
-    (work / "config.json").write_text("{\n  bad")
-    assert generate_cli.main(["--workdir", str(work), "--prompt", "x"]) == 2
-    assert "config.json: invalid JSON at line 2" in capsys.readouterr().err
+    (work / "config.json").write_text("{\n  bad")  # unused: the checkpoint's meta holds the config
+    assert generate_cli.main(["--workdir", str(work)] + argv) == 0
+    assert capsys.readouterr().out == want + "\n"

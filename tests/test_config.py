@@ -42,3 +42,12 @@ def test_faithful_defaults():
     assert (o.grad_filter.mode, o.grad_filter.scope, o.grad_filter.sigma) == ("one_sided", "pooled", 2.0)
     c = ModelConfig()
     assert (c.hidden, c.norm, c.norm_eps, c.final_norm) == (32, "layernorm", 1e-5, False)
+
+
+@pytest.mark.parametrize("lr", [0.0, -1.0, -1])
+def test_nonpositive_lr_says_must_be_positive(lr):
+    with pytest.raises(ConfigError, match=r"^optim.lr: must be > 0, got") as err:
+        OptimConfig(lr=lr)
+    assert err.value.field == "optim.lr"
+    with pytest.raises(ConfigError, match="optim.lr: must be a number"):
+        OptimConfig(lr="1e-3")

@@ -35,6 +35,7 @@ def test_routing_grid_writes_results_table_and_plots(tmp_path, capsys):
         assert (out / "plots" / name).stat().st_size > 0
     metrics = [json.loads(l) for l in (out / "runs/smk/seed_0/metrics.jsonl").read_text().splitlines()]
     assert any("analysis/nmi" in m for m in metrics)  # logged at every eval
+    assert all(len(r["config_hash"]) == 16 for r in rows)
     # Re-running skips finished cells.
     assert experiment.main([str(_write(tmp_path)), "--out", str(out), "--compile-cache", "none"]) == 0
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
@@ -79,3 +80,87 @@ def test_shipped_experiment_files_load():
     assert forgetting["kind"] == "forgetting" and forgetting["runs"] == routing["runs"]
     assert set(forgetting["phases"]["first"]).isdisjoint(forgetting["phases"]["second"])
     assert Path(routing["base"]).resolve() == (root.parent / "tiny.py").resolve()
+
+
+class _FakeCells:
+    """Stands in for training: run_cell returns a row at once and records the cells it ran."""
+
+    def __init__(self, monkeypatch):
+        self.ran = []
+        monkeypatch.setattr(experiment, "full_dataset", lambda cfg: object())
+        monkeypatch.setattr(experiment, "run_cell", self.run_cell)
+        monkeypatch.setattr(experiment, "markdown_table", lambda exp, rows: f"{len(rows)} rows")
+        monkeypatch.setattr(experiment, "make_plots", lambda exp, rows, out: [])
+
+    def run_cell(self, exp, label, seed, out, full_ds, phase_paths=None):
+        self.ran.append((label, seed))
+        steps = experiment.run_config(exp, label, seed).train.steps
+        return {"label": label, "seed": seed, "steps": steps, "time_s": 0.0}
+
+
+def test_rerun_skips_only_rows_of_the_same_config(tmp_path, monkeypatch):
+    """A quick --steps run followed by the full run: the full run re-runs and replaces the rows."""
+    cells = _FakeCells(monkeypatch)
+    exp, out, logs = experiment.load_experiment(_write(tmp_path)), tmp_path / "out", []
+    read = lambda: [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    experiment.run_experiment(exp, out, steps=2, log=logs.append)
+    assert cells.ran == [("smk", 0), ("dense", 0)]
+    quick = read()
+    assert [(r["label"], r["steps"]) for r in quick] == [("smk", 2), ("dense", 2)]
+    assert quick[0]["config_hash"] != quick[1]["config_hash"]  # other router, other config
+    cells.ran.clear()
+    experiment.run_experiment(exp, out, steps=2, log=logs.append)
+    assert cells.ran == [] and read() == quick  # same settings: skipped
+    logs.clear()
+    rows = experiment.run_experiment(exp, out, log=logs.append)  # the file's train.steps (4)
+    assert cells.ran == [("smk", 0), ("dense", 0)]
+    assert [(r["label"], r["steps"]) for r in read()] == [("smk", 4), ("dense", 4)]  # replaced, not appended
+    assert [r["steps"] for r in rows] == [4, 4]
+    assert all(a["config_hash"] != b["config_hash"] for a, b in zip(quick, read()))
+    replaced = [l for l in logs if "re-running and replacing" in l]
+    assert len(replaced) == 2 and "smk seed 0: the results.jsonl row was made with other settings" in replaced[0]
+    # another seed only adds its row; the rows of the other cells stay as they were
+    cells.ran.clear()
+    experiment.run_experiment(exp, out, seeds=[1], only=["smk"], log=logs.append)
+    assert cells.ran == [("smk", 1)] and [(r["label"], r["seed"]) for r in read()] == [
+        ("smk", 0), ("dense", 0), ("smk", 1)]
+
+
+def test_results_with_a_torn_last_line_or_no_hash(tmp_path, monkeypatch):
+    cells = _FakeCells(monkeypatch)
+    exp, out = experiment.load_experiment(_write(tmp_path)), tmp_path / "out"
+    experiment.run_experiment(exp, out, log=lambda _: None)
+    path = out / "results.jsonl"
+    good = path.read_text()
+    # a kill mid-write: the half-written row is dropped, the finished ones are kept
+    path.write_text(good + '{"label": "smk", "se')
+    cells.ran.clear()
+    experiment.run_experiment(exp, out, log=lambda _: None)
+    assert cells.ran == []
+    # a row without a hash (older results) is re-run; the rewrite also drops the torn tail
+    rows = [json.loads(l) for l in good.splitlines()]
+    del rows[1]["config_hash"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"lab')
+    logs = []
+    experiment.run_experiment(exp, out, log=logs.append)
+    assert cells.ran == [("dense", 0)] and any("config unrecorded" in l for l in logs)
+    assert path.read_text().endswith("\n") and len(path.read_text().splitlines()) == 2
+    # a malformed line that is not the last is an error naming the line
+    path.write_text("{oops\n" + good)
+    with pytest.raises(experiment.ExperimentError, match=r"results.jsonl:1: malformed JSON line"):
+        experiment.run_experiment(exp, out, log=lambda _: None)
+
+
+def test_config_hash_covers_the_settings_not_the_output_dir(tmp_path):
+    routing = experiment.load_experiment(_write(tmp_path))
+    h = lambda exp, label="smk", seed=0, paths=None: experiment.config_hash(
+        exp, experiment.cell_configs(exp, label, seed, paths))
+    assert h(routing) == h(routing) and h(routing) != h(routing, seed=1) != h(routing, "dense")
+    longer = {**routing, "overrides": {**routing["overrides"], "train.steps": 5}}
+    assert h(longer) != h(routing)
+    phases = {"first": ["arithmetic"], "second": ["prose"], "first_steps": 3, "second_steps": 2}
+    forgetting = experiment.load_experiment(_write(tmp_path, "forgetting", {"smk": {}}, phases=phases))
+    paths = lambda d: {p: str(tmp_path / d / f"{p}.jsonl") for p in ("first", "second")}
+    assert h(forgetting, paths=paths("a")) == h(forgetting, paths=paths("b"))  # moved output dir
+    assert h(forgetting, paths=paths("a")) != h({**forgetting, "phases": {**phases, "second_steps": 3}},
+                                                 paths=paths("a"))

@@ -19,6 +19,7 @@ pytest.importorskip("orbax.checkpoint")
 
 from onn_jax.checkpoint import TMP_MARK, Checkpointer  # noqa: E402
 from onn_jax.workdir import LOCK_FILE, WorkdirBusy, WorkdirLock  # noqa: E402
+from train import faults  # noqa: E402
 from train.logging import read_metrics  # noqa: E402
 from train.main import main  # noqa: E402
 
@@ -42,15 +43,37 @@ def run_cli(workdir):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, **kw)
 
 
-def start_until_fault(workdir, fault, log):
+def reap(proc):
+    """Kills `proc` if it still runs and waits for it (no zombie, no trainer left asleep)."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def procs():
+    """Registers started subprocesses; every one is killed and waited for at teardown, also when
+    the test failed before its own kill."""
+    started = []
+    yield started
+    for proc in started:
+        reap(proc)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def start_until_fault(workdir, fault, log, procs):
     """Starts onn-train and returns the process once it is halted at the fault point."""
     cmd, kw = cli(workdir, fault)
+    kw["env"][faults.TIMEOUT_ENV] = "300"  # exits by itself should the test never kill it
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, **kw)
+    procs.append(proc)
     deadline = time.monotonic() + 120
     while f"fault point {fault} reached" not in Path(log).read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
+            reap(proc)
             pytest.fail(f"no fault point (rc {proc.poll()}): {Path(log).read_text()[-2000:]}")
         time.sleep(0.1)
     return proc
@@ -93,9 +116,9 @@ def straight(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_kill_during_training_resumes_bit_for_bit(straight, tmp_path, capsys):
+def test_kill_during_training_resumes_bit_for_bit(straight, tmp_path, capsys, procs):
     workdir = tmp_path / "w"
-    proc = start_until_fault(workdir, "after_step:10", tmp_path / "err.txt")
+    proc = start_until_fault(workdir, "after_step:10", tmp_path / "err.txt", procs)
     # while it runs, a second trainer on the same workdir refuses and changes nothing
     before = tree_hash(workdir)
     capsys.readouterr()
@@ -117,9 +140,9 @@ def test_kill_during_training_resumes_bit_for_bit(straight, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_kill_during_checkpoint_save_resumes_from_last_committed(straight, tmp_path):
+def test_kill_during_checkpoint_save_resumes_from_last_committed(straight, tmp_path, procs):
     workdir = tmp_path / "w"
-    kill9(start_until_fault(workdir, "in_save:8", tmp_path / "err.txt"))
+    kill9(start_until_fault(workdir, "in_save:8", tmp_path / "err.txt", procs))
     ckpt_dir = workdir / "checkpoints"
     tmp = [p.name for p in ckpt_dir.iterdir() if TMP_MARK in p.name]
     assert len(tmp) == 1 and tmp[0].startswith("8.")  # written, never renamed into place
@@ -155,16 +178,32 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
         assert (tmp_path / LOCK_FILE).read_text().split()[0] == str(os.getpid())
 
 
-def test_lock_held_by_another_process(tmp_path):
+def test_lock_held_by_another_process(tmp_path, procs):
     code = ("import sys, time; from onn_jax.workdir import WorkdirLock; WorkdirLock(sys.argv[1]).acquire(); "
             "print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
                             text=True)
-    try:
-        assert proc.stdout.readline().strip() == "locked"
-        with pytest.raises(WorkdirBusy, match=f"pid {proc.pid}"):
-            WorkdirLock(tmp_path).acquire()
-    finally:
-        kill9(proc)
+    procs.append(proc)
+    assert proc.stdout.readline().strip() == "locked"
+    with pytest.raises(WorkdirBusy, match=f"pid {proc.pid}"):
+        WorkdirLock(tmp_path).acquire()
+    kill9(proc)
     with WorkdirLock(tmp_path) as lock:  # the kernel dropped the dead holder's flock
         assert lock.stale.split()[0] == str(proc.pid)
+
+
+def test_halt_exits_by_itself_when_nobody_kills_it(procs):
+    code = "from train.faults import halt; halt('after_step', 3)"
+    env = dict(os.environ, **{faults.TIMEOUT_ENV: "0.5"})
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    procs.append(proc)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == faults.TIMEOUT_EXIT_CODE
+    assert "fault point after_step:3 reached" in err and "not killed within 0.5s; exiting" in err
+
+
+def test_bad_halt_timeout_is_refused_at_start(monkeypatch):
+    monkeypatch.setenv(faults.TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match=faults.TIMEOUT_ENV):
+        faults.Faults("after_step:3")
+    assert faults.halt_timeout("") == faults.DEFAULT_TIMEOUT_S and faults.halt_timeout("2") == 2.0

@@ -99,3 +99,15 @@ def test_onn_plot_cli(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/main_loss": 2.0}) + "\n")
     assert plot_main([str(tmp_path)]) == 0
     assert str(tmp_path / "plots" / "loss.png") in capsys.readouterr().out
+
+
+def test_onn_plot_tolerates_a_torn_last_line(tmp_path, capsys):
+    """A live or killed run: the last row is half written (no newline); it is ignored."""
+    full = json.dumps({"step": 1, "train/main_loss": 2.0}) + "\n"
+    (tmp_path / "metrics.jsonl").write_text(full + json.dumps({"step": 2, "train/main_loss": 1.5})[:12])
+    assert plot_main([str(tmp_path)]) == 0, capsys.readouterr().err
+    assert (tmp_path / "plots" / "loss.png").exists()
+    # a malformed line that is not the torn tail is still an error
+    (tmp_path / "metrics.jsonl").write_text("{oops\n" + full)
+    assert plot_main([str(tmp_path)]) == 2
+    assert "metrics.jsonl:1: malformed JSON" in capsys.readouterr().err

@@ -19,7 +19,9 @@ Every run is evaluated on the whole held-out split of all domains of the builtin
 (onn_jax.analysis): loss per domain, avg_k (per domain), gate accuracy on unmasked tokens
 (argmax pre == argmin S of the run's own surprise definition) and expert<->domain NMI per
 layer; these also go into each run's metrics.jsonl at every train.eval_every as `analysis/*`.
-Outputs in DIR: results.jsonl (one line per run; finished runs are skipped on re-runs),
+Outputs in DIR: results.jsonl (one line per run, with `config_hash`, a hash of the run's
+resolved Config(s); a re-run skips a finished run only when its hash matches, so a quick
+`--steps 20` trial is re-run, and its row replaced, by the full run),
 results.md (the table, mean +- std over seeds), plots/*.png, runs/<label>/seed_<s>/ (the
 usual onn-train workdir of each run).
 """
@@ -27,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -248,24 +252,81 @@ def jsonable(m: dict) -> dict:
     return {k: to_jsonable(v) if not isinstance(v, (str, list, dict)) else v for k, v in m.items()}
 
 
+PHASES = ("first", "second")
+
+
+def cell_configs(exp: dict, label: str, seed: int, phase_paths=None) -> list:
+    """The Config(s) one (label, seed) cell trains with: one (routing), one per phase (forgetting)."""
+    if exp["kind"] == "routing":
+        return [run_config(exp, label, seed)]
+    ph = exp["phases"]
+    return [run_config(exp, label, seed, {"data.source": phase_paths[p], "train.steps": ph[f"{p}_steps"]})
+            for p in PHASES]
+
+
+def config_hash(exp: dict, configs: Sequence) -> str:
+    """Hash of a cell's resolved Config dicts (steps included): a results.jsonl row is reused
+    only for the same hash. A forgetting phase's data.source (a path under the output dir)
+    enters as its domain list, so moving the output dir does not invalidate its results."""
+    from onn_jax.config import to_dict
+    dicts = [to_dict(c) for c in configs]
+    if exp["kind"] == "forgetting":
+        for d, phase in zip(dicts, PHASES):
+            d["data"]["source"] = {"phase": phase, "domains": list(exp["phases"][phase])}
+    blob = json.dumps({"kind": exp["kind"], "configs": dicts}, sort_keys=True, default=repr)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_results(path: Path) -> list[dict]:
+    """The rows of results.jsonl; a torn last line (a write cut by a kill) is dropped."""
+    if not path.exists():
+        return []
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines) and not text.endswith("\n"):
+                break  # half written: that cell runs again
+            raise ExperimentError(f"{path}:{n}: malformed JSON line ({e}); fix or delete the line") from None
+        if not isinstance(row, dict) or "label" not in row or "seed" not in row:
+            raise ExperimentError(f"{path}:{n}: not a result row (no label/seed); fix or delete the line")
+        rows.append(row)
+    return rows
+
+
+def write_results(path: Path, rows: Sequence[dict]) -> None:
+    """Rewrites results.jsonl atomically (a kill never leaves it half written)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def run_cell(exp: dict, label: str, seed: int, out: Path, full_ds, phase_paths=None) -> dict:
     """Trains one (label, seed) cell and returns its result row."""
     Run = _analysis_run_class()
     workdir = out / "runs" / label / f"seed_{seed}"
     start = time.perf_counter()
     row: dict[str, Any] = {"label": label, "seed": seed}
+    configs = cell_configs(exp, label, seed, phase_paths)
     if exp["kind"] == "routing":
-        cfg = run_config(exp, label, seed)
+        (cfg,) = configs
         run = Run(cfg, workdir, full_ds)
         run.run()
         row.update(run.analyse())
     else:
         ph = exp["phases"]
-        cfg_a = run_config(exp, label, seed, {"data.source": phase_paths["first"], "train.steps": ph["first_steps"]})
+        cfg_a, cfg_b = configs
         run_a = Run(cfg_a, workdir / "first", full_ds)
         run_a.run()
         after_a = run_a.analyse()
-        cfg_b = run_config(exp, label, seed, {"data.source": phase_paths["second"], "train.steps": ph["second_steps"]})
         run_b = Run(cfg_b, workdir / "second", full_ds, init_state=run_a.state)
         run_b.run()
         after_b = run_b.analyse()
@@ -293,7 +354,8 @@ def enable_compile_cache(path: Path) -> None:
 
 
 def run_experiment(exp: dict, out: Path, seeds=None, only=None, steps=None, log=print) -> list[dict]:
-    """Runs every missing (label, seed) cell, then writes results.md and the plots."""
+    """Runs every (label, seed) cell without a results.jsonl row of the same config hash (a row
+    of other settings is re-run and replaced), then writes results.md and the plots."""
     out.mkdir(parents=True, exist_ok=True)
     if steps is not None:
         exp = {**exp, "overrides": {**exp["overrides"], "train.steps": steps}}
@@ -302,22 +364,22 @@ def run_experiment(exp: dict, out: Path, seeds=None, only=None, steps=None, log=
     labels = [l for l in exp["runs"] if only is None or l in only]
     seeds = seeds or exp["seeds"]
     results_path = out / "results.jsonl"
-    done = {}
-    if results_path.exists():
-        for line in results_path.read_text().splitlines():
-            r = json.loads(line)
-            done[(r["label"], r["seed"])] = r
+    done = {(r["label"], r["seed"]): r for r in read_results(results_path)}  # file order; last wins
     probe = run_config(exp, labels[0], seeds[0])
     full_ds = full_dataset(probe)
     phase_paths = write_phase_data(probe, exp["phases"], out / "data") if exp["kind"] == "forgetting" else None
     for label in labels:
         for seed in seeds:
-            if (label, seed) in done:
+            want = config_hash(exp, cell_configs(exp, label, seed, phase_paths))
+            old = done.get((label, seed))
+            if old is not None and old.get("config_hash") == want:
                 continue
-            row = run_cell(exp, label, seed, out, full_ds, phase_paths)
-            done[(label, seed)] = row
-            with results_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            if old is not None:
+                log(f"[{exp['name']}] {label} seed {seed}: the results.jsonl row was made with other settings "
+                    f"(config {old.get('config_hash') or 'unrecorded'}, now {want}); re-running and replacing it")
+            row = {**run_cell(exp, label, seed, out, full_ds, phase_paths), "config_hash": want}
+            done[(label, seed)] = row  # replaces the old row in place, or appends
+            write_results(results_path, list(done.values()))
             log(f"[{exp['name']}] {label} seed {seed}: {row['time_s']:.0f}s " + _short(row))
     rows = [done[(l, s)] for l in labels for s in seeds]
     (out / "results.md").write_text(markdown_table(exp, rows) + "\n")

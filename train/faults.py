@@ -5,7 +5,9 @@
                                    to orbax's temporary folder, the atomic rename not yet done
 
 At the point the process prints `onn-train: fault point <point>:<N> reached` to stderr and
-sleeps; the test then kills it with SIGKILL. Unset (the normal case), nothing is installed.
+sleeps; the test then kills it with SIGKILL. A process nobody kills exits by itself with code
+99 after ONN_TRAIN_FAULT_TIMEOUT seconds (default 300), so a dead test never leaves a trainer
+asleep. Unset (the normal case), nothing is installed.
 """
 from __future__ import annotations
 
@@ -14,6 +16,9 @@ import sys
 import time
 
 ENV = "ONN_TRAIN_FAULT"
+TIMEOUT_ENV = "ONN_TRAIN_FAULT_TIMEOUT"
+DEFAULT_TIMEOUT_S = 300.0
+TIMEOUT_EXIT_CODE = 99
 POINTS = ("after_step", "in_save")
 
 
@@ -27,11 +32,31 @@ def parse(value: str | None) -> tuple[str, int] | None:
     return point, int(step)
 
 
-def halt(point: str, step: int) -> None:
-    """Announce the fault point and wait to be killed."""
+def halt_timeout(value: str | None = None) -> float:
+    """Seconds halt() waits to be killed: ONN_TRAIN_FAULT_TIMEOUT, else DEFAULT_TIMEOUT_S."""
+    value = os.environ.get(TIMEOUT_ENV) if value is None else value
+    if not value:
+        return DEFAULT_TIMEOUT_S
+    try:
+        timeout = float(value)
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV}={value!r}: expected a number of seconds") from None
+    if not timeout > 0:
+        raise ValueError(f"{TIMEOUT_ENV}={value!r}: must be > 0")
+    return timeout
+
+
+def halt(point: str, step: int, timeout: float | None = None) -> None:
+    """Announce the fault point and wait to be killed; exit (code 99, no cleanup) after
+    `timeout` seconds (default halt_timeout()) if nobody did."""
+    timeout = halt_timeout() if timeout is None else timeout
     print(f"onn-train: fault point {point}:{step} reached", file=sys.stderr, flush=True)
-    while True:
-        time.sleep(1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+    print(f"onn-train: fault point {point}:{step}: not killed within {timeout:g}s; exiting",
+          file=sys.stderr, flush=True)
+    os._exit(TIMEOUT_EXIT_CODE)
 
 
 class Faults:
@@ -39,6 +64,8 @@ class Faults:
 
     def __init__(self, value: str | None = None):
         self.fault = parse(os.environ.get(ENV) if value is None else value)
+        if self.fault:
+            halt_timeout()  # a malformed timeout fails at start, not at the fault point
         if self.fault and self.fault[0] == "in_save":
             _block_commit(self.fault[1])
 

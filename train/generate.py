@@ -3,9 +3,11 @@
     onn-generate --workdir DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
                  [--top-p P] [--seed S] [--step K] [--raw]
 
-DIR is a training workdir (config.json + checkpoints/, the latest checkpoint unless --step)
-or an export written by `onn-export` (export.json + params/). The prompt is sent as a user
-turn followed by the assistant marker, as in training's chat format (--raw: BOS + the text).
+DIR is a training workdir (config.json + checkpoints/, the latest checkpoint unless --step;
+the model config is the one stored in that checkpoint's metadata, config.json only for a
+checkpoint without one) or an export written by `onn-export` (export.json + params/). The
+prompt is sent as a user turn followed by the assistant marker, as in training's chat format
+(--raw: BOS + the text).
 temperature 0 (default) is greedy. Prints the continuation; errors exit with code 2.
 """
 from __future__ import annotations
@@ -88,16 +90,30 @@ def load_model(workdir: str | Path, step: int | None = None):
         if not (workdir / CONFIG_FILE).is_file():
             raise GenerateError(f"{workdir}: neither a training workdir (no {CONFIG_FILE}) "
                                 f"nor an onn-export directory (no {ckpt_lib.EXPORT_META})")
-        model_cfg, tok = _config_sections(_read_json(workdir / CONFIG_FILE), str(workdir / CONFIG_FILE))
         ckpt_dir = workdir / CHECKPOINT_DIR
         if not ckpt_dir.is_dir():
             raise GenerateError(f"{ckpt_dir}: no checkpoints (train first, or pass an onn-export directory)")
         ckpt = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
         step = ckpt.resolve_step(step)
+        model_cfg, tok = checkpoint_config(ckpt, step, workdir)
         params, _ = ckpt.restore_params(ckpt_lib.abstract_like(init_params, model_cfg, jax.random.key(0)), step)
         return params, model_cfg, tok, step
     except ckpt_lib.CheckpointError as e:
         raise GenerateError(str(e)) from e
+
+
+def checkpoint_config(ckpt, step: int, workdir: Path):
+    """(ModelConfig, tokenizer name) the checkpoint of `step` was trained with: the config in
+    its own metadata, else (older checkpoints without one) the workdir's config.json, which
+    describes the latest run and may differ from an older step's."""
+    from onn_jax import checkpoint as ckpt_lib
+    try:
+        raw = ckpt.restore_meta(step).get("config")
+    except ckpt_lib.CheckpointError:
+        raw = None  # an unreadable meta: the params restore names the damaged step
+    if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
+        return _config_sections(raw, f"{ckpt.directory}/{step}/{ckpt_lib.META}")
+    return _config_sections(_read_json(workdir / CONFIG_FILE), str(workdir / CONFIG_FILE))
 
 
 def prompt_ids(tok, text: str, raw: bool) -> list[int]:

@@ -7,7 +7,8 @@
     domain_routing.png  per-layer heatmap: domain x expert, share of positions routed, latest eval
 
 Each figure is drawn only when its metrics exist (a dense baseline has no gate). Uses the
-Agg backend, so it works without a display.
+Agg backend, so it works without a display. Works on a live or killed run too: a half-written
+last line of metrics.jsonl is ignored.
 """
 from __future__ import annotations
 
@@ -143,7 +144,7 @@ def make_dashboards(workdir: str | Path) -> list[Path]:
     from train.logging import read_metrics
 
     workdir = Path(workdir)
-    rows = read_metrics(workdir)
+    rows = read_metrics(workdir, torn_tail_ok=True)  # a live or killed run: last line half written
     if not rows:
         raise FileNotFoundError(f"{workdir}: no metrics.jsonl rows to plot (is this a training workdir?)")
     out = workdir / PLOTS_DIR
