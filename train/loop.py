@@ -287,6 +287,13 @@ class Run:
         """Trains up to train.steps; releases the workdir lock when done (or failed)."""
         try:
             return self._run()
+        except KeyboardInterrupt:
+            if self.ckpt is not None:  # let an asynchronous save in flight commit (or fail) cleanly
+                try:
+                    self.ckpt.close()
+                except Exception:  # noqa: BLE001 - an unfinished save is cleaned up on the next start
+                    pass
+            raise
         finally:
             self.close()
 

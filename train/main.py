@@ -34,7 +34,8 @@ def parse_args(argv: Sequence[str]):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit codes: 0 done, 2 bad input or workdir in use (one line on stderr, no traceback),
-    3 stopped after train.max_skipped_in_a_row non-finite steps (with a checkpoint)."""
+    3 stopped after train.max_skipped_in_a_row non-finite steps (with a checkpoint),
+    130 interrupted (Ctrl-C): rerunning resumes from the last committed checkpoint."""
     try:
         args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         cfg = load(args.config, overrides)
@@ -57,6 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainStopped as e:
         print(f"onn-train: stopped: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print(f"\nonn-train: interrupted; rerun the same command to resume from the last checkpoint "
+              f"in {workdir / 'checkpoints'}", file=sys.stderr)
+        return 130
     return 0
 
 
