@@ -3,7 +3,7 @@
 Two layers of the faithful surprise-gated MoE (8 experts each) on the embedded multi-domain
 chat corpus with the byte tokenizer; faithful gate loss, fallback and 2-sigma filter.
 """
-from ml_collections import ConfigDict
+from onn_jax.configdict import ConfigDict
 
 
 def get_config() -> ConfigDict:

@@ -4,7 +4,7 @@ batch 32, seq 512, bf16 compute (router, Surprise and losses stay float32).
 vocab 32000 suits a local tokenizer.json (--config.data.tokenizer=PATH); with the byte
 tokenizer the ids above 261 are simply never used.
 """
-from ml_collections import ConfigDict
+from onn_jax.configdict import ConfigDict
 
 
 def get_config() -> ConfigDict:

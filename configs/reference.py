@@ -4,7 +4,7 @@ C=32, intermediate 128, E=32 experts, 1 layer, 4 heads, sequence length 256, bf1
 faithful gate (fallback E/2, CE+KL hybrid, w_aux 1), 2-sigma filter and AdamW (lr 1e-3).
 Departure: the byte tokenizer (vocab 262) instead of the PoC's 151k-token vocabulary.
 """
-from ml_collections import ConfigDict
+from onn_jax.configdict import ConfigDict
 
 
 def get_config() -> ConfigDict:

@@ -1,5 +1,5 @@
 """tiny: a few-second CPU run for tests and smoke checks (1 layer, 4 experts, 30 steps)."""
-from ml_collections import ConfigDict
+from onn_jax.configdict import ConfigDict
 
 
 def get_config() -> ConfigDict:

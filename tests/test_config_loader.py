@@ -1,5 +1,6 @@
 """Config files + dotted overrides -> Config: typing of values and the error messages."""
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -8,6 +9,7 @@ from train.config_loader import (ConfigLoadError, apply_overrides, load, load_co
                                  parse_value, split_overrides)
 
 CONFIGS = ("tiny", "default", "reference", "gpu_small", "gpu_large")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -128,3 +130,23 @@ def test_broken_files(tmp_path):
         load_config_file(_write(tmp_path, "def get_config(:\n"))
     with pytest.raises(ConfigLoadError, match="must return a ConfigDict or dict"):
         load_config_file(_write(tmp_path, "def get_config():\n    return [1]\n"))
+
+
+def test_configs_load_without_ml_collections(monkeypatch):
+    """Bare accelerator images have no ml_collections: the config files fall back to a plain
+    attribute dict and load to the same values."""
+    import importlib
+    import sys
+
+    import onn_jax.configdict
+    names = CONFIGS
+    with_mlc = {n: load_config_file(ROOT / "configs" / f"{n}.py") for n in names}
+    monkeypatch.setitem(sys.modules, "ml_collections", None)
+    try:
+        fallback = importlib.reload(onn_jax.configdict)
+        assert fallback.ConfigDict.__module__ == "onn_jax.configdict"
+        for n in names:
+            assert load_config_file(ROOT / "configs" / f"{n}.py") == with_mlc[n], n
+    finally:
+        monkeypatch.undo()
+        importlib.reload(onn_jax.configdict)
