@@ -97,7 +97,7 @@ def _write(tmp_path, body: str):
 
 def test_bad_value_in_file_names_file_and_line(tmp_path):
     path = _write(tmp_path, """\
-        from ml_collections import ConfigDict
+        from onn_jax.configdict import ConfigDict
 
 
         def get_config():
