@@ -279,24 +279,15 @@ def config_hash(exp: dict, configs: Sequence) -> str:
 
 def read_results(path: Path) -> list[dict]:
     """The rows of results.jsonl; a torn last line (a write cut by a kill) is dropped."""
-    if not path.exists():
-        return []
-    text = path.read_text(errors="replace")
-    lines = text.splitlines()
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(lines) and not text.endswith("\n"):
-                break  # half written: that cell runs again
-            raise ExperimentError(f"{path}:{n}: malformed JSON line ({e}); fix or delete the line") from None
+    from train.logging import read_jsonl
+    try:
+        numbered = read_jsonl(path, torn_tail_ok=True, numbered=True)  # a half-written cell runs again
+    except ValueError as e:
+        raise ExperimentError(f"{e}; fix or delete the line") from None
+    for n, row in numbered:
         if not isinstance(row, dict) or "label" not in row or "seed" not in row:
             raise ExperimentError(f"{path}:{n}: not a result row (no label/seed); fix or delete the line")
-        rows.append(row)
-    return rows
+    return [row for _, row in numbered]
 
 
 def write_results(path: Path, rows: Sequence[dict]) -> None:

@@ -46,11 +46,13 @@ def mean_metrics(rows: Iterable[Mapping[str, Any]]) -> dict[str, np.ndarray]:
             for k in rows[0]}
 
 
-def read_metrics(workdir: str | Path, torn_tail_ok: bool = False) -> list[dict[str, Any]]:
-    """All rows of WORKDIR/metrics.jsonl (empty if the file does not exist).
+def read_jsonl(path: str | Path, torn_tail_ok: bool = False, numbered: bool = False) -> list[Any]:
+    """The JSON values of a .jsonl file, one a line (empty if the file does not exist).
 
-    torn_tail_ok: drop a malformed last line without its newline (a write cut by a kill)."""
-    path = Path(workdir) / METRICS_FILE
+    torn_tail_ok: drop a malformed last line without its newline (a write cut by a kill).
+    numbered: return (line number, value) pairs. Any other malformed line raises ValueError
+    naming `path:line`."""
+    path = Path(path)
     if not path.exists():
         return []
     text = path.read_text(errors="replace")
@@ -59,12 +61,18 @@ def read_metrics(workdir: str | Path, torn_tail_ok: bool = False) -> list[dict[s
     for n, line in enumerate(lines, 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                value = json.loads(line)
             except json.JSONDecodeError as e:
                 if torn_tail_ok and n == len(lines) and not text.endswith("\n"):
                     break
                 raise ValueError(f"{path}:{n}: malformed JSON line: {e}") from None
+            rows.append((n, value) if numbered else value)
     return rows
+
+
+def read_metrics(workdir: str | Path, torn_tail_ok: bool = False) -> list[dict[str, Any]]:
+    """All rows of WORKDIR/metrics.jsonl (empty if the file does not exist); see read_jsonl."""
+    return read_jsonl(Path(workdir) / METRICS_FILE, torn_tail_ok)
 
 
 class MetricsWriter:
