@@ -27,15 +27,21 @@ class ConfigLoadError(ValueError):
     """A config file or an override is invalid; the message names the file, key and line."""
 
 
+def exec_python_file(path: Path, module_name: str):
+    """Runs the Python file at `path` as a fresh module (not registered in sys.modules)."""
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Runs `get_config()` of the Python file at `path` and returns it as a nested plain dict."""
     path = Path(path)
     if not path.is_file():
         raise ConfigLoadError(f"{path}: config file not found")
-    spec = importlib.util.spec_from_file_location(f"_onn_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
+        module = exec_python_file(path, f"_onn_config_{path.stem}")
     except Exception as e:  # the file itself is broken: say where
         raise ConfigLoadError(f"{path}:{_exc_line(e, path)}: cannot load config file: "
                               f"{type(e).__name__}: {e}") from e

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import sys
@@ -40,7 +39,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from train.config_loader import ConfigLoadError, build_config, load_config_file, with_defaults
+from train.config_loader import (ConfigLoadError, build_config, exec_python_file, load_config_file,
+                                 with_defaults)
 from train.experiment_report import make_plots, markdown_table
 
 KINDS = ("routing", "forgetting")
@@ -57,11 +57,8 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ExperimentError(f"{path}: experiment file not found")
-    spec = importlib.util.spec_from_file_location(f"_onn_experiment_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
-        exp = dict(module.get_experiment())
+        exp = dict(exec_python_file(path, f"_onn_experiment_{path.stem}").get_experiment())
     except Exception as e:
         raise ExperimentError(f"{path}: cannot load get_experiment(): {type(e).__name__}: {e}") from e
     exp.setdefault("name", path.stem)
