@@ -119,15 +119,12 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig,
         "train/total_loss": main + w_aux * gate_loss,
         "moe/gate_loss": gate_loss,
     }
-    metrics.update(moe_metrics(cfg, params, records, surprises, parts))
-    if cfg.moe.router == "surprise" and records:
-        unmasked = batch["loss_mask"].reshape(-1)
-        metrics["moe/gate_acc_unmasked"] = jnp.mean(jnp.stack(
-            [gate_accuracy(r.router.pre, s, unmasked) for r, s in zip(records, surprises)]))
+    metrics.update(moe_metrics(cfg, params, records, surprises, parts, batch["loss_mask"].reshape(-1)))
     return grads, metrics
 
 
-def moe_metrics(cfg: ModelConfig, params, records, surprises, parts) -> dict[str, jax.Array]:
+def moe_metrics(cfg: ModelConfig, params, records, surprises, parts,
+                loss_mask_N: jax.Array) -> dict[str, jax.Array]:
     """Routing metrics averaged over MoE layers, plus per-layer expert load [L, E]."""
     if not records:
         return {}
@@ -141,8 +138,9 @@ def moe_metrics(cfg: ModelConfig, params, records, surprises, parts) -> dict[str
     for key in parts[0]:
         out[f"moe/gate_{key}"] = sum(p[key] for p in parts)
     if cfg.moe.router == "surprise":
-        out["moe/gate_acc"] = mean([jnp.mean((jnp.argmax(r.router.pre, -1) == jnp.argmin(s, -1))
-                                             .astype(jnp.float32)) for r, s in zip(records, surprises)])
+        out["moe/gate_acc"] = mean([gate_accuracy(r.router.pre, s) for r, s in zip(records, surprises)])
+        out["moe/gate_acc_unmasked"] = mean([gate_accuracy(r.router.pre, s, loss_mask_N)
+                                             for r, s in zip(records, surprises)])
         out["moe/surprise_mean"] = mean([jnp.mean(s) for s in surprises])
         out["moe/threshold_mean"] = mean([jnp.mean(jax.nn.sigmoid(params[f"block_{i}"]["moe"]["thresholds"]))
                                           for i in range(cfg.num_layers)])

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from onn_jax.analysis import gate_accuracy
 from onn_jax.config import ModelConfig
 from onn_jax.losses import next_token_loss
 from onn_jax.model import Transformer
@@ -70,7 +71,7 @@ def make_eval_step(cfg: ModelConfig, num_domains: int, edges: np.ndarray = SURPR
                 clipped = jnp.clip(s, edges[0], edges[-1]).ravel()
                 hists.append(jnp.histogram(clipped, bins=edges, weights=(active & (s > 0)).ravel())[0])
                 zeros.append(jnp.sum(active & (s == 0)) / jnp.maximum(jnp.sum(active), 1))
-                accs.append(jnp.mean((jnp.argmax(r.router.pre, -1) == jnp.argmin(s, -1)).astype(jnp.float32)))
+                accs.append(gate_accuracy(r.router.pre, s))
             out.update(surprise_hist=jnp.stack(hists), surprise_zero_frac=jnp.stack(zeros),
                        gate_acc=jnp.mean(jnp.stack(accs)))
         return out
