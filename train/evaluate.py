@@ -8,7 +8,7 @@ active pairs with S == 0 (e.g. positions whose loss is masked, in the last layer
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,34 +27,56 @@ from onn_jax.surprise import get_surprise_fn
 SURPRISE_EDGES = np.logspace(-9, 1, 41)
 
 
+class EvalForward(NamedTuple):
+    """One eval batch's forward, and the Surprise of every MoE layer from the main loss."""
+
+    main: jax.Array        # mean CE over unmasked labels
+    acc: jax.Array
+    count: jax.Array       # counted label positions
+    ce_BxT: jax.Array      # per-position CE (masked positions included)
+    records: tuple         # MoE records of the layers that have a router
+    surprises: list | None  # S [N, E] per layer (surprise router only)
+
+
+def eval_forward(cfg: ModelConfig, params: Any, batch: dict) -> EvalForward:
+    """The forward and one reverse pass of the main loss into the Surprise taps (no parameter
+    gradient), shared by the eval step here and onn-experiment's analysis step."""
+    model = Transformer(cfg)
+    b, t = batch["inputs"].shape
+
+    def forward(taps):
+        logits, records = model.apply({"params": params}, batch["inputs"], taps)
+        main, acc, count = next_token_loss(logits, batch["targets"], batch["loss_mask"])
+        ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        return main, (acc, count, records, ce_BxT)
+
+    main, pullback, (acc, count, records, ce_BxT) = jax.vjp(forward, step_taps(cfg, b, t), has_aux=True)
+    records = tuple(r for r in records if r is not None)
+    surprises = None
+    if cfg.moe.router == "surprise" and records:
+        surprise_fn = get_surprise_fn(cfg.moe.surprise)
+        (d_taps,) = pullback(jnp.ones_like(main))
+        surprises = [surprise_fn(surprise_inputs(r, d)) for r, d in zip(records, d_taps)]
+    return EvalForward(main, acc, count, ce_BxT, records, surprises)
+
+
 def make_eval_step(cfg: ModelConfig, num_domains: int, edges: np.ndarray = SURPRISE_EDGES) -> Callable:
     """Jitted `(params, batch) -> sums` of one eval batch (`evaluate` turns them into means).
 
     Per domain d (batch["domain"] == d; -1 rows are padding) it also sums the loss, the
     counted tokens and each layer's expert assignments, for routing analysis by domain.
     """
-    model = Transformer(cfg)
-    uses_surprise = cfg.moe.router == "surprise"
-    surprise_fn = get_surprise_fn(cfg.moe.surprise) if uses_surprise else None
     edges = jnp.asarray(edges, jnp.float32)
 
     def eval_step(params, batch):
         b, t = batch["inputs"].shape
-        taps = step_taps(cfg, b, t)
-
-        def forward(taps):
-            logits, records = model.apply({"params": params}, batch["inputs"], taps)
-            main, acc, count = next_token_loss(logits, batch["targets"], batch["loss_mask"])
-            ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-            return main, (acc, count, records, ce_BxT)
-
-        main, pullback, (acc, count, records, ce_BxT) = jax.vjp(forward, taps, has_aux=True)
-        out = {"main_loss": main * count, "main_acc": acc * count, "tokens": count}
+        f = eval_forward(cfg, params, batch)
+        out = {"main_loss": f.main * f.count, "main_acc": f.acc * f.count, "tokens": f.count}
         onehot_BxD = jax.nn.one_hot(batch["domain"], num_domains, dtype=jnp.float32)  # -1 -> zeros
         mask_BxT = batch["loss_mask"].astype(jnp.float32)
         out["domain_tokens"] = onehot_BxD.T @ jnp.sum(mask_BxT, -1)
-        out["domain_loss"] = onehot_BxD.T @ jnp.sum(ce_BxT * mask_BxT, -1)
-        records = tuple(r for r in records if r is not None)
+        out["domain_loss"] = onehot_BxD.T @ jnp.sum(f.ce_BxT * mask_BxT, -1)
+        records = f.records
         if not records:
             return out
         load_LxBxE = jnp.stack([r.router.mask.astype(jnp.float32).reshape(b, t, -1).sum(1) for r in records])
@@ -62,11 +84,9 @@ def make_eval_step(cfg: ModelConfig, num_domains: int, edges: np.ndarray = SURPR
         out["domain_positions"] = onehot_BxD.sum(0) * t
         out["avg_k"] = jnp.mean(jnp.stack([jnp.mean(jnp.sum(r.router.mask, -1).astype(jnp.float32))
                                            for r in records]))
-        if uses_surprise:
-            (d_taps,) = pullback(jnp.ones_like(main))
+        if f.surprises is not None:
             hists, zeros, accs = [], [], []
-            for d, r in zip(d_taps, records):
-                s = surprise_fn(surprise_inputs(r, d))
+            for r, s in zip(records, f.surprises):
                 active = r.router.mask
                 clipped = jnp.clip(s, edges[0], edges[-1]).ravel()
                 hists.append(jnp.histogram(clipped, bins=edges, weights=(active & (s > 0)).ravel())[0])

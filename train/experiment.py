@@ -120,45 +120,30 @@ def make_analysis_step(model_cfg, num_domains: int):
     """Jitted (params, batch) -> sums for onn_jax.analysis metrics over one eval batch."""
     import jax
     import jax.numpy as jnp
-    import optax
 
     from onn_jax import analysis as an
-    from onn_jax.model import Transformer
-    from onn_jax.moe import surprise_inputs
-    from onn_jax.step import step_taps
-    from onn_jax.surprise import get_surprise_fn
-
-    model = Transformer(model_cfg)
-    surprise_fn = get_surprise_fn(model_cfg.moe.surprise) if model_cfg.moe.router == "surprise" else None
+    from train.evaluate import eval_forward
 
     def step(params, batch):
-        b, t = batch["inputs"].shape
-
-        def forward(taps):
-            logits, records = model.apply({"params": params}, batch["inputs"], taps)
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-            main = jnp.sum(ce * batch["loss_mask"]) / jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-            return main, (records, ce)
-
-        main, pullback, (records, ce) = jax.vjp(forward, step_taps(model_cfg, b, t), has_aux=True)
+        t = batch["inputs"].shape[1]
+        f = eval_forward(model_cfg, params, batch)
         out = dict(zip(("loss_sum", "loss_tokens"),
-                       an.domain_loss_sums(ce, batch["loss_mask"], batch["domain"], num_domains)))
-        records = tuple(r for r in records if r is not None)
+                       an.domain_loss_sums(f.ce_BxT, batch["loss_mask"], batch["domain"], num_domains)))
+        records = f.records
         if not records:
             return out
         dom_N = jnp.repeat(batch["domain"], t)
         out["counts"] = jnp.stack([an.domain_expert_counts(r.router.mask, dom_N, num_domains) for r in records])
         out["tokens"] = an.domain_token_counts(dom_N, num_domains)
-        if surprise_fn is not None:
+        if f.surprises is not None:
             valid_N = (dom_N >= 0).astype(jnp.float32)
             out["fallback"] = jnp.stack([an.fallback_count(r.router.pre, valid_N) for r in records])
-            (d_taps,) = pullback(jnp.ones_like(main))
             unmasked = batch["loss_mask"].reshape(-1)
-            s = [surprise_fn(surprise_inputs(r, d)) for r, d in zip(records, d_taps)]
-            hits = [an.gate_hits(r.router.pre, s_, unmasked) for r, s_ in zip(records, s)]
+            hits = [an.gate_hits(r.router.pre, s_, unmasked) for r, s_ in zip(records, f.surprises)]
             out["gate_hits"] = jnp.stack([h for h, _ in hits])
             out["gate_count"] = jnp.stack([c for _, c in hits])
-            targets = [an.surprise_target_counts(s_, r.router.mask, unmasked) for r, s_ in zip(records, s)]
+            targets = [an.surprise_target_counts(s_, r.router.mask, unmasked)
+                       for r, s_ in zip(records, f.surprises)]
             out["target_inactive"] = jnp.stack([i for i, _ in targets])
             out["target_hist"] = jnp.stack([h for _, h in targets])
         return out
