@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from onn_jax.config import Config, ModelConfig, MoEConfig
-from onn_jax.model import Transformer
+from onn_jax.model import Transformer, attention_impl
 from onn_jax.losses import next_token_loss
 from onn_jax.step import compute_grads, init_state, make_optimizer, make_train_step
 
@@ -46,7 +46,7 @@ PRESETS = {  # built-in sizes (the same as configs/*.py), usable without a confi
                             moe=dict(num_experts=4, intermediate=32)),
                  data=dict(batch_size=8, seq_len=64)),
     "gpu_large": dict(model=dict(vocab_size=32000, hidden=512, num_layers=8, num_heads=8, max_len=512,
-                                 dtype="bfloat16", moe=dict(num_experts=64, intermediate=256)),
+                                 dtype="bfloat16", attention="auto", moe=dict(num_experts=64, intermediate=256)),
                       data=dict(batch_size=32, seq_len=512)),
 }
 
@@ -224,6 +224,8 @@ def measure(name: str, cfg: Config, mode: str, args) -> dict[str, Any]:
     """Compiles and times one mode; returns its JSON record."""
     k = parse_k(args.force_avg_k, cfg.model.moe.num_experts)
     model = mode_config(cfg.model, mode, k, args.capacity_rel, args.surprise, args.dispatch)
+    if args.attention:
+        model = dataclasses.replace(model, attention=args.attention)
     b, t = cfg.data.batch_size, cfg.data.seq_len
     tx = make_optimizer(cfg.optim)
     state = init_state(model, tx, jax.random.key(args.seed))
@@ -267,6 +269,7 @@ def measure(name: str, cfg: Config, mode: str, args) -> dict[str, Any]:
     record = {
         "config": name, "mode": mode, "device_kind": dev.device_kind, "backend": jax.default_backend(),
         "batch": b, "seq": t, "router": model.moe.router, "dispatch": model.moe.dispatch,
+        "attention": attention_impl(model),
         "surprise": model.moe.surprise if model.moe.router == "surprise" else None,
         "capacity_factor": model.moe.capacity_factor if model.moe.dispatch == "sparse" else None,
         "step_ms": round(step_s * 1e3, 3), "step_ms_min": round(min(times) * 1e3, 3),
@@ -308,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also time the forward alone and the gradient without the optimizer")
     ap.add_argument("--dispatch", choices=("dense", "sparse"), default=None,
                     help="override the dispatch of smk and plain (sparse capacity as for --mode sparse)")
+    ap.add_argument("--attention", choices=("xla", "cudnn", "auto"), default=None,
+                    help="override model.attention (training attention: einsums or cuDNN flash)")
     ap.add_argument("--evolve", action="store_true",
                     help="carry the state from step to step (donated; routing drifts); default: every "
                          "timed step starts from the same state, so avg_k stays where it was forced")

@@ -9,7 +9,8 @@ from onn_jax.configdict import ConfigDict
 def get_config() -> ConfigDict:
     c = ConfigDict()
     c.model = ConfigDict(dict(vocab_size=32000, hidden=256, num_layers=4, num_heads=4, max_len=512,
-                              norm="layernorm", final_norm=False, dtype="bfloat16"))
+                              norm="layernorm", final_norm=False, dtype="bfloat16",
+                              attention="auto"))
     c.model.moe = ConfigDict(dict(num_experts=32, intermediate=256, expert_kind="gelu",
                                   router="surprise", fallback_k=None, w_ce=1.0, w_kl=1.0, w_aux=1.0,
                                   surprise="output_grad", dispatch="dense", capacity_factor=None))

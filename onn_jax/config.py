@@ -18,6 +18,7 @@ FILTER_MODES = ("one_sided", "two_sided", "off")
 FILTER_SCOPES = ("pooled", "per_layer")
 DISPATCHES = ("dense", "sparse")
 GATE_TOKENS = ("all", "unmasked")
+ATTENTIONS = ("xla", "cudnn", "auto")
 
 
 class ConfigError(ValueError):
@@ -123,7 +124,13 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The transformer around the MoE layer (faithful PoC numerics by default)."""
+    """The transformer around the MoE layer (faithful PoC numerics by default).
+
+    attention: how training computes causal attention: `xla` (default: explicit einsums
+      with float32 scores), `cudnn` (jax.nn.dot_product_attention's fused cuDNN flash
+      attention; CUDA GPUs, bfloat16) or `auto` (cudnn where a CUDA GPU runs a bfloat16
+      model with a supported head dim, else xla). Decoding with a KV cache always uses xla.
+    """
 
     vocab_size: int = 256
     hidden: int = 32
@@ -135,6 +142,7 @@ class ModelConfig:
     rope_base: float = 10000.0
     final_norm: bool = False
     dtype: str = "float32"
+    attention: str = "xla"
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self):
@@ -153,6 +161,13 @@ class ModelConfig:
         _check(isinstance(self.final_norm, bool), p + "final_norm",
                f"must be a bool, got {self.final_norm!r}")
         _choice(self.dtype, DTYPES, p + "dtype")
+        _choice(self.attention, ATTENTIONS, p + "attention")
+        if self.attention == "cudnn":
+            _check(self.dtype == "bfloat16", p + "attention",
+                   f"'cudnn' (fused flash attention) needs dtype='bfloat16', got dtype={self.dtype!r}")
+            _check(self.head_dim % 8 == 0 and self.head_dim <= 128, p + "attention",
+                   f"'cudnn' needs a head dim (hidden/num_heads) that is a multiple of 8 and <= 128, "
+                   f"got {self.head_dim}")
         _check(isinstance(self.moe, MoEConfig), p + "moe", "must be a MoEConfig")
 
     @property

@@ -2,22 +2,25 @@
 
 Every expert e gets a buffer of K = capacity slots. Active pairs (t, e) take the slots of
 expert e in token order; pairs beyond the capacity are dropped (they add nothing to the
-layer output, and their Surprise is 0). The three steps, gathers and batched matmuls (a one-hot
-einsum dispatch would cost N*E*K*C multiply-adds, more than the experts themselves):
+layer output, and their Surprise is 0). The three steps touch only the E*K slots, never the
+N*E pair grid (a one-hot einsum dispatch would cost N*E*K*C multiply-adds, more than the
+experts themselves):
 
-  dispatch  x_ExKxC[e, k] = x[token_ExK[e, k]]              (row N is a zero pad row)
+  dispatch  x_ExKxC[e, k] = x[token_ExK[e, k]]              (a gather; empty slots read 0)
   experts   y_ExKxC = W2_e . act(W1_e . x_ExKxC)             (batched over E, bf16 matmuls)
-  combine   out[t] = sum_e w[t, e] * y[e, slot(t, e)]        (float32; slot K is a zero pad)
+  combine   out[t] = sum over t's slots of w[t, e] * y[e, k] (a float32 scatter-add)
 
-Both ends and their custom backwards are gathers: every pair has exactly one slot, so no
-transpose needs a scatter-add; the result is deterministic (no atomics) and was no slower
-than the scatter-add version on an H100 (docs/BENCHMARKS.md).
+Their autodiff transposes stay in slot space too: the dispatch's backward is a scatter-add
+into [N, C], the combine's a gather of dL/dout per slot plus one [E, K] row of dL/dw.
+On GPUs the scatter-adds use atomics, so the summation order of a token's (at most k)
+terms may vary between runs in the last bits; XLA's `--xla_gpu_deterministic_ops=true`
+makes them deterministic. This layout was 4.5x faster than gathering over the E pairs of
+every token on an H100 (bench/kernels.py, docs/BENCHMARKS.md).
 
 With nothing dropped (capacity_factor None: K = N) the output, the Surprise of every
 active pair and all gradients equal the dense path's (tests/test_dispatch.py).
 The Surprise taps live in slot space ([E, K, C]); `to_pairs` maps a slot-space array back
-to the dense [N, E, C] layout (zero on pairs that were not computed) for surprise
-functions, which XLA fuses into their reduction instead of materialising it.
+to the dense [N, E, ...] layout (zero on pairs that were not computed).
 """
 from __future__ import annotations
 
@@ -34,8 +37,8 @@ from onn_jax.experts import gelu_exact
 class Dispatch(NamedTuple):
     """Where each active (token, expert) pair lives in its expert's slot buffer."""
 
-    token_ExK: jax.Array  # int32 token of each slot; N (the pad row) for an empty slot
-    slot_NxE: jax.Array   # int32 slot of pair (t, e); K (the pad slot) where not kept
+    token_ExK: jax.Array  # int32 token of each slot; N (out of range) for an empty slot
+    slot_NxE: jax.Array   # int32 slot of pair (t, e); K (out of range) where not kept
     kept_NxE: jax.Array   # bool: active and within the capacity
 
 
@@ -79,64 +82,35 @@ def slot_expert_outputs(params: dict, x_ExKxC: jax.Array, kind: str = "gelu") ->
     return jnp.einsum("eki,eic->ekc", a_ExKxI, params["w2"].astype(dt))
 
 
-@jax.custom_vjp
 def dispatch_tokens(x_NxC: jax.Array, d: Dispatch) -> jax.Array:
-    """x_ExKxC[e, k] = x[token_ExK[e, k]], zero for empty slots.
-
-    Its backward is a gather (dx[t] = sum_e g[e, slot(t, e)]), not the scatter-add autodiff
-    would emit: each (t, e) pair has one slot, so the transpose needs no atomics.
-    """
-    x_pad = jnp.concatenate([x_NxC, jnp.zeros((1, x_NxC.shape[1]), x_NxC.dtype)], axis=0)
-    return x_pad[d.token_ExK]
+    """x_ExKxC[e, k] = x[token_ExK[e, k]], zero for empty slots (backward: a scatter-add)."""
+    return x_NxC.at[d.token_ExK].get(mode="fill", fill_value=0)
 
 
-def _dispatch_fwd(x_NxC, d):
-    return dispatch_tokens(x_NxC, d), d
+def sum_to_tokens(a_ExKxC: jax.Array, d: Dispatch) -> jax.Array:
+    """out[t] = sum of a over the slots of token t, [N, C] (empty slots are dropped)."""
+    n, c = d.slot_NxE.shape[0], a_ExKxC.shape[-1]
+    return jnp.zeros((n, c), a_ExKxC.dtype).at[d.token_ExK.reshape(-1)].add(
+        a_ExKxC.reshape(-1, c), mode="drop")
 
 
-def _dispatch_bwd(d, g_ExKxC):
-    dx_NxC = jnp.sum(to_pairs(g_ExKxC.astype(jnp.float32), d), axis=1)
-    return dx_NxC.astype(g_ExKxC.dtype), None
+def slot_weights(weights_NxE: jax.Array, d: Dispatch) -> jax.Array:
+    """w[token_ExK[e, k], e] per slot, [E, K], zero for empty slots."""
+    e = weights_NxE.shape[1]
+    return weights_NxE.at[d.token_ExK, jnp.arange(e)[:, None]].get(mode="fill", fill_value=0)
 
 
-dispatch_tokens.defvjp(_dispatch_fwd, _dispatch_bwd)
-
-
-@jax.custom_vjp
 def combine_slots(weights_NxE: jax.Array, y_ExKxC: jax.Array, d: Dispatch) -> jax.Array:
-    """out[t] = sum_e w[t, e] * y[e, slot(t, e)] over kept pairs, in float32, [N, C].
-
-    Forward and backward are gathers (no scatter-add, no atomics):
-    dy[e, k] = w[token, e] * g[token] and dw[t, e] = <g[t], y[e, slot(t, e)]>.
-    """
-    y_NxExC = to_pairs(y_ExKxC.astype(jnp.float32), d)  # a gather XLA fuses into the sum
-    return jnp.sum(weights_NxE.astype(jnp.float32)[..., None] * y_NxExC, axis=1)
+    """out[t] = sum_e w[t, e] * y[e, slot(t, e)] over kept pairs, in float32, [N, C]."""
+    w_ExK = slot_weights(weights_NxE.astype(jnp.float32), d)
+    return sum_to_tokens(w_ExK[..., None] * y_ExKxC.astype(jnp.float32), d)
 
 
-def _combine_fwd(weights_NxE, y_ExKxC, d):
-    return combine_slots(weights_NxE, y_ExKxC, d), (weights_NxE, y_ExKxC, d)
-
-
-def _combine_bwd(res, g_NxC):
-    weights_NxE, y_ExKxC, d = res
-    n, e = weights_NxE.shape
-    g = g_NxC.astype(jnp.float32)
-    w_pad = jnp.concatenate([weights_NxE.astype(jnp.float32), jnp.zeros((1, e), jnp.float32)], axis=0)
-    g_pad = jnp.concatenate([g, jnp.zeros((1, g.shape[1]), jnp.float32)], axis=0)
-    w_ExK = w_pad[d.token_ExK, jnp.arange(e)[:, None]]
-    dy_ExKxC = (w_ExK[..., None] * g_pad[d.token_ExK]).astype(y_ExKxC.dtype)
-    dw_NxE = jnp.sum(to_pairs(y_ExKxC.astype(jnp.float32), d) * g[:, None, :], axis=-1)
-    return dw_NxE.astype(weights_NxE.dtype), dy_ExKxC, None
-
-
-combine_slots.defvjp(_combine_fwd, _combine_bwd)
-
-
-def to_pairs(a_ExKxC: jax.Array, d: Dispatch) -> jax.Array:
-    """A slot-space array in the dense pair layout [N, E, C]: a[e, slot(t, e)], 0 where not kept."""
-    e = a_ExKxC.shape[0]
-    a_pad = jnp.concatenate([a_ExKxC, jnp.zeros_like(a_ExKxC[:, :1])], axis=1)
-    return a_pad[jnp.arange(e)[None, :], d.slot_NxE]
+def to_pairs(a_ExKx: jax.Array, d: Dispatch) -> jax.Array:
+    """A slot-space array [E, K, ...] in the pair layout [N, E, ...]: a[e, slot(t, e)], 0 where
+    not kept."""
+    e = a_ExKx.shape[0]
+    return a_ExKx.at[jnp.arange(e)[None, :], d.slot_NxE].get(mode="fill", fill_value=0)
 
 
 def dropped_fraction(mask_NxE: jax.Array, d: Dispatch) -> jax.Array:

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from onn_jax.config import ModelConfig
+from onn_jax.config import ConfigError, ModelConfig
 from onn_jax.experts import dense_ffn
 from onn_jax.moe import MoETaps, moe_layer, zero_taps
 
@@ -67,6 +67,32 @@ def causal_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, q_pos_BxT, kv_pos_BxS, kv_
     scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxHxD.dtype)
     return jnp.einsum("bhts,bshd->bthd", probs, v_BxSxHxD)
+
+
+def cuda_backend() -> bool:
+    """Whether jax's default backend is a CUDA GPU (where cuDNN attention exists)."""
+    if jax.default_backend() != "gpu":
+        return False
+    try:
+        return "cuda" in jax.devices()[0].client.platform_version.lower()
+    except Exception:  # an unknown client: assume no cuDNN
+        return False
+
+
+def attention_impl(cfg: ModelConfig) -> str:
+    """The training attention in force, `xla` or `cudnn`, for cfg.attention on this backend.
+
+    Raises ConfigError (field model.attention) when `cudnn` is asked for and no CUDA GPU runs.
+    """
+    if cfg.attention == "xla":
+        return "xla"
+    cudnn_fits = cfg.dtype == "bfloat16" and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128
+    if cfg.attention == "auto":
+        return "cudnn" if cudnn_fits and cuda_backend() else "xla"
+    if not cuda_backend():
+        raise ConfigError("model.attention", f"'cudnn' needs a CUDA GPU; jax's backend here is "
+                                             f"{jax.default_backend()!r} (use 'auto' or 'xla')")
+    return "cudnn"
 
 
 class KVCache(NamedTuple):
@@ -116,15 +142,22 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxC, positions_BxT, cache: KVCache | None = None, kv_valid_BxS=None):
-        """Output [B, T, C]; with a cache, (output, cache with this call's keys/values written)."""
+    def __call__(self, x_BxTxC, positions_BxT, cache: KVCache | None = None, kv_valid_BxS=None,
+                 index_positions: bool = False):
+        """Output [B, T, C]; with a cache, (output, cache with this call's keys/values written).
+
+        `index_positions`: positions are 0..T-1 in every row, so causality by index equals
+        causality by position and the fused attention (cfg.attention) may be used.
+        """
         cfg, dt = self.cfg, compute_dtype(self.cfg)
         proj = lambda name: nn.DenseGeneral((cfg.num_heads, cfg.head_dim), use_bias=False, dtype=dt,
                                             kernel_init=torch_linear_init, name=name)
         q = apply_rope(proj("query")(x_BxTxC), positions_BxT, cfg.rope_base)
         k = apply_rope(proj("key")(x_BxTxC), positions_BxT, cfg.rope_base)
         v = proj("value")(x_BxTxC)
-        if cache is None:
+        if cache is None and index_positions and attention_impl(cfg) == "cudnn":
+            o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        elif cache is None:
             o = causal_attention(q, k, v, positions_BxT, positions_BxT)
         else:
             cache = KVCache(write_positions(cache.key, k, positions_BxT),
@@ -184,10 +217,10 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxTxC, positions_BxT, taps: MoETaps | None = None,
-                 cache: KVCache | None = None, kv_valid_BxS=None):
+                 cache: KVCache | None = None, kv_valid_BxS=None, index_positions: bool = False):
         """(output, MoE record), plus the updated KVCache when a cache is given."""
         attn = Attention(self.cfg, name="attn")(Norm(self.cfg, name="norm_attn")(x_BxTxC), positions_BxT,
-                                                cache, kv_valid_BxS)
+                                                cache, kv_valid_BxS, index_positions)
         if cache is not None:
             attn, cache = attn
         h = x_BxTxC + attn
@@ -210,6 +243,7 @@ class Transformer(nn.Module):
     def __call__(self, tokens_BxT, taps: Sequence[MoETaps] | None = None, positions_BxT=None,
                  cache: DecodeCache | None = None, tokens_valid_BxT=None):
         cfg = self.cfg
+        index_positions = positions_BxT is None and cache is None
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
         kv_valid_BxS, new_layers = None, []
@@ -224,7 +258,7 @@ class Transformer(nn.Module):
             block = Block(cfg, name=f"block_{i}")
             layer_taps = None if taps is None else taps[i]
             if cache is None:
-                x, record = block(x, positions_BxT, layer_taps)
+                x, record = block(x, positions_BxT, layer_taps, index_positions=index_positions)
             else:
                 x, record, layer_cache = block(x, positions_BxT, layer_taps, cache.layers[i], kv_valid_BxS)
                 new_layers.append(layer_cache)

@@ -8,8 +8,9 @@ dL/dY and dL/dout in one reverse pass (the Surprise mechanism) without touching 
 forward values. `record` keeps what the gate loss and the metrics need.
 
 With `cfg.dispatch == "sparse"` (onn_jax.dispatch) only active pairs within a per-expert
-capacity are computed; Y and its tap then live in slot space [E, K, C], and
-`surprise_inputs` maps them back to the pair layout [N, E, C] for the surprise function.
+capacity are computed; Y and its tap then live in slot space [E, K, C]. `layer_surprise`
+takes the faithful Surprise there; `surprise_inputs` maps them back to the pair layout
+[N, E, C] for any other surprise function.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from onn_jax.dispatch import (Dispatch, combine_slots, dispatch_tokens, expert_c
                               make_dispatch, slot_expert_outputs, to_pairs)
 from onn_jax.experts import combine, expert_outputs
 from onn_jax.gate import RouterOutput, top_any_gate, topk_gate
-from onn_jax.surprise import SurpriseInputs
+from onn_jax.surprise import SurpriseFn, SurpriseInputs, output_grad_surprise
 
 
 class MoERecord(NamedTuple):
@@ -69,6 +70,19 @@ def surprise_inputs(record: MoERecord, d_taps: MoETaps) -> SurpriseInputs:
     return SurpriseInputs(d_expert_out=d_y, d_moe_out=d_taps.moe_out, expert_out=y,
                           weights=record.router.weights, mask=record.router.mask,
                           expert_in=record.expert_in, expert_params=record.expert_params)
+
+
+def layer_surprise(surprise_fn: SurpriseFn, record: MoERecord, d_taps: MoETaps) -> jax.Array:
+    """One layer's Surprise S [N, E] from the main loss's tap cotangents.
+
+    Under sparse dispatch the faithful `output_grad` is taken in slot space (a norm over the
+    E*K slot rows, then an [E, K] -> [N, E] gather) instead of on the [N, E, C] pair grid;
+    the values are the same. Every other definition sees `surprise_inputs`.
+    """
+    if record.dispatch is not None and surprise_fn is output_grad_surprise:
+        d_y = d_taps.expert_out.astype(jnp.float32)
+        return to_pairs(jnp.sqrt(jnp.sum(jnp.square(d_y), axis=-1)), record.dispatch)
+    return surprise_fn(surprise_inputs(record, d_taps))
 
 
 def route(params: dict, x_NxC: jax.Array, cfg: MoEConfig) -> RouterOutput:

@@ -25,7 +25,7 @@ from onn_jax.grad_filter import SigmaFilterState, sigma_filter
 from onn_jax.losses import hybrid_gate_loss, load_balancing_loss, next_token_loss, router_z_loss
 from onn_jax.dispatch import dropped_fraction
 from onn_jax.model import Transformer, init_params, model_taps
-from onn_jax.moe import MoERecord, layer_taps, surprise_inputs
+from onn_jax.moe import MoERecord, layer_surprise, layer_taps
 from onn_jax.surprise import SurpriseFn, get_surprise_fn
 from onn_jax.surprise_variants import advantage_surprise
 
@@ -98,7 +98,7 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig,
     surprises = (None,) * len(records)
     if uses_surprise:
         _, d_taps = pullback((one, no_gate))
-        surprises = tuple(jax.lax.stop_gradient(surprise_fn(surprise_inputs(r, d)))
+        surprises = tuple(jax.lax.stop_gradient(layer_surprise(surprise_fn, r, d))
                           for d, r in zip(d_taps, records))
 
     gate_mask = batch["loss_mask"].reshape(-1) if cfg.moe.gate_tokens == "unmasked" else None

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 pytest.importorskip("orbax.checkpoint")
@@ -73,12 +74,22 @@ CHAT = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "
     ("--config.data.pack=maybe", "--config.data.pack=maybe: expected a bool"),
     ("--config.data.eval_fraction=1.5", "--config.data.eval_fraction=1.5: must be < 1, got 1.5"),
     ("--config.train.max_skipped_in_a_row=0", "--config.train.max_skipped_in_a_row=0: must be > 0"),
+    ("--config.model.attention=flash", "--config.model.attention=flash: must be one of ['xla', 'cudnn', 'auto']"),
+    ("--config.model.attention=cudnn", "--config.model.attention=cudnn: 'cudnn' (fused flash attention) needs "
+                                       "dtype='bfloat16', got dtype='float32'"),
     ("--config.model", "--config.model: override needs a value"),
     ("--config.model=3", "'model' is a section of"),
 ])
 def test_bad_override(capsys, trained, override, expected):
     msg = onn_train_fails(capsys, trained, override)
     assert msg.startswith("onn-train: config error:") and expected in msg, msg
+
+
+def test_cudnn_attention_without_a_cuda_gpu(capsys, trained):
+    if jax.default_backend() == "gpu":
+        pytest.skip("this backend has cuDNN")
+    msg = onn_train_fails(capsys, trained, "--config.model.dtype=bfloat16", "--config.model.attention=cudnn")
+    assert "onn-train: error: model.attention: 'cudnn' needs a CUDA GPU; jax's backend here is 'cpu'" in msg
 
 
 @pytest.mark.parametrize("body, expected", [

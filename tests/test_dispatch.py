@@ -10,7 +10,7 @@ from helpers import random_batch, rel_err, tiny_config
 from onn_jax.config import MoEConfig
 from onn_jax.dispatch import dropped_fraction, expert_capacity, make_dispatch
 from onn_jax.model import init_params
-from onn_jax.moe import layer_taps, moe_layer, surprise_inputs
+from onn_jax.moe import layer_surprise, layer_taps, moe_layer, surprise_inputs
 from onn_jax.step import compute_grads
 from onn_jax.surprise import output_grad_closed_surprise, output_grad_surprise
 
@@ -56,8 +56,9 @@ def test_expert_capacity():
     assert expert_capacity(n, MoEConfig(num_experts=8, capacity_factor=1e-6)) == 1
 
 
-def layer_vjp(params, x, cfg, seed):
-    """Layer output, the surprise-function inputs of the loss <out, r>, and d<out, r>/d(params, x)."""
+def layer_vjp(params, x, cfg, seed, with_taps=False):
+    """Layer output, the surprise-function inputs of the loss <out, r>, and d<out, r>/d(params, x)
+    (and the taps' cotangents with `with_taps`)."""
     r = jax.random.normal(jax.random.key(seed), (x.shape[0], x.shape[1]))
     taps = layer_taps(cfg, x.shape[0], x.shape[1])
 
@@ -66,6 +67,8 @@ def layer_vjp(params, x, cfg, seed):
         return jnp.sum(out * r), (out, rec)
 
     (_, (out, rec)), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(params, x, taps)
+    if with_taps:
+        return out, rec, surprise_inputs(rec, grads[2]), grads[:2], grads[2]
     return out, rec, surprise_inputs(rec, grads[2]), grads[:2]
 
 
@@ -97,7 +100,7 @@ def test_dropped_pairs_add_nothing_and_have_zero_surprise():
     cfg = MoEConfig(num_experts=8, intermediate=12, dispatch="sparse", capacity_factor=0.3)  # K = 7
     params = layer_params(4)
     x = jax.random.normal(jax.random.key(5), (40, 16))
-    out, rec, s_in, _ = layer_vjp(params, x, cfg, 6)
+    out, rec, s_in, _, d_taps = layer_vjp(params, x, cfg, 6, with_taps=True)
     d = jax.tree.map(np.asarray, rec.dispatch)
     mask = np.asarray(rec.router.mask)
     assert (mask & ~d.kept_NxE).any()  # some pairs dropped
@@ -112,6 +115,10 @@ def test_dropped_pairs_add_nothing_and_have_zero_surprise():
                                rtol=1e-5, atol=1e-5)
     s = np.asarray(output_grad_surprise(s_in))
     assert np.all(s[~d.kept_NxE] == 0) and np.all(s[d.kept_NxE] > 0)
+    # The step's slot-space Surprise (norms over slot rows, then a gather) is the same S.
+    np.testing.assert_allclose(layer_surprise(output_grad_surprise, rec, d_taps), s, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(layer_surprise(output_grad_closed_surprise, rec, d_taps),
+                               output_grad_closed_surprise(s_in), rtol=1e-6, atol=0)
     # The closed form gives dropped pairs their dense Surprise w * |dL/dout| instead.
     closed = np.asarray(output_grad_closed_surprise(s_in))
     np.testing.assert_allclose(closed[d.kept_NxE], s[d.kept_NxE], rtol=1e-5)

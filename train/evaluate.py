@@ -20,7 +20,7 @@ from onn_jax.config import ModelConfig
 from onn_jax.losses import next_token_loss
 from onn_jax.model import Transformer
 from onn_jax.step import step_taps
-from onn_jax.moe import surprise_inputs
+from onn_jax.moe import layer_surprise
 from onn_jax.surprise import get_surprise_fn
 
 # 40 log-spaced bins from 1e-9 to 10; values outside are counted in the end bins.
@@ -56,7 +56,7 @@ def eval_forward(cfg: ModelConfig, params: Any, batch: dict) -> EvalForward:
     if cfg.moe.router == "surprise" and records:
         surprise_fn = get_surprise_fn(cfg.moe.surprise)
         (d_taps,) = pullback(jnp.ones_like(main))
-        surprises = [surprise_fn(surprise_inputs(r, d)) for r, d in zip(records, d_taps)]
+        surprises = [layer_surprise(surprise_fn, r, d) for r, d in zip(records, d_taps)]
     return EvalForward(main, acc, count, ce_BxT, records, surprises)
 
 

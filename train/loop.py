@@ -26,6 +26,7 @@ from onn_jax.config import Config, ConfigError, MeshConfig, to_dict
 from onn_jax.corpus import build_corpus
 from onn_jax.data import DataError, Dataset, load_records
 from onn_jax.guard import SKIPPED, make_guarded_step
+from onn_jax.model import attention_impl
 from onn_jax.step import make_optimizer
 from onn_jax.tokenizer import encode_chat, load_tokenizer
 from onn_jax.workdir import WorkdirBusy, WorkdirLock
@@ -109,6 +110,10 @@ class Run:
         try:
             self.faults = Faults()
         except ValueError as e:
+            raise TrainError(str(e)) from e
+        try:
+            attention_impl(cfg.model)  # 'cudnn' on a backend without it
+        except ConfigError as e:
             raise TrainError(str(e)) from e
         self.ds = build_dataset(cfg)
         self.tok = self.ds.tokenizer
