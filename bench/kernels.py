@@ -114,10 +114,14 @@ def combine_variants(d, max_k: int) -> dict[str, Callable]:
     def pair_gather(w, y):  # gather every token's E pair entries, reduce over E (autodiff)
         return jnp.sum(w[..., None] * to_pairs(y, d), axis=1)
 
-    def scatter_add(w, y):  # the shipped onn_jax.dispatch.combine_slots
+    def shipped(w, y):  # onn_jax.dispatch.combine_slots: token order from the mask, segment sum
         return combine_slots(w, y, d)
 
-    def sorted_segment_sum(w, y):
+    def scatter_add(w, y):
+        z = (w_slots(w)[..., None] * y).reshape(e * cap, -1)
+        return jnp.zeros((n + 1, z.shape[-1]), jnp.float32).at[token_flat].add(z)[:n]
+
+    def argsort_segment_sum(w, y):
         z = (w_slots(w)[..., None] * y).reshape(e * cap, -1)
         return jax.ops.segment_sum(z[order], token_flat[order], n + 1, indices_are_sorted=True)[:n]
 
@@ -126,8 +130,8 @@ def combine_variants(d, max_k: int) -> dict[str, Callable]:
         w_flat = jnp.concatenate([w_slots(w).reshape(-1), jnp.zeros((1,), w.dtype)], 0)
         return jnp.sum(w_flat[table_RxN][..., None] * y_flat[table_RxN], axis=0)
 
-    return {"pair_gather": pair_gather, "scatter_add": scatter_add,
-            "sorted_segment_sum": sorted_segment_sum, f"rank_table_R{max_k}": rank_table}
+    return {"pair_gather": pair_gather, "shipped_segment_sum": shipped, "scatter_add": scatter_add,
+            "argsort_segment_sum": argsort_segment_sum, f"rank_table_R{max_k}": rank_table}
 
 
 # --- attention -------------------------------------------------------------------------

@@ -8,14 +8,15 @@ experts themselves):
 
   dispatch  x_ExKxC[e, k] = x[token_ExK[e, k]]              (a gather; empty slots read 0)
   experts   y_ExKxC = W2_e . act(W1_e . x_ExKxC)             (batched over E, bf16 matmuls)
-  combine   out[t] = sum over t's slots of w[t, e] * y[e, k] (a float32 scatter-add)
+  combine   out[t] = sum over t's slots of w[t, e] * y[e, k] (a float32 segment sum)
 
-Their autodiff transposes stay in slot space too: the dispatch's backward is a scatter-add
-into [N, C], the combine's a gather of dL/dout per slot plus one [E, K] row of dL/dw.
-On GPUs the scatter-adds use atomics, so the summation order of a token's (at most k)
-terms may vary between runs in the last bits; XLA's `--xla_gpu_deterministic_ops=true`
-makes them deterministic. This layout was 4.5x faster than gathering over the E pairs of
-every token on an H100 (bench/kernels.py, docs/BENCHMARKS.md).
+The per-token sums (the combine, and the dispatch's backward) put the slot rows in token
+order (a gather through `order_P`, computed from the mask without a sort) and add them as a
+sorted segment sum; their backwards are gathers. The combine's dL/dw is one [E, K] row per
+slot. On GPUs XLA's segment sum may use atomics, so the order in which a token's (at most k)
+terms are added can vary between runs in the last bits; `--xla_gpu_deterministic_ops=true`
+makes it deterministic. This layout was 6x faster than gathering over the E pairs of every
+token on an H100 (bench/kernels.py, docs/BENCHMARKS.md).
 
 With nothing dropped (capacity_factor None: K = N) the output, the Surprise of every
 active pair and all gradients equal the dense path's (tests/test_dispatch.py).
@@ -35,11 +36,15 @@ from onn_jax.experts import gelu_exact
 
 
 class Dispatch(NamedTuple):
-    """Where each active (token, expert) pair lives in its expert's slot buffer."""
+    """Where each active (token, expert) pair lives in its expert's slot buffer, and the
+    token-major order of the slots (for the per-token sums)."""
 
-    token_ExK: jax.Array  # int32 token of each slot; N (out of range) for an empty slot
-    slot_NxE: jax.Array   # int32 slot of pair (t, e); K (out of range) where not kept
-    kept_NxE: jax.Array   # bool: active and within the capacity
+    token_ExK: jax.Array      # int32 token of each slot; N (out of range) for an empty slot
+    slot_NxE: jax.Array       # int32 slot of pair (t, e); K (out of range) where not kept
+    kept_NxE: jax.Array       # bool: active and within the capacity
+    order_P: jax.Array        # int32 [E*K] flat slots e*K + k sorted by token (kept pairs first,
+                              # E*K, out of range, for the unused tail)
+    order_token_P: jax.Array  # int32 [E*K] the token of each entry of order_P (N for the tail)
 
 
 def expert_capacity(num_tokens: int, cfg: MoEConfig) -> int:
@@ -66,7 +71,17 @@ def make_dispatch(mask_NxE: jax.Array, capacity: int) -> Dispatch:
     experts_NxE = jnp.broadcast_to(jnp.arange(e, dtype=jnp.int32)[None, :], (n, e))
     token_ExK = jnp.full((e, capacity), n, jnp.int32).at[experts_NxE, slot_NxE].set(
         tokens_NxE, mode="drop")
-    return Dispatch(token_ExK=token_ExK, slot_NxE=slot_NxE, kept_NxE=kept_NxE)
+    # Token-major position of each kept pair: kept pairs of earlier tokens, then of this
+    # token's lower experts. No sort: one unique-index scatter of N*E entries.
+    kept = kept_NxE.astype(jnp.int32)
+    pos_NxE = jnp.cumsum(kept.reshape(-1)).reshape(n, e) - 1
+    pos_NxE = jnp.where(kept_NxE, pos_NxE, e * capacity)
+    order_P = jnp.full((e * capacity,), e * capacity, jnp.int32).at[pos_NxE].set(
+        experts_NxE * capacity + slot_NxE, mode="drop", unique_indices=True)
+    order_token_P = jnp.full((e * capacity,), n, jnp.int32).at[pos_NxE].set(
+        tokens_NxE, mode="drop", unique_indices=True)
+    return Dispatch(token_ExK=token_ExK, slot_NxE=slot_NxE, kept_NxE=kept_NxE, order_P=order_P,
+                    order_token_P=order_token_P)
 
 
 def slot_expert_outputs(params: dict, x_ExKxC: jax.Array, kind: str = "gelu") -> jax.Array:
@@ -83,15 +98,51 @@ def slot_expert_outputs(params: dict, x_ExKxC: jax.Array, kind: str = "gelu") ->
 
 
 def dispatch_tokens(x_NxC: jax.Array, d: Dispatch) -> jax.Array:
-    """x_ExKxC[e, k] = x[token_ExK[e, k]], zero for empty slots (backward: a scatter-add)."""
+    """x_ExKxC[e, k] = x[token_ExK[e, k]], zero for empty slots.
+
+    Backward: dx[t] = the float32 sum of the slot cotangents of token t (`sum_to_tokens`),
+    rounded once to x's dtype, as the dense path's matmul transpose does.
+    """
+    return _dispatch(x_NxC, d)
+
+
+@jax.custom_vjp
+def _dispatch(x_NxC, d):
     return x_NxC.at[d.token_ExK].get(mode="fill", fill_value=0)
 
 
+def _dispatch_fwd(x_NxC, d):
+    return _dispatch(x_NxC, d), d
+
+
+def _dispatch_bwd(d, g_ExKxC):  # g has x's dtype
+    return sum_to_tokens(g_ExKxC.astype(jnp.float32), d).astype(g_ExKxC.dtype), None
+
+
+_dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+@jax.custom_vjp
 def sum_to_tokens(a_ExKxC: jax.Array, d: Dispatch) -> jax.Array:
-    """out[t] = sum of a over the slots of token t, [N, C] (empty slots are dropped)."""
+    """out[t] = sum of a over the slots of token t, [N, C]; empty slots add nothing.
+
+    The slot rows are first put in token order (`order_P`, a gather), then summed as a
+    sorted segment sum; the backward is a gather: da[e, k] = g[token_ExK[e, k]].
+    """
     n, c = d.slot_NxE.shape[0], a_ExKxC.shape[-1]
-    return jnp.zeros((n, c), a_ExKxC.dtype).at[d.token_ExK.reshape(-1)].add(
-        a_ExKxC.reshape(-1, c), mode="drop")
+    rows_PxC = a_ExKxC.reshape(-1, c).at[d.order_P].get(mode="fill", fill_value=0)
+    return jax.ops.segment_sum(rows_PxC, d.order_token_P, num_segments=n, indices_are_sorted=True)
+
+
+def _sum_fwd(a_ExKxC, d):
+    return sum_to_tokens(a_ExKxC, d), d
+
+
+def _sum_bwd(d, g_NxC):
+    return g_NxC.at[d.token_ExK].get(mode="fill", fill_value=0), None
+
+
+sum_to_tokens.defvjp(_sum_fwd, _sum_bwd)
 
 
 def slot_weights(weights_NxE: jax.Array, d: Dispatch) -> jax.Array:

@@ -42,6 +42,12 @@ def test_make_dispatch_matches_a_loop():
             in_cap = t in kept
             assert d.kept_NxE[t, e] == in_cap
             assert d.slot_NxE[t, e] == (list(kept).index(t) if in_cap else cap)
+    # Token-major order of the kept slots, and the tail of unused entries.
+    kept_pairs = [(t, e) for t in range(13) for e in range(5) if d.kept_NxE[t, e]]
+    p = len(kept_pairs)
+    np.testing.assert_array_equal(d.order_P[:p], [e * cap + d.slot_NxE[t, e] for t, e in kept_pairs])
+    np.testing.assert_array_equal(d.order_token_P[:p], [t for t, _ in kept_pairs])
+    assert np.all(d.order_P[p:] == 5 * cap) and np.all(d.order_token_P[p:] == 13)
     expected_drop = (mask.sum() - d.kept_NxE.sum()) / mask.sum()
     np.testing.assert_allclose(dropped_fraction(jnp.asarray(mask), make_dispatch(jnp.asarray(mask), cap)),
                                expected_drop, rtol=1e-6)
