@@ -10,9 +10,10 @@ Modes (same model size, same batch):
 
 Each line: step time (median over --steps >= 20 timed steps after compilation and warm-up,
 each step waited for, none of them synchronising inside; `pipelined_step_ms`: the mean of
---steps steps enqueued back to back, as a training loop runs them), tokens/s, model TFLOP/s and MFU
-counting only active-expert FLOPs (formula in `train_flops_per_token`), peak device memory
-(memory_stats, per mode in its own process), XLA's own FLOP count and compile time.
+--steps steps enqueued back to back, as a training loop runs them), tokens/s, model TFLOP/s
+and MFU counting only active-expert FLOPs (formula in `train_flops_per_token`; from the
+median, and `*_pipelined` from the back-to-back mean), peak device memory (memory_stats,
+per mode in its own process), XLA's own FLOP count and compile time.
 """
 from __future__ import annotations
 
@@ -286,6 +287,8 @@ def measure(name: str, cfg: Config, mode: str, args) -> dict[str, Any]:
         "model_tflop_per_step": round(flops_tok * b * t / 1e12, 4),
         "model_tflops": round(flops_tok * tokens_s / 1e12, 2),
         "mfu": round(flops_tok * tokens_s / (peak * 1e12), 4) if peak else None,
+        "pipelined_tokens_per_s": round(b * t / pipelined_s, 1),
+        "mfu_pipelined": round(flops_tok * b * t / pipelined_s / (peak * 1e12), 4) if peak else None,
         "peak_tflops": peak,
         "peak_mem_gib": round(stats["peak_bytes_in_use"] / 2**30, 3) if stats and "peak_bytes_in_use" in stats else None,
         "compile_s": round(compile_s, 2),

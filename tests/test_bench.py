@@ -68,6 +68,8 @@ def test_bench_prints_one_json_line_per_mode(capsys):
         assert r["tokens_per_s"] == pytest.approx(8 * 64 / (r["step_ms"] / 1e3), rel=1e-3)
         assert 1.0 <= r["avg_k"] <= 4.0 and r["compile_s"] > 0 and r["host_callbacks"] == 0
         assert np.isfinite(r["main_loss"])
+        assert r["pipelined_step_ms"] > 0 and r["attention"] == "xla"
+        assert r["pipelined_tokens_per_s"] == pytest.approx(8 * 64 / (r["pipelined_step_ms"] / 1e3), rel=1e-2)
     assert lines[1]["dispatch"] == "sparse" and 0.0 <= lines[1]["dropped_frac"] < 1.0
     assert lines[0]["main_loss"] == pytest.approx(lines[1]["main_loss"], rel=1e-4)  # same model, same step
 
@@ -120,3 +122,16 @@ def test_surprise_backward_has_no_parameter_gradient_and_stops_at_the_lowest_moe
     # has exactly the matmuls of the plain gradient of one loss.
     smk = dot_shapes(lambda p: compute_grads(p, batch, cfg)[0], params)
     assert len(smk) == len(full)
+
+
+def test_kernel_variants_agree_with_their_reference(capsys):
+    """bench.kernels on CPU: every combine / head variant computes its reference's function
+    (the figures that chose onn_jax's implementations come from the same program)."""
+    from bench.kernels import main as kernels_main
+    assert kernels_main(["--size", "tiny", "--reps", "2", "--cases", "combine,head"]) == 0
+    rows = [json.loads(s) for s in capsys.readouterr().out.splitlines() if s.startswith("{")]
+    assert {r["variant"] for r in rows} >= {"pair_gather", "shipped_segment_sum", "scatter_add", "full_logits"}
+    for r in rows:
+        assert "error" not in r and r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0, r
+        if "out_err" in r:
+            assert r["out_err"] < 1e-5 and r["grad_err"] < 1e-5, r
