@@ -15,8 +15,8 @@ order (a gather through `order_P`, computed from the mask without a sort) and ad
 sorted segment sum; their backwards are gathers. The combine's dL/dw is one [E, K] row per
 slot. On GPUs XLA's segment sum may use atomics, so the order in which a token's (at most k)
 terms are added can vary between runs in the last bits; `--xla_gpu_deterministic_ops=true`
-makes it deterministic. This layout was 6x faster than gathering over the E pairs of every
-token on an H100 (bench/kernels.py, docs/BENCHMARKS.md).
+makes it deterministic. On an H100 this combine was 6.5x faster than gathering over the E
+pairs of every token (2.3x with its backward; bench/kernels.py, docs/BENCHMARKS.md).
 
 With nothing dropped (capacity_factor None: K = N) the output, the Surprise of every
 active pair and all gradients equal the dense path's (tests/test_dispatch.py).
