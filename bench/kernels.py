@@ -17,29 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.bench import time_fn
+
 SIZES = {  # (N tokens, E experts, C hidden, k active per token, B, T, H, V vocab)
     "tiny": dict(n=512, e=8, c=32, k=2, b=8, t=64, h=4, v=262),
     "gpu_large": dict(n=16384, e=64, c=512, k=8, b=32, t=512, h=8, v=32000),
 }
-
-
-def time_ms(fn: Callable, *args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return round(statistics.median(times) * 1e3, 4)
 
 
 def rel_err(a, b) -> float:
@@ -64,8 +54,8 @@ def run_case(case: str, variants: dict[str, Callable], args: tuple, reps: int, e
 
             both = jax.jit(fwd_bwd)
             _, grads = both(*args)
-            rec["fwd_ms"] = time_ms(fwd, *args, reps=reps)
-            rec["fwd_bwd_ms"] = time_ms(both, *args, reps=reps)
+            rec["fwd_ms"] = time_fn(fwd, *args, reps=reps)
+            rec["fwd_bwd_ms"] = time_fn(both, *args, reps=reps)
             if ref_out is None:
                 ref_out, ref_vjp = out, grads
             else:
