@@ -13,6 +13,7 @@ script. Needs no orbax.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -89,8 +90,11 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--moe-hook", action="store_true", help="constrain MoE tensors (see docstring)")
+    ap.add_argument("--attention", choices=("xla", "cudnn", "auto"), default="xla",
+                    help="model.attention (xla: the figures in docs/SCALING.md)")
     args = ap.parse_args(argv)
     cfg = SIZES[args.size]
+    cfg = dataclasses.replace(cfg, attention=args.attention)
     if args.moe_hook:
         install_moe_hook()
     base = None
@@ -109,7 +113,7 @@ def main(argv=None) -> None:
         if base:
             rec["speedup"] = round(rec["tokens_per_s"] / base, 3)
             rec["efficiency"] = round(rec["tokens_per_s"] / base / rec["devices"], 3)
-        rec.update(layout=layout, size=args.size, moe_hook=args.moe_hook,
+        rec.update(layout=layout, size=args.size, moe_hook=args.moe_hook, attention=args.attention,
                    device_kind=jax.devices()[0].device_kind, jax=jax.__version__)
         print(json.dumps(rec), flush=True)
 
