@@ -78,8 +78,7 @@ def make_dispatch(mask_NxE: jax.Array, capacity: int) -> Dispatch:
     pos_NxE = jnp.where(kept_NxE, pos_NxE, e * capacity)
     order_P = jnp.full((e * capacity,), e * capacity, jnp.int32).at[pos_NxE].set(
         experts_NxE * capacity + slot_NxE, mode="drop", unique_indices=True)
-    order_token_P = jnp.full((e * capacity,), n, jnp.int32).at[pos_NxE].set(
-        tokens_NxE, mode="drop", unique_indices=True)
+    order_token_P = token_ExK.reshape(-1).at[order_P].get(mode="fill", fill_value=n)
     return Dispatch(token_ExK=token_ExK, slot_NxE=slot_NxE, kept_NxE=kept_NxE, order_P=order_P,
                     order_token_P=order_token_P)
 
