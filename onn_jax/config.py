@@ -16,7 +16,8 @@ NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "bfloat16")
 FILTER_MODES = ("one_sided", "two_sided", "off")
 FILTER_SCOPES = ("pooled", "per_layer")
-DISPATCHES = ("dense", "sparse")
+DISPATCHES = ("dense", "sparse", "dropless")
+GEMMS = ("auto", "ragged_dot", "mosaic_gpu", "padded")
 GATE_TOKENS = ("all", "unmasked")
 ATTENTIONS = ("xla", "cudnn", "auto")
 
@@ -70,6 +71,16 @@ class MoEConfig:
     capacity_factor: sparse capacity per expert = ceil(capacity_factor * N * k_ref / E), with
       k_ref = top_k for the top-k router and fallback_k (E // 2) for the surprise gate (see
       onn_jax.dispatch.expert_capacity); None means no pair is ever dropped (capacity N).
+    pair_budget: dropless dispatch (`dispatch="dropless"`, onn_jax.dropless): rows of the
+      expert-sorted pair buffer per token on average, ceil(pair_budget * N) rows for the batch.
+      At num_experts nothing can drop; beyond the budget the pairs of the batch's last tokens
+      (token-major order) are dropped and counted in moe/dropped_frac. None: top_k for the top-k
+      router (never drops), fallback_k (E // 2) for the surprise gate (every token's k at
+      initialisation; avg_k falls while training).
+    gemm: grouped-GEMM backend of the dropless experts (onn_jax.grouped_gemm): `ragged_dot`
+      (jax.lax.ragged_dot, portable), `mosaic_gpu` (the Pallas Mosaic GPU kernels in jax,
+      Hopper only), `padded` (a masked einsum per expert: a slow exact reference) or `auto`
+      (mosaic_gpu on a Hopper GPU, else ragged_dot).
     """
 
     num_experts: int = 32
@@ -87,13 +98,17 @@ class MoEConfig:
     dispatch: str = "dense"
     capacity_factor: float | None = None
     gate_tokens: str = "all"
+    pair_budget: float | None = None
+    gemm: str = "auto"
 
     def __post_init__(self):
         p = "model.moe."
         _choice(self.gate_tokens, GATE_TOKENS, p + "gate_tokens")
         _choice(self.dispatch, DISPATCHES, p + "dispatch")
-        _check(not (self.surprise == "advantage" and self.dispatch == "sparse"), p + "surprise",
-               "`advantage` needs every expert's output; it cannot run with dispatch='sparse'")
+        _check(not (self.surprise == "advantage" and self.dispatch != "dense"), p + "surprise",
+               "`advantage` needs every expert's output; it cannot run with "
+               f"dispatch={self.dispatch!r}")
+        _choice(self.gemm, GEMMS, p + "gemm")
         if self.capacity_factor is not None:
             _nonneg_float(self.capacity_factor, p + "capacity_factor")
             _check(self.capacity_factor > 0, p + "capacity_factor",
@@ -113,6 +128,10 @@ class MoEConfig:
             _nonneg_float(getattr(self, name), p + name)
         _check(isinstance(self.surprise, str) and self.surprise != "", p + "surprise",
                f"must be the name of a surprise function, got {self.surprise!r}")
+        if self.pair_budget is not None:
+            _nonneg_float(self.pair_budget, p + "pair_budget")
+            _check(0 < self.pair_budget <= self.num_experts, p + "pair_budget",
+                   f"must be in (0, num_experts={self.num_experts}], got {self.pair_budget}")
 
     @property
     def effective_fallback_k(self) -> int:

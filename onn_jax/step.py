@@ -80,9 +80,9 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig,
     taps = step_taps(cfg, b, t)
     uses_surprise = cfg.moe.router == "surprise"
     surprise_fn = get_surprise_fn(surprise_fn or cfg.moe.surprise) if uses_surprise else None
-    if surprise_fn is advantage_surprise and cfg.moe.dispatch == "sparse":
+    if surprise_fn is advantage_surprise and cfg.moe.dispatch != "dense":
         raise ValueError("surprise `advantage` needs every expert's output; it cannot run with "
-                         "model.moe.dispatch='sparse'")
+                         f"model.moe.dispatch={cfg.moe.dispatch!r}")
 
     def forward(params, taps):
         logits, records = model.apply({"params": params}, batch["inputs"], taps)
