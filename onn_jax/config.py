@@ -20,6 +20,7 @@ DISPATCHES = ("dense", "sparse", "dropless")
 GEMMS = ("auto", "ragged_dot", "mosaic_gpu", "padded")
 GATE_TOKENS = ("all", "unmasked")
 ATTENTIONS = ("xla", "cudnn", "auto")
+IDLE_EXPERTS = ("skip", "zero_grad")
 
 
 class ConfigError(ValueError):
@@ -220,6 +221,10 @@ class OptimConfig:
     """AdamW with the faithful PoC hyper-parameters, plus the expert gradient filter.
 
     clip_norm: optional global-norm clipping (an option; None = off, faithful).
+    idle_experts: what an expert that received no token in the step gets (onn_jax.optimizer):
+      `skip` (faithful: no gradient; left out of the 2-sigma statistics, AdamW skips it and
+      its own step counter stays) or `zero_grad` (a zero gradient: pooled, decayed, moved by
+      momentum; one step counter for all parameters).
     """
 
     lr: float = 1e-3
@@ -229,9 +234,11 @@ class OptimConfig:
     eps: float = 1e-8
     clip_norm: float | None = None
     grad_filter: FilterConfig = field(default_factory=FilterConfig)
+    idle_experts: str = "skip"
 
     def __post_init__(self):
         p = "optim."
+        _choice(self.idle_experts, IDLE_EXPERTS, p + "idle_experts")
         _check(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool), p + "lr",
                f"must be a number, got {type(self.lr).__name__} {self.lr!r}")
         _check(self.lr > 0, p + "lr", f"must be > 0, got {self.lr}")

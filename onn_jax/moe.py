@@ -97,6 +97,19 @@ def _to_pairs(a, d: Dispatch | Dropless) -> jax.Array:
     return rows_to_pairs(a, d) if isinstance(d, Dropless) else to_pairs(a, d)
 
 
+def expert_received_tokens(record: MoERecord) -> jax.Array:
+    """[E] bool: expert e was run on at least one token of the batch in this layer.
+
+    This is what "received a token" means for the no-token rule (onn_jax.optimizer): from
+    the router mask (some token has the pair active) under `dense` dispatch, and from the
+    pairs actually computed (`dispatch.kept_NxE`: active and within the capacity) under a
+    dispatch that may drop pairs. An expert whose pairs were all dropped got no gradient.
+    Under jit on a sharded batch the reduction is over the global batch.
+    """
+    mask_NxE = record.router.mask if record.dispatch is None else record.dispatch.kept_NxE
+    return jnp.any(mask_NxE, axis=0)
+
+
 def route(params: dict, x_NxC: jax.Array, cfg: MoEConfig) -> RouterOutput:
     """Runs the configured router (`surprise`: top-any gate, `topk`: linear top-k)."""
     if cfg.router == "surprise":
