@@ -142,6 +142,72 @@ class MoEConfig:
         return max(1, self.num_experts // 2)
 
 
+# --- Phase 2, full-stack sparsity: gated attention heads (docs/FULL_STACK.md) ------------------
+
+HEAD_ROUTERS = ("dense", "surprise", "topk")
+HEAD_COMBINES = ("scaled", "softmax")
+
+
+def _check_gate_fields(cfg, p: str) -> None:
+    """The fields every Surprise-gated unit kind shares (MoE-style names, one meaning)."""
+    _choice(cfg.gate_tokens, GATE_TOKENS, p + "gate_tokens")
+    for name in ("w_ce", "w_kl", "w_aux"):
+        _nonneg_float(getattr(cfg, name), p + name)
+    _check(isinstance(cfg.surprise, str) and cfg.surprise != "", p + "surprise",
+           f"must be the name of a surprise function, got {cfg.surprise!r}")
+    if cfg.fallback_k is not None:
+        _positive_int(cfg.fallback_k, p + "fallback_k")
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    """Gated attention heads (off by default: `router = dense` is plain multi-head attention).
+
+    router: `dense` (every head, summed: faithful), `surprise` (the top-any gate of the MoE
+      layer per query token over the H heads, trained by the Surprise hybrid loss) or `topk`
+      (MoH-style baseline: linear router, top_k heads, Switch load balancing `lb_weight`).
+    fallback_k: heads of a token with none above its threshold; None means H // 2.
+    combine: `scaled` (MoH: out = k_t * sum_h w_h Y_h, k_t = active heads; all heads with
+      w = 1/H is dense attention) or `softmax` (out = sum_h w_h Y_h).
+    surprise, w_ce, w_kl, w_aux, gate_tokens: as in model.moe, for the head gate.
+    """
+
+    router: str = "dense"
+    fallback_k: int | None = None
+    combine: str = "scaled"
+    surprise: str = "output_grad"
+    w_ce: float = 1.0
+    w_kl: float = 1.0
+    w_aux: float = 1.0
+    gate_tokens: str = "all"
+    top_k: int = 2
+    lb_weight: float = 0.01
+
+    def __post_init__(self):
+        p = "model.heads."
+        _choice(self.router, HEAD_ROUTERS, p + "router")
+        _choice(self.combine, HEAD_COMBINES, p + "combine")
+        _check_gate_fields(self, p)
+        _positive_int(self.top_k, p + "top_k")
+        _nonneg_float(self.lb_weight, p + "lb_weight")
+
+    def check_against(self, num_heads: int) -> None:
+        p = "model.heads."
+        if self.fallback_k is not None:
+            _check(self.fallback_k <= num_heads, p + "fallback_k",
+                   f"must be <= model.num_heads ({num_heads}), got {self.fallback_k}")
+        _check(self.top_k <= num_heads, p + "top_k",
+               f"must be <= model.num_heads ({num_heads}), got {self.top_k}")
+
+    def effective_fallback_k(self, num_heads: int) -> int:
+        """fallback_k, or H // 2 (at least 1) by default."""
+        return self.fallback_k if self.fallback_k is not None else max(1, num_heads // 2)
+
+    @property
+    def gated(self) -> bool:
+        return self.router != "dense"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The transformer around the MoE layer (faithful PoC numerics by default).
@@ -164,6 +230,7 @@ class ModelConfig:
     dtype: str = "float32"
     attention: str = "xla"
     moe: MoEConfig = field(default_factory=MoEConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
 
     def __post_init__(self):
         p = "model."
@@ -189,6 +256,8 @@ class ModelConfig:
                    f"'cudnn' needs a head dim (hidden/num_heads) that is a multiple of 8 and <= 128, "
                    f"got {self.head_dim}")
         _check(isinstance(self.moe, MoEConfig), p + "moe", "must be a MoEConfig")
+        _check(isinstance(self.heads, HeadsConfig), p + "heads", "must be a HeadsConfig")
+        self.heads.check_against(self.num_heads)
 
     @property
     def head_dim(self) -> int:

@@ -30,6 +30,8 @@ from onn_jax.moe import MoERecord, expert_received_tokens, layer_surprise, layer
 from onn_jax.optimizer import make_optimizer  # noqa: F401 (re-exported: it lived here)
 from onn_jax.surprise import SurpriseFn, get_surprise_fn
 from onn_jax.surprise_variants import advantage_surprise
+from onn_jax.units import (UnitRecords, unit_gate_inputs, unit_gate_loss, unit_metrics, unit_records,
+                           unit_surprises, unit_taps)
 
 Batch = dict[str, jax.Array]  # inputs [B, T] int32, targets [B, T] int32, loss_mask [B, T]
 
@@ -81,42 +83,61 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig,
         raise ValueError("surprise `advantage` needs every expert's output; it cannot run with "
                          f"model.moe.dispatch={cfg.moe.dispatch!r}")
 
-    def forward(params, taps):
-        logits, records = model.apply({"params": params}, batch["inputs"], taps)
-        main, acc, count = next_token_loss(logits, batch["targets"], batch["loss_mask"])
-        gate_inputs = tuple(r.router.pre for r in records if r is not None)
-        return (main, gate_inputs), (acc, count, records)
+    utaps = unit_taps(cfg, b, t)  # gated units beyond the MoE (heads); None when there are none
+    loss_mask_N = batch["loss_mask"].reshape(-1)
 
-    (main, gate_inputs), pullback, (acc, count, records) = jax.vjp(forward, params, taps, has_aux=True)
+    def forward(params, taps, utaps):
+        if utaps is None:
+            (logits, records), urecords = model.apply({"params": params}, batch["inputs"], taps), UnitRecords()
+        else:
+            (logits, records), state = model.apply({"params": params}, batch["inputs"], taps,
+                                                   unit_taps=utaps, mutable=["gated"])
+            urecords = unit_records(cfg, state["gated"])
+        main, acc, count = next_token_loss(logits, batch["targets"], batch["loss_mask"])
+        gate_inputs = (tuple(r.router.pre for r in records if r is not None), unit_gate_inputs(urecords))
+        return (main, gate_inputs), (acc, count, records, urecords)
+
+    (main, gate_inputs), pullback, (acc, count, records, urecords) = jax.vjp(forward, params, taps, utaps,
+                                                                             has_aux=True)
     records = tuple(r for r in records if r is not None)
     one = jnp.ones_like(main)
     no_gate = jax.tree.map(jnp.zeros_like, gate_inputs)
 
+    # Every gate's S from the one pullback of the main loss alone.
     surprises = (None,) * len(records)
-    if uses_surprise:
-        _, d_taps = pullback((one, no_gate))
-        surprises = tuple(jax.lax.stop_gradient(layer_surprise(surprise_fn, r, d))
-                          for d, r in zip(d_taps, records))
+    usurprises = UnitRecords()
+    if uses_surprise or utaps is not None:
+        _, d_taps, d_utaps = pullback((one, no_gate))
+        if uses_surprise:
+            surprises = tuple(jax.lax.stop_gradient(layer_surprise(surprise_fn, r, d))
+                              for d, r in zip(d_taps, records))
+        usurprises = unit_surprises(cfg, urecords, d_utaps)
 
-    gate_mask = batch["loss_mask"].reshape(-1) if cfg.moe.gate_tokens == "unmasked" else None
+    gate_mask = loss_mask_N if cfg.moe.gate_tokens == "unmasked" else None
+    w_aux = cfg.moe.w_aux
 
     def total_gate_loss(gate_inputs):
+        moe_inputs, unit_inputs = gate_inputs
         losses, parts = zip(*(layer_gate_loss(cfg, g, s, r, gate_mask)
-                              for g, s, r in zip(gate_inputs, surprises, records))) if records else ((), ())
-        return sum(losses, jnp.zeros([], jnp.float32)), parts
+                              for g, s, r in zip(moe_inputs, surprises, records))) if records else ((), ())
+        moe_loss = sum(losses, jnp.zeros([], jnp.float32))
+        unit_total, per_kind = unit_gate_loss(cfg, unit_inputs, urecords, usurprises, loss_mask_N)
+        return moe_loss * w_aux + unit_total, (moe_loss, parts, unit_total, per_kind)
 
-    (gate_loss, parts), d_gate = jax.value_and_grad(total_gate_loss, has_aux=True)(gate_inputs)
-    w_aux = cfg.moe.w_aux
-    grads, _ = pullback((one, jax.tree.map(lambda g: w_aux * g, d_gate)))
+    # Every gate loss in the second pullback, each kind weighted by its own w_aux.
+    (_, (gate_loss, parts, unit_total, per_kind)), d_gate = jax.value_and_grad(
+        total_gate_loss, has_aux=True)(gate_inputs)
+    grads, _, _ = pullback((one, d_gate))
 
     metrics = {
         "train/main_loss": main,
         "train/main_acc": acc,
         "train/loss_tokens": count,
-        "train/total_loss": main + w_aux * gate_loss,
+        "train/total_loss": main + w_aux * gate_loss + unit_total,
         "moe/gate_loss": gate_loss,
     }
-    metrics.update(moe_metrics(cfg, params, records, surprises, parts, batch["loss_mask"].reshape(-1)))
+    metrics.update(moe_metrics(cfg, params, records, surprises, parts, loss_mask_N))
+    metrics.update(unit_metrics(cfg, params, urecords, usurprises, per_kind, loss_mask_N))
     if records:
         metrics["moe/expert_active"] = jnp.stack([expert_received_tokens(r) for r in records])
     return grads, metrics
