@@ -464,12 +464,17 @@ class CheckpointConfig:
     enabled: bool = True
     every: int = 500
     keep: int = 3
+    # stop_timeout_s: on a stop signal, how long onn-train waits for the save of the current
+    # step (and any save in flight) before abandoning it and exiting (see train.signals).
+    stop_timeout_s: float = 120.0
 
     def __post_init__(self):
         p = "checkpoint."
         _check(isinstance(self.enabled, bool), p + "enabled", f"must be a bool, got {self.enabled!r}")
         _positive_int(self.every, p + "every")
         _positive_int(self.keep, p + "keep")
+        _nonneg_float(self.stop_timeout_s, p + "stop_timeout_s")
+        _check(self.stop_timeout_s > 0, p + "stop_timeout_s", f"must be > 0, got {self.stop_timeout_s}")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from train.evaluate import evaluate, make_eval_step
 from train.faults import Faults
 from train.logging import MetricsWriter, NullWriter, Progress, mean_metrics
 from train.plot import make_dashboards
+from train.signals import StopOnSignal, name as signal_name
 
 CONFIG_FILE, CHECKPOINT_DIR = "config.json", "checkpoints"
 RESUME_FREE_DATA_FIELDS = ("strict",)  # data fields that do not change the batch stream
@@ -46,6 +47,21 @@ class TrainError(RuntimeError):
 
 class TrainStopped(RuntimeError):
     """The run stopped on purpose (too many non-finite steps in a row) after a checkpoint."""
+
+
+class StoppedBySignal(RuntimeError):
+    """A stop signal (SIGTERM, SIGINT, SIGHUP) ended the run at a step boundary, after saving
+    that step; `code` is the exit code (128 + signal), `hard` that a save was abandoned and
+    still runs in a background thread, so the process must end with os._exit."""
+
+    def __init__(self, message: str, code: int, hard: bool = False):
+        super().__init__(message)
+        self.code, self.hard = code, hard
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint save failed (disk full, I/O error); the run stopped at once. The message
+    names the cause and the last committed checkpoint."""
 
 
 def build_dataset(cfg: Config) -> Dataset:
@@ -105,7 +121,9 @@ class Run:
 
     def __init__(self, cfg: Config, workdir: str | Path):
         self.cfg, self.workdir = cfg, Path(workdir)
-        self.lock, self.ckpt = None, None
+        self.lock, self.ckpt, self.bar, self.writer = None, None, None, NullWriter()
+        self.stop = StopOnSignal.current() or StopOnSignal()  # no handler installed: never set
+        self.abandoned = False  # a save still running in the background was given up
         self.is_chief = jax.process_index() == 0
         try:
             self.faults = Faults()
@@ -151,6 +169,7 @@ class Run:
                 raise TrainError(str(e)) from None
             except OSError as e:
                 raise TrainError(f"--workdir {w}: not writable ({e.strerror or e})") from None
+            self.stop.at_exit.append(self.lock.release)  # a second signal ends the process at once
             if self.lock.stale:
                 print(f"onn-train: note: took over the lock of a process that ended without releasing "
                       f"it ({self.lock.stale})", flush=True)
@@ -198,7 +217,13 @@ class Run:
         os.replace(tmp, self.workdir / CONFIG_FILE)  # atomic: a kill never leaves half a file
 
     def close(self) -> None:
-        """Releases the workdir lock (idempotent)."""
+        """Closes the checkpoint manager (waiting for its saves, unless one was abandoned) and
+        releases the workdir lock (idempotent)."""
+        if self.ckpt is not None and not self.abandoned:
+            try:
+                self.ckpt.close()
+            except Exception:  # noqa: BLE001 - a failed save was reported where it failed
+                pass
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -257,10 +282,16 @@ class Run:
 
     def evaluate(self) -> dict[str, Any]:
         batches = self.ds.eval_batches(self.cfg.data.batch_size, jax.process_index(), jax.process_count())
-        limited = (b for b, _ in zip(batches, range(self.cfg.train.eval_batches)))
+        limited = self._eval_hooked(b for b, _ in zip(batches, range(self.cfg.train.eval_batches)))
         metrics = evaluate(self.eval_fn, self.state.params, limited)
         metrics["eval/domain_names"] = list(self.ds.domains)
         return metrics
+
+    def _eval_hooked(self, batches):
+        for i, b in enumerate(batches):
+            yield b
+            if i == 0:
+                self.faults.at("in_eval", int(jax.device_get(self.state.step)))
 
     def thresholds(self) -> dict[str, np.ndarray]:
         p = self.state.params
@@ -292,6 +323,13 @@ class Run:
         """Trains up to train.steps; releases the workdir lock when done (or failed)."""
         try:
             return self._run()
+        except ckpt_lib.SaveError as e:
+            if self.bar is not None:
+                self.bar.close()
+            self.writer.close()
+            raise SaveFailed(f"{e} in {self.workdir / CHECKPOINT_DIR}; training stopped at once. Free "
+                             "space (or fix the disk) and rerun the same command to resume from the last "
+                             "committed checkpoint") from None
         except KeyboardInterrupt:
             if self.ckpt is not None:  # let an asynchronous save in flight commit (or fail) cleanly
                 try:
@@ -316,6 +354,8 @@ class Run:
         interval_start, interval_steps = time.perf_counter(), 0
         step, flag = self.start_step, None  # flag: (step, device 0/1) not yet counted
         while step < t.steps:
+            if self.stop.signum is not None:  # a stop signal came during the last step, eval or save
+                self._stop_on_signal(step)
             self.state, metrics = self.step_fn(self.state, self._batch())
             step += 1
             if flag is not None:  # read one step late, so the host never waits on the device
@@ -358,11 +398,18 @@ class Run:
                 interval_start, interval_steps = time.perf_counter(), 0
             if stop:
                 self._stop(step)
-            if self.ckpt is not None and (step % cfg.checkpoint.every == 0 or step == t.steps):
-                self.ckpt.save(step, self.state, self._meta(), force=step == t.steps)
+            if self.ckpt is not None:
+                if step % cfg.checkpoint.every == 0 or step == t.steps:
+                    self.faults.at("at_save", step)
+                    if not self._previous_save_done():
+                        self._stop_on_signal(step)
+                    self.ckpt.save(step, self.state, self._meta(), force=step == t.steps)
+                self.ckpt.poll()  # a failed asynchronous save stops the run now
             self.faults.after_step(step, self.ckpt)
         if flag is not None:
             self._account(*flag)
+        if self.stop.signum is not None:
+            self._stop_on_signal(step)
         bar.close()
         if self.ckpt is not None:
             self.ckpt.close()  # waits for the asynchronous saves
@@ -374,6 +421,43 @@ class Run:
         return {"workdir": str(self.workdir), "start_step": self.start_step, "step": step,
                 "first_loss": first_loss, "last": last, "sample": text, "plots": [str(p) for p in plots],
                 "skipped_steps": self.skipped_total}
+
+    def _previous_save_done(self) -> bool:
+        """Waits for a save in flight (orbax would, inside the next save, where no signal can
+        end the wait); False when a stop signal came first."""
+        while not self.ckpt.wait(timeout=0.1):
+            if self.stop.signum is not None:
+                return False
+        return True
+
+    def _stop_on_signal(self, step: int) -> None:
+        """Saves `step` (unless saved), waits up to checkpoint.stop_timeout_s for the saves,
+        closes the logs and raises StoppedBySignal saying where the rerun resumes."""
+        signum, ckpt_dir = self.stop.signum, self.workdir / CHECKPOINT_DIR
+        hard, code = False, self.stop.exit_code
+        if self.ckpt is None:
+            where = f"no checkpoint saved (checkpoint.enabled is false); stopped after step {step}"
+        else:
+            timeout, t0 = self.cfg.checkpoint.stop_timeout_s, time.monotonic()
+            done = self.ckpt.wait(timeout=timeout)  # a save in flight first: orbax would wait inside save()
+            if done and step > self.start_step:
+                self.ckpt.save(step, self.state, self._meta(), force=True)
+                done = self.ckpt.wait(timeout=max(timeout - (time.monotonic() - t0), 0.0))
+            if done and step > self.start_step:
+                where = f"saved step {step} in {ckpt_dir}; rerun the same command to resume from it"
+            elif done:
+                where = (f"nothing trained since step {step}; rerun the same command to "
+                         + (f"resume from it ({ckpt_dir})" if step else "start again"))
+            else:
+                hard = self.abandoned = True
+                committed = self.ckpt.committed_steps()
+                last = f"step {committed[-1]}" if committed else "the start (no checkpoint)"
+                where = (f"checkpoint saves did not finish within checkpoint.stop_timeout_s = {timeout:g}s "
+                         f"and were abandoned (step {step} not saved); rerun the same command to resume "
+                         f"from {last}")
+        self.bar.close()
+        self.writer.close()
+        raise StoppedBySignal(f"stopped by {signal_name(signum)}: {where}", code, hard)
 
     def _stop(self, step: int) -> None:
         """Too many non-finite steps in a row: checkpoint (the last finite state) and stop."""

@@ -6,11 +6,15 @@ DIR (default runs/<config name>) receives config.json, checkpoints/, metrics.jso
 plots/. When DIR already holds checkpoints the run resumes from the latest one (parameters,
 optimizer, step and data position), continuing up to train.steps. One trainer per DIR (a
 lock file); exit code 2 for bad input (config, data, tokenizer, checkpoint, workdir), 3 when
-train.max_skipped_in_a_row steps in a row were not finite.
+train.max_skipped_in_a_row steps in a row were not finite, 4 when a checkpoint save failed
+(e.g. disk full), 128 + N after stop signal N (SIGINT 130, SIGTERM 143, SIGHUP 129; see
+train.signals).
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -32,10 +36,18 @@ def parse_args(argv: Sequence[str]):
     return parser.parse_args(rest), overrides
 
 
+def quiet_orbax_errors() -> None:
+    """Drops orbax's own log records (absl), whose errors come with tracebacks: onn-train reports
+    a failed save itself, in one line naming the cause."""
+    logging.getLogger("absl").addFilter(lambda r: "orbax" not in (r.pathname or ""))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit codes: 0 done, 2 bad input or workdir in use (one line on stderr, no traceback),
-    3 stopped after train.max_skipped_in_a_row non-finite steps (with a checkpoint),
-    130 interrupted (Ctrl-C): rerunning resumes from the last committed checkpoint."""
+    3 stopped after train.max_skipped_in_a_row non-finite steps (with a checkpoint), 4 a
+    checkpoint save failed (disk full, I/O error), 128 + N stopped by signal N (SIGTERM 143,
+    SIGINT 130, SIGHUP 129) after saving the current step; 130 also for a KeyboardInterrupt
+    outside the loop. Rerunning resumes from the last committed checkpoint."""
     try:
         args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         cfg = load(args.config, overrides)
@@ -44,14 +56,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
     from onn_jax.distributed import initialize_distributed
-    from train.loop import TrainError, TrainStopped, train
+    from train.loop import SaveFailed, StoppedBySignal, TrainError, TrainStopped, train
+    from train.signals import StopOnSignal
+    quiet_orbax_errors()
     try:
         initialize_distributed()  # no-op for one process; joins a multi-host launch otherwise
     except ValueError as e:
         print(f"onn-train: distributed launch error: {e}", file=sys.stderr)
         return 2
     try:
-        train(cfg, workdir)
+        with StopOnSignal():
+            train(cfg, workdir)
+    except StoppedBySignal as e:
+        print(f"onn-train: {e}", file=sys.stderr, flush=True)
+        if e.hard:  # a save thread is stuck: the interpreter's exit would wait for it
+            sys.stdout.flush()
+            os._exit(e.code)
+        return e.code
+    except SaveFailed as e:
+        print(f"onn-train: error: {e}", file=sys.stderr)
+        return 4
     except TrainError as e:
         print(f"onn-train: error: {e}", file=sys.stderr)
         return 2
