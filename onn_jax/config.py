@@ -378,8 +378,9 @@ def to_dict(config) -> dict[str, Any]:
 class DataConfig:
     """Where the tokens come from and how they are batched (see onn_jax.data).
 
-    source: `builtin` (the embedded multi-domain chat corpus) or comma-separated paths of
-      chat `.jsonl` files and plain-text files.
+    source: `builtin` (the embedded multi-domain chat corpus), comma-separated paths of
+      chat `.jsonl` files and plain-text files (read into memory), or `shards:DIR` (a
+      directory written by onn-tokenize, streamed from disk; see onn_jax.shards).
     tokenizer: `byte` (byte-level, default) or a path to a local HF `tokenizer.json`.
     records_per_domain: records per domain of the builtin corpus (ignored for user files).
     eval_fraction: share of records held out for the evaluation split.

@@ -74,6 +74,8 @@ def build_dataset(cfg: Config) -> Dataset:
     if tok.vocab_size > cfg.model.vocab_size:
         raise TrainError(f"model.vocab_size: must be >= the tokenizer's vocab size "
                          f"{tok.vocab_size} ({d.tokenizer}), got {cfg.model.vocab_size}")
+    if d.source.startswith("shards:"):
+        return open_shards(cfg, tok)
     try:
         if d.source == "builtin":
             records = build_corpus(seed=d.seed, records_per_domain=d.records_per_domain)
@@ -84,6 +86,26 @@ def build_dataset(cfg: Config) -> Dataset:
         raise TrainError(f"data.source: {e}") from e
     except ValueError as e:
         raise TrainError(f"data: {e}") from e
+
+
+def open_shards(cfg: Config, tok):
+    """The ShardDataset of data.source=shards:DIR, checked against cfg.data and the tokenizer."""
+    from onn_jax.shards import PREFIX, ShardDataset
+    d = cfg.data
+    try:
+        ds = ShardDataset(d.source[len(PREFIX):], tok)
+    except (DataError, ValueError) as e:
+        raise TrainError(f"data.source: {e}") from e
+    meta, where = ds.meta, d.source[len(PREFIX):]
+    for field, want in (("seq_len", d.seq_len), ("pack", d.pack), ("eval_fraction", d.eval_fraction)):
+        if meta.get(field) != want:
+            raise TrainError(f"data.{field}: the shards in {where} were made with {field} {meta.get(field)!r}, "
+                             f"this run has {want!r}; set --config.data.{field}={meta.get(field)!r} "
+                             "or tokenize again")
+    mismatch = tokenizer_mismatch(meta.get("tokenizer"), tokenizer_info(d.tokenizer, tok), f"shards {where}")
+    if mismatch:
+        raise TrainError(mismatch.replace(" was trained with ", " were made with "))
+    return ds
 
 
 def make_mesh(cfg: MeshConfig):
