@@ -33,6 +33,7 @@ from onn_jax.workdir import WorkdirBusy, WorkdirLock
 from train.compat import config_diff, tokenizer_info, tokenizer_mismatch
 from train.evaluate import evaluate, make_eval_step
 from train.faults import Faults
+from onn_jax.routing_metrics import dead_experts
 from train.logging import MetricsWriter, NullWriter, Progress, mean_metrics
 from train.plot import make_dashboards
 
@@ -345,6 +346,9 @@ class Run:
                 if not compile_logged:
                     row["perf/compile_s"], compile_logged = compile_s, True
                 row.update(self.thresholds())
+                if "moe/expert_load" in row:  # experts below the load floor over this logging window
+                    row["moe/dead_experts"] = dead_experts(row["moe/expert_load"])
+                row.setdefault("train/lr", cfg.optim.lr)  # a constant lr unless a schedule logged it
                 row["train/epoch"] = self.data_iter.state()["epoch"]
                 if do_eval:
                     row.update(self.evaluate())
