@@ -1,6 +1,6 @@
 """Frozen, validated configuration dataclasses for the model, the MoE layer and the optimizer.
 
-Every field has the faithful default of shared/REFERENCE.md unless its docstring says
+Every field has the faithful default of docs/ALGORITHM.md unless its docstring says
 otherwise. Validation happens at construction time and raises `ConfigError`, which names
 the offending field by its dotted path so the training program can point at the source.
 """
@@ -127,8 +127,9 @@ class MoEConfig:
                f"must be <= num_experts ({self.num_experts}), got {self.top_k}")
         for name in ("w_ce", "w_kl", "w_aux", "lb_weight", "z_weight"):
             _nonneg_float(getattr(self, name), p + name)
-        _check(isinstance(self.surprise, str) and self.surprise != "", p + "surprise",
-               f"must be the name of a surprise function, got {self.surprise!r}")
+        from onn_jax.surprise import SURPRISE_FNS  # noqa: PLC0415 (keeps this module light)
+        _check(isinstance(self.surprise, str) and self.surprise in SURPRISE_FNS, p + "surprise",
+               f"must be one of {sorted(SURPRISE_FNS)} (onn_jax.surprise.SURPRISE_FNS), got {self.surprise!r}")
         if self.pair_budget is not None:
             _nonneg_float(self.pair_budget, p + "pair_budget")
             _check(0 < self.pair_budget <= self.num_experts, p + "pair_budget",

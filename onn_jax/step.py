@@ -28,6 +28,7 @@ from onn_jax.dispatch import dropped_fraction
 from onn_jax.model import Transformer, init_params, model_taps
 from onn_jax.moe import MoERecord, expert_received_tokens, layer_surprise, layer_taps
 from onn_jax.optimizer import make_optimizer  # noqa: F401 (re-exported: it lived here)
+from onn_jax.routing_metrics import routing_metrics
 from onn_jax.surprise import SurpriseFn, get_surprise_fn
 from onn_jax.surprise_variants import advantage_surprise
 from onn_jax.units import (UnitRecords, unit_gate_inputs, unit_gate_loss, unit_metrics, unit_records,
@@ -155,6 +156,7 @@ def moe_metrics(cfg: ModelConfig, params, records, surprises, parts,
     }
     if records[0].dispatch is not None:
         out["moe/dropped_frac"] = mean([dropped_fraction(r.router.mask, r.dispatch) for r in records])
+    out.update(routing_metrics(records, surprises, cfg.moe.router))
     for key in parts[0]:
         out[f"moe/gate_{key}"] = sum(p[key] for p in parts)
     if cfg.moe.router == "surprise":

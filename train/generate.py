@@ -146,7 +146,15 @@ def run(args) -> str:
                        top_p=args.top_p, seed=args.seed, eos_id=tok.eos_id)
     except ValueError as e:
         raise GenerateError(str(e)) from e
-    return tok.decode(out)
+    text = tok.decode(out)
+    if not text:  # say why the line is empty instead of printing it silently
+        why = ("the first new token was end-of-sequence" if not out else
+               f"the {len(out)} new token(s) decode to no text (special tokens)")
+        hint = (" With --raw the prompt is plain text, not the chat turn the model was trained to "
+                "answer; leave out --raw, or sample with --temperature > 0." if args.raw else
+                " Try --temperature > 0, or a later checkpoint.")
+        print(f"onn-generate: note: empty output: {why}.{hint}", file=sys.stderr)
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
