@@ -113,6 +113,20 @@ def build_dataset(cfg: Config) -> Dataset:
         raise TrainError(f"data: {e}") from e
 
 
+def vocab_from_tokenizer(cfg: Config) -> Config:
+    """cfg with model.vocab_size = the tokenizer's size, for a tokenizer.json (onn-train does this
+    unless --config.model.vocab_size is given). Unchanged if the tokenizer cannot be loaded
+    (build_dataset then reports why) or is the byte tokenizer."""
+    import dataclasses
+    if cfg.data.tokenizer == "byte":
+        return cfg
+    try:
+        size = load_tokenizer(cfg.data.tokenizer).vocab_size
+    except (OSError, ValueError, ImportError):
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=size))
+
+
 def open_shards(cfg: Config, tok):
     """The ShardDataset of data.source=shards:DIR, checked against cfg.data and the tokenizer."""
     from onn_jax.shards import PREFIX, ShardDataset

@@ -70,9 +70,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
     from onn_jax.distributed import initialize_distributed
-    from train.loop import SaveFailed, StoppedBySignal, TrainError, TrainStopped, train
+    from train.loop import (SaveFailed, StoppedBySignal, TrainError, TrainStopped, train,
+                            vocab_from_tokenizer)
     from train.signals import StopOnSignal
     quiet_orbax_errors()
+    if "model.vocab_size" not in {key for key, _ in overrides}:
+        cfg = vocab_from_tokenizer(cfg)  # a tokenizer.json sets the vocabulary size
     try:
         initialize_distributed()  # no-op for one process; joins a multi-host launch otherwise
     except ValueError as e:
