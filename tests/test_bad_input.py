@@ -287,3 +287,85 @@ def test_the_cli_prints_one_line_and_no_traceback(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [f"onn-train: error: data.source: {data}:2: malformed JSON: "
                                                "Expecting property name enclosed in double quotes (column 2)"]
+
+
+# ---------------------------------------------------------------- a damaged or odd workdir: nothing lost
+
+def make_dir(path: Path) -> None:
+    path.mkdir()
+
+
+def make_file(path: Path) -> None:
+    path.write_text("x")
+
+
+@pytest.mark.parametrize("entry, make, what", [
+    ("checkpoints", make_file, "is not a directory"),
+    ("tb", make_file, "is not a directory"),
+    ("plots", make_file, "is not a directory"),
+    ("metrics.jsonl", make_dir, "is not a regular file"),
+    ("config.json", make_dir, "is not a regular file"),
+    ("plots/loss.png", make_dir, "is not a regular file"),
+    ("config.json.tmp", make_dir, "is not a regular file"),
+])
+def test_workdir_entry_of_the_wrong_kind(capsys, trained, tmp_path, entry, make, what):
+    workdir = copy_of(trained, tmp_path)
+    target = workdir / entry
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
+    make(target)
+    msg = onn_train_fails(capsys, workdir)
+    assert msg == f"onn-train: error: {target}: exists and {what}; move it away (onn-train writes a " + (
+        "folder there)" if make is make_file else "file there)"), msg
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only files")
+@pytest.mark.parametrize("entry", ["metrics.jsonl", "plots", "checkpoints"])
+def test_workdir_entry_not_writable(capsys, trained, tmp_path, entry):
+    workdir = copy_of(trained, tmp_path)
+    (workdir / entry).chmod(0o555 if (workdir / entry).is_dir() else 0o444)
+    try:
+        msg = onn_train_fails(capsys, workdir)
+    finally:
+        (workdir / entry).chmod(0o755 if (workdir / entry).is_dir() else 0o644)
+    assert msg == f"onn-train: error: {workdir / entry}: not writable; fix its permissions, or use a new --workdir"
+
+
+def test_checkpoints_disabled_on_a_workdir_with_checkpoints(capsys, trained):
+    msg = onn_train_fails(capsys, trained, "--config.checkpoint.enabled=false")
+    assert msg.startswith(f"onn-train: error: checkpoint.enabled: false, but {trained / 'checkpoints'} holds the "
+                          "checkpoints of a previous run (steps [2, 4])"), msg
+
+
+def test_previous_run_without_checkpoints_is_not_replaced(capsys, trained, tmp_path):
+    workdir = copy_of(trained, tmp_path)
+    shutil.rmtree(workdir / "checkpoints")  # e.g. a run with checkpoints off, or killed before its first
+    msg = onn_train_fails(capsys, workdir, "--config.train.steps=6")
+    assert msg.startswith(f"onn-train: error: {workdir}: holds a previous run (config.json, metrics.jsonl, "), msg
+    assert "with another config and no checkpoint to resume from" in msg, msg
+
+
+# ---------------------------------------------------------------- values that pass a type check but not the machine
+
+@pytest.mark.parametrize("override, expected", [
+    ("--config.optim.lr=inf", "--config.optim.lr=inf: must be a finite number, got inf"),
+    ("--config.model.moe.w_kl=1e400", "--config.model.moe.w_kl=1e400: must be a finite number, got inf"),
+    ("--config.train.steps=4294967296", "--config.train.steps=4294967296: must be in [-2147483648, 2147483647]"),
+    ("--config.data.seed=-1", "--config.data.seed=-1: must be in [0, 4294967295], got -1"),
+    ("--config.data.records_per_domain=100000000", "must be <= 1000000, got 100000000"),
+    ("--config.checkpoint.stop_timeout_s=0", "--config.checkpoint.stop_timeout_s=0: must be > 0"),
+    ("--config.train.sample_prompt=caf\udce9", "train.sample_prompt=caf\udce9: is not valid text (cannot be "
+                                               "encoded as UTF-8 at character 3"),
+    ("--config.data.source=a\x00b", "--config.data.source=a\x00b: must not contain a NUL character"),
+])
+def test_out_of_range_value(capsys, trained, override, expected):
+    msg = onn_train_fails(capsys, trained, override)
+    assert msg.startswith("onn-train: config error:") and expected in msg, msg
+
+
+def test_model_too_large_for_the_machine(capsys, trained):
+    msg = onn_train_fails(capsys, trained, "--config.model.vocab_size=2000000000")
+    assert msg.startswith("onn-train: error: model.vocab_size: one training step needs at least "), msg
+    assert "GiB of memory of 1 device(s)" in msg, msg

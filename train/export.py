@@ -5,11 +5,14 @@
 DIR is a training workdir (its checkpoints/ folder is used) or a checkpoint folder itself;
 the latest step is exported unless --step. OUT receives params/ (orbax) and export.json
 (step, config, tokenizer); `onn-generate --workdir OUT` and onn_jax.checkpoint.load_params
-read it. Errors exit with code 2.
+read it. Errors exit with code 2 (bad input, checked before anything is written), 4 when
+writing OUT failed (disk full, I/O error; the partial export is removed).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -31,17 +34,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not src.is_dir():
         print(f"onn-export: error: {src}: no such directory", file=sys.stderr)
         return 2
+    from train.cli_checks import export_args
+    problem = export_args(args)
+    if problem:
+        print(f"onn-export: error: {problem}", file=sys.stderr)
+        return 2
     quiet_orbax()
     if (src / CHECKPOINT_DIR).is_dir():
         src = src / CHECKPOINT_DIR
-    from onn_jax.checkpoint import CheckpointError, export_params  # heavy imports after the cheap checks
+    from onn_jax.checkpoint import CheckpointError, error_cause, export_params, os_error_in  # heavy: after the cheap checks
+    out = Path(args.out)
+    before = set(os.listdir(out)) if out.is_dir() else None
     try:
         step = export_params(src, args.out, args.step)
     except CheckpointError as e:
         print(f"onn-export: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # writing OUT failed (disk full, I/O error): remove what this run wrote
+        if os_error_in(e) is None:
+            raise
+        _remove_partial(out, before)
+        print(f"onn-export: error: cannot write the export to {out.resolve()}: {error_cause(e)}; "
+              "the partial export was removed", file=sys.stderr)
+        return 4
     print(f"exported step {step} of {src} to {Path(args.out).resolve()}")
     return 0
+
+
+def _remove_partial(out: Path, before: set[str] | None) -> None:
+    """Removes OUT if this run created it, else the entries it added to OUT."""
+    try:
+        if before is None:
+            shutil.rmtree(out, ignore_errors=True)
+        elif out.is_dir():
+            for name in set(os.listdir(out)) - before:
+                p = out / name
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":
