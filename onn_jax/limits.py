@@ -94,9 +94,9 @@ def step_bytes(cfg: Any) -> dict[str, float]:
     state = 4.0 * 4  # params + 2 AdamW moments + gradients, float32
     tokens = d.batch_size * d.seq_len
     width = e * (c + i) if m.moe.dispatch == "dense" else m.moe.top_k * (c + i)
-    acts = 4.0 * tokens * (L * width + m.vocab_size)  # expert outputs per layer + the logits
-    return {"model.vocab_size": state * embed, "model.moe.num_experts": state * experts,
-            "model.hidden": state * attn, "data.batch_size": acts}
+    return {"model.vocab_size": state * embed + 4.0 * tokens * m.vocab_size,  # + the logits
+            "model.moe.num_experts": state * experts, "model.hidden": state * attn,
+            "data.batch_size": 4.0 * tokens * L * width}  # expert inputs/outputs per layer
 
 
 def memory_problem(cfg: Any, devices) -> tuple[str, str] | None:

@@ -356,7 +356,7 @@ def test_previous_run_without_checkpoints_is_not_replaced(capsys, trained, tmp_p
     ("--config.data.seed=-1", "--config.data.seed=-1: must be in [0, 4294967295], got -1"),
     ("--config.data.records_per_domain=100000000", "must be <= 1000000, got 100000000"),
     ("--config.checkpoint.stop_timeout_s=0", "--config.checkpoint.stop_timeout_s=0: must be > 0"),
-    ("--config.train.sample_prompt=caf\udce9", "train.sample_prompt=caf\udce9: is not valid text (cannot be "
+    ("--config.train.sample_prompt=caf\udce9", "train.sample_prompt=caf\\udce9: is not valid text (cannot be "
                                                "encoded as UTF-8 at character 3"),
     ("--config.data.source=a\x00b", "--config.data.source=a\x00b: must not contain a NUL character"),
 ])
@@ -369,3 +369,122 @@ def test_model_too_large_for_the_machine(capsys, trained):
     msg = onn_train_fails(capsys, trained, "--config.model.vocab_size=2000000000")
     assert msg.startswith("onn-train: error: model.vocab_size: one training step needs at least "), msg
     assert "GiB of memory of 1 device(s)" in msg, msg
+
+
+# ---------------------------------------------------------------- onn-generate, onn-export, onn-plot
+
+def one_error_line(capsys, prog: str, code: int, fn, *argv) -> str:
+    """Runs `fn(argv)`; asserts exit `code`, one `prog: error:` line and nothing else on stderr."""
+    capsys.readouterr()
+    assert fn(list(argv)) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"{prog}: error: "), err
+    return err.strip()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--temperature", "inf"], "--temperature inf: must be a finite number >= 0"),
+    (["--top-p", "nan"], "--top-p nan: must be in (0, 1]"),
+    (["--seed", str(2 ** 70)], f"--seed {2 ** 70}: must be in [0, 4294967295]"),
+    (["--max-new-tokens", str(2 ** 40)], f"--max-new-tokens {2 ** 40}: must be in [1, 2147483647]"),
+    (["--prompt", "caf\udce9"], "--prompt: is not valid text (cannot be encoded as UTF-8 at character 3)"),
+])
+def test_onn_generate_flag_out_of_range(capsys, trained, flags, expected):
+    from train.generate import main as generate_main
+    argv = ["--workdir", str(trained), "--prompt", "hi", *flags]
+    assert expected in one_error_line(capsys, "onn-generate", 2, generate_main, *argv)
+
+
+def test_onn_export_to_an_unusable_place(capsys, trained, tmp_path):
+    from train.export import main as export_main
+    write(tmp_path / "file", "x")
+    msg = one_error_line(capsys, "onn-export", 2, export_main, str(trained), str(tmp_path / "file" / "out"))
+    assert f"{tmp_path / 'file' / 'out'}: cannot be created ({tmp_path / 'file'} is not a directory)" in msg
+    msg = one_error_line(capsys, "onn-export", 2, export_main, str(trained), str(tmp_path / "o"), "--step", "-1")
+    assert "--step -1: must be in [0, 2147483647]" in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_onn_export_to_a_full_disk(capsys, trained, tmp_path, monkeypatch):
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    from train.export import main as export_main
+
+    def full(self, directory, *args, **kwargs):
+        os.makedirs(directory, exist_ok=True)  # a partial write, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+
+    monkeypatch.setattr(ocp.PyTreeCheckpointer, "save", full)
+    out = tmp_path / "export"
+    msg = one_error_line(capsys, "onn-export", 4, export_main, str(trained), str(out))
+    assert f"cannot write the export to {out}: No space left on device (errno 28)" in msg, msg
+    assert msg.endswith("the partial export was removed") and not out.exists()
+
+
+def metrics_dir(tmp_path: Path, *rows) -> Path:
+    w = tmp_path / "run"
+    w.mkdir()
+    (w / "metrics.jsonl").write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return w
+
+
+GOOD_ROW = {"step": 1, "train/main_loss": 2.0, "moe/gate_acc": 0.5}
+
+
+@pytest.mark.parametrize("bad, expected", [
+    ('["not", "a", "row"]', 'metrics.jsonl:2: not a metrics row (a JSON object with an integer "step")'),
+    ({"train/main_loss": 1.0}, 'metrics.jsonl:2: not a metrics row'),
+    ({"step": 2, "moe/expert_load": [[0.5, 0.5], [1.0]]}, "metrics.jsonl: cannot draw expert_load.png: "
+                                                          "malformed metric values (ValueError"),
+])
+def test_onn_plot_malformed_rows_write_nothing(capsys, tmp_path, bad, expected):
+    from train.plot import main as plot_main
+    w = metrics_dir(tmp_path, GOOD_ROW, bad)
+    assert expected in one_error_line(capsys, "onn-plot", 2, plot_main, str(w))
+    assert not (w / "plots").exists()
+
+
+@pytest.mark.parametrize("entry, make", [("plots", make_file), ("plots/loss.png", make_dir)])
+def test_onn_plot_unusable_output(capsys, tmp_path, entry, make):
+    from train.plot import main as plot_main
+    w = metrics_dir(tmp_path, GOOD_ROW)
+    if "/" in entry:
+        (w / "plots").mkdir()
+    make(w / entry)
+    assert f"{w / entry}: exists and is not a" in one_error_line(capsys, "onn-plot", 2, plot_main, str(w))
+
+
+def test_onn_plot_to_a_full_disk(capsys, tmp_path, monkeypatch):
+    import errno
+
+    from matplotlib.figure import Figure
+
+    from train.plot import main as plot_main
+
+    def full(self, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    w = metrics_dir(tmp_path, GOOD_ROW)
+    msg = one_error_line(capsys, "onn-plot", 4, plot_main, str(w))
+    assert msg == f"onn-plot: error: cannot write {w / 'plots' / 'loss.png'}: No space left on device", msg
+
+
+@pytest.mark.slow
+def test_damaged_checkpoint_one_line_at_exit_of_every_program(trained, tmp_path):
+    """Real processes: after the error line, nothing (no asyncio 'Event loop is closed' noise)."""
+    workdir = copy_of(trained, tmp_path)
+    for p in (workdir / "checkpoints" / "4" / "state").rglob("manifest.ocdbt"):
+        p.write_bytes(b"garbage")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    for module, args in [("train.main", ["--config", TINY, "--workdir", str(workdir), *FAST]),
+                         ("train.generate", ["--workdir", str(workdir), "--prompt", "hi"]),
+                         ("train.export", [str(workdir), str(tmp_path / "out")])]:
+        out = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                             timeout=180, env=env)
+        assert out.returncode == 2, (module, out.stderr[-2000:])
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"cannot read checkpoint {workdir / 'checkpoints'}/4" in lines[0], (module, lines)
