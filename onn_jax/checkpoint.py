@@ -48,16 +48,24 @@ class SaveError(RuntimeError):
         super().__init__(f"{what} failed: {cause}; last committed checkpoint: {last}")
 
 
-def error_cause(e: BaseException) -> str:
-    """The root cause of `e` in words: the first OSError in its chain (e.g. '[Errno 28] No space
-    left on device: PATH'), else the outermost exception's type and message."""
+def os_error_in(e: BaseException) -> OSError | None:
+    """The first OSError with an errno in the chain of `e` (orbax wraps them), else None."""
     seen, cur = set(), e
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
         if isinstance(cur, OSError) and cur.errno is not None:
-            where = f": {cur.filename}" if cur.filename else ""
-            return f"{cur.strerror or os.strerror(cur.errno)} (errno {cur.errno}){where}"
+            return cur
         cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def error_cause(e: BaseException) -> str:
+    """The root cause of `e` in words: the first OSError in its chain (e.g. 'No space left on
+    device (errno 28): PATH'), else the outermost exception's type and message."""
+    cur = os_error_in(e)
+    if cur is not None:
+        where = f": {cur.filename}" if cur.filename else ""
+        return f"{cur.strerror or os.strerror(cur.errno)} (errno {cur.errno}){where}"
     return f"{type(e).__name__}: {str(e)[:300]}"
 
 

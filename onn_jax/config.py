@@ -497,3 +497,5 @@ class Config:
             _check(isinstance(getattr(self, name), cls), name, f"must be a {cls.__name__}")
         _check(self.data.seq_len <= self.model.max_len, "data.seq_len",
                f"must be <= model.max_len ({self.model.max_len}), got {self.data.seq_len}")
+        from onn_jax.limits import check_values  # ranges of every field: int32, finite, UTF-8
+        check_values(self)

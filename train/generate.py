@@ -165,7 +165,17 @@ def run(args) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from train.signals import end_program
+    return end_program(_main(argv), as_program=argv is None)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from train.cli_checks import generate_args
+    problem = generate_args(args)  # before the model is loaded
+    if problem:
+        print(f"onn-generate: error: {problem}", file=sys.stderr)
+        return 2
     quiet_orbax()
     try:
         text = run(args)

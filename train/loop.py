@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from onn_jax.config import Config, ConfigError, MeshConfig, to_dict
 from onn_jax.corpus import build_corpus
 from onn_jax.data import DataError, Dataset, load_records
 from onn_jax.guard import SKIPPED, make_guarded_step
+from onn_jax.limits import memory_problem
 from onn_jax.model import attention_impl
 from onn_jax.routing_metrics import dead_experts
 from onn_jax.step import make_optimizer
@@ -35,8 +37,9 @@ from train.compat import config_diff, tokenizer_info, tokenizer_mismatch
 from train.evaluate import evaluate, make_eval_step
 from train.faults import Faults
 from train.logging import MetricsWriter, NullWriter, Progress, mean_metrics
-from train.plot import make_dashboards
+from train.plot import PlotError, make_dashboards
 from train.signals import StopOnSignal, name as signal_name
+from train.workdir_check import check_workdir
 
 CONFIG_FILE, CHECKPOINT_DIR = "config.json", "checkpoints"
 RESUME_FREE_DATA_FIELDS = ("strict",)  # data fields that do not change the batch stream
@@ -200,6 +203,9 @@ class Run:
         self.ds = build_dataset(cfg)
         self.tok = self.ds.tokenizer
         self.mesh = make_mesh(cfg.mesh)
+        too_big = memory_problem(cfg, list(self.mesh.devices.flat))
+        if too_big:
+            raise TrainError(f"{too_big[0]}: {too_big[1]}")
         try:
             sharding.check_batch(cfg.data.batch_size, self.mesh)
         except ConfigError as e:
@@ -234,6 +240,10 @@ class Run:
             except OSError as e:
                 raise TrainError(f"--workdir {w}: not writable ({e.strerror or e})") from None
             self.stop.at_exit.append(self.lock.release)  # a second signal ends the process at once
+            problem = None if created else check_workdir(w, to_dict(self.cfg), self.cfg.checkpoint.enabled)
+            if problem:
+                self.close()
+                raise TrainError(problem)
             if self.lock.stale:
                 print(f"onn-train: note: took over the lock of a process that ended without releasing "
                       f"it ({self.lock.stale})", flush=True)
@@ -499,8 +509,12 @@ class Run:
         text = self._sample()
         writer.add_text("sample", text, step)
         writer.close()
-        plots = (make_dashboards(self.workdir)
-                 if self.is_chief and (self.workdir / "metrics.jsonl").exists() else [])
+        try:
+            plots = (make_dashboards(self.workdir)
+                     if self.is_chief and (self.workdir / "metrics.jsonl").exists() else [])
+        except (PlotError, OSError) as e:  # after a whole run: say so, keep the run's exit code
+            print(f"onn-train: warning: no plots drawn: {e}", file=sys.stderr, flush=True)
+            plots = []
         return {"workdir": str(self.workdir), "start_step": self.start_step, "step": step,
                 "first_loss": first_loss, "last": last, "sample": text, "plots": [str(p) for p in plots],
                 "skipped_steps": self.skipped_total}

@@ -49,6 +49,12 @@ def parse_args(argv: Sequence[str]):
     return args, overrides
 
 
+def printable(text: str) -> str:
+    """`text` with what UTF-8 cannot encode (lone surrogates from badly encoded arguments)
+    written as backslash escapes, so printing the error line cannot fail."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def quiet_orbax_errors() -> None:
     """Drops orbax's own log records (absl), whose errors come with tracebacks: onn-train reports
     a failed save itself, in one line naming the cause."""
@@ -56,6 +62,12 @@ def quiet_orbax_errors() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """onn-train's entry point; see _main for the exit codes."""
+    from train.signals import end_program
+    return end_program(_main(argv), as_program=argv is None)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     """Exit codes: 0 done, 2 bad input or workdir in use (one line on stderr, no traceback),
     3 stopped after train.max_skipped_in_a_row non-finite steps (with a checkpoint), 4 a
     checkpoint save failed (disk full, I/O error), 128 + N stopped by signal N (SIGTERM 143,
@@ -66,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = (load(args.config, overrides) if args.config is not None
                else load_saved(Path(args.workdir) / SAVED_CONFIG, overrides))
     except ConfigLoadError as e:
-        print(f"onn-train: config error: {e}", file=sys.stderr)
+        print(printable(f"onn-train: config error: {e}"), file=sys.stderr)
         return 2
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
     from onn_jax.distributed import initialize_distributed

@@ -158,14 +158,38 @@ def plot_domain_routing(rows, out: Path, plt) -> Path | None:
     return _save(fig, out / "domain_routing.png", plt, True)
 
 
-def _save(fig, path: Path, plt, drawn: bool) -> Path | None:
+def _save(fig, path: Path, plt, drawn: bool):
+    """(fig, path) to be written once every figure is drawn (so a malformed metric writes
+    nothing), or None when the figure has nothing to show."""
     if not drawn:
         plt.close(fig)
         return None
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig, path
+
+
+class PlotError(ValueError):
+    """metrics.jsonl or the plots folder cannot be used; the message names the file (and line)."""
+
+
+def _rows(workdir: Path) -> list[dict[str, Any]]:
+    from train.logging import METRICS_FILE, read_jsonl
+    path = workdir / METRICS_FILE
+    if not path.is_file():
+        raise PlotError(f"{path}: not a file" if path.exists() else
+                        f"{workdir}: no metrics.jsonl to plot (is this a training workdir?)")
+    try:  # a live or killed run: last line half written
+        numbered = read_jsonl(path, torn_tail_ok=True, numbered=True)
+    except ValueError as e:
+        raise PlotError(str(e)) from None
+    except OSError as e:
+        raise PlotError(f"{path}: cannot read it ({e.strerror or e})") from None
+    for n, row in numbered:
+        if not isinstance(row, dict) or isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
+            raise PlotError(f"{path}:{n}: not a metrics row (a JSON object with an integer \"step\")")
+    if not numbered:
+        raise PlotError(f"{path}: no metrics rows to plot")
+    return [row for _, row in numbered]
 
 
 def make_dashboards(workdir: str | Path) -> list[Path]:
@@ -174,17 +198,34 @@ def make_dashboards(workdir: str | Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from train.logging import read_metrics
+    from train.workdir_check import _kind_problem
 
     workdir = Path(workdir)
-    rows = read_metrics(workdir, torn_tail_ok=True)  # a live or killed run: last line half written
-    if not rows:
-        raise FileNotFoundError(f"{workdir}: no metrics.jsonl rows to plot (is this a training workdir?)")
+    if not workdir.is_dir():
+        raise PlotError(f"{workdir}: no such directory")
+    rows = _rows(workdir)
     out = workdir / PLOTS_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    written = [fn(rows, out, plt) for fn in (plot_loss, plot_gate, plot_expert_load, plot_surprise,
-                                      plot_domain_routing)]
-    return [p for p in written if p is not None]
+    drawn = []
+    try:
+        for fn in (plot_loss, plot_gate, plot_expert_load, plot_surprise, plot_domain_routing):
+            try:
+                figure = fn(rows, out, plt)
+            except (ValueError, TypeError, KeyError, IndexError) as e:
+                name = fn.__name__.removeprefix("plot_")
+                raise PlotError(f"{workdir / 'metrics.jsonl'}: cannot draw {name}.png: malformed metric values "
+                                f"({type(e).__name__}: {str(e)[:200]})") from None
+            if figure is not None:
+                drawn.append(figure)
+        problem = (_kind_problem(workdir, want_dir=True) or _kind_problem(out, want_dir=True) or next(
+            (p for p in (_kind_problem(path, want_dir=False) for _, path in drawn) if p), None))
+        if problem:
+            raise PlotError(problem)
+        out.mkdir(parents=True, exist_ok=True)
+        for fig, path in drawn:
+            fig.savefig(path, dpi=100)
+    finally:
+        plt.close("all")
+    return [path for _, path in drawn]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,9 +234,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         paths = make_dashboards(args.workdir)
-    except (FileNotFoundError, ValueError) as e:
+    except PlotError as e:
         print(f"onn-plot: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # writing a PNG: disk full, I/O error
+        print(f"onn-plot: error: cannot write {e.filename or 'the plots'}: {e.strerror or e}", file=sys.stderr)
+        return 4
     for p in paths:
         print(p)
     return 0

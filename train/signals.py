@@ -94,3 +94,13 @@ def flush_std() -> None:
             stream.flush()
         except Exception:  # noqa: BLE001
             pass
+
+
+def end_program(code: int, as_program: bool) -> int:
+    """Returns `code`; when running as the program (not called from Python) and failing, ends
+    the process at once after flushing stdout/stderr, so no asyncio or orbax callback left
+    behind by a failed read ("Event loop is closed") prints a traceback after the error line."""
+    if as_program and code:
+        flush_std()
+        os._exit(code)
+    return code
