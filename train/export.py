@@ -8,11 +8,15 @@ the latest step is exported unless --step. OUT (new or empty) receives the param
 copied in, and tokenizer_config.json with its special ids and templates), a model card
 README.md and export.json (see onn_jax.portable). --tokenizer names the tokenizer.json to
 copy when the one the run used has moved. `onn-generate --workdir OUT` and
-onn_jax.load_export read it from any path. Errors exit with code 2.
+onn_jax.load_export read it from any path. Errors exit with code 2 (bad input, checked
+before anything is written), 4 when writing OUT failed (disk full, I/O error; the partial
+export is removed).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -42,24 +46,56 @@ def parse_args(argv: Sequence[str]):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from train.signals import end_program
+    return end_program(_main(argv), as_program=argv is None)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     src = Path(args.dir)
     if not src.is_dir():
         print(f"onn-export: error: {src}: no such directory", file=sys.stderr)
         return 2
+    from train.cli_checks import export_args
+    problem = export_args(args)
+    if problem:
+        print(f"onn-export: error: {problem}", file=sys.stderr)
+        return 2
     quiet_orbax()
     if (src / CHECKPOINT_DIR).is_dir():
         src = src / CHECKPOINT_DIR
-    from onn_jax.checkpoint import CheckpointError  # heavy imports after the cheap checks
+    from onn_jax.checkpoint import CheckpointError, error_cause, os_error_in  # heavy: after the cheap checks
     from onn_jax.portable import write_export
+    out = Path(args.out)
+    before = set(os.listdir(out)) if out.is_dir() else None
     try:
         step = write_export(src, args.out, args.step, fmt=args.format, tokenizer=args.tokenizer)
     except CheckpointError as e:
         print(f"onn-export: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # writing OUT failed (disk full, I/O error): remove what this run wrote
+        if os_error_in(e) is None:
+            raise
+        _remove_partial(out, before)
+        print(f"onn-export: error: cannot write the export to {out.resolve()}: {error_cause(e)}; "
+              "the partial export was removed", file=sys.stderr)
+        return 4
     print(f"exported step {step} of {src} to {Path(args.out).resolve()} ({args.format}; "
           f"see its README.md)")
     return 0
+
+
+def _remove_partial(out: Path, before: set[str] | None) -> None:
+    """Removes OUT if this run created it, else the entries it added to OUT."""
+    try:
+        if before is None:
+            shutil.rmtree(out, ignore_errors=True)
+        elif out.is_dir():
+            for name in set(os.listdir(out)) - before:
+                p = out / name
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

@@ -153,11 +153,29 @@ def run(args) -> str:
                        top_p=args.top_p, seed=args.seed, eos_id=tok.eos_id)
     except ValueError as e:
         raise GenerateError(str(e)) from e
-    return tok.decode(out)
+    text = tok.decode(out)
+    if not text:  # say why the line is empty instead of printing it silently
+        why = ("the first new token was end-of-sequence" if not out else
+               f"the {len(out)} new token(s) decode to no text (special tokens)")
+        hint = (" With --raw the prompt is plain text, not the chat turn the model was trained to "
+                "answer; leave out --raw, or sample with --temperature > 0." if args.raw else
+                " Try --temperature > 0, or a later checkpoint.")
+        print(f"onn-generate: note: empty output: {why}.{hint}", file=sys.stderr)
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from train.signals import end_program
+    return end_program(_main(argv), as_program=argv is None)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from train.cli_checks import generate_args
+    problem = generate_args(args)  # before the model is loaded
+    if problem:
+        print(f"onn-generate: error: {problem}", file=sys.stderr)
+        return 2
     quiet_orbax()
     try:
         text = run(args)
