@@ -5,8 +5,9 @@
 For each size, generates a plain-text corpus of that many MB in a temporary directory
 (deleted afterwards), then in fresh processes (peak RSS = ru_maxrss of each): tokenizes it into shards (byte tokenizer) and
 draws `batches` shuffled global batches of 32 rows plus one eval pass. Prints one JSON line
-per size: corpus bytes, rows, seconds, and the peak resident memory (ru_maxrss) of each
-process. Flat memory = the peaks do not grow with the corpus.
+per size: corpus bytes, rows, seconds, the peak resident memory (ru_maxrss) of each process,
+and the loader's resident memory at the end split into anonymous (its own, not reclaimable)
+and file-backed (pages of the memory-mapped shards, page cache the OS may drop at any time).
 """
 from __future__ import annotations
 
@@ -39,7 +40,10 @@ t = time.perf_counter()
 for _ in range(int(sys.argv[2])):
     next(it)
 n_eval = sum(1 for _ in ds.eval_batches(32))
-print(time.perf_counter() - t, n_eval, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+kib = lambda key: status[key].split()[0]
+print(time.perf_counter() - t, n_eval, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, kib("RssAnon"),
+      kib("RssFile"))
 """
 
 
@@ -75,14 +79,16 @@ def main(argv=None) -> int:
             (tok_rss,), tok_s = child(TOKENIZE, corpus, "--out", shards, "--seq-len", str(args.seq_len))
             with open(os.path.join(shards, "meta.json")) as f:
                 meta = json.load(f)
-            (load_s, n_eval, load_self), _ = child(LOAD, shards, str(args.batches))
+            (load_s, n_eval, load_self, anon, file_rss), _ = child(LOAD, shards, str(args.batches))
             print(json.dumps({"bench": "shards_memory", "corpus_mb": round(nbytes / 1e6, 1),
                               "seq_len": args.seq_len, "train_rows": meta["rows"]["train"],
                               "eval_rows": meta["rows"]["eval"], "tokenize_s": round(tok_s, 1),
                               "tokenize_peak_rss_mb": round(int(tok_rss) / 1024, 1),
                               "load_batches": args.batches, "eval_batches": int(n_eval),
                               "load_s": round(float(load_s), 2),
-                              "load_peak_rss_mb": round(int(load_self) / 1024, 1)}), flush=True)
+                              "load_peak_rss_mb": round(int(load_self) / 1024, 1),
+                              "load_end_rss_anon_mb": round(int(anon) / 1024, 1),
+                              "load_end_rss_file_mb": round(int(file_rss) / 1024, 1)}), flush=True)
     return 0
 
 
