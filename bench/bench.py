@@ -54,6 +54,10 @@ PRESETS = {  # built-in sizes (the same as configs/*.py), usable without a confi
     "gpu_large": dict(model=dict(vocab_size=32000, hidden=512, num_layers=8, num_heads=8, max_len=512,
                                  dtype="bfloat16", attention="auto", moe=dict(num_experts=64, intermediate=256)),
                       data=dict(batch_size=32, seq_len=512)),
+    "gpu_small_b16": dict(model=dict(vocab_size=32000, hidden=256, num_layers=4, num_heads=4, max_len=512,
+                                     dtype="bfloat16", attention="auto",
+                                     moe=dict(num_experts=32, intermediate=256)),
+                          data=dict(batch_size=16, seq_len=256)),  # gpu_small's model, batch 16 x 256
 }
 
 
