@@ -122,8 +122,9 @@ def tokenizer_description(tok, kind: str) -> dict:
     return desc
 
 
-def _export_tokenizer(out: str, info: dict, override: str | None):
-    """Writes tokenizer.json (copied) and tokenizer_config.json; returns the tokenizer info."""
+def _resolve_tokenizer(info: dict, override: str | None):
+    """(name, tokenizer, info for the export) of the checkpoint's tokenizer, checked to be the
+    one it was trained with; writes nothing."""
     from onn_jax.tokenizer import load_tokenizer, tokenizer_info
     name = override or (info or {}).get("name") or "byte"
     try:
@@ -136,11 +137,7 @@ def _export_tokenizer(out: str, info: dict, override: str | None):
         raise ckpt_lib.CheckpointError(f"tokenizer {name!r} (vocab {now['vocab_size']}) is not the one the "
                                        f"checkpoint was trained with ({info.get('name')!r}, vocab "
                                        f"{info.get('vocab_size')})")
-    kind = "byte" if name == "byte" else "hf"
-    if kind == "hf":
-        shutil.copyfile(name, os.path.join(out, TOKENIZER))
-    _write_json(os.path.join(out, TOKENIZER_CONFIG), tokenizer_description(tok, kind))
-    return dict(now, name="byte" if kind == "byte" else TOKENIZER), tok
+    return name, tok, dict(now, name="byte" if name == "byte" else TOKENIZER)
 
 
 # ---------------------------------------------------------------- writing
@@ -204,9 +201,12 @@ def write_export(ckpt_dir: str | os.PathLike, out: str | os.PathLike, step: int 
     if not isinstance(config.get("model"), dict):
         raise ckpt_lib.CheckpointError(f"{ckpt_dir}/{step}: the checkpoint records no model config")
     flat = flatten(params)
-    os.makedirs(out, exist_ok=True)
-    tok_info, tok = _export_tokenizer(out, meta.get("tokenizer"), tokenizer)
-    desc = tokenizer_description(tok, "byte" if tok_info["name"] == "byte" else "hf")
+    tok_name, tok, tok_info = _resolve_tokenizer(meta.get("tokenizer"), tokenizer)
+    desc = tokenizer_description(tok, "byte" if tok_name == "byte" else "hf")
+    os.makedirs(out, exist_ok=True)  # all checks done: from here on only writing
+    if tok_name != "byte":
+        shutil.copyfile(tok_name, os.path.join(out, TOKENIZER))
+    _write_json(os.path.join(out, TOKENIZER_CONFIG), desc)
     n_params = sum(int(np.prod(a.shape)) for a in flat.values())
     _write_json(os.path.join(out, CONFIG), {
         "model_type": MODEL_TYPE, "format": fmt, "params_file": PARAM_FILES[fmt], "step": int(step),

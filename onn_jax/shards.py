@@ -12,7 +12,7 @@ order), writing each (split, domain) as raw row files of at most `rows_per_shard
     DIR/<split>-<d>-<k>.tokens     int32 [rows, seq_len + 1]
     DIR/<split>-<d>-<k>.flags      uint8 [rows, seq_len + 1]: token trained on (loss_mask = [:, 1:])
 
-The loader memory-maps the files and draws global batches from grain's MapDataset:
+The loader reads rows with positioned reads and draws global batches from grain's MapDataset:
 `range(N).shuffle(seed).repeat()` (a fresh permutation per epoch, computed per index, so no
 O(N) array) batched by `global_batch`; batch k is read directly, so the position is one
 integer, saved in checkpoints as {"epoch", "index"} like the in-memory iterator's. Memory
@@ -172,25 +172,38 @@ def read_meta(directory: str | os.PathLike) -> dict:
 
 
 class ShardRows:
-    """Random access to the rows of one split: take(idx) -> tokens, loss_mask, domain."""
+    """Random access to the rows of one split: take(idx) -> tokens, loss_mask, domain.
+
+    Rows are read with one positioned read (os.pread) each, so a batch costs a few small
+    reads and the process holds nothing of the files (a memory map would leave the touched
+    pages, and the kernel's read-around, mapped in the process: resident memory growing with
+    the corpus, though reclaimable)."""
 
     def __init__(self, directory: str, files: list[dict], width: int, domains: Sequence[str]):
         self.width = width
-        self._tokens, self._flags, starts, dom = [], [], [0], []
+        self._files, starts, dom = [], [0], []
         for f in files:
             base = os.path.join(directory, f["file"])
             rows = int(f["rows"])
-            for ext, dtype, out in ((".tokens", np.int32, self._tokens), (".flags", np.uint8, self._flags)):
+            for ext, dtype in ((".tokens", np.int32), (".flags", np.uint8)):
                 want = rows * width * np.dtype(dtype).itemsize
                 if not os.path.isfile(base + ext) or os.path.getsize(base + ext) != want:
                     raise DataError(base + ext, None, f"missing or not {want} bytes as meta.json says")
-                out.append(np.memmap(base + ext, dtype=dtype, mode="r", shape=(rows, width)))
+            self._files.append(base)
             starts.append(starts[-1] + rows)
             dom.append(domains.index(f["domain"]))
         self._starts, self._domain = np.asarray(starts, np.int64), np.asarray(dom, np.int32)
+        self._fds: dict[tuple[int, str], int] = {}
 
     def __len__(self) -> int:
         return int(self._starts[-1])
+
+    def _read(self, shard: int, ext: str, row: int, dtype) -> np.ndarray:
+        fd = self._fds.get((shard, ext))
+        if fd is None:
+            fd = self._fds[(shard, ext)] = os.open(self._files[shard] + ext, os.O_RDONLY)
+        size = self.width * np.dtype(dtype).itemsize
+        return np.frombuffer(os.pread(fd, size, row * size), dtype)
 
     def take(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """tokens [n, T+1] int32, loss_mask [n, T] float32, domain [n] int32 of rows idx."""
@@ -198,12 +211,22 @@ class ShardRows:
         shard = np.searchsorted(self._starts, idx, side="right") - 1
         tokens = np.empty((len(idx), self.width), np.int32)
         flags = np.empty((len(idx), self.width), np.uint8)
-        for s in np.unique(shard):
-            sel = shard == s
-            local = idx[sel] - self._starts[s]
-            tokens[sel] = self._tokens[s][local]
-            flags[sel] = self._flags[s][local]
+        for n, (s, i) in enumerate(zip(shard.tolist(), idx.tolist())):
+            local = i - int(self._starts[s])
+            tokens[n] = self._read(s, ".tokens", local, np.int32)
+            flags[n] = self._read(s, ".flags", local, np.uint8)
         return tokens, flags[:, 1:].astype(np.float32), self._domain[shard]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
 
 def _batch(rows: ShardRows, idx: np.ndarray) -> dict[str, np.ndarray]:

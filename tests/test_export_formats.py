@@ -80,7 +80,7 @@ def test_moved_export_carries_its_hf_tokenizer(tmp_path, capsys):
     assert export_main([str(tmp_path / "ck"), str(tmp_path / "out"), "--format", "safetensors"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("onn-export: error: tokenizer ") and "pass --tokenizer PATH" in err
-    assert not (tmp_path / "out" / "export.json").exists()
+    assert not (tmp_path / "out").exists()  # refused before anything was written
     assert export_main([str(tmp_path / "ck"), str(tmp_path / "out2"), "--format", "safetensors",
                         "--tokenizer", str(tmp_path / "elsewhere.json")]) == 0
     (tmp_path / "elsewhere.json").unlink()

@@ -1,6 +1,6 @@
 """`onn-export`: write a self-contained model folder of a training run, for inference.
 
-    onn-export DIR OUT [--step K] [--format orbax|safetensors|npz] [--tokenizer PATH]
+    onn-export DIR OUT [--step K]   (or --workdir DIR --out OUT) [--format orbax|safetensors|npz] [--tokenizer PATH]
 
 DIR is a training workdir (its checkpoints/ folder is used) or a checkpoint folder itself;
 the latest step is exported unless --step. OUT (new or empty) receives the parameters
@@ -26,14 +26,23 @@ from train.generate import CHECKPOINT_DIR, quiet_orbax
 
 def parse_args(argv: Sequence[str]):
     parser = argparse.ArgumentParser(prog="onn-export", description="Export the params of a checkpoint.")
-    parser.add_argument("dir", metavar="DIR", help="training workdir (or its checkpoints/ folder)")
-    parser.add_argument("out", metavar="OUT", help="new directory for the export")
+    parser.add_argument("paths", nargs="*", metavar="DIR OUT",
+                        help="training workdir (or its checkpoints/ folder), then the new export directory")
+    parser.add_argument("--workdir", default=None, metavar="DIR", help="the training workdir (instead of DIR)")
+    parser.add_argument("--out", default=None, metavar="OUT", help="the export directory (instead of OUT)")
     parser.add_argument("--step", type=int, default=None, metavar="K", help="checkpoint step (default: latest)")
     parser.add_argument("--format", default="orbax", choices=("orbax", "safetensors", "npz"),
                         help="parameter file format (default orbax)")
     parser.add_argument("--tokenizer", default=None, metavar="PATH",
                         help="tokenizer.json to copy in (default: the one the run was trained with)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    given = list(args.paths)
+    args.dir = args.workdir or (given.pop(0) if given else None)
+    args.out = args.out or (given.pop(0) if given else None)
+    if args.dir is None or args.out is None or given:
+        parser.error("give the training workdir and the export directory: onn-export DIR OUT "
+                     "(or --workdir DIR --out OUT)")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

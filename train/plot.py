@@ -230,8 +230,12 @@ def make_dashboards(workdir: str | Path) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="onn-plot", description=__doc__.split("\n")[0])
-    parser.add_argument("workdir", help="a training workdir holding metrics.jsonl")
+    parser.add_argument("workdir", nargs="?", help="a training workdir holding metrics.jsonl")
+    parser.add_argument("--workdir", dest="workdir_flag", default=None, metavar="DIR", help="the same, as a flag")
     args = parser.parse_args(argv)
+    args.workdir = args.workdir_flag or args.workdir
+    if args.workdir is None:
+        parser.error("give the training workdir: onn-plot DIR (or --workdir DIR)")
     try:
         paths = make_dashboards(args.workdir)
     except PlotError as e:
