@@ -143,6 +143,17 @@ def load_tokenizer(path: str | os.PathLike | None = None, **special_tokens) -> T
     return HFTokenizer(path, **special_tokens)
 
 
+def tokenizer_info(name: str, tok) -> dict:
+    """What a checkpoint, an export or a shard set records about its tokenizer: name, vocab
+    size and a fingerprint (sha256 of the tokenizer file; "byte" for the byte tokenizer)."""
+    import hashlib
+    fingerprint = "byte"
+    if name != "byte":
+        with open(name, "rb") as f:
+            fingerprint = hashlib.sha256(f.read()).hexdigest()[:16]
+    return {"name": name, "vocab_size": int(tok.vocab_size), "fingerprint": fingerprint}
+
+
 def _check_role(role: str) -> None:
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; expected one of {list(ROLES)}")

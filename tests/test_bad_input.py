@@ -78,6 +78,8 @@ CHAT = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "
     ("--config.model.attention=cudnn", "--config.model.attention=cudnn: 'cudnn' (fused flash attention) needs "
                                        "dtype='bfloat16', got dtype='float32'"),
     ("--config.model", "--config.model: override needs a value"),
+    ("--config.model.moe.surprise=bogus", "--config.model.moe.surprise=bogus: must be one of ['advantage', "),
+    ("--config.optim.idle_experts=none", "--config.optim.idle_experts=none: must be one of ['skip', 'zero_grad']"),
     ("--config.model=3", "'model' is a section of"),
 ])
 def test_bad_override(capsys, trained, override, expected):
@@ -114,10 +116,38 @@ def test_config_file_missing_or_broken(capsys, trained, tmp_path):
     assert f"{cfg}:2: cannot load config file: SyntaxError" in onn_train_fails(capsys, trained, config=cfg)
 
 
-def test_missing_config_flag_is_a_usage_error(capsys, trained):
-    with pytest.raises(SystemExit) as e:
-        main(["--workdir", str(trained)])
+def test_missing_config_flag_is_a_usage_error(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:  # a workdir without a saved config.json
+        main(["--workdir", str(tmp_path)])
     assert e.value.code == 2 and "--config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, fields", [
+    (["--config.model.moe.surprise=advantage"], "model.moe.surprise"),
+    (["--config.model.moe.w_kl=0.0", "--config.optim.weight_decay=0.1"], "model.moe.w_kl, optim.weight_decay"),
+    (["--config.optim.idle_experts=zero_grad"], "optim.idle_experts"),
+])
+def test_resume_that_changes_semantics_is_refused(capsys, trained, overrides, fields):
+    msg = onn_train_fails(capsys, trained, *overrides)
+    assert msg.startswith(f"onn-train: error: {fields}: resuming") and "--allow-config-change" in msg, msg
+
+
+def test_resume_with_the_saved_config_and_a_recorded_change(capsys, trained, tmp_path):
+    """Without --config the saved config is used (its overrides need not be repeated); an
+    allowed change of semantics is recorded in metrics.jsonl and the checkpoint metadata."""
+    workdir = copy_of(trained, tmp_path)
+    assert main(["--workdir", str(workdir), "--config.train.steps=6"]) == 0  # FAST's values are kept
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["train"]["steps"] == 6 and saved["checkpoint"]["every"] == 2
+    assert main(["--workdir", str(workdir), "--config.train.steps=8", "--config.model.moe.w_kl=0.5"]) == 2
+    assert main(["--workdir", str(workdir), "--config.train.steps=8", "--config.model.moe.w_kl=0.5",
+                 "--allow-config-change"]) == 0
+    assert "config changed on resume at step 6" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    changed = [r for r in rows if "config/changed_on_resume" in r]
+    assert [r["step"] for r in changed] == [8] and changed[0]["config/changed_on_resume"] == "model.moe.w_kl 1.0 -> 0.5"
+    meta = json.loads((workdir / "checkpoints" / "8" / "meta" / "metadata").read_text())
+    assert meta["config_changes"] == [{"step": 6, "changes": ["model.moe.w_kl 1.0 -> 0.5"]}]
 
 
 # ---------------------------------------------------------------- data and tokenizer
@@ -196,6 +226,8 @@ def test_tokenizer_not_matching_the_checkpoint(capsys, trained, tmp_path):
 
 def test_checkpoint_shapes_not_matching_the_config(capsys, trained):
     msg = onn_train_fails(capsys, trained, "--config.model.hidden=64")
+    assert msg.startswith("onn-train: error: model.hidden: resuming") and "model.hidden 32 -> 64" in msg, msg
+    msg = onn_train_fails(capsys, trained, "--config.model.hidden=64", "--allow-config-change")
     assert "onn-train: error: model.hidden: the model config differs" in msg and "model.hidden 32 -> 64" in msg
     assert "has shape" in msg and "(32," in msg and "(64," in msg, msg
 

@@ -1,12 +1,16 @@
-"""`onn-export`: write a params-only checkpoint of a training run, for inference.
+"""`onn-export`: write a self-contained model folder of a training run, for inference.
 
-    onn-export DIR OUT [--step K]
+    onn-export DIR OUT [--step K] [--format orbax|safetensors|npz] [--tokenizer PATH]
 
 DIR is a training workdir (its checkpoints/ folder is used) or a checkpoint folder itself;
-the latest step is exported unless --step. OUT receives params/ (orbax) and export.json
-(step, config, tokenizer); `onn-generate --workdir OUT` and onn_jax.checkpoint.load_params
-read it. Errors exit with code 2 (bad input, checked before anything is written), 4 when
-writing OUT failed (disk full, I/O error; the partial export is removed).
+the latest step is exported unless --step. OUT (new or empty) receives the parameters
+(params/ orbax, model.safetensors or params.npz), config.json, the tokenizer (tokenizer.json
+copied in, and tokenizer_config.json with its special ids and templates), a model card
+README.md and export.json (see onn_jax.portable). --tokenizer names the tokenizer.json to
+copy when the one the run used has moved. `onn-generate --workdir OUT` and
+onn_jax.load_export read it from any path. Errors exit with code 2 (bad input, checked
+before anything is written), 4 when writing OUT failed (disk full, I/O error; the partial
+export is removed).
 """
 from __future__ import annotations
 
@@ -25,6 +29,10 @@ def parse_args(argv: Sequence[str]):
     parser.add_argument("dir", metavar="DIR", help="training workdir (or its checkpoints/ folder)")
     parser.add_argument("out", metavar="OUT", help="new directory for the export")
     parser.add_argument("--step", type=int, default=None, metavar="K", help="checkpoint step (default: latest)")
+    parser.add_argument("--format", default="orbax", choices=("orbax", "safetensors", "npz"),
+                        help="parameter file format (default orbax)")
+    parser.add_argument("--tokenizer", default=None, metavar="PATH",
+                        help="tokenizer.json to copy in (default: the one the run was trained with)")
     return parser.parse_args(argv)
 
 
@@ -47,11 +55,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
     quiet_orbax()
     if (src / CHECKPOINT_DIR).is_dir():
         src = src / CHECKPOINT_DIR
-    from onn_jax.checkpoint import CheckpointError, error_cause, export_params, os_error_in  # heavy: after the cheap checks
+    from onn_jax.checkpoint import CheckpointError, error_cause, os_error_in  # heavy: after the cheap checks
+    from onn_jax.portable import write_export
     out = Path(args.out)
     before = set(os.listdir(out)) if out.is_dir() else None
     try:
-        step = export_params(src, args.out, args.step)
+        step = write_export(src, args.out, args.step, fmt=args.format, tokenizer=args.tokenizer)
     except CheckpointError as e:
         print(f"onn-export: error: {e}", file=sys.stderr)
         return 2
@@ -62,7 +71,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         print(f"onn-export: error: cannot write the export to {out.resolve()}: {error_cause(e)}; "
               "the partial export was removed", file=sys.stderr)
         return 4
-    print(f"exported step {step} of {src} to {Path(args.out).resolve()}")
+    print(f"exported step {step} of {src} to {Path(args.out).resolve()} ({args.format}; "
+          f"see its README.md)")
     return 0
 
 

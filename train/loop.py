@@ -29,6 +29,7 @@ from onn_jax.data import DataError, Dataset, load_records
 from onn_jax.guard import SKIPPED, make_guarded_step
 from onn_jax.limits import memory_problem
 from onn_jax.model import attention_impl
+from onn_jax.routing_metrics import dead_experts
 from onn_jax.step import make_optimizer
 from onn_jax.tokenizer import encode_chat, load_tokenizer
 from onn_jax.workdir import WorkdirBusy, WorkdirLock
@@ -42,6 +43,30 @@ from train.workdir_check import check_workdir
 
 CONFIG_FILE, CHECKPOINT_DIR = "config.json", "checkpoints"
 RESUME_FREE_DATA_FIELDS = ("strict",)  # data fields that do not change the batch stream
+# model/optim fields a resume may change freely (same math, another kernel); any other change
+# of model.* or optim.* alters the run's semantics and needs --allow-config-change.
+RESUME_FREE_MODEL_FIELDS = ("model.attention",)
+
+
+def semantic_changes(saved_config: dict | None, cfg: Config) -> list[str]:
+    """`field saved -> now` for every model/optim field (but RESUME_FREE_MODEL_FIELDS) that
+    differs between a checkpoint's config and `cfg`."""
+    saved_config = saved_config or {}
+    diff = []
+    for section in ("model", "optim"):
+        saved = saved_config.get(section)
+        if saved is None:
+            continue
+        now = _only_keys_of(to_dict(getattr(cfg, section)), saved)  # fields newer than the run: skip
+        diff += [d for d in config_diff(saved, now, section) if d.split()[0] not in RESUME_FREE_MODEL_FIELDS]
+    return diff
+
+
+def _only_keys_of(now: Any, saved: Any) -> Any:
+    """`now` restricted to the keys `saved` has (nested dicts)."""
+    if isinstance(now, dict) and isinstance(saved, dict):
+        return {k: _only_keys_of(now[k], saved[k]) for k in saved if k in now}
+    return now
 
 
 class TrainError(RuntimeError):
@@ -77,6 +102,8 @@ def build_dataset(cfg: Config) -> Dataset:
     if tok.vocab_size > cfg.model.vocab_size:
         raise TrainError(f"model.vocab_size: must be >= the tokenizer's vocab size "
                          f"{tok.vocab_size} ({d.tokenizer}), got {cfg.model.vocab_size}")
+    if d.source.startswith("shards:"):
+        return open_shards(cfg, tok)
     try:
         if d.source == "builtin":
             records = build_corpus(seed=d.seed, records_per_domain=d.records_per_domain)
@@ -87,6 +114,40 @@ def build_dataset(cfg: Config) -> Dataset:
         raise TrainError(f"data.source: {e}") from e
     except ValueError as e:
         raise TrainError(f"data: {e}") from e
+
+
+def vocab_from_tokenizer(cfg: Config) -> Config:
+    """cfg with model.vocab_size = the tokenizer's size, for a tokenizer.json (onn-train does this
+    unless --config.model.vocab_size is given). Unchanged if the tokenizer cannot be loaded
+    (build_dataset then reports why) or is the byte tokenizer."""
+    import dataclasses
+    if cfg.data.tokenizer == "byte":
+        return cfg
+    try:
+        size = load_tokenizer(cfg.data.tokenizer).vocab_size
+    except (OSError, ValueError, ImportError):
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=size))
+
+
+def open_shards(cfg: Config, tok):
+    """The ShardDataset of data.source=shards:DIR, checked against cfg.data and the tokenizer."""
+    from onn_jax.shards import PREFIX, ShardDataset
+    d = cfg.data
+    try:
+        ds = ShardDataset(d.source[len(PREFIX):], tok)
+    except (DataError, ValueError) as e:
+        raise TrainError(f"data.source: {e}") from e
+    meta, where = ds.meta, d.source[len(PREFIX):]
+    for field, want in (("seq_len", d.seq_len), ("pack", d.pack), ("eval_fraction", d.eval_fraction)):
+        if meta.get(field) != want:
+            raise TrainError(f"data.{field}: the shards in {where} were made with {field} {meta.get(field)!r}, "
+                             f"this run has {want!r}; set --config.data.{field}={meta.get(field)!r} "
+                             "or tokenize again")
+    mismatch = tokenizer_mismatch(meta.get("tokenizer"), tokenizer_info(d.tokenizer, tok), f"shards {where}")
+    if mismatch:
+        raise TrainError(mismatch.replace(" was trained with ", " were made with "))
+    return ds
 
 
 def make_mesh(cfg: MeshConfig):
@@ -122,8 +183,11 @@ class Run:
     data position. Call close() (train() does) to release the workdir lock.
     """
 
-    def __init__(self, cfg: Config, workdir: str | Path):
+    def __init__(self, cfg: Config, workdir: str | Path, allow_config_change: bool = False):
         self.cfg, self.workdir = cfg, Path(workdir)
+        self.allow_config_change = allow_config_change
+        self.config_changes: list[dict] = []  # every accepted change of semantics, with its step
+        self.pending_change: str | None = None  # recorded in the first metrics row of this run
         self.lock, self.ckpt, self.bar, self.writer = None, None, None, NullWriter()
         self.stop = StopOnSignal.current() or StopOnSignal()  # no handler installed: never set
         self.abandoned = False  # a save still running in the background was given up
@@ -260,6 +324,19 @@ class Run:
                 raise TrainError(f"{diff[0].split()[0]}: the data settings differ from those of {where} "
                                  f"({'; '.join(diff)}), so the saved data position would not continue the "
                                  "same stream. Resume with the run's data settings, or use a new --workdir")
+        self.config_changes = list(meta.get("config_changes") or [])
+        changes = semantic_changes(meta.get("config"), self.cfg)
+        if changes and not self.allow_config_change:
+            fields = ", ".join(c.split()[0] for c in changes)
+            raise TrainError(f"{fields}: resuming {where} with a different model/optimizer config "
+                             f"({'; '.join(changes)}) would change the run's semantics; resume without "
+                             "--config to use the run's saved config, or pass --allow-config-change to "
+                             "record the change and go on")
+        if changes:
+            print(f"onn-train: note: config changed on resume at step {latest} (recorded in "
+                  f"metrics.jsonl and the checkpoints): {'; '.join(changes)}", flush=True)
+            self.config_changes.append({"step": latest, "changes": changes})
+            self.pending_change = "; ".join(changes)
         target = sharding.abstract_state(self.cfg.model, self.tx, self.mesh)
         try:
             state, meta = self.ckpt.restore(target, latest)
@@ -280,7 +357,8 @@ class Run:
         guard = {"skipped_steps": self.skipped_total, "skipped_in_a_row": self.skipped_in_a_row}
         return ckpt_lib.make_meta(config=to_dict(self.cfg), data_state=self.data_iter.state(),
                                   rng=jax.random.key(self.cfg.train.seed), tokenizer=tok,
-                                  domains=list(self.ds.domains), guard=guard)
+                                  domains=list(self.ds.domains), guard=guard,
+                                  config_changes=self.config_changes)
 
     def _batch(self):
         host = next(self.data_iter)
@@ -395,6 +473,11 @@ class Run:
                 if not compile_logged:
                     row["perf/compile_s"], compile_logged = compile_s, True
                 row.update(self.thresholds())
+                if "moe/expert_load" in row:  # experts below the load floor over this logging window
+                    row["moe/dead_experts"] = dead_experts(row["moe/expert_load"])
+                row.setdefault("train/lr", cfg.optim.lr)  # a constant lr unless a schedule logged it
+                if self.pending_change:  # a semantic config change accepted on this resume
+                    row["config/changed_on_resume"], self.pending_change = self.pending_change, None
                 row["train/epoch"] = self.data_iter.state()["epoch"]
                 if do_eval:
                     row.update(self.evaluate())
@@ -503,11 +586,23 @@ class Run:
                       self.cfg.train.sample_tokens)
 
 
-def train(cfg: Config, workdir: str | Path, quiet: bool = False) -> dict[str, Any]:
+def tensorboard_command(logdir: Path) -> str:
+    """How to view the events: the command, and how to install the viewer where it is missing."""
+    import importlib.util
+    cmd = f"tensorboard --logdir {logdir}"
+    if importlib.util.find_spec("tensorboard") is None:
+        cmd += "  (viewer not installed: pip install -e '.[tb]' in the repository)"
+    return cmd
+
+
+def train(cfg: Config, workdir: str | Path, quiet: bool = False,
+          allow_config_change: bool = False) -> dict[str, Any]:
     """Runs (or resumes) training in `workdir`; prints where everything went and a sample.
 
+    A resume whose model/optim config differs from the checkpoint's is refused unless
+    `allow_config_change` (then the change is recorded in metrics.jsonl and the checkpoints).
     Raises TrainError (bad input, workdir in use) or TrainStopped (too many non-finite steps)."""
-    run = Run(cfg, workdir)
+    run = Run(cfg, workdir, allow_config_change)
     try:
         summary = run.run()
     finally:
@@ -530,7 +625,7 @@ def report(summary: dict[str, Any], cfg: Config) -> str:
     lines += [f"  config       {w / CONFIG_FILE}",
               f"  checkpoints  {w / CHECKPOINT_DIR}" + ("" if cfg.checkpoint.enabled else " (disabled)"),
               f"  metrics      {w / 'metrics.jsonl'}",
-              f"  tensorboard  tensorboard --logdir {w / 'tb'}",
+              f"  tensorboard  {tensorboard_command(w / 'tb')}",
               "  plots        " + (", ".join(Path(p).name for p in summary["plots"]) + f" in {w / 'plots'}"
                                     if summary["plots"] else "(none)"),
               f"sample (greedy): {cfg.train.sample_prompt!r} -> {summary['sample']!r}"]

@@ -1,7 +1,9 @@
 """PNG dashboards from a run's metrics.jsonl: `onn-plot DIR` writes DIR/plots/*.png.
 
     loss.png         main loss and accuracy, train and held-out eval
-    gate.png         gate accuracy, avg_k, gate loss and mean threshold sigmoid(theta)
+    gate.png         routing health (gate accuracy on tokens with non-constant S, dead experts,
+                     load imbalance, router entropy, fallback and inactive-target shares),
+                     avg_k, gate loss and mean threshold sigmoid(theta), each on its own axes
     expert_load.png  per-layer heatmap: expert x step, share of tokens routed to the expert
     surprise.png     per-layer histogram of Surprise on active (token, expert) pairs, latest eval
     domain_routing.png  per-layer heatmap: domain x expert, share of positions routed, latest eval
@@ -56,13 +58,44 @@ def plot_loss(rows, out: Path, plt) -> Path | None:
 
 
 def plot_gate(rows, out: Path, plt) -> Path | None:
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    drawn = _line(axes[0], rows, [("moe/gate_acc", "train"), ("eval/gate_acc", "eval")], "gate accuracy")
-    drawn |= _line(axes[1], rows, [("moe/avg_k", "train"), ("eval/avg_k", "eval")], "avg_k (experts/token)")
-    _line(axes[2], rows, [("moe/gate_loss", "gate loss"), ("moe/gate_ce", "ce"), ("moe/gate_kl", "kl"),
-                          ("moe/threshold_mean", "mean sigmoid(theta)")], "value")
-    for ax, title in zip(axes, ("gate accuracy (argmax pre == argmin S)", "avg_k", "gate loss, thresholds")):
-        ax.set_title(title)
+    """Routing health first (numbers that cannot rise while routing collapses), then the gate
+    loss and the thresholds, each on its own axes (onn_jax.routing_metrics defines them)."""
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
+    (acc, dead, cv, ent), (shares, k, loss, theta) = axes
+    drawn = _line(acc, rows, [("moe/gate_acc_informative", "train, tokens with non-constant S"),
+                              ("eval/gate_acc_informative", "eval, tokens with non-constant S"),
+                              ("moe/gate_acc", "train, all tokens (original metric; inflated by ties)")],
+                  "share of tokens: argmax pre == argmin S")
+    acc.set_title("gate accuracy")
+    pts = [(r["step"], r["moe/dead_experts"]) for r in rows if isinstance(r.get("moe/dead_experts"), list)]
+    if pts:
+        steps = np.asarray([s for s, _ in pts])
+        counts_SxL = np.asarray([v for _, v in pts], np.float64)
+        for layer in range(counts_SxL.shape[1]):
+            dead.step(steps, counts_SxL[:, layer], where="post", label=f"layer {layer}")
+        dead.legend(fontsize=8)
+        loads = [r["moe/expert_load"] for r in rows if isinstance(r.get("moe/expert_load"), list)]
+        n_experts = np.asarray(loads[-1]).shape[-1] if loads else int(counts_SxL.max()) + 1
+        dead.set_ylim(-0.3, n_experts + 0.3)  # whole experts, out of E
+    from onn_jax.routing_metrics import DEAD_LOAD_FLOOR
+    dead.set_xlabel("step")
+    dead.set_ylabel("experts")
+    dead.grid(alpha=0.3)
+    dead.set_title(f"dead experts (load < {DEAD_LOAD_FLOOR:g} of tokens over the log window)", fontsize=9)
+    _line(cv, rows, [("moe/load_cv", "train"), ("eval/load_cv", "eval")], "std / mean of expert load")
+    cv.set_title("load imbalance (coefficient of variation; 0 = balanced)", fontsize=9)
+    _line(ent, rows, [("moe/router_entropy", "train"), ("eval/router_entropy", "eval")], "nats")
+    ent.set_title("router entropy (per-token combine weights)", fontsize=9)
+    _line(shares, rows, [("moe/fallback_share", "fallback (no expert above threshold)"),
+                         ("moe/target_inactive", "hard target argmin S is inactive")], "share of tokens")
+    shares.set_title("fallback and inactive-target shares", fontsize=9)
+    drawn |= _line(k, rows, [("moe/avg_k", "train"), ("eval/avg_k", "eval")], "experts per token")
+    k.set_title("avg_k (active experts per token)")
+    _line(loss, rows, [("moe/gate_loss", "total"), ("moe/gate_ce", "CE to argmin S"), ("moe/gate_kl", "KL")],
+          "gate loss (summed over layers)")
+    loss.set_title("gate loss")
+    _line(theta, rows, [("moe/threshold_mean", "mean over experts and layers")], "sigmoid(theta)")
+    theta.set_title("expert thresholds sigmoid(theta)")
     return _save(fig, out / "gate.png", plt, drawn)
 
 
