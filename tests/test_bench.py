@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from bench.bench import force_thresholds, main, mode_config, train_flops_per_token
+from bench.bench import dropless_fields, force_thresholds, main, mode_config, train_flops_per_token
 from helpers import random_batch, tiny_config
 from onn_jax.config import ModelConfig, MoEConfig
 from onn_jax.losses import next_token_loss
@@ -43,6 +43,12 @@ def test_modes_change_only_router_and_dispatch():
     assert sparse.moe.capacity_factor == pytest.approx(1.25 * 2 / 4)  # k_ref = fallback E/2 = 4
     assert dataclasses.replace(sparse.moe, dispatch="dense", capacity_factor=None,
                                surprise="output_grad") == cfg.moe
+    smk = mode_config(cfg, "smk", 2, 1.25, None, "dropless", "ragged_dot")
+    assert (smk.moe.dispatch, smk.moe.pair_budget, smk.moe.gemm) == ("dropless", 2.5, "ragged_dot")
+    plain = mode_config(cfg, "plain", 2, 1.25, None, "dropless")
+    assert (plain.moe.pair_budget, plain.moe.top_k) == (None, 2)  # top_k rows per token
+    assert dropless_fields(plain, 64) == {"pair_budget": 2.0, "pair_rows": 128, "gemm": "ragged_dot"}
+    assert dropless_fields(cfg, 64)["pair_rows"] is None
 
 
 @pytest.mark.slow

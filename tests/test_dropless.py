@@ -12,7 +12,7 @@ from onn_jax.config import ConfigError, MoEConfig
 from onn_jax.dispatch import dropped_fraction
 from onn_jax.dropless import make_dropless, pair_rows, sum_rows_to_tokens
 from onn_jax.experts import expert_outputs
-from onn_jax.grouped_gemm import GemmUnavailable, grouped_matmul, resolve_gemm
+from onn_jax.grouped_gemm import GemmUnavailable, grouped_matmul, is_hopper, resolve_gemm
 from onn_jax.model import init_params
 from onn_jax.moe import layer_surprise, layer_taps, moe_layer, surprise_inputs
 from onn_jax.step import compute_grads
@@ -194,3 +194,32 @@ def test_train_gradients_and_metrics_equal_dense():
     _, m_drop = jax.jit(lambda p: compute_grads(p, batch, with_moe(cfg, dispatch="dropless",
                                                                   pair_budget=1.0)))(params)
     assert 0.0 < float(m_drop["moe/dropped_frac"]) < 1.0
+
+
+def test_step_is_bitwise_deterministic():
+    """Same inputs, same bits (on a GPU this checks that no atomics order the sums)."""
+    cfg = with_moe(tiny_config(num_layers=1), dispatch="dropless", pair_budget=8.0)
+    params = init_params(cfg, jax.random.key(3))
+    batch = random_batch(4)
+    step = jax.jit(lambda p: compute_grads(p, batch, cfg))
+    first, second = step(params), step(params)
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(not is_hopper(), reason="Mosaic GPU kernels need a Hopper GPU")
+def test_mosaic_gpu_equals_a_float32_reference():
+    rng = np.random.default_rng(2)
+    sizes = jnp.asarray([300, 0, 517, 64, 0, 1, 2000, 118])       # empty, tiny and big groups
+    x = jnp.asarray(rng.normal(size=(3000, 128)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(8, 128, 256)) / np.sqrt(128), jnp.bfloat16)
+    dy = jnp.asarray(rng.normal(size=(3000, 256)), jnp.bfloat16)
+    f = lambda b, dt: jax.jit(jax.value_and_grad(
+        lambda x, w: jnp.sum(grouped_matmul(x.astype(dt), w.astype(dt), sizes, b).astype(jnp.float32)
+                             * dy.astype(jnp.float32)), argnums=(0, 1)))(x, w)
+    got = f("mosaic_gpu", jnp.bfloat16)
+    ref = f("ragged_dot", jnp.float32)
+    assert rel_err(got[1], ref[1]) < 2e-2
+    y = grouped_matmul(x, w, sizes, "mosaic_gpu")
+    assert rel_err(y.astype(jnp.float32), grouped_matmul(x.astype(jnp.float32), w.astype(jnp.float32),
+                                                         sizes, "ragged_dot")) < 2e-2

@@ -228,7 +228,7 @@ def test_bad_halt_timeout_is_refused_at_start(monkeypatch):
 def stop_at(workdir, fault, sig, tmp_path, procs, extra=(), second=None):
     """Runs onn-train to `fault`, sends `sig` (then `second` a moment later, if given) and returns
     (exit code, its onn-train lines other than the fault point's)."""
-    log = tmp_path / f"{fault.replace(':', '_')}.txt"
+    log = tmp_path / f"{Path(workdir).name}_{fault.replace(':', '_')}.txt"
     cmd, kw = cli(workdir, fault)
     cmd += list(extra)
     kw["env"][faults.TIMEOUT_ENV] = "120"
@@ -288,19 +288,21 @@ def test_stop_signals_save_the_step_and_resume_bit_for_bit(straight, tmp_path, p
 def test_stuck_save_second_signal_and_full_disk(straight, tmp_path, procs):
     w, ckpts = tmp_path / "w", tmp_path / "w" / "checkpoints"
     # a save that never finishes: a second signal ends the process at once, lock file removed
-    rc, lines = stop_at(w, "stall_save:4", signal.SIGTERM, tmp_path, procs, second=signal.SIGTERM)
+    w1 = tmp_path / "w1"
+    rc, lines = stop_at(w1, "stall_save:4", signal.SIGTERM, tmp_path, procs, second=signal.SIGTERM)
     assert rc == 143 and lines == ["onn-train: second signal (SIGTERM): stopping at once without saving; rerun "
                                    "the same command to resume from the last committed checkpoint"], lines
-    assert not (w / LOCK_FILE).exists() and steps_of(w) == []
+    assert not (w1 / LOCK_FILE).exists() and steps_of(w1) == []
     # ... and without a second signal it is abandoned after checkpoint.stop_timeout_s
-    rc, lines = stop_at(w, "stall_save:4", signal.SIGTERM, tmp_path, procs, ["--config.checkpoint.stop_timeout_s=1"])
+    quick = ["--config.checkpoint.stop_timeout_s=1"]
+    rc, lines = stop_at(w, "stall_save:4", signal.SIGTERM, tmp_path, procs, quick)
     assert rc == 143 and len(lines) == 1, lines
     assert lines[0].startswith("onn-train: stopped by SIGTERM: checkpoint saves did not finish within "
                                "checkpoint.stop_timeout_s = 1s and were abandoned (step ") and lines[0].endswith(
         "not saved); rerun the same command to resume from the start (no checkpoint)"), lines
     assert not (w / LOCK_FILE).exists()
     # a full disk in the save of step 8: the run stops at once, naming the cause and step 4
-    rc, lines = stop_at(w, "enospc_save:8", None, tmp_path, procs)
+    rc, lines = stop_at(w, "enospc_save:8", None, tmp_path, procs, quick)  # the same run, from scratch
     assert rc == 4 and len(lines) == 1, lines
     assert lines[0].startswith("onn-train: error: the checkpoint save of step 8 failed: No space left on device "
                                "(errno 28)") and "last committed checkpoint: step 4 in" in lines[0], lines

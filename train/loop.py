@@ -442,7 +442,7 @@ class Run:
         interval_start, interval_steps = time.perf_counter(), 0
         step, flag = self.start_step, None  # flag: (step, device 0/1) not yet counted
         while step < t.steps:
-            if self.stop.signum is not None:  # a stop signal came during the last step, eval or save
+            if self._stop_signal() is not None:  # a stop signal came during the last step, eval or save
                 self._stop_on_signal(step)
             self.state, metrics = self.step_fn(self.state, self._batch())
             step += 1
@@ -501,7 +501,7 @@ class Run:
             self.faults.after_step(step, self.ckpt)
         if flag is not None:
             self._account(*flag)
-        if self.stop.signum is not None:
+        if self._stop_signal() is not None:
             self._stop_on_signal(step)
         bar.close()
         if self.ckpt is not None:
@@ -523,15 +523,25 @@ class Run:
         """Waits for a save in flight (orbax would, inside the next save, where no signal can
         end the wait); False when a stop signal came first."""
         while not self.ckpt.wait(timeout=0.1):
-            if self.stop.signum is not None:
+            if self.stop.signum is not None and jax.process_count() == 1:  # processes stop together
                 return False
         return True
+
+    def _stop_signal(self) -> int | None:
+        """The stop signal received (by any process of a multi-process run, so that all of
+        them stop at the same step and save it together), else None."""
+        mine = self.stop.signum
+        if jax.process_count() == 1:
+            return mine
+        from jax.experimental import multihost_utils
+        anyone = int(np.max(multihost_utils.process_allgather(np.int32(mine or 0))))
+        return anyone or None
 
     def _stop_on_signal(self, step: int) -> None:
         """Saves `step` (unless saved), waits up to checkpoint.stop_timeout_s for the saves,
         closes the logs and raises StoppedBySignal saying where the rerun resumes."""
-        signum, ckpt_dir = self.stop.signum, self.workdir / CHECKPOINT_DIR
-        hard, code = False, self.stop.exit_code
+        signum, ckpt_dir = self._stop_signal(), self.workdir / CHECKPOINT_DIR
+        hard, code = False, 128 + signum
         if self.ckpt is None:
             where = f"no checkpoint saved (checkpoint.enabled is false); stopped after step {step}"
         else:
