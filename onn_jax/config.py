@@ -497,5 +497,10 @@ class Config:
             _check(isinstance(getattr(self, name), cls), name, f"must be a {cls.__name__}")
         _check(self.data.seq_len <= self.model.max_len, "data.seq_len",
                f"must be <= model.max_len ({self.model.max_len}), got {self.data.seq_len}")
+        m = self.model.moe
+        _check(not (m.dispatch == "dropless" and self.mesh.expert not in (1, -1) and m.gemm != "padded"),
+               "mesh.expert", "dispatch='dropless' has no expert parallelism yet: with experts sharded, "
+               "XLA's partitioning of ragged_dot gave wrong results; use mesh.expert=1 (data parallel "
+               "works) or model.moe.gemm='padded'")
         from onn_jax.limits import check_values  # ranges of every field: int32, finite, UTF-8
         check_values(self)

@@ -261,6 +261,10 @@ def make_sharded_train_step(model_cfg: ModelConfig, tx: optax.GradientTransforma
     replicated; the old state is donated. The same function as step.make_train_step.
     """
     from onn_jax.step import init_state, train_step
+    m = model_cfg.moe
+    if m.dispatch == "dropless" and m.gemm != "padded" and mesh.shape.get("expert", 1) > 1:
+        raise ValueError("mesh.expert > 1 with model.moe.dispatch='dropless' needs gemm='padded': "
+                         "XLA's partitioning of ragged_dot over sharded experts gave wrong results")
     step_fn = step_fn or train_step
     shape = jax.eval_shape(functools.partial(init_state, model_cfg, tx), jax.random.key(0))
     st = state_shardings(shape, mesh, rules)
