@@ -1,6 +1,6 @@
 """Frozen, validated configuration dataclasses for the model, the MoE layer and the optimizer.
 
-Every field has the faithful default of shared/REFERENCE.md unless its docstring says
+Every field has the faithful default of docs/ALGORITHM.md unless its docstring says
 otherwise. Validation happens at construction time and raises `ConfigError`, which names
 the offending field by its dotted path so the training program can point at the source.
 """
@@ -16,9 +16,11 @@ NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "bfloat16")
 FILTER_MODES = ("one_sided", "two_sided", "off")
 FILTER_SCOPES = ("pooled", "per_layer")
-DISPATCHES = ("dense", "sparse")
+DISPATCHES = ("dense", "sparse", "dropless")
+GEMMS = ("auto", "ragged_dot", "mosaic_gpu", "padded")
 GATE_TOKENS = ("all", "unmasked")
 ATTENTIONS = ("xla", "cudnn", "auto")
+IDLE_EXPERTS = ("skip", "zero_grad")
 
 
 class ConfigError(ValueError):
@@ -70,6 +72,16 @@ class MoEConfig:
     capacity_factor: sparse capacity per expert = ceil(capacity_factor * N * k_ref / E), with
       k_ref = top_k for the top-k router and fallback_k (E // 2) for the surprise gate (see
       onn_jax.dispatch.expert_capacity); None means no pair is ever dropped (capacity N).
+    pair_budget: dropless dispatch (`dispatch="dropless"`, onn_jax.dropless): rows of the
+      expert-sorted pair buffer per token on average, ceil(pair_budget * N) rows for the batch.
+      At num_experts nothing can drop; beyond the budget the pairs of the batch's last tokens
+      (token-major order) are dropped and counted in moe/dropped_frac. None: top_k for the top-k
+      router (never drops), fallback_k (E // 2) for the surprise gate (every token's k at
+      initialisation; avg_k falls while training).
+    gemm: grouped-GEMM backend of the dropless experts (onn_jax.grouped_gemm): `ragged_dot`
+      (jax.lax.ragged_dot, portable), `mosaic_gpu` (the Pallas Mosaic GPU kernels in jax,
+      Hopper only), `padded` (a masked einsum per expert: a slow exact reference) or `auto`
+      (mosaic_gpu on a Hopper GPU, else ragged_dot).
     """
 
     num_experts: int = 32
@@ -87,13 +99,17 @@ class MoEConfig:
     dispatch: str = "dense"
     capacity_factor: float | None = None
     gate_tokens: str = "all"
+    pair_budget: float | None = None
+    gemm: str = "auto"
 
     def __post_init__(self):
         p = "model.moe."
         _choice(self.gate_tokens, GATE_TOKENS, p + "gate_tokens")
         _choice(self.dispatch, DISPATCHES, p + "dispatch")
-        _check(not (self.surprise == "advantage" and self.dispatch == "sparse"), p + "surprise",
-               "`advantage` needs every expert's output; it cannot run with dispatch='sparse'")
+        _check(not (self.surprise == "advantage" and self.dispatch != "dense"), p + "surprise",
+               "`advantage` needs every expert's output; it cannot run with "
+               f"dispatch={self.dispatch!r}")
+        _choice(self.gemm, GEMMS, p + "gemm")
         if self.capacity_factor is not None:
             _nonneg_float(self.capacity_factor, p + "capacity_factor")
             _check(self.capacity_factor > 0, p + "capacity_factor",
@@ -111,8 +127,13 @@ class MoEConfig:
                f"must be <= num_experts ({self.num_experts}), got {self.top_k}")
         for name in ("w_ce", "w_kl", "w_aux", "lb_weight", "z_weight"):
             _nonneg_float(getattr(self, name), p + name)
-        _check(isinstance(self.surprise, str) and self.surprise != "", p + "surprise",
-               f"must be the name of a surprise function, got {self.surprise!r}")
+        from onn_jax.surprise import SURPRISE_FNS  # noqa: PLC0415 (keeps this module light)
+        _check(isinstance(self.surprise, str) and self.surprise in SURPRISE_FNS, p + "surprise",
+               f"must be one of {sorted(SURPRISE_FNS)} (onn_jax.surprise.SURPRISE_FNS), got {self.surprise!r}")
+        if self.pair_budget is not None:
+            _nonneg_float(self.pair_budget, p + "pair_budget")
+            _check(0 < self.pair_budget <= self.num_experts, p + "pair_budget",
+                   f"must be in (0, num_experts={self.num_experts}], got {self.pair_budget}")
 
     @property
     def effective_fallback_k(self) -> int:
@@ -334,6 +355,10 @@ class OptimConfig:
     """AdamW with the faithful PoC hyper-parameters, plus the expert gradient filter.
 
     clip_norm: optional global-norm clipping (an option; None = off, faithful).
+    idle_experts: what an expert that received no token in the step gets (onn_jax.optimizer):
+      `skip` (faithful: no gradient; left out of the 2-sigma statistics, AdamW skips it and
+      its own step counter stays) or `zero_grad` (a zero gradient: pooled, decayed, moved by
+      momentum; one step counter for all parameters).
     """
 
     lr: float = 1e-3
@@ -343,9 +368,11 @@ class OptimConfig:
     eps: float = 1e-8
     clip_norm: float | None = None
     grad_filter: FilterConfig = field(default_factory=FilterConfig)
+    idle_experts: str = "skip"
 
     def __post_init__(self):
         p = "optim."
+        _choice(self.idle_experts, IDLE_EXPERTS, p + "idle_experts")
         _check(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool), p + "lr",
                f"must be a number, got {type(self.lr).__name__} {self.lr!r}")
         _check(self.lr > 0, p + "lr", f"must be > 0, got {self.lr}")
@@ -416,8 +443,9 @@ def to_dict(config) -> dict[str, Any]:
 class DataConfig:
     """Where the tokens come from and how they are batched (see onn_jax.data).
 
-    source: `builtin` (the embedded multi-domain chat corpus) or comma-separated paths of
-      chat `.jsonl` files and plain-text files.
+    source: `builtin` (the embedded multi-domain chat corpus), comma-separated paths of
+      chat `.jsonl` files and plain-text files (read into memory), or `shards:DIR` (a
+      directory written by onn-tokenize, streamed from disk; see onn_jax.shards).
     tokenizer: `byte` (byte-level, default) or a path to a local HF `tokenizer.json`.
     records_per_domain: records per domain of the builtin corpus (ignored for user files).
     eval_fraction: share of records held out for the evaluation split.
@@ -502,12 +530,17 @@ class CheckpointConfig:
     enabled: bool = True
     every: int = 500
     keep: int = 3
+    # stop_timeout_s: on a stop signal, how long onn-train waits for the save of the current
+    # step (and any save in flight) before abandoning it and exiting (see train.signals).
+    stop_timeout_s: float = 120.0
 
     def __post_init__(self):
         p = "checkpoint."
         _check(isinstance(self.enabled, bool), p + "enabled", f"must be a bool, got {self.enabled!r}")
         _positive_int(self.every, p + "every")
         _positive_int(self.keep, p + "keep")
+        _nonneg_float(self.stop_timeout_s, p + "stop_timeout_s")
+        _check(self.stop_timeout_s > 0, p + "stop_timeout_s", f"must be > 0, got {self.stop_timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -528,3 +561,5 @@ class Config:
             _check(isinstance(getattr(self, name), cls), name, f"must be a {cls.__name__}")
         _check(self.data.seq_len <= self.model.max_len, "data.seq_len",
                f"must be <= model.max_len ({self.model.max_len}), got {self.data.seq_len}")
+        from onn_jax.limits import check_values  # ranges of every field: int32, finite, UTF-8
+        check_values(self)

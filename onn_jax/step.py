@@ -7,7 +7,8 @@ its pullback is applied twice to the same residuals:
   1. cotangent (1, 0) -> only the taps' cotangents are used, so XLA prunes every parameter
      gradient and everything below the lowest MoE layer (the cheap Surprise backward);
   2. cotangent (1, w_aux * d gate / d pre) -> the gradient of the total loss.
-The forward is never recomputed. The optax chain applies the expert filter, then AdamW.
+The forward is never recomputed. The optax chain applies the expert filter, then AdamW
+(onn_jax.optimizer), told which experts received no token in the step (`expert_active`).
 """
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ import optax
 
 from onn_jax.config import ModelConfig, OptimConfig
 from onn_jax.analysis import gate_accuracy
-from onn_jax.grad_filter import SigmaFilterState, sigma_filter
+from onn_jax.grad_filter import SigmaFilterState
 from onn_jax.losses import hybrid_gate_loss, load_balancing_loss, next_token_loss, router_z_loss
 from onn_jax.dispatch import dropped_fraction
 from onn_jax.model import Transformer, init_params, model_taps
-from onn_jax.moe import MoERecord, layer_surprise, layer_taps
+from onn_jax.moe import MoERecord, expert_received_tokens, layer_surprise, layer_taps
+from onn_jax.optimizer import make_optimizer  # noqa: F401 (re-exported: it lived here)
+from onn_jax.routing_metrics import routing_metrics
 from onn_jax.surprise import SurpriseFn, get_surprise_fn
 from onn_jax.surprise_variants import advantage_surprise
 from onn_jax.units import (UnitRecords, unit_gate_inputs, unit_gate_loss, unit_metrics, unit_records,
@@ -39,16 +42,6 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
-
-
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """Expert gradient filter -> optional global-norm clip -> AdamW (faithful hyper-parameters)."""
-    f = cfg.grad_filter
-    parts = [sigma_filter(f.mode, f.scope, f.sigma)]
-    if cfg.clip_norm is not None:
-        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(optax.adamw(cfg.lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
-    return optax.chain(*parts)
 
 
 def init_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
@@ -76,15 +69,20 @@ def step_taps(cfg: ModelConfig, batch_size: int, seq_len: int):
 
 def compute_grads(params, batch: Batch, cfg: ModelConfig,
                   surprise_fn: str | SurpriseFn | None = None) -> tuple[Any, dict[str, jax.Array]]:
-    """Gradient of main + w_aux * sum of gate losses, and the step's metrics (no update)."""
+    """Gradient of main + w_aux * sum of gate losses, and the step's metrics (no update).
+
+    metrics["moe/expert_active"] ([num_layers, E] bool, absent without MoE layers) says which
+    experts received a token (`expert_received_tokens`); train_step pops it and hands it to
+    the optimizer as `expert_active` (accumulation ORs it over microbatches).
+    """
     model = Transformer(cfg)
     b, t = batch["inputs"].shape
     taps = step_taps(cfg, b, t)
     uses_surprise = cfg.moe.router == "surprise"
     surprise_fn = get_surprise_fn(surprise_fn or cfg.moe.surprise) if uses_surprise else None
-    if surprise_fn is advantage_surprise and cfg.moe.dispatch == "sparse":
+    if surprise_fn is advantage_surprise and cfg.moe.dispatch != "dense":
         raise ValueError("surprise `advantage` needs every expert's output; it cannot run with "
-                         "model.moe.dispatch='sparse'")
+                         f"model.moe.dispatch={cfg.moe.dispatch!r}")
 
     utaps = unit_taps(cfg, b, t)  # gated units beyond the MoE (heads); None when there are none
     loss_mask_N = batch["loss_mask"].reshape(-1)
@@ -141,6 +139,8 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig,
     }
     metrics.update(moe_metrics(cfg, params, records, surprises, parts, loss_mask_N))
     metrics.update(unit_metrics(cfg, params, urecords, usurprises, per_kind, loss_mask_N))
+    if records:
+        metrics["moe/expert_active"] = jnp.stack([expert_received_tokens(r) for r in records])
     return grads, metrics
 
 
@@ -156,6 +156,7 @@ def moe_metrics(cfg: ModelConfig, params, records, surprises, parts,
     }
     if records[0].dispatch is not None:
         out["moe/dropped_frac"] = mean([dropped_fraction(r.router.mask, r.dispatch) for r in records])
+    out.update(routing_metrics(records, surprises, cfg.moe.router))
     for key in parts[0]:
         out[f"moe/gate_{key}"] = sum(p[key] for p in parts)
     if cfg.moe.router == "surprise":
@@ -172,7 +173,13 @@ def train_step(state: TrainState, batch: Batch, cfg: ModelConfig, tx: optax.Grad
                surprise_fn: str | SurpriseFn | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One joint update. Pure: jit it (see make_train_step)."""
     grads, metrics = compute_grads(state.params, batch, cfg, surprise_fn)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    active_LxE = metrics.pop("moe/expert_active", None)
+    extra = {}
+    if active_LxE is not None:
+        metrics["moe/idle_experts"] = jnp.sum(~active_LxE).astype(jnp.float32)
+        if isinstance(tx, optax.GradientTransformationExtraArgs):
+            extra["expert_active"] = active_LxE
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
     metrics["train/grad_norm"] = optax.tree.norm(grads)
     filt = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SigmaFilterState))

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from onn_jax.analysis import gate_accuracy
+from onn_jax.routing_metrics import dead_experts, routing_metrics
 from onn_jax.config import ModelConfig
 from onn_jax.losses import next_token_loss
 from onn_jax.model import Transformer
@@ -103,6 +104,9 @@ def make_eval_step(cfg: ModelConfig, num_domains: int, edges: np.ndarray = SURPR
         load_LxBxE = jnp.stack([r.router.mask.astype(jnp.float32).reshape(b, t, -1).sum(1) for r in records])
         out["domain_assign"] = jnp.einsum("bd,lbe->dle", onehot_BxD, load_LxBxE)
         out["domain_positions"] = onehot_BxD.sum(0) * t
+        out["expert_load"] = jnp.stack([jnp.mean(r.router.mask.astype(jnp.float32), 0) for r in records])
+        out.update({k.split("/", 1)[1]: v for k, v in routing_metrics(
+            records, f.surprises if f.surprises is not None else (None,) * len(records), cfg.moe.router).items()})
         out["avg_k"] = jnp.mean(jnp.stack([jnp.mean(jnp.sum(r.router.mask, -1).astype(jnp.float32))
                                            for r in records]))
         if f.surprises is not None:
@@ -155,4 +159,6 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict[str, np.nd
         metrics["eval/surprise_edges"] = np.asarray(edges, np.float64)
     for k, v in sums.items():
         metrics[f"eval/{k}"] = v / n
+    if "eval/expert_load" in metrics:  # experts below the load floor over the eval batches
+        metrics["eval/dead_experts"] = dead_experts(metrics["eval/expert_load"])
     return metrics
