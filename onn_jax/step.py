@@ -26,6 +26,7 @@ from onn_jax.losses import hybrid_gate_loss, load_balancing_loss, next_token_los
 from onn_jax.dispatch import dropped_fraction
 from onn_jax.model import Transformer, init_params, model_taps
 from onn_jax.moe import MoERecord, layer_surprise, layer_taps
+from onn_jax.schedules import make_schedule
 from onn_jax.surprise import SurpriseFn, get_surprise_fn
 from onn_jax.surprise_variants import advantage_surprise
 
@@ -39,13 +40,16 @@ class TrainState:
     opt_state: Any
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """Expert gradient filter -> optional global-norm clip -> AdamW (faithful hyper-parameters)."""
+def make_optimizer(cfg: OptimConfig, total_steps: int | None = None) -> optax.GradientTransformation:
+    """Expert gradient filter -> optional global-norm clip -> AdamW (faithful hyper-parameters);
+    the learning rate follows cfg.schedule (onn_jax.schedules; total_steps: the run length, the
+    default decay_steps)."""
+    lr = make_schedule(cfg, total_steps or cfg.decay_steps or 1)
     f = cfg.grad_filter
     parts = [sigma_filter(f.mode, f.scope, f.sigma)]
     if cfg.clip_norm is not None:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(optax.adamw(cfg.lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+    parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
     return optax.chain(*parts)
 
 
@@ -72,9 +76,14 @@ def step_taps(cfg: ModelConfig, batch_size: int, seq_len: int):
     return tuple(layer_taps(cfg.moe, batch_size * seq_len, cfg.hidden) for _ in range(cfg.num_layers))
 
 
-def compute_grads(params, batch: Batch, cfg: ModelConfig,
-                  surprise_fn: str | SurpriseFn | None = None) -> tuple[Any, dict[str, jax.Array]]:
-    """Gradient of main + w_aux * sum of gate losses, and the step's metrics (no update)."""
+def compute_grads(params, batch: Batch, cfg: ModelConfig, surprise_fn: str | SurpriseFn | None = None,
+                  main_share: jax.Array | None = None,
+                  gate_share: jax.Array | None = None) -> tuple[Any, dict[str, jax.Array]]:
+    """Gradient of main + w_aux * sum of gate losses, and the step's metrics (no update).
+
+    main_share, gate_share (gradient accumulation, onn_jax.accumulate): this batch is a
+    microbatch; its main loss (hence its Surprise) and its gate loss enter the gradient times
+    these shares of the whole batch's label / token count. The metrics stay unscaled."""
     model = Transformer(cfg)
     b, t = batch["inputs"].shape
     taps = step_taps(cfg, b, t)
@@ -88,9 +97,10 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig,
         logits, records = model.apply({"params": params}, batch["inputs"], taps)
         main, acc, count = next_token_loss(logits, batch["targets"], batch["loss_mask"])
         gate_inputs = tuple(r.router.pre for r in records if r is not None)
-        return (main, gate_inputs), (acc, count, records)
+        scaled = main if main_share is None else main * main_share
+        return (scaled, gate_inputs), (main, acc, count, records)
 
-    (main, gate_inputs), pullback, (acc, count, records) = jax.vjp(forward, params, taps, has_aux=True)
+    (_, gate_inputs), pullback, (main, acc, count, records) = jax.vjp(forward, params, taps, has_aux=True)
     records = tuple(r for r in records if r is not None)
     one = jnp.ones_like(main)
     no_gate = jax.tree.map(jnp.zeros_like, gate_inputs)
@@ -109,14 +119,14 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig,
         return sum(losses, jnp.zeros([], jnp.float32)), parts
 
     (gate_loss, parts), d_gate = jax.value_and_grad(total_gate_loss, has_aux=True)(gate_inputs)
-    w_aux = cfg.moe.w_aux
+    w_aux = cfg.moe.w_aux if gate_share is None else cfg.moe.w_aux * gate_share
     grads, _ = pullback((one, jax.tree.map(lambda g: w_aux * g, d_gate)))
 
     metrics = {
         "train/main_loss": main,
         "train/main_acc": acc,
         "train/loss_tokens": count,
-        "train/total_loss": main + w_aux * gate_loss,
+        "train/total_loss": main + cfg.moe.w_aux * gate_loss,
         "moe/gate_loss": gate_loss,
     }
     metrics.update(moe_metrics(cfg, params, records, surprises, parts, batch["loss_mask"].reshape(-1)))
@@ -148,9 +158,15 @@ def moe_metrics(cfg: ModelConfig, params, records, surprises, parts,
 
 
 def train_step(state: TrainState, batch: Batch, cfg: ModelConfig, tx: optax.GradientTransformation,
-               surprise_fn: str | SurpriseFn | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One joint update. Pure: jit it (see make_train_step)."""
-    grads, metrics = compute_grads(state.params, batch, cfg, surprise_fn)
+               surprise_fn: str | SurpriseFn | None = None,
+               accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One joint update. Pure: jit it (see make_train_step). accum_steps > 1 computes the
+    gradient from that many microbatches (onn_jax.accumulate; the same step)."""
+    if accum_steps > 1:
+        from onn_jax.accumulate import accumulated_grads
+        grads, metrics = accumulated_grads(state.params, batch, cfg, accum_steps, surprise_fn)
+    else:
+        grads, metrics = compute_grads(state.params, batch, cfg, surprise_fn)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["train/grad_norm"] = optax.tree.norm(grads)
@@ -162,7 +178,8 @@ def train_step(state: TrainState, batch: Batch, cfg: ModelConfig, tx: optax.Grad
 
 
 def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation,
-                    surprise_fn: str | SurpriseFn | None = None, donate: bool = True) -> Callable:
+                    surprise_fn: str | SurpriseFn | None = None, donate: bool = True,
+                    accum_steps: int = 1) -> Callable:
     """The jitted step `(state, batch) -> (state, metrics)`, donating the old state."""
-    fn = functools.partial(train_step, cfg=cfg, tx=tx, surprise_fn=surprise_fn)
+    fn = functools.partial(train_step, cfg=cfg, tx=tx, surprise_fn=surprise_fn, accum_steps=accum_steps)
     return jax.jit(fn, donate_argnums=(0,) if donate else ())
