@@ -132,6 +132,9 @@ class ModelConfig:
       with float32 scores), `cudnn` (jax.nn.dot_product_attention's fused cuDNN flash
       attention; CUDA GPUs, bfloat16) or `auto` (cudnn where a CUDA GPU runs a bfloat16
       model with a supported head dim, else xla). Decoding with a KV cache always uses xla.
+    remat: rematerialisation of each block in the backward pass (jax.checkpoint via nn.remat):
+      `none` (default: keep every activation), `block` (keep only each block's input) or
+      `dots` (keep matmul outputs without batch dims: jax.checkpoint_policies.dots_with_no_batch_dims_saveable).
     """
 
     vocab_size: int = 256
@@ -147,12 +150,10 @@ class ModelConfig:
     attention: str = "xla"
     moe: MoEConfig = field(default_factory=MoEConfig)
     remat: str = "none"
-    scan_layers: bool = False
 
     def __post_init__(self):
         p = "model."
         _choice(self.remat, REMATS, p + "remat")
-        _check(isinstance(self.scan_layers, bool), p + "scan_layers", f"must be a bool, got {self.scan_layers!r}")
         for name in ("vocab_size", "hidden", "num_layers", "num_heads", "max_len"):
             _positive_int(getattr(self, name), p + name)
         _check(self.hidden % self.num_heads == 0, p + "num_heads",
