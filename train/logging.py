@@ -20,7 +20,7 @@ METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 # Keys shown in the progress bar, with their short labels.
 PROGRESS_KEYS = (("train/main_loss", "loss"), ("moe/gate_acc", "gate_acc"), ("moe/avg_k", "avg_k"),
-                 ("perf/tokens_per_sec", "tok/s"))
+                 ("perf/tokens_per_sec", "tok/s"), ("train/lr", "lr"), ("perf/mfu", "mfu"))
 
 
 def to_jsonable(value: Any) -> Any:
@@ -175,9 +175,10 @@ class Progress:
             return
         post = {}
         for key, label in PROGRESS_KEYS:
-            if key in metrics and np.ndim(metrics[key]) == 0:
+            if key in metrics and metrics[key] is not None and np.ndim(metrics[key]) == 0:
                 v = float(metrics[key])
-                post[label] = f"{v:.0f}" if key.startswith("perf/") else f"{v:.3f}"
+                post[label] = (f"{v:.2e}" if key == "train/lr" else f"{v:.3f}" if key == "perf/mfu"
+                               else f"{v:.0f}" if key.startswith("perf/") else f"{v:.3f}")
         self._bar.set_postfix(post, refresh=True)
 
     def write(self, text: str) -> None:
