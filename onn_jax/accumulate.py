@@ -20,8 +20,12 @@ sparse dispatch with a capacity_factor (the capacity is per microbatch).
 
 Metrics equal the one-batch metrics where they are batch means or sums: main loss/accuracy,
 loss tokens, gate loss (ce, kl), total loss, avg_k, expert load, gate accuracy (both),
-surprise mean, threshold mean. `moe/dropped_frac` (a ratio of counts) and the top-k
-`moe/gate_lb` are means over microbatches, not the one-batch values.
+surprise mean, threshold mean, router entropy, fallback share, target inactive, informative
+share, idle experts (`moe/expert_active` is OR-ed over microbatches, so the optimizer's no-token
+rule sees the batch's experts). NOT_BATCH_VALUES (ratios or spreads of counts, and the top-k
+`moe/gate_lb`) are means over microbatches, not the one-batch values. Gated heads / embedding
+slots (model.heads, model.embed) take the MoE gate's share for their gate losses: exact when
+their gate_tokens equals model.moe.gate_tokens.
 """
 from __future__ import annotations
 
@@ -39,6 +43,12 @@ from onn_jax.sharding import constrain
 LABEL_WEIGHTED = ("train/main_loss", "train/main_acc", "moe/gate_acc_unmasked")
 GATE_WEIGHTED = ("moe/gate_loss", "moe/gate_ce", "moe/gate_kl", "moe/gate_z", "moe/gate_lb")
 SUMMED = ("train/loss_tokens",)
+# Which experts received a token ([L, E] bool, for the optimizer's no-token rule): an expert
+# is active in the batch when it is active in any microbatch.
+ANY = ("moe/expert_active",)
+# Ratios and spreads of batch counts: the mean over microbatches, not the one-batch value.
+NOT_BATCH_VALUES = ("moe/dropped_frac", "moe/gate_lb", "moe/load_cv", "moe/load_max_mean",
+                    "moe/gate_acc_informative")
 
 
 def split_microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
@@ -83,7 +93,9 @@ def combine_metrics(metrics_K: dict[str, jax.Array], label_share_K: jax.Array,
 
     out = {}
     for key, x in metrics_K.items():
-        if key in LABEL_WEIGHTED:
+        if key in ANY:
+            out[key] = jnp.any(x, axis=0)
+        elif key in LABEL_WEIGHTED:
             out[key] = weighted(x, label_share_K)
         elif key in GATE_WEIGHTED:
             out[key] = weighted(x, gate_share_K)

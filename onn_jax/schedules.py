@@ -47,9 +47,12 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> float | optax.Schedule:
 
 
 def schedule_count(opt_state: Any) -> jax.Array | None:
-    """The update count an optax schedule inside `opt_state` reads (ScaleByScheduleState), or None."""
-    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState)):
-        if isinstance(s, optax.ScaleByScheduleState):
+    """The update count a schedule inside `opt_state` reads (optax's ScaleByScheduleState, or
+    onn_jax.optimizer's PerExpertAdamState global count), or None."""
+    from onn_jax.optimizer import PerExpertAdamState
+    kinds = (optax.ScaleByScheduleState, PerExpertAdamState)
+    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, kinds)):
+        if isinstance(s, kinds):
             return s.count
     return None
 
