@@ -24,3 +24,14 @@ def test_remat_leaves_the_step_unchanged(remat):
         assert abs(float(rm[key]) - float(m[key])) <= 1e-6 * max(1.0, abs(float(m[key]))), key
     hlo = jax.jit(lambda p: compute_grads(p, batch, rcfg)).lower(params).as_text()
     assert "remat" in hlo or "checkpoint" in hlo or "opt-barrier" in hlo or "optimization_barrier" in hlo
+
+
+def test_recipe_bench_prints_one_json_line_per_variant(capsys):
+    import json
+    from bench.recipe import main
+    assert main(["--preset", "tiny", "--layers", "1", "--remat", "block", "--accum", "1,2",
+                 "--batch", "4", "--seq-len", "8"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["remat"], r["accum_steps"]) for r in rows] == [("block", 1), ("block", 2)]
+    for r in rows:
+        assert r["compile_s"] > 0 and r["temp_gib"] is not None and r["layers"] == 1
