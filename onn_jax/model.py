@@ -283,6 +283,19 @@ class Block(nn.Module):
         return (h + moe_out, record) if cache is None else (h + moe_out, record, cache)
 
 
+REMAT_POLICIES = {"block": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def remat_block(remat: str):
+    """Block, or Block under nn.remat (jax.checkpoint) for model.remat = `block` (keep only the
+    block's input) or `dots` (keep matmul outputs without batch dims). Same values, same
+    parameter tree; the backward recomputes what was not kept."""
+    if remat == "none":
+        return Block
+    # argnums count the module as 0: (self, x, positions, taps, cache, kv_valid, index_positions)
+    return nn.remat(Block, policy=REMAT_POLICIES[remat], static_argnums=(6,))
+
+
 class Transformer(nn.Module):
     """The LM: tokens [B, T] -> (logits [B, T, V] float32, per-layer MoE records).
 
@@ -323,13 +336,14 @@ class Transformer(nn.Module):
                                                    None if cache is None else positions_BxT)
         x = x.astype(compute_dtype(cfg))
         records = []
+        block_cls = remat_block(cfg.remat) if cache is None else Block
         for i in range(cfg.num_layers):
-            block = Block(cfg, name=f"block_{i}")
+            block = block_cls(cfg, name=f"block_{i}")
             layer_taps = None if taps is None else taps[i]
             head_taps = None if unit_taps is None or unit_taps.heads is None else unit_taps.heads[i]
-            if cache is None:
-                x, record = block(x, positions_BxT, layer_taps, index_positions=index_positions,
-                                  head_taps=head_taps, tokens_BxT=tokens_BxT)
+            if cache is None:  # positional: index_positions is a static argument of nn.remat
+                x, record = block(x, positions_BxT, layer_taps, None, None, index_positions,
+                                  head_taps, tokens_BxT)
             else:
                 x, record, layer_cache = block(x, positions_BxT, layer_taps, cache.layers[i], kv_valid_BxS,
                                                tokens_BxT=tokens_BxT)
