@@ -209,6 +209,68 @@ class HeadsConfig:
         return self.router != "dense"
 
 
+EMBED_KINDS = ("table", "slots")
+SLOT_SURPRISES = ("output_grad", "output_grad_closed", "advantage")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Sparse embeddings (off by default: `kind = table`, `deep = false`, `ngram = 0`).
+
+    kind: `table` (nn.Embed [V, C]: faithful) or `slots` (a learned code Z[id] [code_dim] ->
+      the top-any gate over num_slots shared slot vectors -> their convex mix; trained by the
+      Surprise hybrid loss, Surprise in closed form: `output_grad`/`output_grad_closed`
+      S = w |g|, `advantage` A[t,m] = <g_t, slot_m - x0_t>; `learning_cost` is refused, every
+      slot's would be |g_t|). fallback_k: slots of a token with none active; None means M // 2.
+    surprise, w_ce, w_kl, w_aux, gate_tokens: as in model.moe, for the slot gate.
+    deep: RWKV-8 DeepEmbed: each block's FFN output is scaled by a per-layer table D_l[id_t]
+      [V, C] (init 1).
+    ngram: 0 (off), 2 or 3: a hashed n-gram memory (Engram-style) added to the embedding,
+      ngram_heads hash heads per order, ngram_buckets rows of width ngram_dim per head, a
+      sigmoid context gate; works on bytes.
+    """
+
+    kind: str = "table"
+    num_slots: int = 256
+    code_dim: int = 16
+    fallback_k: int | None = None
+    surprise: str = "advantage"
+    w_ce: float = 1.0
+    w_kl: float = 1.0
+    w_aux: float = 1.0
+    gate_tokens: str = "all"
+    deep: bool = False
+    ngram: int = 0
+    ngram_buckets: int = 16384
+    ngram_heads: int = 2
+    ngram_dim: int = 32
+
+    def __post_init__(self):
+        p = "model.embed."
+        _choice(self.kind, EMBED_KINDS, p + "kind")
+        _check_gate_fields(self, p)
+        if self.kind == "slots":
+            _check(self.surprise in SLOT_SURPRISES, p + "surprise",
+                   f"slots take their Surprise in closed form: one of {list(SLOT_SURPRISES)}, got "
+                   f"{self.surprise!r} (`learning_cost` would be |g_t| for every slot)")
+        for name in ("num_slots", "code_dim", "ngram_buckets", "ngram_heads", "ngram_dim"):
+            _positive_int(getattr(self, name), p + name)
+        if self.fallback_k is not None:
+            _check(self.fallback_k <= self.num_slots, p + "fallback_k",
+                   f"must be <= num_slots ({self.num_slots}), got {self.fallback_k}")
+        _check(isinstance(self.deep, bool), p + "deep", f"must be a bool, got {self.deep!r}")
+        _check(self.ngram in (0, 2, 3) and not isinstance(self.ngram, bool), p + "ngram",
+               f"must be 0, 2 or 3, got {self.ngram!r}")
+
+    @property
+    def effective_fallback_k(self) -> int:
+        return self.fallback_k if self.fallback_k is not None else max(1, self.num_slots // 2)
+
+    @property
+    def gated(self) -> bool:
+        return self.kind == "slots"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The transformer around the MoE layer (faithful PoC numerics by default).
@@ -232,6 +294,7 @@ class ModelConfig:
     attention: str = "xla"
     moe: MoEConfig = field(default_factory=MoEConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
 
     def __post_init__(self):
         p = "model."
@@ -259,6 +322,7 @@ class ModelConfig:
         _check(isinstance(self.moe, MoEConfig), p + "moe", "must be a MoEConfig")
         _check(isinstance(self.heads, HeadsConfig), p + "heads", "must be a HeadsConfig")
         self.heads.check_against(self.num_heads)
+        _check(isinstance(self.embed, EmbedConfig), p + "embed", "must be an EmbedConfig")
 
     @property
     def head_dim(self) -> int:

@@ -98,7 +98,10 @@ class HFTokenizer:
             raise ImportError("loading a tokenizer.json needs the `tokenizers` package: "
                               "pip install tokenizers") from e
         self.path = path
-        self._tok = tokenizers.Tokenizer.from_file(path)
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = self._special(eos_token, _EOS_NAMES, "eos_token", None)
         self.pad_id = self._special(pad_token, _PAD_NAMES, "pad_token", self.eos_id)

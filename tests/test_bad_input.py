@@ -416,10 +416,10 @@ def one_error_line(capsys, prog: str, code: int, fn, *argv) -> str:
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--temperature", "inf"], "--temperature inf: must be a finite number >= 0"),
-    (["--top-p", "nan"], "--top-p nan: must be in (0, 1]"),
+    (["--temperature", "inf"], "--temperature inf: temperature must be a finite number >= 0"),
+    (["--top-p", "nan"], "--top-p nan: top_p must be in (0, 1]"),
     (["--seed", str(2 ** 70)], f"--seed {2 ** 70}: must be in [0, 4294967295]"),
-    (["--max-new-tokens", str(2 ** 40)], f"--max-new-tokens {2 ** 40}: must be in [1, 2147483647]"),
+    (["--max-new-tokens", str(2 ** 40)], f"--max-new-tokens {2 ** 40}: max_new_tokens must be in [1, 2147483647]"),
     (["--prompt", "caf\udce9"], "--prompt: is not valid text (cannot be encoded as UTF-8 at character 3)"),
 ])
 def test_onn_generate_flag_out_of_range(capsys, trained, flags, expected):
@@ -520,3 +520,27 @@ def test_damaged_checkpoint_one_line_at_exit_of_every_program(trained, tmp_path)
         assert out.returncode == 2, (module, out.stderr[-2000:])
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and f"cannot read checkpoint {workdir / 'checkpoints'}/4" in lines[0], (module, lines)
+
+
+# ---------------------------------------------------------------- files that are not what they claim
+
+def test_malformed_tokenizer_file(capsys, trained, tmp_path):
+    pytest.importorskip("tokenizers")
+    tok = write(tmp_path / "tokenizer.json", '{"version": "1.0", "model": {"type": "BPE"}}')
+    msg = onn_train_fails(capsys, trained, f"--config.data.tokenizer={tok}")
+    assert msg.startswith(f"onn-train: error: data.tokenizer: {tok}: not a valid tokenizer.json ("), msg
+
+
+@pytest.mark.parametrize("edit, expected", [
+    ({"guard": "none"}, '"guard" must be a JSON object, got str'),
+    ({"guard": {"skipped_steps": "many"}}, '"guard.skipped_steps" must be an integer >= 0, got \'many\''),
+    ({"config": ["model"]}, '"config" must be a JSON object, got list'),
+    ({"data": 7}, '"data" must be a JSON object, got int'),
+])
+def test_hand_edited_checkpoint_metadata(capsys, trained, tmp_path, edit, expected):
+    workdir = copy_of(trained, tmp_path)
+    meta_file = workdir / "checkpoints" / "4" / "meta" / "metadata"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), **edit}))
+    msg = onn_train_fails(capsys, workdir)
+    assert msg.startswith(f"onn-train: error: cannot resume: {workdir / 'checkpoints' / '4'}/meta: {expected}"), msg
+    assert "move" in msg and "away to resume from the previous one" in msg, msg

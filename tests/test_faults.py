@@ -29,19 +29,8 @@ ARGS = ["--config", "configs/tiny.py", "--config.train.steps=12", "--config.chec
         "--config.train.sample_tokens=2"]
 
 
-COMPILE_CACHE: dict[str, str] = {}  # the runs share compiled steps (JAX's persistent cache): 3x less CPU
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    COMPILE_CACHE.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-                         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    yield
-    COMPILE_CACHE.clear()
-
-
 def cli(workdir, fault=None, **kwargs):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **COMPILE_CACHE)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("ONN_TRAIN_FAULT", None)
     if fault:
         env["ONN_TRAIN_FAULT"] = fault

@@ -19,7 +19,7 @@ import numpy as np
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 # Keys shown in the progress bar (and the plain log line), with their short labels. The routing
-# numbers are the ones that cannot rise while routing collapses (onn_jax.routing_metrics); the
+# numbers are the ones a collapse does not inflate (onn_jax.routing_metrics); the
 # original's `moe/gate_acc` stays in metrics.jsonl only. `eval` is the latest eval loss.
 PROGRESS_KEYS = (("train/main_loss", "loss"), ("eval/main_loss", "eval"),
                  ("moe/gate_acc_informative", "gate_acc_inf"), ("moe/dead_experts", "dead"),

@@ -39,7 +39,7 @@ from train.faults import Faults
 from train.logging import MetricsWriter, NullWriter, Progress, mean_metrics
 from train.plot import PlotError, make_dashboards
 from train.signals import StopOnSignal, name as signal_name
-from train.workdir_check import check_workdir
+from train.workdir_check import check_workdir, meta_problem
 
 CONFIG_FILE, CHECKPOINT_DIR = "config.json", "checkpoints"
 RESUME_FREE_DATA_FIELDS = ("strict",)  # data fields that do not change the batch stream
@@ -312,6 +312,10 @@ class Run:
             meta = self.ckpt.restore_meta(latest)
         except ckpt_lib.CheckpointError as e:
             raise TrainError(f"cannot resume: {e}") from e
+        problem = meta_problem(meta, str(self.workdir / CHECKPOINT_DIR / str(latest)))
+        if problem:
+            raise TrainError(f"cannot resume: {problem}; the checkpoint's metadata is damaged: move "
+                             f"{self.workdir / CHECKPOINT_DIR / str(latest)} away to resume from the previous one")
         mismatch = tokenizer_mismatch(meta.get("tokenizer"), tokenizer_info(self.cfg.data.tokenizer, self.tok), where)
         if mismatch:
             raise TrainError(mismatch)

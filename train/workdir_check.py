@@ -86,3 +86,23 @@ def check_workdir(workdir: str | os.PathLike, config: Mapping[str, Any], checkpo
             + ("another config" if (w / CONFIG_FILE).is_file() else "no config.json")
             + " and no checkpoint to resume from; this run would replace its files. Use a new --workdir, "
             "or move those files away")
+
+
+def meta_problem(meta: Mapping[str, Any], where: str) -> str | None:
+    """None when a checkpoint's metadata has the shape onn-train wrote, else one line naming
+    the key (a hand-edited or damaged `meta` would otherwise fail later with a traceback)."""
+    for key in ("config", "data", "tokenizer", "guard", "rng"):
+        value = meta.get(key)
+        if value is not None and not isinstance(value, dict):
+            return f"{where}/meta: \"{key}\" must be a JSON object, got {type(value).__name__}"
+    for key in ("data", "model"):
+        value = (meta.get("config") or {}).get(key)
+        if value is not None and not isinstance(value, dict):
+            return f"{where}/meta: \"config.{key}\" must be a JSON object, got {type(value).__name__}"
+    for key, value in (meta.get("guard") or {}).items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"{where}/meta: \"guard.{key}\" must be an integer >= 0, got {value!r}"
+    changes = meta.get("config_changes")
+    if changes is not None and not isinstance(changes, list):
+        return f"{where}/meta: \"config_changes\" must be a JSON list, got {type(changes).__name__}"
+    return None
