@@ -36,5 +36,10 @@ from onn_jax.surprise import (SURPRISE_FNS, SurpriseInputs, get_surprise_fn, out
                               output_grad_surprise)
 from onn_jax.surprise_variants import advantage_surprise, learning_cost_surprise
 from onn_jax.tokenizer import ByteTokenizer, HFTokenizer, encode_chat, load_tokenizer
+# phase 2, full-stack sparsity (docs/FULL_STACK.md)
+from onn_jax.config import EmbedConfig, HeadsConfig
+from onn_jax.embed import SlotRecord, slot_embed, slot_surprise
+from onn_jax.heads import HeadGradNorms, gated_heads, head_layer, route_heads
+from onn_jax.units import UnitRecords, UnitTaps, unit_records, unit_taps
 
 __version__ = "0.1.0"

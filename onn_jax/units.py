@@ -22,6 +22,7 @@ from onn_jax.gate import RouterOutput
 from onn_jax.heads import head_taps
 from onn_jax.losses import hybrid_gate_loss, load_balancing_loss
 from onn_jax.moe import MoERecord, MoETaps, layer_surprise
+from onn_jax.routing_metrics import routing_metrics
 from onn_jax.surprise import get_surprise_fn
 
 
@@ -129,7 +130,10 @@ def gated_layer_metrics(prefix: str, load_key: str, section, records: tuple, sur
            f"{prefix}/gate_loss": loss}
     for key in parts[0]:
         out[f"{prefix}/gate_{key}"] = sum(p[key] for p in parts)
-    if getattr(section, "router", "surprise") != "surprise":
+    router = getattr(section, "router", "surprise")
+    out.update({f"{prefix}/{k.split('/', 1)[1]}": v  # load_cv, router_entropy, gate_acc_informative, ...
+                for k, v in routing_metrics(records, surprises, router).items()})
+    if router != "surprise":
         return out
     unmasked = loss_mask_N > 0
     out[f"{prefix}/fallback_frac"] = mean([fallback_count(r.router.pre) / n for r in records])
