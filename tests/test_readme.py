@@ -8,6 +8,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def python_blocks() -> list[str]:
+    """The README's ```python blocks (run here). ```py blocks need a user's files (reading an
+    export): they are shown, not run; tests/test_export_formats.py reads exports the same way."""
     return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
 
 
