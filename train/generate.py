@@ -165,8 +165,8 @@ def run(args) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from train.signals import end_program
-    return end_program(_main(argv), as_program=argv is None)
+    from train.signals import run_program
+    return run_program(_main, argv)
 
 
 def _main(argv: Sequence[str] | None = None) -> int:

@@ -63,8 +63,8 @@ def quiet_orbax_errors() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """onn-train's entry point; see _main for the exit codes."""
-    from train.signals import end_program
-    return end_program(_main(argv), as_program=argv is None)
+    from train.signals import run_program
+    return run_program(_main, argv)
 
 
 def _main(argv: Sequence[str] | None = None) -> int:

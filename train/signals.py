@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Callable
+from typing import Callable, Sequence
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -94,6 +94,36 @@ def flush_std() -> None:
             stream.flush()
         except Exception:  # noqa: BLE001
             pass
+
+
+def _is_closed_loop_callback(exc_type, exc, tb) -> bool:
+    """True for the RuntimeError('Event loop is closed') that tensorstore's worker threads raise
+    when they hand a finished read to the asyncio loop of a restore that already failed: the
+    exception starts in asyncio's call_soon_threadsafe, called from C, not from our code."""
+    return (exc_type is RuntimeError and str(exc) == "Event loop is closed" and tb is not None
+            and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
+
+
+def silence_closed_loop_callbacks() -> None:
+    """Keeps a failed checkpoint read to its one error line: drops the late 'Event loop is
+    closed' tracebacks that tensorstore's threads report as unraisable exceptions after the
+    failure; every other unraisable exception still reaches the previous hook."""
+    previous = sys.unraisablehook
+
+    def hook(args):
+        if not _is_closed_loop_callback(args.exc_type, args.exc_value, args.exc_traceback):
+            previous(args)
+
+    sys.unraisablehook = hook
+
+
+def run_program(body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
+    """A console script's entry point: runs `body(argv)`; as the program (argv None) a failure
+    prints only its own error line (see silence_closed_loop_callbacks and end_program)."""
+    as_program = argv is None
+    if as_program:
+        silence_closed_loop_callbacks()
+    return end_program(body(argv), as_program)
 
 
 def end_program(code: int, as_program: bool) -> int:
