@@ -17,7 +17,8 @@ DTYPES = ("float32", "bfloat16")
 FILTER_MODES = ("one_sided", "two_sided", "off")
 FILTER_SCOPES = ("pooled", "per_layer")
 DISPATCHES = ("dense", "sparse")
-GATE_TOKENS = ("all", "unmasked")
+GATE_TOKENS = ("all", "unmasked", "nonconstant")
+GATE_TIE_BREAKS = ("low_index", "random")
 ATTENTIONS = ("xla", "cudnn", "auto")
 
 
@@ -70,6 +71,23 @@ class MoEConfig:
     capacity_factor: sparse capacity per expert = ceil(capacity_factor * N * k_ref / E), with
       k_ref = top_k for the top-k router and fallback_k (E // 2) for the surprise gate (see
       onn_jax.dispatch.expert_capacity); None means no pair is ever dropped (capacity N).
+
+    Research options (issue 16, docs/RESEARCH.md; the defaults are the faithful model):
+    aux_free_rate: aux-loss-free balancing of the top-k router (0 = off): a per-expert bias, added
+      to the scores for selection only, moves by rate * sign(mean load - load) after every step
+      (onn_jax.router_state; kept in TrainState.router_state, outside the optimizer).
+    shared_expert: add an always-on expert (a GELU/SwiGLU FFN of width `intermediate`) to the
+      routed experts' output, for any router.
+    adaptive_experts: DynMoE's adaptive expert count for the top-any gate (onn_jax.adaptive_experts):
+      every `adaptive_every` steps experts with no hit in the window are masked out and one is
+      added whose prototype is the normalised sum of the window's unrouted tokens (threshold 0);
+      `adaptive_initial` experts are live at the start (None: all num_experts, the maximum).
+    gate_tokens `nonconstant`: the gate loss averages over tokens whose S row is not constant.
+    gate_tie_break: the hard target argmin S among tied minima: `low_index` (faithful, jnp.argmin)
+      or `random` (uniform among the tied experts, a fresh draw per step and layer).
+    kl_temperature: the soft target is softmax(-S / kl_temperature) (faithful 1).
+    w_budget, budget_k: w_budget * (mean_t sum_e sigmoid(pre[t,e] / 0.1) - budget_k)^2 added to the
+      gate loss, a differentiable pull of avg_k toward budget_k (0 = off).
     """
 
     num_experts: int = 32
@@ -87,6 +105,16 @@ class MoEConfig:
     dispatch: str = "dense"
     capacity_factor: float | None = None
     gate_tokens: str = "all"
+    # --- research options (issue 16; docs/RESEARCH.md). Defaults leave the faithful model unchanged.
+    aux_free_rate: float = 0.0
+    shared_expert: bool = False
+    adaptive_experts: bool = False
+    adaptive_every: int = 100
+    adaptive_initial: int | None = None
+    gate_tie_break: str = "low_index"
+    kl_temperature: float = 1.0
+    w_budget: float = 0.0
+    budget_k: float = 2.0
 
     def __post_init__(self):
         p = "model.moe."
@@ -113,6 +141,33 @@ class MoEConfig:
             _nonneg_float(getattr(self, name), p + name)
         _check(isinstance(self.surprise, str) and self.surprise != "", p + "surprise",
                f"must be the name of a surprise function, got {self.surprise!r}")
+        self._check_research_options()
+
+    def _check_research_options(self) -> None:
+        """Validation of the issue-16 options (aux-free balancing, shared expert, adaptive expert
+        count, gate-loss variants); see the class docstring's last paragraph."""
+        p = "model.moe."
+        _nonneg_float(self.aux_free_rate, p + "aux_free_rate")
+        _check(self.aux_free_rate == 0 or self.router == "topk", p + "aux_free_rate",
+               f"aux-loss-free balancing is for router='topk', got router={self.router!r}")
+        for name in ("shared_expert", "adaptive_experts"):
+            _check(isinstance(getattr(self, name), bool), p + name, f"must be a bool, got {getattr(self, name)!r}")
+        _check(not (self.shared_expert and self.router == "dense"), p + "shared_expert",
+               "needs a router ('surprise' or 'topk'), got router='dense'")
+        _check(not self.adaptive_experts or self.router == "surprise", p + "adaptive_experts",
+               f"the adaptive expert count is for the top-any gate (router='surprise'), got {self.router!r}")
+        _positive_int(self.adaptive_every, p + "adaptive_every")
+        if self.adaptive_initial is not None:
+            _positive_int(self.adaptive_initial, p + "adaptive_initial")
+            _check(self.adaptive_initial <= self.num_experts, p + "adaptive_initial",
+                   f"must be <= num_experts ({self.num_experts}), got {self.adaptive_initial}")
+        _choice(self.gate_tie_break, GATE_TIE_BREAKS, p + "gate_tie_break")
+        _nonneg_float(self.kl_temperature, p + "kl_temperature")
+        _check(self.kl_temperature > 0, p + "kl_temperature", f"must be > 0, got {self.kl_temperature}")
+        _nonneg_float(self.w_budget, p + "w_budget")
+        _nonneg_float(self.budget_k, p + "budget_k")
+        _check(self.w_budget == 0 or self.router == "surprise", p + "w_budget",
+               f"the avg_k budget is for router='surprise', got {self.router!r}")
 
     @property
     def effective_fallback_k(self) -> int:

@@ -26,6 +26,9 @@ from onn_jax.losses import hybrid_gate_loss, load_balancing_loss, next_token_los
 from onn_jax.dispatch import dropped_fraction
 from onn_jax.model import Transformer, init_params, model_taps
 from onn_jax.moe import MoERecord, layer_surprise, layer_taps
+from onn_jax import gate_targets
+from onn_jax.adaptive_experts import DEAD_SURPRISE, gate_surprise
+from onn_jax.router_state import forward_params, init_router_state, live_masks, update_router_state
 from onn_jax.surprise import SurpriseFn, get_surprise_fn
 from onn_jax.surprise_variants import advantage_surprise
 
@@ -34,9 +37,18 @@ Batch = dict[str, jax.Array]  # inputs [B, T] int32, targets [B, T] int32, loss_
 
 @flax.struct.dataclass
 class TrainState:
+    """step, params, optimizer state, and the non-parameter router state (onn_jax.router_state;
+    {} unless a stateful routing option is on)."""
+
     step: jax.Array
     params: Any
     opt_state: Any
+    router_state: Any = flax.struct.field(default_factory=dict)
+
+    @property
+    def model_params(self) -> Any:
+        """What model.apply needs: params plus the router state the forward reads."""
+        return forward_params(self.params, self.router_state)
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
@@ -51,15 +63,23 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 
 def init_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     params = init_params(model_cfg, rng)
-    return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params))
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
+                      router_state=init_router_state(model_cfg))
 
 
 def layer_gate_loss(cfg: ModelConfig, gate_input: jax.Array, surprise: jax.Array | None,
-                    record: MoERecord, token_mask_N: jax.Array | None = None):
-    """One layer's gate loss: the Surprise hybrid, or load-balancing (+ z) for top-k."""
+                    record: MoERecord, token_mask_N: jax.Array | None = None,
+                    target_N: jax.Array | None = None):
+    """One layer's gate loss: the Surprise hybrid (+ the avg_k budget), or load-balancing (+ z)
+    for top-k. `target_N`: the hard target when not argmin S (model.moe.gate_tie_break)."""
     m = cfg.moe
     if m.router == "surprise":
-        return hybrid_gate_loss(gate_input, surprise, m.w_ce, m.w_kl, token_mask_N)
+        loss, parts = hybrid_gate_loss(gate_input, surprise, m.w_ce, m.w_kl, token_mask_N,
+                                       m.kl_temperature, target_N)
+        if m.w_budget > 0:
+            budget = gate_targets.avg_k_budget(gate_input, m.budget_k)
+            loss, parts = loss + m.w_budget * budget, {**parts, "budget": budget}
+        return loss, parts
     lb = load_balancing_loss(gate_input, record.router.mask)
     z = router_z_loss(gate_input)
     return m.lb_weight * lb + m.z_weight * z, {"lb": lb, "z": z}
@@ -72,9 +92,36 @@ def step_taps(cfg: ModelConfig, batch_size: int, seq_len: int):
     return tuple(layer_taps(cfg.moe, batch_size * seq_len, cfg.hidden) for _ in range(cfg.num_layers))
 
 
+def gate_loss_inputs(cfg: ModelConfig, surprises, router_state, loss_mask_N, step):
+    """Per layer (S for the gate loss, token mask, hard target or None) under the options:
+    masked-out experts at DEAD_SURPRISE, gate_tokens, gate_tie_break."""
+    m, out = cfg.moe, []
+    lives = live_masks(cfg, router_state or {})
+    for i, s in enumerate(surprises):
+        live = lives[i] if i < len(lives) else None
+        s_gate = s if live is None else gate_surprise(s, live)
+        if m.gate_tokens == "unmasked":
+            tokens = loss_mask_N
+        elif m.gate_tokens == "nonconstant":
+            tokens = gate_targets.nonconstant_rows(s, live)
+        else:
+            tokens = None
+        target = None
+        if m.gate_tie_break == "random":
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), step), i)
+            target = gate_targets.random_tie_argmin(s_gate, key)
+        out.append((s_gate, tokens, target))
+    return out
+
+
 def compute_grads(params, batch: Batch, cfg: ModelConfig,
-                  surprise_fn: str | SurpriseFn | None = None) -> tuple[Any, dict[str, jax.Array]]:
-    """Gradient of main + w_aux * sum of gate losses, and the step's metrics (no update)."""
+                  surprise_fn: str | SurpriseFn | None = None, router_state: Any = None,
+                  step: jax.Array | int = 0, return_records: bool = False):
+    """Gradient of main + w_aux * sum of gate losses, and the step's metrics (no update).
+
+    router_state: TrainState.router_state (what the forward reads of it); step: the step count
+    (seeds gate_tie_break='random'). Returns (grads, metrics), plus the MoE records with
+    return_records (for onn_jax.router_state.update_router_state)."""
     model = Transformer(cfg)
     b, t = batch["inputs"].shape
     taps = step_taps(cfg, b, t)
@@ -85,7 +132,7 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig,
                          "model.moe.dispatch='sparse'")
 
     def forward(params, taps):
-        logits, records = model.apply({"params": params}, batch["inputs"], taps)
+        logits, records = model.apply({"params": forward_params(params, router_state)}, batch["inputs"], taps)
         main, acc, count = next_token_loss(logits, batch["targets"], batch["loss_mask"])
         gate_inputs = tuple(r.router.pre for r in records if r is not None)
         return (main, gate_inputs), (acc, count, records)
@@ -101,11 +148,17 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig,
         surprises = tuple(jax.lax.stop_gradient(layer_surprise(surprise_fn, r, d))
                           for d, r in zip(d_taps, records))
 
-    gate_mask = batch["loss_mask"].reshape(-1) if cfg.moe.gate_tokens == "unmasked" else None
+    loss_mask_N = batch["loss_mask"].reshape(-1)
+    if uses_surprise:
+        per_layer = gate_loss_inputs(cfg, surprises, router_state, loss_mask_N, step)
+        surprises = tuple(s for s, _, _ in per_layer)
+    else:
+        per_layer = [(None, None, None)] * len(records)
 
     def total_gate_loss(gate_inputs):
-        losses, parts = zip(*(layer_gate_loss(cfg, g, s, r, gate_mask)
-                              for g, s, r in zip(gate_inputs, surprises, records))) if records else ((), ())
+        losses, parts = zip(*(layer_gate_loss(cfg, g, s, r, tokens, target)
+                              for g, r, (s, tokens, target) in zip(gate_inputs, records, per_layer))
+                            ) if records else ((), ())
         return sum(losses, jnp.zeros([], jnp.float32)), parts
 
     (gate_loss, parts), d_gate = jax.value_and_grad(total_gate_loss, has_aux=True)(gate_inputs)
@@ -119,8 +172,8 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig,
         "train/total_loss": main + w_aux * gate_loss,
         "moe/gate_loss": gate_loss,
     }
-    metrics.update(moe_metrics(cfg, params, records, surprises, parts, batch["loss_mask"].reshape(-1)))
-    return grads, metrics
+    metrics.update(moe_metrics(cfg, params, records, surprises, parts, loss_mask_N))
+    return (grads, metrics, records) if return_records else (grads, metrics)
 
 
 def moe_metrics(cfg: ModelConfig, params, records, surprises, parts,
@@ -141,7 +194,8 @@ def moe_metrics(cfg: ModelConfig, params, records, surprises, parts,
         out["moe/gate_acc"] = mean([gate_accuracy(r.router.pre, s) for r, s in zip(records, surprises)])
         out["moe/gate_acc_unmasked"] = mean([gate_accuracy(r.router.pre, s, loss_mask_N)
                                              for r, s in zip(records, surprises)])
-        out["moe/surprise_mean"] = mean([jnp.mean(s) for s in surprises])
+        live_mean = lambda s: jnp.sum(jnp.where(s < DEAD_SURPRISE, s, 0.0)) / jnp.sum(s < DEAD_SURPRISE)
+        out["moe/surprise_mean"] = mean([live_mean(s) for s in surprises])
         out["moe/threshold_mean"] = mean([jnp.mean(jax.nn.sigmoid(params[f"block_{i}"]["moe"]["thresholds"]))
                                           for i in range(cfg.num_layers)])
     return out
@@ -150,15 +204,19 @@ def moe_metrics(cfg: ModelConfig, params, records, surprises, parts,
 def train_step(state: TrainState, batch: Batch, cfg: ModelConfig, tx: optax.GradientTransformation,
                surprise_fn: str | SurpriseFn | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One joint update. Pure: jit it (see make_train_step)."""
-    grads, metrics = compute_grads(state.params, batch, cfg, surprise_fn)
+    grads, metrics, records = compute_grads(state.params, batch, cfg, surprise_fn, state.router_state,
+                                            state.step, return_records=True)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    router_state, params, rs_metrics = update_router_state(cfg, state.router_state, params, records,
+                                                           state.step + 1)
+    metrics.update(rs_metrics)
     metrics["train/grad_norm"] = optax.tree.norm(grads)
     filt = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SigmaFilterState))
             if isinstance(s, SigmaFilterState)]
     if filt:
         metrics["train/filtered_frac"] = filt[0].zeroed_fraction
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, router_state=router_state), metrics
 
 
 def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from onn_jax.adaptive_experts import gate_surprise
 from onn_jax.analysis import gate_accuracy
 from onn_jax.config import ModelConfig
 from onn_jax.losses import next_token_loss
@@ -57,6 +58,8 @@ def eval_forward(cfg: ModelConfig, params: Any, batch: dict) -> EvalForward:
         surprise_fn = get_surprise_fn(cfg.moe.surprise)
         (d_taps,) = pullback(jnp.ones_like(main))
         surprises = [layer_surprise(surprise_fn, r, d) for r, d in zip(records, d_taps)]
+        lives = [params[f"block_{i}"]["moe"].get("live") for i in range(cfg.num_layers)]
+        surprises = [s if live is None else gate_surprise(s, live) for s, live in zip(surprises, lives)]
     return EvalForward(main, acc, count, ce_BxT, records, surprises)
 
 
