@@ -1,12 +1,16 @@
 """onn-bench: train-step speed of the surprise-gated MoE and its baselines, one JSON line each.
 
     onn-bench --config configs/gpu_large.py --mode smk,plain,dense,sparse --force-avg-k E/8
+    onn-bench --config configs/gpu_large.py --mode smk,plain --dispatch dropless --force-avg-k E/8
 
 Modes (same model size, same batch):
   smk     the default unified step (surprise router, Surprise backward, config's dispatch)
   plain   router=topk + load-balancing loss, no Surprise (top_k = the forced k if given)
   dense   router=dense: a plain FFN of width top_k * intermediate (active-FLOP matched)
   sparse  smk with dispatch=sparse (capacity = capacity_rel * N * k / E slots per expert)
+`--dispatch dropless` runs smk and plain on the dropless dispatch (onn_jax.dropless) with
+`--gemm` and `--pair-budget` (default: top_k for plain, 1.25 k for smk with a forced k, else
+the config's); the JSON line reports the budget, the buffer rows and the resolved backend.
 
 Each line: step time (median over --steps >= 20 timed steps after compilation and warm-up,
 each step waited for, none of them synchronising inside; `pipelined_step_ms`: the mean of
@@ -50,6 +54,10 @@ PRESETS = {  # built-in sizes (the same as configs/*.py), usable without a confi
     "gpu_large": dict(model=dict(vocab_size=32000, hidden=512, num_layers=8, num_heads=8, max_len=512,
                                  dtype="bfloat16", attention="auto", moe=dict(num_experts=64, intermediate=256)),
                       data=dict(batch_size=32, seq_len=512)),
+    "gpu_small_b16": dict(model=dict(vocab_size=32000, hidden=256, num_layers=4, num_heads=4, max_len=512,
+                                     dtype="bfloat16", attention="auto",
+                                     moe=dict(num_experts=32, intermediate=256)),
+                          data=dict(batch_size=16, seq_len=256)),  # gpu_small's model, batch 16 x 256
 }
 
 
@@ -85,9 +93,17 @@ def parse_k(text: str | None, num_experts: int) -> int | None:
 
 
 def mode_config(model: ModelConfig, mode: str, k: int | None, capacity_rel: float,
-                surprise: str | None, dispatch: str | None = None) -> ModelConfig:
+                surprise: str | None, dispatch: str | None = None, gemm: str | None = None,
+                pair_budget: float | None = None) -> ModelConfig:
     """The model config a mode runs: the same sizes, a different router / dispatch."""
     m = model.moe
+    if dispatch == "dropless" and mode in ("smk", "plain"):
+        budget = pair_budget or m.pair_budget
+        if budget is None and mode == "smk" and k is not None:
+            budget = min(float(m.num_experts), 1.25 * k)
+        if mode == "plain" and pair_budget is None:
+            budget = None  # top_k rows per token: exact
+        m = dataclasses.replace(m, dispatch="dropless", pair_budget=budget, gemm=gemm or m.gemm)
     if dispatch == "sparse" and mode in ("smk", "plain"):  # capacity_rel * N * k / E slots
         k_rel = 1.0 if mode == "plain" else (k or m.effective_fallback_k) / m.effective_fallback_k
         m = dataclasses.replace(m, dispatch="sparse", capacity_factor=m.capacity_factor or capacity_rel * k_rel)
@@ -222,10 +238,23 @@ def profile_ops(run, top: int, steps: int = 3) -> dict:
             "ops": per_step(ops), "lines": sorted(set(seen))} if ops else {"lines": seen}
 
 
+def dropless_fields(model: ModelConfig, num_tokens: int) -> dict[str, Any]:
+    """pair_budget, pair_rows and the resolved gemm backend of a dropless run (else None)."""
+    m = model.moe
+    if m.dispatch != "dropless" or m.router == "dense":
+        return {"pair_budget": None, "pair_rows": None, "gemm": None}
+    from onn_jax.dropless import pair_rows
+    from onn_jax.grouped_gemm import resolve_gemm
+    rows = pair_rows(num_tokens, m)
+    return {"pair_budget": round(rows / num_tokens, 4), "pair_rows": rows,
+            "gemm": resolve_gemm(m.gemm, jnp.dtype(model.dtype))}
+
+
 def measure(name: str, cfg: Config, mode: str, args) -> dict[str, Any]:
     """Compiles and times one mode; returns its JSON record."""
     k = parse_k(args.force_avg_k, cfg.model.moe.num_experts)
-    model = mode_config(cfg.model, mode, k, args.capacity_rel, args.surprise, args.dispatch)
+    model = mode_config(cfg.model, mode, k, args.capacity_rel, args.surprise, args.dispatch,
+                        args.gemm, args.pair_budget)
     if args.attention:
         model = dataclasses.replace(model, attention=args.attention)
     b, t = cfg.data.batch_size, cfg.data.seq_len
@@ -279,6 +308,7 @@ def measure(name: str, cfg: Config, mode: str, args) -> dict[str, Any]:
         "attention": attention_impl(model),
         "surprise": model.moe.surprise if model.moe.router == "surprise" else None,
         "capacity_factor": model.moe.capacity_factor if model.moe.dispatch == "sparse" else None,
+        **dropless_fields(model, b * t),
         "step_ms": round(step_s * 1e3, 3), "step_ms_min": round(min(times) * 1e3, 3),
         "step_ms_max": round(max(times) * 1e3, 3), "steps": args.steps,
         "pipelined_step_ms": round(pipelined_s * 1e3, 3),
@@ -319,8 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--surprise", default=None, help="surprise function for smk/sparse (e.g. output_grad_closed)")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time the forward alone and the gradient without the optimizer")
-    ap.add_argument("--dispatch", choices=("dense", "sparse"), default=None,
+    ap.add_argument("--dispatch", choices=("dense", "sparse", "dropless"), default=None,
                     help="override the dispatch of smk and plain (sparse capacity as for --mode sparse)")
+    ap.add_argument("--gemm", choices=("auto", "ragged_dot", "mosaic_gpu", "padded"), default=None,
+                    help="dropless: grouped-GEMM backend (model.moe.gemm)")
+    ap.add_argument("--pair-budget", type=float, default=None,
+                    help="dropless: pair rows per token (model.moe.pair_budget)")
     ap.add_argument("--attention", choices=("xla", "cudnn", "auto"), default=None,
                     help="override model.attention (training attention: einsums or cuDNN flash)")
     ap.add_argument("--evolve", action="store_true",

@@ -1,4 +1,4 @@
-"""reference: the sizes of the original PyTorch proof of concept (shared/REFERENCE.md).
+"""reference: the sizes of the original PyTorch proof of concept (docs/ALGORITHM.md).
 
 C=32, intermediate 128, E=32 experts, 1 layer, 4 heads, sequence length 256, bf16 compute,
 faithful gate (fallback E/2, CE+KL hybrid, w_aux 1), 2-sigma filter and AdamW (lr 1e-3).

@@ -21,11 +21,15 @@ from onn_jax.grad_filter import sigma_filter
 from onn_jax.guard import guarded_train_step, make_guarded_step
 from onn_jax.losses import hybrid_gate_loss, load_balancing_loss, next_token_loss, router_z_loss
 from onn_jax.model import DecodeCache, KVCache, Transformer, init_cache, init_params, model_taps
-from onn_jax.moe import MoERecord, MoETaps, layer_surprise, layer_taps, moe_layer, surprise_inputs, zero_taps
+from onn_jax.moe import (MoERecord, MoETaps, expert_received_tokens, layer_surprise, layer_taps, moe_layer,
+                         surprise_inputs, zero_taps)
+from onn_jax.optimizer import PerExpertAdamState, per_expert_adamw
+from onn_jax.routing_metrics import DEAD_LOAD_FLOOR, dead_experts, routing_metrics
 from onn_jax.sharding import (abstract_state, batch_sharding, make_mesh, make_sharded_train_step,
                               shard_batch, sharded_init)
 from onn_jax.step import (TrainState, compute_grads, init_state, make_optimizer, make_train_step,
                           train_step)
+from onn_jax.portable import Export, load_export, write_export
 from onn_jax.surprise import (SURPRISE_FNS, SurpriseInputs, get_surprise_fn, output_grad_closed_surprise,
                               output_grad_surprise)
 from onn_jax.surprise_variants import advantage_surprise, learning_cost_surprise

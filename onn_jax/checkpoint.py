@@ -37,6 +37,38 @@ class CheckpointError(ValueError):
     """A checkpoint is missing or does not match what the caller expects."""
 
 
+class SaveError(RuntimeError):
+    """A checkpoint save failed (e.g. the disk is full); `step` is the step whose save failed,
+    `committed` the steps on disk, `cause` the underlying error in words."""
+
+    def __init__(self, step: int | None, cause: str, committed: list[int]):
+        self.step, self.cause, self.committed = step, cause, committed
+        what = f"the checkpoint save of step {step}" if step is not None else "a checkpoint save"
+        last = f"step {committed[-1]}" if committed else "none"
+        super().__init__(f"{what} failed: {cause}; last committed checkpoint: {last}")
+
+
+def os_error_in(e: BaseException) -> OSError | None:
+    """The first OSError with an errno in the chain of `e` (orbax wraps them), else None."""
+    seen, cur = set(), e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno is not None:
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def error_cause(e: BaseException) -> str:
+    """The root cause of `e` in words: the first OSError in its chain (e.g. 'No space left on
+    device (errno 28): PATH'), else the outermost exception's type and message."""
+    cur = os_error_in(e)
+    if cur is not None:
+        where = f": {cur.filename}" if cur.filename else ""
+        return f"{cur.strerror or os.strerror(cur.errno)} (errno {cur.errno}){where}"
+    return f"{type(e).__name__}: {str(e)[:300]}"
+
+
 def _ocp():
     try:
         import orbax.checkpoint as ocp
@@ -166,6 +198,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save, read_only=read_only, create=not read_only,
             cleanup_tmp_directories=not read_only)
         self.save_every = save_every
+        self.failed, self._saving, self._closed, self._waiter = False, None, False, None
         self.interrupted = [] if read_only else interrupted_saves(self.directory)
         try:
             self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers(ocp))
@@ -188,9 +221,42 @@ class Checkpointer:
         step = int(step)
         if not (force or step % self.save_every == 0) or step in self._mgr.all_steps():
             return False
+        self.poll()  # a failed earlier save stops here, not after this one
         args = ocp.args.Composite(**{STATE: ocp.args.PyTreeSave(state),
                                      META: ocp.args.JsonSave(dict(meta or {}))})
-        return self._mgr.save(step, args=args, force=True)
+        self._saving = step
+        try:
+            return self._mgr.save(step, args=args, force=True)
+        except Exception as e:  # the synchronous part (tmp folder, array copies) failed
+            raise self._failed(step, e) from e
+
+    def _failed(self, step: int | None, e: BaseException) -> SaveError:
+        self.failed = True
+        return SaveError(step, error_cause(e), self.committed_steps())
+
+    def committed_steps(self) -> list[int]:
+        """The steps whose save is committed on disk (step folders; not a save in flight)."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return []
+        return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(self.directory, n)))
+
+    def poll(self) -> None:
+        """Raises SaveError if an asynchronous save has finished and failed; returns at once
+        while one is still running (call it every step: a failure stops the run early)."""
+        if self.failed:
+            raise SaveError(self._saving, "an earlier save failed", [])
+        if self._saving is None or self._mgr.is_saving_in_progress():
+            return
+        self._join()
+
+    def _join(self) -> None:
+        try:
+            self._mgr.wait_until_finished()
+        except Exception as e:
+            raise self._failed(self._saving, e) from e
+        self._saving = None
 
     def resolve_step(self, step: int | None = None) -> int:
         """`step` if saved (default: the latest), else a CheckpointError listing what exists."""
@@ -265,13 +331,49 @@ class Checkpointer:
                 **{STATE: _restore_args(target, partial=True), META: ocp.args.JsonRestore()}))
         return out[STATE]["params"], out[META]
 
-    def wait(self) -> None:
-        """Blocks until pending asynchronous saves are on disk."""
-        self._mgr.wait_until_finished()
+    def wait(self, timeout: float | None = None) -> bool:
+        """Blocks until pending asynchronous saves are on disk (SaveError if one failed).
+        With `timeout` (seconds), gives up after it and returns False (the save is still
+        running: the caller abandons it; its temporary folder is removed at the next start)."""
+        if timeout is None:
+            self._join()
+            return True
+        if self._saving is None:
+            return True
+        import threading
+        if self._waiter is None:  # one waiting thread per save, shared by repeated calls
+            outcome: list[BaseException | None] = []
+
+            def join():
+                try:
+                    self._join()
+                    outcome.append(None)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                    outcome.append(e)
+
+            self._waiter = (threading.Thread(target=join, name="onn-checkpoint-wait", daemon=True), outcome)
+            self._waiter[0].start()
+        thread, outcome = self._waiter
+        thread.join(timeout)
+        if not outcome:
+            return False
+        self._waiter = None
+        if outcome[0] is not None:
+            raise outcome[0]
+        return True
+
+    def saving(self) -> bool:
+        """Whether an asynchronous save is still being written."""
+        return self._saving is not None and self._mgr.is_saving_in_progress()
 
     def close(self) -> None:
-        self._mgr.wait_until_finished()
+        """Waits for pending saves and closes the manager (SaveError if a save failed); a
+        manager whose save failed is left as it is (orbax would raise the same error again)."""
+        if self.failed or self._closed:
+            return
+        self._join()
         self._mgr.close()
+        self._closed = True
 
     def __enter__(self):
         return self

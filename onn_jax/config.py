@@ -1,6 +1,6 @@
 """Frozen, validated configuration dataclasses for the model, the MoE layer and the optimizer.
 
-Every field has the faithful default of shared/REFERENCE.md unless its docstring says
+Every field has the faithful default of docs/ALGORITHM.md unless its docstring says
 otherwise. Validation happens at construction time and raises `ConfigError`, which names
 the offending field by its dotted path so the training program can point at the source.
 """
@@ -16,10 +16,13 @@ NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "bfloat16")
 FILTER_MODES = ("one_sided", "two_sided", "off")
 FILTER_SCOPES = ("pooled", "per_layer")
-DISPATCHES = ("dense", "sparse")
-GATE_TOKENS = ("all", "unmasked", "nonconstant")
+DISPATCHES = ("dense", "sparse", "dropless")
+GEMMS = ("auto", "ragged_dot", "mosaic_gpu", "padded")
+GATE_TOKENS = ("all", "unmasked")
+MOE_GATE_TOKENS = GATE_TOKENS + ("nonconstant",)  # `nonconstant`: MoE gate only (issue 16)
 GATE_TIE_BREAKS = ("low_index", "random")
 ATTENTIONS = ("xla", "cudnn", "auto")
+IDLE_EXPERTS = ("skip", "zero_grad")
 
 
 class ConfigError(ValueError):
@@ -71,6 +74,16 @@ class MoEConfig:
     capacity_factor: sparse capacity per expert = ceil(capacity_factor * N * k_ref / E), with
       k_ref = top_k for the top-k router and fallback_k (E // 2) for the surprise gate (see
       onn_jax.dispatch.expert_capacity); None means no pair is ever dropped (capacity N).
+    pair_budget: dropless dispatch (`dispatch="dropless"`, onn_jax.dropless): rows of the
+      expert-sorted pair buffer per token on average, ceil(pair_budget * N) rows for the batch.
+      At num_experts nothing can drop; beyond the budget the pairs of the batch's last tokens
+      (token-major order) are dropped and counted in moe/dropped_frac. None: top_k for the top-k
+      router (never drops), fallback_k (E // 2) for the surprise gate (every token's k at
+      initialisation; avg_k falls while training).
+    gemm: grouped-GEMM backend of the dropless experts (onn_jax.grouped_gemm): `ragged_dot`
+      (jax.lax.ragged_dot, portable), `mosaic_gpu` (the Pallas Mosaic GPU kernels in jax,
+      Hopper only), `padded` (a masked einsum per expert: a slow exact reference) or `auto`
+      (mosaic_gpu on a Hopper GPU, else ragged_dot).
 
     Research options (issue 16, docs/RESEARCH.md; the defaults are the faithful model):
     aux_free_rate: aux-loss-free balancing of the top-k router (0 = off): a per-expert bias, added
@@ -105,6 +118,8 @@ class MoEConfig:
     dispatch: str = "dense"
     capacity_factor: float | None = None
     gate_tokens: str = "all"
+    pair_budget: float | None = None
+    gemm: str = "auto"
     # --- research options (issue 16; docs/RESEARCH.md). Defaults leave the faithful model unchanged.
     aux_free_rate: float = 0.0
     shared_expert: bool = False
@@ -118,10 +133,12 @@ class MoEConfig:
 
     def __post_init__(self):
         p = "model.moe."
-        _choice(self.gate_tokens, GATE_TOKENS, p + "gate_tokens")
+        _choice(self.gate_tokens, MOE_GATE_TOKENS, p + "gate_tokens")
         _choice(self.dispatch, DISPATCHES, p + "dispatch")
-        _check(not (self.surprise == "advantage" and self.dispatch == "sparse"), p + "surprise",
-               "`advantage` needs every expert's output; it cannot run with dispatch='sparse'")
+        _check(not (self.surprise == "advantage" and self.dispatch != "dense"), p + "surprise",
+               "`advantage` needs every expert's output; it cannot run with "
+               f"dispatch={self.dispatch!r}")
+        _choice(self.gemm, GEMMS, p + "gemm")
         if self.capacity_factor is not None:
             _nonneg_float(self.capacity_factor, p + "capacity_factor")
             _check(self.capacity_factor > 0, p + "capacity_factor",
@@ -139,8 +156,13 @@ class MoEConfig:
                f"must be <= num_experts ({self.num_experts}), got {self.top_k}")
         for name in ("w_ce", "w_kl", "w_aux", "lb_weight", "z_weight"):
             _nonneg_float(getattr(self, name), p + name)
-        _check(isinstance(self.surprise, str) and self.surprise != "", p + "surprise",
-               f"must be the name of a surprise function, got {self.surprise!r}")
+        from onn_jax.surprise import SURPRISE_FNS  # noqa: PLC0415 (keeps this module light)
+        _check(isinstance(self.surprise, str) and self.surprise in SURPRISE_FNS, p + "surprise",
+               f"must be one of {sorted(SURPRISE_FNS)} (onn_jax.surprise.SURPRISE_FNS), got {self.surprise!r}")
+        if self.pair_budget is not None:
+            _nonneg_float(self.pair_budget, p + "pair_budget")
+            _check(0 < self.pair_budget <= self.num_experts, p + "pair_budget",
+                   f"must be in (0, num_experts={self.num_experts}], got {self.pair_budget}")
         self._check_research_options()
 
     def _check_research_options(self) -> None:
@@ -177,6 +199,72 @@ class MoEConfig:
         return max(1, self.num_experts // 2)
 
 
+# --- Phase 2, full-stack sparsity: gated attention heads (docs/FULL_STACK.md) ------------------
+
+HEAD_ROUTERS = ("dense", "surprise", "topk")
+HEAD_COMBINES = ("scaled", "softmax")
+
+
+def _check_gate_fields(cfg, p: str) -> None:
+    """The fields every Surprise-gated unit kind shares (MoE-style names, one meaning)."""
+    _choice(cfg.gate_tokens, GATE_TOKENS, p + "gate_tokens")
+    for name in ("w_ce", "w_kl", "w_aux"):
+        _nonneg_float(getattr(cfg, name), p + name)
+    _check(isinstance(cfg.surprise, str) and cfg.surprise != "", p + "surprise",
+           f"must be the name of a surprise function, got {cfg.surprise!r}")
+    if cfg.fallback_k is not None:
+        _positive_int(cfg.fallback_k, p + "fallback_k")
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    """Gated attention heads (off by default: `router = dense` is plain multi-head attention).
+
+    router: `dense` (every head, summed: faithful), `surprise` (the top-any gate of the MoE
+      layer per query token over the H heads, trained by the Surprise hybrid loss) or `topk`
+      (MoH-style baseline: linear router, top_k heads, Switch load balancing `lb_weight`).
+    fallback_k: heads of a token with none above its threshold; None means H // 2.
+    combine: `scaled` (MoH: out = k_t * sum_h w_h Y_h, k_t = active heads; all heads with
+      w = 1/H is dense attention) or `softmax` (out = sum_h w_h Y_h).
+    surprise, w_ce, w_kl, w_aux, gate_tokens: as in model.moe, for the head gate.
+    """
+
+    router: str = "dense"
+    fallback_k: int | None = None
+    combine: str = "scaled"
+    surprise: str = "output_grad"
+    w_ce: float = 1.0
+    w_kl: float = 1.0
+    w_aux: float = 1.0
+    gate_tokens: str = "all"
+    top_k: int = 2
+    lb_weight: float = 0.01
+
+    def __post_init__(self):
+        p = "model.heads."
+        _choice(self.router, HEAD_ROUTERS, p + "router")
+        _choice(self.combine, HEAD_COMBINES, p + "combine")
+        _check_gate_fields(self, p)
+        _positive_int(self.top_k, p + "top_k")
+        _nonneg_float(self.lb_weight, p + "lb_weight")
+
+    def check_against(self, num_heads: int) -> None:
+        p = "model.heads."
+        if self.fallback_k is not None:
+            _check(self.fallback_k <= num_heads, p + "fallback_k",
+                   f"must be <= model.num_heads ({num_heads}), got {self.fallback_k}")
+        _check(self.top_k <= num_heads, p + "top_k",
+               f"must be <= model.num_heads ({num_heads}), got {self.top_k}")
+
+    def effective_fallback_k(self, num_heads: int) -> int:
+        """fallback_k, or H // 2 (at least 1) by default."""
+        return self.fallback_k if self.fallback_k is not None else max(1, num_heads // 2)
+
+    @property
+    def gated(self) -> bool:
+        return self.router != "dense"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The transformer around the MoE layer (faithful PoC numerics by default).
@@ -199,6 +287,7 @@ class ModelConfig:
     dtype: str = "float32"
     attention: str = "xla"
     moe: MoEConfig = field(default_factory=MoEConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
 
     def __post_init__(self):
         p = "model."
@@ -224,6 +313,8 @@ class ModelConfig:
                    f"'cudnn' needs a head dim (hidden/num_heads) that is a multiple of 8 and <= 128, "
                    f"got {self.head_dim}")
         _check(isinstance(self.moe, MoEConfig), p + "moe", "must be a MoEConfig")
+        _check(isinstance(self.heads, HeadsConfig), p + "heads", "must be a HeadsConfig")
+        self.heads.check_against(self.num_heads)
 
     @property
     def head_dim(self) -> int:
@@ -256,6 +347,10 @@ class OptimConfig:
     """AdamW with the faithful PoC hyper-parameters, plus the expert gradient filter.
 
     clip_norm: optional global-norm clipping (an option; None = off, faithful).
+    idle_experts: what an expert that received no token in the step gets (onn_jax.optimizer):
+      `skip` (faithful: no gradient; left out of the 2-sigma statistics, AdamW skips it and
+      its own step counter stays) or `zero_grad` (a zero gradient: pooled, decayed, moved by
+      momentum; one step counter for all parameters).
     """
 
     lr: float = 1e-3
@@ -265,9 +360,11 @@ class OptimConfig:
     eps: float = 1e-8
     clip_norm: float | None = None
     grad_filter: FilterConfig = field(default_factory=FilterConfig)
+    idle_experts: str = "skip"
 
     def __post_init__(self):
         p = "optim."
+        _choice(self.idle_experts, IDLE_EXPERTS, p + "idle_experts")
         _check(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool), p + "lr",
                f"must be a number, got {type(self.lr).__name__} {self.lr!r}")
         _check(self.lr > 0, p + "lr", f"must be > 0, got {self.lr}")
@@ -338,8 +435,9 @@ def to_dict(config) -> dict[str, Any]:
 class DataConfig:
     """Where the tokens come from and how they are batched (see onn_jax.data).
 
-    source: `builtin` (the embedded multi-domain chat corpus) or comma-separated paths of
-      chat `.jsonl` files and plain-text files.
+    source: `builtin` (the embedded multi-domain chat corpus), comma-separated paths of
+      chat `.jsonl` files and plain-text files (read into memory), or `shards:DIR` (a
+      directory written by onn-tokenize, streamed from disk; see onn_jax.shards).
     tokenizer: `byte` (byte-level, default) or a path to a local HF `tokenizer.json`.
     records_per_domain: records per domain of the builtin corpus (ignored for user files).
     eval_fraction: share of records held out for the evaluation split.
@@ -424,12 +522,17 @@ class CheckpointConfig:
     enabled: bool = True
     every: int = 500
     keep: int = 3
+    # stop_timeout_s: on a stop signal, how long onn-train waits for the save of the current
+    # step (and any save in flight) before abandoning it and exiting (see train.signals).
+    stop_timeout_s: float = 120.0
 
     def __post_init__(self):
         p = "checkpoint."
         _check(isinstance(self.enabled, bool), p + "enabled", f"must be a bool, got {self.enabled!r}")
         _positive_int(self.every, p + "every")
         _positive_int(self.keep, p + "keep")
+        _nonneg_float(self.stop_timeout_s, p + "stop_timeout_s")
+        _check(self.stop_timeout_s > 0, p + "stop_timeout_s", f"must be > 0, got {self.stop_timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -450,3 +553,5 @@ class Config:
             _check(isinstance(getattr(self, name), cls), name, f"must be a {cls.__name__}")
         _check(self.data.seq_len <= self.model.max_len, "data.seq_len",
                f"must be <= model.max_len ({self.model.max_len}), got {self.data.seq_len}")
+        from onn_jax.limits import check_values  # ranges of every field: int32, finite, UTF-8
+        check_values(self)

@@ -1,4 +1,4 @@
-"""Data: user files -> chat records -> fixed-length examples -> deterministic batches.
+"""Data: user files -> records (onn_jax.records) -> fixed-length examples -> deterministic batches.
 
 Usage (the training loop):
 
@@ -10,7 +10,8 @@ Usage (the training loop):
     for eval_batch in ds.eval_batches(global_batch=32): ...
 
 A batch is a dict of numpy arrays: inputs [B, T] int32, targets [B, T] int32 (inputs shifted
-by one), loss_mask [B, T] float32 (1 where the target is assistant content or its EOS),
+by one), loss_mask [B, T] float32 (1 where the target is trained on: assistant content and
+its EOS for chat records, everything after BOS for text records),
 domain [B] int32 (index into `ds.domains`; -1 for the padding rows of the last eval batch).
 B is this process's share, global_batch / process_count.
 
@@ -24,8 +25,6 @@ strict mode.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import operator
 import os
 from dataclasses import dataclass
@@ -33,127 +32,29 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from onn_jax.tokenizer import ROLES, Tokenizer, encode_chat
-
-
-class DataError(ValueError):
-    """Bad user data; the message starts with `path:line:` (or `path:` for a whole file)."""
-
-    def __init__(self, path: str, line: int | None, message: str):
-        where = f"{path}:{line}" if line is not None else f"{path}"
-        super().__init__(f"{where}: {message}")
-        self.path, self.line, self.message = path, line, message
-
-
-# ---------------------------------------------------------------- user files -> records
-
-def _check_chat(obj, path: str, line: int) -> dict:
-    if not isinstance(obj, dict):
-        raise DataError(path, line, f"expected a JSON object, got {type(obj).__name__}")
-    messages = obj.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise DataError(path, line, 'missing or empty "messages" list')
-    for j, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise DataError(path, line, f'messages[{j}] must be an object with a string "content"')
-        if m.get("role") not in ROLES:
-            raise DataError(path, line, f"messages[{j}] has unknown role {m.get('role')!r}; "
-                                        f"expected one of {list(ROLES)}")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(path, line, "no assistant message: nothing to train on")
-    domain = obj.get("domain")
-    if domain is not None and not isinstance(domain, str):
-        raise DataError(path, line, f'"domain" must be a string, got {domain!r}')
-    return {"domain": domain,
-            "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
-            "source": f"{path}:{line}"}
+from onn_jax.records import (DataError, encode_record, iter_chat_jsonl, iter_records, iter_text,
+                              record_hash)
+from onn_jax.tokenizer import Tokenizer
 
 
 def load_chat_jsonl(path: str | os.PathLike, domain: str | None = None) -> list[dict]:
-    """Records of a chat jsonl file, one `{"messages": [...], "domain"?: str}` per line.
-
-    Blank lines are skipped. A record's domain is its own, else `domain`, else the file
-    name without extension.
-    """
-    path = os.fspath(path)
-    default = domain or os.path.splitext(os.path.basename(path))[0]
-    records = []
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(path, line_no, f"invalid UTF-8: {e.reason}") from None
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(path, line_no, f"malformed JSON: {e.msg} (column {e.colno})") from None
-            record = _check_chat(obj, path, line_no)
-            record["domain"] = record["domain"] or default
-            records.append(record)
-    if not records:
-        raise DataError(path, None, "no records (the file is empty)")
-    return records
+    """Records of a chat jsonl file (see onn_jax.records.iter_chat_jsonl)."""
+    return list(iter_chat_jsonl(path, domain))
 
 
 def load_text(path: str | os.PathLike, chunk_chars: int = 1000,
               domain: str | None = None) -> list[dict]:
-    """Records of a plain text file: paragraphs (split at blank lines) merged into chunks of
-    at most chunk_chars characters (a longer paragraph is cut into pieces), each chunk a
-    record with a single assistant message, so all of it is trained on."""
-    path = os.fspath(path)
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataError(path, line, f"invalid UTF-8: {e.reason}") from None
-    domain = domain or os.path.splitext(os.path.basename(path))[0]
-    pieces, line = [], 1  # (first line, text)
-    for para in text.split("\n\n"):
-        body = para.strip()
-        if body:
-            start = line + para[:para.index(body[0])].count("\n")
-            pieces += [(start, body[i:i + chunk_chars]) for i in range(0, len(body), chunk_chars)]
-        line += para.count("\n") + 2
-    chunks: list[list] = []
-    for start, body in pieces:
-        if chunks and len(chunks[-1][1]) + 2 + len(body) <= chunk_chars:
-            chunks[-1][1] += "\n\n" + body
-        else:
-            chunks.append([start, body])
-    if not chunks:
-        raise DataError(path, None, "no text (the file is empty)")
-    return [{"domain": domain, "messages": [{"role": "assistant", "content": body}],
-             "source": f"{path}:{start}"} for start, body in chunks]
+    """Text records of a plain text file (see onn_jax.records.iter_text): chunks of at most
+    chunk_chars characters, trained as `BOS text EOS` without chat markers."""
+    return list(iter_text(path, chunk_chars, domain))
 
 
 def load_records(paths: Sequence[str | os.PathLike], chunk_chars: int = 1000) -> list[dict]:
     """Records of several files: `.jsonl` files are chat, anything else plain text."""
-    records = []
-    for p in paths:
-        if os.path.isdir(p):
-            raise DataError(os.fspath(p), None, "is a directory; expected a .jsonl or text file")
-        if not os.path.isfile(p):
-            raise DataError(os.fspath(p), None, "file not found")
-        is_chat = os.fspath(p).endswith(".jsonl")
-        try:
-            records += load_chat_jsonl(p) if is_chat else load_text(p, chunk_chars)
-        except OSError as e:
-            raise DataError(os.fspath(p), None, f"cannot read: {e.strerror or e}") from None
-    return records
+    return list(iter_records(paths, chunk_chars))
 
 
 # ---------------------------------------------------------------- records -> examples
-
-def record_hash(record: dict) -> int:
-    """A 64-bit hash of a record's domain and messages (not its source)."""
-    key = json.dumps({"domain": record["domain"], "messages": record["messages"]}, sort_keys=True)
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
-
 
 def split_eval(records: Sequence[dict], eval_fraction: float) -> tuple[list[dict], list[dict]]:
     """(train, eval): a record is held out when record_hash / 2**64 < eval_fraction, so
@@ -186,14 +87,14 @@ class Examples:
 
 def make_examples(records: Sequence[dict], tok: Tokenizer, seq_len: int, domains: Sequence[str],
                   pack: bool = True, strict: bool = False) -> Examples:
-    """Encode records (tokenizer.encode_chat) into rows of seq_len + 1 tokens (see module doc).
+    """Encode records (onn_jax.records.encode_record) into rows of seq_len + 1 tokens (see module doc).
 
     loss_mask[n, t] says whether target tokens[n, t + 1] is trained on.
     """
     width = seq_len + 1
     by_domain: dict[str, list[tuple[list[int], list[bool]]]] = {d: [] for d in domains}
     for r in records:
-        ids, trained = encode_chat(tok, r["messages"])
+        ids, trained = encode_record(tok, r)
         if len(ids) > width:
             if strict:
                 path, _, line = r.get("source", "<records>:").rpartition(":")

@@ -1,6 +1,6 @@
 """Routers as pure functions of arrays: the top-any surprise gate and a top-k baseline.
 
-The top-any gate (DynMoE style, shared/REFERENCE.md section "One MoE layer"):
+The top-any gate (DynMoE style, docs/ALGORITHM.md section 1):
   1. logits[t, e] = <x_t / |x_t|, P_e / |P_e|>          cosine similarity to prototypes
   2. pre[t, e]    = logits[t, e] - sigmoid(theta_e)     learnable thresholds
   3. active       = relu(pre) > 0                       k is dynamic, 0..E per token

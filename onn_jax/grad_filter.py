@@ -1,9 +1,14 @@
 """The expert gradient filter ("2-sigma") as an optax GradientTransformation.
 
-Faithful (shared/REFERENCE.md step 6): over all expert parameter gradients pooled
+Faithful (docs/ALGORITHM.md, step 6): over all expert parameter gradients pooled
 together, thr = mean + 2 * std (unbiased); entries strictly greater than thr become 0.
 Options: `two_sided` (the same on |g|), `per_layer` statistics, `off`. Parameters that
 are not expert weights pass through untouched.
+
+With `idle_aware=True` (the faithful no-token rule, optim.idle_experts='skip') the update
+takes the optax extra argument `expert_active` ([L, E] bool, onn_jax.optimizer): the entries
+of experts that received no token are left out of mean, std and the count n (they have no
+gradient in the original), and out of the zeroed fraction.
 """
 from __future__ import annotations
 
@@ -36,9 +41,27 @@ def layer_of_path(path) -> str:
     return ""
 
 
+def layer_index(path) -> int | None:
+    """The block number l of a leaf under `block_l` (None outside the blocks)."""
+    name = layer_of_path(path)
+    return int(name.split("_", 1)[1]) if name.startswith("block_") else None
+
+
+def leaf_active(path, leaf, expert_active_LxE: jax.Array | None) -> jax.Array | None:
+    """[E] bool of the experts of this expert leaf that received a token (None: all did)."""
+    if expert_active_LxE is None or not is_expert_path(path):
+        return None
+    layer = layer_index(path)
+    if layer is None or layer >= expert_active_LxE.shape[0] or leaf.shape[:1] != expert_active_LxE.shape[1:]:
+        raise ValueError(f"expert_active {expert_active_LxE.shape} does not fit expert leaf "
+                         f"{jax.tree_util.keystr(path)} of shape {leaf.shape}")
+    return expert_active_LxE[layer]
+
+
 def sigma_filter(mode: str = "one_sided", scope: str = "pooled", sigma: float = 2.0,
                  is_expert: Callable[[Any], bool] = is_expert_path,
-                 group_of: Callable[[Any], str] = layer_of_path) -> optax.GradientTransformation:
+                 group_of: Callable[[Any], str] = layer_of_path,
+                 idle_aware: bool = False) -> optax.GradientTransformationExtraArgs:
     """Zeroes outlier expert gradient entries; see the module docstring.
 
     is_expert(path) selects the filtered leaves; group_of(path) names the statistics group
@@ -53,8 +76,10 @@ def sigma_filter(mode: str = "one_sided", scope: str = "pooled", sigma: float = 
         del params
         return SigmaFilterState(jnp.zeros([], jnp.float32))
 
-    def update(updates, state, params=None):
-        del params
+    def update(updates, state, params=None, *, expert_active=None, **extra_args):
+        del params, extra_args
+        if not idle_aware:
+            expert_active = None
         if mode == "off":
             return updates, state
         paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
@@ -64,21 +89,35 @@ def sigma_filter(mode: str = "one_sided", scope: str = "pooled", sigma: float = 
                 groups.setdefault(group_of(path) if scope == "per_layer" else "", []).append(i)
         leaves = [leaf for _, leaf in paths_leaves]
         zeroed = jnp.zeros([], jnp.float32)
-        total = 0
+        total = jnp.zeros([], jnp.float32)
         for idx in groups.values():
             vals = [leaves[i].astype(jnp.float32) for i in idx]
             if mode == "two_sided":
                 vals = [jnp.abs(v) for v in vals]
-            n = sum(v.size for v in vals)
-            mean = sum(jnp.sum(v) for v in vals) / n
-            var = sum(jnp.sum(jnp.square(v - mean)) for v in vals) / max(n - 1, 1)
+            if expert_active is None:
+                keep = [None] * len(idx)
+                n = float(sum(v.size for v in vals))
+                s = sum(jnp.sum(v) for v in vals)
+            else:
+                keep = [_broadcast_rows(leaf_active(paths_leaves[i][0], v, expert_active), v)
+                        for i, v in zip(idx, vals)]
+                n = sum(jnp.sum(k, dtype=jnp.float32) for k in keep)
+                s = sum(jnp.sum(jnp.where(k, v, 0.0)) for k, v in zip(keep, vals))
+            mean = s / jnp.maximum(n, 1.0)
+            var = sum(jnp.sum(jnp.square(v - mean) if k is None else jnp.where(k, jnp.square(v - mean), 0.0))
+                      for k, v in zip(keep, vals)) / jnp.maximum(n - 1, 1.0)
             thr = mean + sigma * jnp.sqrt(var)
-            for i, v in zip(idx, vals):
-                drop = v > thr
+            for i, v, k in zip(idx, vals, keep):
+                drop = v > thr if k is None else (v > thr) & k
                 zeroed = zeroed + jnp.sum(drop)
                 leaves[i] = jnp.where(drop, jnp.zeros_like(leaves[i]), leaves[i])
-            total += n
-        frac = zeroed / max(total, 1)
+            total = total + n
+        frac = zeroed / jnp.maximum(total, 1.0)
         return jax.tree_util.tree_unflatten(treedef, leaves), SigmaFilterState(frac)
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _broadcast_rows(active_E: jax.Array, v: jax.Array) -> jax.Array:
+    """An [E] mask broadcast over an [E, ...] leaf."""
+    return jnp.broadcast_to(active_E.reshape(active_E.shape + (1,) * (v.ndim - 1)), v.shape)

@@ -7,6 +7,7 @@ experts, so `model.apply` is itself a pure function of (params, tokens, taps) th
 Parameter layout (what onn_jax.sharding and the expert filter key on):
   embed/embedding [V, C]
   block_i/attn/{query,key,value}/kernel [C, H, D], block_i/attn/out/kernel [H, D, C]
+  block_i/attn/{head_prototypes [C, H], head_thresholds [H]} or head_router [C, H] (gated heads)
   block_i/{norm_attn,norm_moe}/{scale,bias}
   block_i/moe/{prototypes [C, E], thresholds [E]} or router [C, E]
   block_i/moe/experts/{w1 [E, C, I], w2 [E, I, C], w3 [E, C, I] for SwiGLU}
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 
 from onn_jax.config import ConfigError, ModelConfig
 from onn_jax.experts import dense_ffn
+from onn_jax.heads import HeadGradNorms, head_layer
 from onn_jax.moe import MoETaps, moe_layer, zero_taps
 
 # PyTorch nn.Linear's default init (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)).
@@ -143,11 +145,13 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxTxC, positions_BxT, cache: KVCache | None = None, kv_valid_BxS=None,
-                 index_positions: bool = False):
+                 index_positions: bool = False, taps: MoETaps | None = None):
         """Output [B, T, C]; with a cache, (output, cache with this call's keys/values written).
 
         `index_positions`: positions are 0..T-1 in every row, so causality by index equals
         causality by position and the fused attention (cfg.attention) may be used.
+        With gated heads (cfg.heads.router != dense) the heads are combined by onn_jax.heads,
+        `taps` are its zero taps, and the layer's record is sown as ("gated", "heads").
         """
         cfg, dt = self.cfg, compute_dtype(self.cfg)
         proj = lambda name: nn.DenseGeneral((cfg.num_heads, cfg.head_dim), use_bias=False, dtype=dt,
@@ -165,9 +169,48 @@ class Attention(nn.Module):
             b, s = kv_valid_BxS.shape
             kv_pos_BxS = jnp.broadcast_to(jnp.arange(s), (b, s))
             o = causal_attention(q, cache.key, cache.value, positions_BxT, kv_pos_BxS, kv_valid_BxS)
+        if cfg.heads.gated:
+            out = self.gated_heads(x_BxTxC, q, k, v, o, positions_BxT, cache, kv_valid_BxS, taps)
+            return out if cache is None else (out, cache)
         out = nn.DenseGeneral(cfg.hidden, axis=(-2, -1), use_bias=False, dtype=dt,
                               kernel_init=torch_linear_init, name="out")(o)
         return out if cache is None else (out, cache)
+
+    def gated_heads(self, x_BxTxC, q, k, v, o_BxTxHxD, positions_BxT, cache, kv_valid_BxS, taps):
+        """The gated combine of onn_jax.heads (its parameters live here; W_out keeps its path)."""
+        cfg, hc = self.cfg, self.cfg.heads
+        b, t, c = x_BxTxC.shape
+        h = cfg.num_heads
+        params = {"out": HeadOut((h, cfg.head_dim, c), name="out")()}
+        if hc.router == "surprise":
+            params["head_prototypes"] = self.param("head_prototypes", nn.initializers.normal(1.0), (c, h))
+            params["head_thresholds"] = self.param("head_thresholds", nn.initializers.zeros, (h,))
+        else:
+            params["head_router"] = self.param("head_router", torch_linear_init, (c, h))
+        if cache is None:
+            kv_pos_BxS, kv_valid = positions_BxT, None
+        else:
+            k, v = cache.key, cache.value
+            kv_pos_BxS, kv_valid = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2]), kv_valid_BxS
+        attn_NxHxD = o_BxTxHxD.reshape(b * t, h, cfg.head_dim)
+        norms = HeadGradNorms(q, k, v, positions_BxT, kv_pos_BxS, kv_valid, params["out"],
+                              jnp.ones((b * t,), jnp.float32), attn_NxHxD)
+        out_NxC, record = head_layer(params, x_BxTxC.reshape(b * t, c), attn_NxHxD, hc, taps, norms)
+        self.sow("gated", "heads", record)
+        return out_NxC.astype(x_BxTxC.dtype).reshape(b, t, c)
+
+
+class HeadOut(nn.Module):
+    """W_out [H, D, C] at the dense path's place (attn/out/kernel) and with its init."""
+
+    shape: tuple[int, int, int]
+
+    @nn.compact
+    def __call__(self):
+        def init(rng, shape, dtype=jnp.float32):  # as nn.DenseGeneral: PyTorch Linear, fan_in H * D
+            h, d, c = shape
+            return torch_linear_init(rng, (h * d, c), dtype).reshape(shape)
+        return self.param("kernel", init, self.shape)
 
 
 class Experts(nn.Module):
@@ -241,10 +284,11 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxTxC, positions_BxT, taps: MoETaps | None = None,
-                 cache: KVCache | None = None, kv_valid_BxS=None, index_positions: bool = False):
+                 cache: KVCache | None = None, kv_valid_BxS=None, index_positions: bool = False,
+                 head_taps: MoETaps | None = None):
         """(output, MoE record), plus the updated KVCache when a cache is given."""
         attn = Attention(self.cfg, name="attn")(Norm(self.cfg, name="norm_attn")(x_BxTxC), positions_BxT,
-                                                cache, kv_valid_BxS, index_positions)
+                                                cache, kv_valid_BxS, index_positions, head_taps)
         if cache is not None:
             attn, cache = attn
         h = x_BxTxC + attn
@@ -259,13 +303,17 @@ class Transformer(nn.Module):
     (absolute, per row) and attend to every valid cached slot at or before their position;
     `tokens_valid_BxT` (default all True) marks padding that later tokens must not see.
     The call then returns (logits, records, updated cache).
+
+    `unit_taps` (onn_jax.units.UnitTaps) are the zero taps of the gated units beyond the MoE
+    (attention heads); their records are sown in the "gated" collection (apply with
+    mutable=["gated"] to get them; onn_jax.units.unit_records reads them).
     """
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, tokens_BxT, taps: Sequence[MoETaps] | None = None, positions_BxT=None,
-                 cache: DecodeCache | None = None, tokens_valid_BxT=None):
+                 cache: DecodeCache | None = None, tokens_valid_BxT=None, unit_taps=None):
         cfg = self.cfg
         index_positions = positions_BxT is None and cache is None
         if positions_BxT is None:
@@ -281,8 +329,10 @@ class Transformer(nn.Module):
         for i in range(cfg.num_layers):
             block = Block(cfg, name=f"block_{i}")
             layer_taps = None if taps is None else taps[i]
+            head_taps = None if unit_taps is None or unit_taps.heads is None else unit_taps.heads[i]
             if cache is None:
-                x, record = block(x, positions_BxT, layer_taps, index_positions=index_positions)
+                x, record = block(x, positions_BxT, layer_taps, index_positions=index_positions,
+                                  head_taps=head_taps)
             else:
                 x, record, layer_cache = block(x, positions_BxT, layer_taps, cache.layers[i], kv_valid_BxS)
                 new_layers.append(layer_cache)

@@ -10,7 +10,8 @@ forward values. `record` keeps what the gate loss and the metrics need.
 With `cfg.dispatch == "sparse"` (onn_jax.dispatch) only active pairs within a per-expert
 capacity are computed; Y and its tap then live in slot space [E, K, C]. `layer_surprise`
 takes the faithful Surprise there; `surprise_inputs` maps them back to the pair layout
-[N, E, C] for any other surprise function.
+[N, E, C] for any other surprise function. `cfg.dispatch == "dropless"` (onn_jax.dropless)
+does the same with one expert-sorted row buffer [R, C] and no per-expert capacity.
 """
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ import jax.numpy as jnp
 from onn_jax.config import MoEConfig
 from onn_jax.dispatch import (Dispatch, combine_slots, dispatch_tokens, expert_capacity,
                               make_dispatch, slot_expert_outputs, to_pairs)
+from onn_jax.dropless import (Dropless, combine_rows, dispatch_rows, make_dropless, pair_rows,
+                              row_expert_outputs, rows_to_pairs)
+from onn_jax.grouped_gemm import resolve_gemm
 from onn_jax.experts import combine, expert_outputs
 from onn_jax.gate import RouterOutput, top_any_gate, topk_gate
 from onn_jax.surprise import SurpriseFn, SurpriseInputs, output_grad_surprise
@@ -32,7 +36,7 @@ class MoERecord(NamedTuple):
 
     router: RouterOutput
     expert_out: jax.Array  # Y [N, E, C] float32; slot space [E, K, C] under sparse dispatch
-    dispatch: Dispatch | None = None  # set under sparse dispatch
+    dispatch: Dispatch | Dropless | None = None  # set under sparse / dropless dispatch
     expert_in: jax.Array | None = None  # x [N, C], the experts' input (surprise `learning_cost`)
     expert_params: dict | None = None   # the stacked expert weights (surprise `learning_cost`)
 
@@ -51,6 +55,9 @@ def zero_taps(num_tokens: int, num_experts: int, hidden: int) -> MoETaps:
 
 def layer_taps(cfg: MoEConfig, num_tokens: int, hidden: int) -> MoETaps:
     """Zero taps shaped for the layer's dispatch: Y taps are [E, K, C] slots when sparse."""
+    if cfg.dispatch == "dropless":
+        return MoETaps(jnp.zeros((pair_rows(num_tokens, cfg), hidden), jnp.float32),
+                       jnp.zeros((num_tokens, hidden), jnp.float32))
     if cfg.dispatch == "sparse":
         k = expert_capacity(num_tokens, cfg)
         return MoETaps(jnp.zeros((cfg.num_experts, k, hidden), jnp.float32),
@@ -66,7 +73,7 @@ def surprise_inputs(record: MoERecord, d_taps: MoETaps) -> SurpriseInputs:
     """
     d_y, y = d_taps.expert_out, record.expert_out
     if record.dispatch is not None:
-        d_y, y = to_pairs(d_y, record.dispatch), to_pairs(y, record.dispatch)
+        d_y, y = _to_pairs(d_y, record.dispatch), _to_pairs(y, record.dispatch)
     return SurpriseInputs(d_expert_out=d_y, d_moe_out=d_taps.moe_out, expert_out=y,
                           weights=record.router.weights, mask=record.router.mask,
                           expert_in=record.expert_in, expert_params=record.expert_params)
@@ -81,8 +88,26 @@ def layer_surprise(surprise_fn: SurpriseFn, record: MoERecord, d_taps: MoETaps) 
     """
     if record.dispatch is not None and surprise_fn is output_grad_surprise:
         d_y = d_taps.expert_out.astype(jnp.float32)
-        return to_pairs(jnp.sqrt(jnp.sum(jnp.square(d_y), axis=-1)), record.dispatch)
+        return _to_pairs(jnp.sqrt(jnp.sum(jnp.square(d_y), axis=-1)), record.dispatch)
     return surprise_fn(surprise_inputs(record, d_taps))
+
+
+def _to_pairs(a, d: Dispatch | Dropless) -> jax.Array:
+    """A slot- or row-space array in the pair layout [N, E, ...] (0 where not computed)."""
+    return rows_to_pairs(a, d) if isinstance(d, Dropless) else to_pairs(a, d)
+
+
+def expert_received_tokens(record: MoERecord) -> jax.Array:
+    """[E] bool: expert e was run on at least one token of the batch in this layer.
+
+    This is what "received a token" means for the no-token rule (onn_jax.optimizer): from
+    the router mask (some token has the pair active) under `dense` dispatch, and from the
+    pairs actually computed (`dispatch.kept_NxE`: active and within the capacity) under a
+    dispatch that may drop pairs. An expert whose pairs were all dropped got no gradient.
+    Under jit on a sharded batch the reduction is over the global batch.
+    """
+    mask_NxE = record.router.mask if record.dispatch is None else record.dispatch.kept_NxE
+    return jnp.any(mask_NxE, axis=0)
 
 
 def route(params: dict, x_NxC: jax.Array, cfg: MoEConfig) -> RouterOutput:
@@ -104,6 +129,8 @@ def moe_layer(params: dict, x_NxC: jax.Array, cfg: MoEConfig,
     the caller casts it back to the residual dtype.
     """
     router = route(params, x_NxC, cfg)
+    if cfg.dispatch == "dropless":
+        return _dropless_layer(params, x_NxC, cfg, taps, router)
     if cfg.dispatch == "sparse":
         d = make_dispatch(router.mask, expert_capacity(x_NxC.shape[0], cfg))
         y_ExKxC = slot_expert_outputs(params["experts"], dispatch_tokens(x_NxC, d),
@@ -122,4 +149,19 @@ def moe_layer(params: dict, x_NxC: jax.Array, cfg: MoEConfig,
     if taps is not None:
         out_NxC = out_NxC + taps.moe_out
     return out_NxC, MoERecord(router=router, expert_out=y_NxExC, expert_in=x_NxC,
+                              expert_params=params["experts"])
+
+
+def _dropless_layer(params, x_NxC, cfg: MoEConfig, taps: MoETaps | None, router: RouterOutput):
+    """The experts on the kept pairs' rows (onn_jax.dropless), combined back in token order."""
+    d = make_dropless(router.mask, pair_rows(x_NxC.shape[0], cfg))
+    y_RxC = row_expert_outputs(params["experts"], dispatch_rows(x_NxC, d), d.sizes_E,
+                               cfg.expert_kind, resolve_gemm(cfg.gemm, x_NxC.dtype))
+    y_RxC = y_RxC.astype(jnp.float32)
+    if taps is not None:
+        y_RxC = y_RxC + taps.expert_out
+    out_NxC = combine_rows(router.weights, y_RxC, d)
+    if taps is not None:
+        out_NxC = out_NxC + taps.moe_out
+    return out_NxC, MoERecord(router=router, expert_out=y_RxC, dispatch=d, expert_in=x_NxC,
                               expert_params=params["experts"])

@@ -11,6 +11,7 @@ Every parameter gets logical axis names from its path in the Linen tree (model.p
   moe/experts/{w1,w3} [E, C, I], w2 [E, I, C]  (expert, embed, mlp), (expert, mlp, embed)
   moe/ffn_{w1,w3} [C, W], ffn_w2 [W, C]        (embed, mlp), (mlp, embed)
   lm_head/kernel [C, V]                        (embed, vocab)
+  attn/head_prototypes, attn/head_router [C, H] (embed, heads); attn/head_thresholds [H] (heads,)
 
 RULES maps logical names to the mesh axes `data`, `expert` and `fsdp`: experts are split
 along `expert`, every weight's `embed` dimension along `fsdp` (ZeRO-3 style; norms stay
@@ -81,6 +82,9 @@ _PARAM_AXES: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("moe", "shared_w3"), ("embed", "mlp")),
     (("moe", "shared_w2"), ("mlp", "embed")),
     (("lm_head", "kernel"), ("embed", "vocab")),
+    (("attn", "head_prototypes"), ("embed", "heads")),   # gated heads (model.heads)
+    (("attn", "head_router"), ("embed", "heads")),
+    (("attn", "head_thresholds"), ("heads",)),
     (("*", "scale"), ("norm",)),
     (("*", "bias"), ("norm",)),
 )

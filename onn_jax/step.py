@@ -7,7 +7,8 @@ its pullback is applied twice to the same residuals:
   1. cotangent (1, 0) -> only the taps' cotangents are used, so XLA prunes every parameter
      gradient and everything below the lowest MoE layer (the cheap Surprise backward);
   2. cotangent (1, w_aux * d gate / d pre) -> the gradient of the total loss.
-The forward is never recomputed. The optax chain applies the expert filter, then AdamW.
+The forward is never recomputed. The optax chain applies the expert filter, then AdamW
+(onn_jax.optimizer), told which experts received no token in the step (`expert_active`).
 """
 from __future__ import annotations
 
@@ -21,16 +22,20 @@ import optax
 
 from onn_jax.config import ModelConfig, OptimConfig
 from onn_jax.analysis import gate_accuracy
-from onn_jax.grad_filter import SigmaFilterState, sigma_filter
+from onn_jax.grad_filter import SigmaFilterState
 from onn_jax.losses import hybrid_gate_loss, load_balancing_loss, next_token_loss, router_z_loss
 from onn_jax.dispatch import dropped_fraction
 from onn_jax.model import Transformer, init_params, model_taps
-from onn_jax.moe import MoERecord, layer_surprise, layer_taps
+from onn_jax.moe import MoERecord, expert_received_tokens, layer_surprise, layer_taps
+from onn_jax.optimizer import make_optimizer  # noqa: F401 (re-exported: it lived here)
+from onn_jax.routing_metrics import routing_metrics
 from onn_jax import gate_targets
 from onn_jax.adaptive_experts import DEAD_SURPRISE, gate_surprise
 from onn_jax.router_state import forward_params, init_router_state, live_masks, update_router_state
 from onn_jax.surprise import SurpriseFn, get_surprise_fn
 from onn_jax.surprise_variants import advantage_surprise
+from onn_jax.units import (UnitRecords, unit_gate_inputs, unit_gate_loss, unit_metrics, unit_records,
+                           unit_surprises, unit_taps)
 
 Batch = dict[str, jax.Array]  # inputs [B, T] int32, targets [B, T] int32, loss_mask [B, T]
 
@@ -49,16 +54,6 @@ class TrainState:
     def model_params(self) -> Any:
         """What model.apply needs: params plus the router state the forward reads."""
         return forward_params(self.params, self.router_state)
-
-
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """Expert gradient filter -> optional global-norm clip -> AdamW (faithful hyper-parameters)."""
-    f = cfg.grad_filter
-    parts = [sigma_filter(f.mode, f.scope, f.sigma)]
-    if cfg.clip_norm is not None:
-        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(optax.adamw(cfg.lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
-    return optax.chain(*parts)
 
 
 def init_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
@@ -121,58 +116,84 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig,
 
     router_state: TrainState.router_state (what the forward reads of it); step: the step count
     (seeds gate_tie_break='random'). Returns (grads, metrics), plus the MoE records with
-    return_records (for onn_jax.router_state.update_router_state)."""
+    return_records (for onn_jax.router_state.update_router_state).
+
+    metrics["moe/expert_active"] ([num_layers, E] bool, absent without MoE layers) says which
+    experts received a token (`expert_received_tokens`); train_step pops it and hands it to
+    the optimizer as `expert_active` (accumulation ORs it over microbatches).
+    """
     model = Transformer(cfg)
     b, t = batch["inputs"].shape
     taps = step_taps(cfg, b, t)
     uses_surprise = cfg.moe.router == "surprise"
     surprise_fn = get_surprise_fn(surprise_fn or cfg.moe.surprise) if uses_surprise else None
-    if surprise_fn is advantage_surprise and cfg.moe.dispatch == "sparse":
+    if surprise_fn is advantage_surprise and cfg.moe.dispatch != "dense":
         raise ValueError("surprise `advantage` needs every expert's output; it cannot run with "
-                         "model.moe.dispatch='sparse'")
+                         f"model.moe.dispatch={cfg.moe.dispatch!r}")
 
-    def forward(params, taps):
-        logits, records = model.apply({"params": forward_params(params, router_state)}, batch["inputs"], taps)
+    utaps = unit_taps(cfg, b, t)  # gated units beyond the MoE (heads); None when there are none
+    loss_mask_N = batch["loss_mask"].reshape(-1)
+
+    def forward(params, taps, utaps):
+        params = forward_params(params, router_state)
+        if utaps is None:
+            (logits, records), urecords = model.apply({"params": params}, batch["inputs"], taps), UnitRecords()
+        else:
+            (logits, records), state = model.apply({"params": params}, batch["inputs"], taps,
+                                                   unit_taps=utaps, mutable=["gated"])
+            urecords = unit_records(cfg, state["gated"])
         main, acc, count = next_token_loss(logits, batch["targets"], batch["loss_mask"])
-        gate_inputs = tuple(r.router.pre for r in records if r is not None)
-        return (main, gate_inputs), (acc, count, records)
+        gate_inputs = (tuple(r.router.pre for r in records if r is not None), unit_gate_inputs(urecords))
+        return (main, gate_inputs), (acc, count, records, urecords)
 
-    (main, gate_inputs), pullback, (acc, count, records) = jax.vjp(forward, params, taps, has_aux=True)
+    (main, gate_inputs), pullback, (acc, count, records, urecords) = jax.vjp(forward, params, taps, utaps,
+                                                                             has_aux=True)
     records = tuple(r for r in records if r is not None)
     one = jnp.ones_like(main)
     no_gate = jax.tree.map(jnp.zeros_like, gate_inputs)
 
+    # Every gate's S from the one pullback of the main loss alone.
     surprises = (None,) * len(records)
-    if uses_surprise:
-        _, d_taps = pullback((one, no_gate))
-        surprises = tuple(jax.lax.stop_gradient(layer_surprise(surprise_fn, r, d))
-                          for d, r in zip(d_taps, records))
+    usurprises = UnitRecords()
+    if uses_surprise or utaps is not None:
+        _, d_taps, d_utaps = pullback((one, no_gate))
+        if uses_surprise:
+            surprises = tuple(jax.lax.stop_gradient(layer_surprise(surprise_fn, r, d))
+                              for d, r in zip(d_taps, records))
+        usurprises = unit_surprises(cfg, urecords, d_utaps)
 
-    loss_mask_N = batch["loss_mask"].reshape(-1)
     if uses_surprise:
         per_layer = gate_loss_inputs(cfg, surprises, router_state, loss_mask_N, step)
         surprises = tuple(s for s, _, _ in per_layer)
     else:
         per_layer = [(None, None, None)] * len(records)
+    w_aux = cfg.moe.w_aux
 
     def total_gate_loss(gate_inputs):
+        moe_inputs, unit_inputs = gate_inputs
         losses, parts = zip(*(layer_gate_loss(cfg, g, s, r, tokens, target)
-                              for g, r, (s, tokens, target) in zip(gate_inputs, records, per_layer))
+                              for g, r, (s, tokens, target) in zip(moe_inputs, records, per_layer))
                             ) if records else ((), ())
-        return sum(losses, jnp.zeros([], jnp.float32)), parts
+        moe_loss = sum(losses, jnp.zeros([], jnp.float32))
+        unit_total, per_kind = unit_gate_loss(cfg, unit_inputs, urecords, usurprises, loss_mask_N)
+        return moe_loss * w_aux + unit_total, (moe_loss, parts, unit_total, per_kind)
 
-    (gate_loss, parts), d_gate = jax.value_and_grad(total_gate_loss, has_aux=True)(gate_inputs)
-    w_aux = cfg.moe.w_aux
-    grads, _ = pullback((one, jax.tree.map(lambda g: w_aux * g, d_gate)))
+    # Every gate loss in the second pullback, each kind weighted by its own w_aux.
+    (_, (gate_loss, parts, unit_total, per_kind)), d_gate = jax.value_and_grad(
+        total_gate_loss, has_aux=True)(gate_inputs)
+    grads, _, _ = pullback((one, d_gate))
 
     metrics = {
         "train/main_loss": main,
         "train/main_acc": acc,
         "train/loss_tokens": count,
-        "train/total_loss": main + w_aux * gate_loss,
+        "train/total_loss": main + w_aux * gate_loss + unit_total,
         "moe/gate_loss": gate_loss,
     }
     metrics.update(moe_metrics(cfg, params, records, surprises, parts, loss_mask_N))
+    metrics.update(unit_metrics(cfg, params, urecords, usurprises, per_kind, loss_mask_N))
+    if records:
+        metrics["moe/expert_active"] = jnp.stack([expert_received_tokens(r) for r in records])
     return (grads, metrics, records) if return_records else (grads, metrics)
 
 
@@ -188,6 +209,7 @@ def moe_metrics(cfg: ModelConfig, params, records, surprises, parts,
     }
     if records[0].dispatch is not None:
         out["moe/dropped_frac"] = mean([dropped_fraction(r.router.mask, r.dispatch) for r in records])
+    out.update(routing_metrics(records, surprises, cfg.moe.router))
     for key in parts[0]:
         out[f"moe/gate_{key}"] = sum(p[key] for p in parts)
     if cfg.moe.router == "surprise":
@@ -206,7 +228,13 @@ def train_step(state: TrainState, batch: Batch, cfg: ModelConfig, tx: optax.Grad
     """One joint update. Pure: jit it (see make_train_step)."""
     grads, metrics, records = compute_grads(state.params, batch, cfg, surprise_fn, state.router_state,
                                             state.step, return_records=True)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    active_LxE = metrics.pop("moe/expert_active", None)
+    extra = {}
+    if active_LxE is not None:
+        metrics["moe/idle_experts"] = jnp.sum(~active_LxE).astype(jnp.float32)
+        if isinstance(tx, optax.GradientTransformationExtraArgs):
+            extra["expert_active"] = active_LxE
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
     router_state, params, rs_metrics = update_router_state(cfg, state.router_state, params, records,
                                                            state.step + 1)

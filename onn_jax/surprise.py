@@ -6,7 +6,7 @@ out [N, C], and hands the cotangents with the forward values to a surprise funct
 A researcher adds a definition by writing one function with this signature and passing
 it to the train step (or registering it in SURPRISE_FNS to select it by name).
 
-Note (shared/REFERENCE.md): with out = sum_e w[t,e] Y[t,e], dL/dY[t,e] = w[t,e] dL/dout[t],
+Note (docs/ALGORITHM.md, section 2): with out = sum_e w[t,e] Y[t,e], dL/dY[t,e] = w[t,e] dL/dout[t],
 so the faithful S[t,e] = w[t,e] |dL/dout[t]|, zero for every inactive expert.
 """
 from __future__ import annotations

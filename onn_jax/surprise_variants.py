@@ -21,6 +21,8 @@ the gate loss (its hard target is argmin S, its soft target softmax(-S)).
   (SwiGLU: a = silu(h) u with u = x W3 adds |x|^2 |delta_u|^2). Cost O(N E I), no per-token
   gradient is materialised. It needs the experts' input x [N, C] and their stacked weights,
   which SurpriseInputs carries as the optional fields `expert_in` and `expert_params`.
+  Other unit kinds (gated attention heads) put an object with a method
+  `unit_grad_norms(x_NxC, g_NxC) -> [N, U]` in `expert_params`; it is called instead.
 """
 from __future__ import annotations
 
@@ -89,6 +91,8 @@ def learning_cost_surprise(inputs: SurpriseInputs) -> jax.Array:
         raise ValueError("surprise 'learning_cost' needs SurpriseInputs.expert_in (the experts' "
                          "input x [N, C]) and SurpriseInputs.expert_params (stacked w1, w2[, w3]); "
                          "the MoE record did not provide them")
+    if hasattr(params, "unit_grad_norms"):  # a unit kind that declares its own (heads.HeadGradNorms)
+        return params.unit_grad_norms(x, inputs.d_moe_out)
     return learning_cost(inputs, x, params)
 
 

@@ -98,7 +98,10 @@ class HFTokenizer:
             raise ImportError("loading a tokenizer.json needs the `tokenizers` package: "
                               "pip install tokenizers") from e
         self.path = path
-        self._tok = tokenizers.Tokenizer.from_file(path)
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = self._special(eos_token, _EOS_NAMES, "eos_token", None)
         self.pad_id = self._special(pad_token, _PAD_NAMES, "pad_token", self.eos_id)
@@ -141,6 +144,17 @@ def load_tokenizer(path: str | os.PathLike | None = None, **special_tokens) -> T
                              f"got {sorted(special_tokens)}")
         return ByteTokenizer()
     return HFTokenizer(path, **special_tokens)
+
+
+def tokenizer_info(name: str, tok) -> dict:
+    """What a checkpoint, an export or a shard set records about its tokenizer: name, vocab
+    size and a fingerprint (sha256 of the tokenizer file; "byte" for the byte tokenizer)."""
+    import hashlib
+    fingerprint = "byte"
+    if name != "byte":
+        with open(name, "rb") as f:
+            fingerprint = hashlib.sha256(f.read()).hexdigest()[:16]
+    return {"name": name, "vocab_size": int(tok.vocab_size), "fingerprint": fingerprint}
 
 
 def _check_role(role: str) -> None:

@@ -78,6 +78,8 @@ CHAT = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "
     ("--config.model.attention=cudnn", "--config.model.attention=cudnn: 'cudnn' (fused flash attention) needs "
                                        "dtype='bfloat16', got dtype='float32'"),
     ("--config.model", "--config.model: override needs a value"),
+    ("--config.model.moe.surprise=bogus", "--config.model.moe.surprise=bogus: must be one of ['advantage', "),
+    ("--config.optim.idle_experts=none", "--config.optim.idle_experts=none: must be one of ['skip', 'zero_grad']"),
     ("--config.model=3", "'model' is a section of"),
 ])
 def test_bad_override(capsys, trained, override, expected):
@@ -114,10 +116,38 @@ def test_config_file_missing_or_broken(capsys, trained, tmp_path):
     assert f"{cfg}:2: cannot load config file: SyntaxError" in onn_train_fails(capsys, trained, config=cfg)
 
 
-def test_missing_config_flag_is_a_usage_error(capsys, trained):
-    with pytest.raises(SystemExit) as e:
-        main(["--workdir", str(trained)])
+def test_missing_config_flag_is_a_usage_error(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:  # a workdir without a saved config.json
+        main(["--workdir", str(tmp_path)])
     assert e.value.code == 2 and "--config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, fields", [
+    (["--config.model.moe.surprise=advantage"], "model.moe.surprise"),
+    (["--config.model.moe.w_kl=0.0", "--config.optim.weight_decay=0.1"], "model.moe.w_kl, optim.weight_decay"),
+    (["--config.optim.idle_experts=zero_grad"], "optim.idle_experts"),
+])
+def test_resume_that_changes_semantics_is_refused(capsys, trained, overrides, fields):
+    msg = onn_train_fails(capsys, trained, *overrides)
+    assert msg.startswith(f"onn-train: error: {fields}: resuming") and "--allow-config-change" in msg, msg
+
+
+def test_resume_with_the_saved_config_and_a_recorded_change(capsys, trained, tmp_path):
+    """Without --config the saved config is used (its overrides need not be repeated); an
+    allowed change of semantics is recorded in metrics.jsonl and the checkpoint metadata."""
+    workdir = copy_of(trained, tmp_path)
+    assert main(["--workdir", str(workdir), "--config.train.steps=6"]) == 0  # FAST's values are kept
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["train"]["steps"] == 6 and saved["checkpoint"]["every"] == 2
+    assert main(["--workdir", str(workdir), "--config.train.steps=8", "--config.model.moe.w_kl=0.5"]) == 2
+    assert main(["--workdir", str(workdir), "--config.train.steps=8", "--config.model.moe.w_kl=0.5",
+                 "--allow-config-change"]) == 0
+    assert "config changed on resume at step 6" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    changed = [r for r in rows if "config/changed_on_resume" in r]
+    assert [r["step"] for r in changed] == [8] and changed[0]["config/changed_on_resume"] == "model.moe.w_kl 1.0 -> 0.5"
+    meta = json.loads((workdir / "checkpoints" / "8" / "meta" / "metadata").read_text())
+    assert meta["config_changes"] == [{"step": 6, "changes": ["model.moe.w_kl 1.0 -> 0.5"]}]
 
 
 # ---------------------------------------------------------------- data and tokenizer
@@ -196,6 +226,8 @@ def test_tokenizer_not_matching_the_checkpoint(capsys, trained, tmp_path):
 
 def test_checkpoint_shapes_not_matching_the_config(capsys, trained):
     msg = onn_train_fails(capsys, trained, "--config.model.hidden=64")
+    assert msg.startswith("onn-train: error: model.hidden: resuming") and "model.hidden 32 -> 64" in msg, msg
+    msg = onn_train_fails(capsys, trained, "--config.model.hidden=64", "--allow-config-change")
     assert "onn-train: error: model.hidden: the model config differs" in msg and "model.hidden 32 -> 64" in msg
     assert "has shape" in msg and "(32," in msg and "(64," in msg, msg
 
@@ -287,3 +319,228 @@ def test_the_cli_prints_one_line_and_no_traceback(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [f"onn-train: error: data.source: {data}:2: malformed JSON: "
                                                "Expecting property name enclosed in double quotes (column 2)"]
+
+
+# ---------------------------------------------------------------- a damaged or odd workdir: nothing lost
+
+def make_dir(path: Path) -> None:
+    path.mkdir()
+
+
+def make_file(path: Path) -> None:
+    path.write_text("x")
+
+
+@pytest.mark.parametrize("entry, make, what", [
+    ("checkpoints", make_file, "is not a directory"),
+    ("tb", make_file, "is not a directory"),
+    ("plots", make_file, "is not a directory"),
+    ("metrics.jsonl", make_dir, "is not a regular file"),
+    ("config.json", make_dir, "is not a regular file"),
+    ("plots/loss.png", make_dir, "is not a regular file"),
+    ("config.json.tmp", make_dir, "is not a regular file"),
+])
+def test_workdir_entry_of_the_wrong_kind(capsys, trained, tmp_path, entry, make, what):
+    workdir = copy_of(trained, tmp_path)
+    target = workdir / entry
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
+    make(target)
+    msg = onn_train_fails(capsys, workdir)
+    assert msg == f"onn-train: error: {target}: exists and {what}; move it away (onn-train writes a " + (
+        "folder there)" if make is make_file else "file there)"), msg
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only files")
+@pytest.mark.parametrize("entry", ["metrics.jsonl", "plots", "checkpoints"])
+def test_workdir_entry_not_writable(capsys, trained, tmp_path, entry):
+    workdir = copy_of(trained, tmp_path)
+    (workdir / entry).chmod(0o555 if (workdir / entry).is_dir() else 0o444)
+    try:
+        msg = onn_train_fails(capsys, workdir)
+    finally:
+        (workdir / entry).chmod(0o755 if (workdir / entry).is_dir() else 0o644)
+    assert msg == f"onn-train: error: {workdir / entry}: not writable; fix its permissions, or use a new --workdir"
+
+
+def test_checkpoints_disabled_on_a_workdir_with_checkpoints(capsys, trained):
+    msg = onn_train_fails(capsys, trained, "--config.checkpoint.enabled=false")
+    assert msg.startswith(f"onn-train: error: checkpoint.enabled: false, but {trained / 'checkpoints'} holds the "
+                          "checkpoints of a previous run (steps [2, 4])"), msg
+
+
+def test_previous_run_without_checkpoints_is_not_replaced(capsys, trained, tmp_path):
+    workdir = copy_of(trained, tmp_path)
+    shutil.rmtree(workdir / "checkpoints")  # e.g. a run with checkpoints off, or killed before its first
+    msg = onn_train_fails(capsys, workdir, "--config.train.steps=6")
+    assert msg.startswith(f"onn-train: error: {workdir}: holds a previous run (config.json, metrics.jsonl, "), msg
+    assert "with another config and no checkpoint to resume from" in msg, msg
+
+
+# ---------------------------------------------------------------- values that pass a type check but not the machine
+
+@pytest.mark.parametrize("override, expected", [
+    ("--config.optim.lr=inf", "--config.optim.lr=inf: must be a finite number, got inf"),
+    ("--config.model.moe.w_kl=1e400", "--config.model.moe.w_kl=1e400: must be a finite number, got inf"),
+    ("--config.train.steps=4294967296", "--config.train.steps=4294967296: must be in [-2147483648, 2147483647]"),
+    ("--config.data.seed=-1", "--config.data.seed=-1: must be in [0, 4294967295], got -1"),
+    ("--config.data.records_per_domain=100000000", "must be <= 1000000, got 100000000"),
+    ("--config.checkpoint.stop_timeout_s=0", "--config.checkpoint.stop_timeout_s=0: must be > 0"),
+    ("--config.train.sample_prompt=caf\udce9", "train.sample_prompt=caf\\udce9: is not valid text (cannot be "
+                                               "encoded as UTF-8 at character 3"),
+    ("--config.data.source=a\x00b", "--config.data.source=a\x00b: must not contain a NUL character"),
+])
+def test_out_of_range_value(capsys, trained, override, expected):
+    msg = onn_train_fails(capsys, trained, override)
+    assert msg.startswith("onn-train: config error:") and expected in msg, msg
+
+
+def test_model_too_large_for_the_machine(capsys, trained):
+    msg = onn_train_fails(capsys, trained, "--config.model.vocab_size=2000000000")
+    assert msg.startswith("onn-train: error: model.vocab_size: one training step needs at least "), msg
+    assert "GiB of memory of 1 device(s)" in msg, msg
+
+
+# ---------------------------------------------------------------- onn-generate, onn-export, onn-plot
+
+def one_error_line(capsys, prog: str, code: int, fn, *argv) -> str:
+    """Runs `fn(argv)`; asserts exit `code`, one `prog: error:` line and nothing else on stderr."""
+    capsys.readouterr()
+    assert fn(list(argv)) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"{prog}: error: "), err
+    return err.strip()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--temperature", "inf"], "--temperature inf: must be a finite number >= 0"),
+    (["--top-p", "nan"], "--top-p nan: must be in (0, 1]"),
+    (["--seed", str(2 ** 70)], f"--seed {2 ** 70}: must be in [0, 4294967295]"),
+    (["--max-new-tokens", str(2 ** 40)], f"--max-new-tokens {2 ** 40}: must be in [1, 2147483647]"),
+    (["--prompt", "caf\udce9"], "--prompt: is not valid text (cannot be encoded as UTF-8 at character 3)"),
+])
+def test_onn_generate_flag_out_of_range(capsys, trained, flags, expected):
+    from train.generate import main as generate_main
+    argv = ["--workdir", str(trained), "--prompt", "hi", *flags]
+    assert expected in one_error_line(capsys, "onn-generate", 2, generate_main, *argv)
+
+
+def test_onn_export_to_an_unusable_place(capsys, trained, tmp_path):
+    from train.export import main as export_main
+    write(tmp_path / "file", "x")
+    msg = one_error_line(capsys, "onn-export", 2, export_main, str(trained), str(tmp_path / "file" / "out"))
+    assert f"{tmp_path / 'file' / 'out'}: cannot be created ({tmp_path / 'file'} is not a directory)" in msg
+    msg = one_error_line(capsys, "onn-export", 2, export_main, str(trained), str(tmp_path / "o"), "--step", "-1")
+    assert "--step -1: must be in [0, 2147483647]" in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_onn_export_to_a_full_disk(capsys, trained, tmp_path, monkeypatch):
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    from train.export import main as export_main
+
+    def full(self, directory, *args, **kwargs):
+        os.makedirs(directory, exist_ok=True)  # a partial write, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+
+    monkeypatch.setattr(ocp.PyTreeCheckpointer, "save", full)
+    out = tmp_path / "export"
+    msg = one_error_line(capsys, "onn-export", 4, export_main, str(trained), str(out))
+    assert f"cannot write the export to {out}: No space left on device (errno 28)" in msg, msg
+    assert msg.endswith("the partial export was removed") and not out.exists()
+
+
+def metrics_dir(tmp_path: Path, *rows) -> Path:
+    w = tmp_path / "run"
+    w.mkdir()
+    (w / "metrics.jsonl").write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return w
+
+
+GOOD_ROW = {"step": 1, "train/main_loss": 2.0, "moe/gate_acc": 0.5}
+
+
+@pytest.mark.parametrize("bad, expected", [
+    ('["not", "a", "row"]', 'metrics.jsonl:2: not a metrics row (a JSON object with an integer "step")'),
+    ({"train/main_loss": 1.0}, 'metrics.jsonl:2: not a metrics row'),
+    ({"step": 2, "moe/expert_load": [[0.5, 0.5], [1.0]]}, "metrics.jsonl: cannot draw expert_load.png: "
+                                                          "malformed metric values (ValueError"),
+])
+def test_onn_plot_malformed_rows_write_nothing(capsys, tmp_path, bad, expected):
+    from train.plot import main as plot_main
+    w = metrics_dir(tmp_path, GOOD_ROW, bad)
+    assert expected in one_error_line(capsys, "onn-plot", 2, plot_main, str(w))
+    assert not (w / "plots").exists()
+
+
+@pytest.mark.parametrize("entry, make", [("plots", make_file), ("plots/loss.png", make_dir)])
+def test_onn_plot_unusable_output(capsys, tmp_path, entry, make):
+    from train.plot import main as plot_main
+    w = metrics_dir(tmp_path, GOOD_ROW)
+    if "/" in entry:
+        (w / "plots").mkdir()
+    make(w / entry)
+    assert f"{w / entry}: exists and is not a" in one_error_line(capsys, "onn-plot", 2, plot_main, str(w))
+
+
+def test_onn_plot_to_a_full_disk(capsys, tmp_path, monkeypatch):
+    import errno
+
+    from matplotlib.figure import Figure
+
+    from train.plot import main as plot_main
+
+    def full(self, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    w = metrics_dir(tmp_path, GOOD_ROW)
+    msg = one_error_line(capsys, "onn-plot", 4, plot_main, str(w))
+    assert msg == f"onn-plot: error: cannot write {w / 'plots' / 'loss.png'}: No space left on device", msg
+
+
+@pytest.mark.slow
+def test_damaged_checkpoint_one_line_at_exit_of_every_program(trained, tmp_path):
+    """Real processes: after the error line, nothing (no asyncio 'Event loop is closed' noise)."""
+    workdir = copy_of(trained, tmp_path)
+    for p in (workdir / "checkpoints" / "4" / "state").rglob("manifest.ocdbt"):
+        p.write_bytes(b"garbage")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    for module, args in [("train.main", ["--config", TINY, "--workdir", str(workdir), *FAST]),
+                         ("train.generate", ["--workdir", str(workdir), "--prompt", "hi"]),
+                         ("train.export", [str(workdir), str(tmp_path / "out")])]:
+        out = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                             timeout=180, env=env)
+        assert out.returncode == 2, (module, out.stderr[-2000:])
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"cannot read checkpoint {workdir / 'checkpoints'}/4" in lines[0], (module, lines)
+
+
+# ---------------------------------------------------------------- files that are not what they claim
+
+def test_malformed_tokenizer_file(capsys, trained, tmp_path):
+    pytest.importorskip("tokenizers")
+    tok = write(tmp_path / "tokenizer.json", '{"version": "1.0", "model": {"type": "BPE"}}')
+    msg = onn_train_fails(capsys, trained, f"--config.data.tokenizer={tok}")
+    assert msg.startswith(f"onn-train: error: data.tokenizer: {tok}: not a valid tokenizer.json ("), msg
+
+
+@pytest.mark.parametrize("edit, expected", [
+    ({"guard": "none"}, '"guard" must be a JSON object, got str'),
+    ({"guard": {"skipped_steps": "many"}}, '"guard.skipped_steps" must be an integer >= 0, got \'many\''),
+    ({"config": ["model"]}, '"config" must be a JSON object, got list'),
+    ({"data": 7}, '"data" must be a JSON object, got int'),
+])
+def test_hand_edited_checkpoint_metadata(capsys, trained, tmp_path, edit, expected):
+    workdir = copy_of(trained, tmp_path)
+    meta_file = workdir / "checkpoints" / "4" / "meta" / "metadata"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), **edit}))
+    msg = onn_train_fails(capsys, workdir)
+    assert msg.startswith(f"onn-train: error: cannot resume: {workdir / 'checkpoints' / '4'}/meta: {expected}"), msg
+    assert "move" in msg and "away to resume from the previous one" in msg, msg

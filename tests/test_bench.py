@@ -8,12 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from bench.bench import force_thresholds, main, mode_config, train_flops_per_token
+from bench.bench import dropless_fields, force_thresholds, main, mode_config, train_flops_per_token
 from helpers import random_batch, tiny_config
 from onn_jax.config import ModelConfig, MoEConfig
 from onn_jax.losses import next_token_loss
-from onn_jax.model import Transformer, init_params, model_taps
-from onn_jax.step import compute_grads
+from onn_jax.model import Transformer, init_params
+from onn_jax.step import compute_grads, step_taps
 
 
 def test_flop_formula_counts_each_matmul():
@@ -43,6 +43,12 @@ def test_modes_change_only_router_and_dispatch():
     assert sparse.moe.capacity_factor == pytest.approx(1.25 * 2 / 4)  # k_ref = fallback E/2 = 4
     assert dataclasses.replace(sparse.moe, dispatch="dense", capacity_factor=None,
                                surprise="output_grad") == cfg.moe
+    smk = mode_config(cfg, "smk", 2, 1.25, None, "dropless", "ragged_dot")
+    assert (smk.moe.dispatch, smk.moe.pair_budget, smk.moe.gemm) == ("dropless", 2.5, "ragged_dot")
+    plain = mode_config(cfg, "plain", 2, 1.25, None, "dropless")
+    assert (plain.moe.pair_budget, plain.moe.top_k) == (None, 2)  # top_k rows per token
+    assert dropless_fields(plain, 64) == {"pair_budget": 2.0, "pair_rows": 128, "gemm": "ragged_dot"}
+    assert dropless_fields(cfg, 64)["pair_rows"] is None
 
 
 @pytest.mark.slow
@@ -86,7 +92,7 @@ def test_bad_flags_name_the_flag(argv, flag, capsys):
 # MoE layer. Token axes (B=3, T=7, N=21) differ from every model size, so a dot whose output has
 # no token axis is a parameter gradient.
 
-TOKEN_SIZES = {3, 7, 21}
+TOKEN_SIZES = {3, 7, 21, 23}
 
 
 def dot_shapes(fn, *args):
@@ -95,11 +101,11 @@ def dot_shapes(fn, *args):
             for m in re.finditer(r"= \w+\[([\d,]*)\]\{[^}]*\} dot\(", text)]
 
 
-def loss_and_inputs(num_layers):
-    cfg = tiny_config(num_layers=num_layers)
+def loss_and_inputs(num_layers, **moe_kwargs):
+    cfg = tiny_config(num_layers=num_layers, **moe_kwargs)
     params = init_params(cfg, jax.random.key(0))
     batch = random_batch(1, batch=3, length=7)
-    taps = model_taps(cfg, 3, 7)
+    taps = step_taps(cfg, 3, 7)
 
     def loss(p, taps):
         logits, _ = Transformer(cfg).apply({"params": p}, batch["inputs"], taps)
@@ -108,8 +114,11 @@ def loss_and_inputs(num_layers):
 
 
 @pytest.mark.slow
-def test_surprise_backward_has_no_parameter_gradient_and_stops_at_the_lowest_moe_layer():
-    cfg, params, batch, taps, loss = loss_and_inputs(1)
+@pytest.mark.parametrize("moe_kwargs", [{}, {"dispatch": "dropless", "pair_budget": 23 / 21}],
+                         ids=["dense", "dropless"])
+def test_surprise_backward_has_no_parameter_gradient_and_stops_at_the_lowest_moe_layer(moe_kwargs):
+    # Dropless: R = 23 pair rows, a token axis of its own (the Surprise taps live on it).
+    cfg, params, batch, taps, loss = loss_and_inputs(1, **moe_kwargs)
     forward = dot_shapes(loss, params, taps)
     surprise = dot_shapes(jax.grad(loss, argnums=1), params, taps)
     full = dot_shapes(jax.grad(loss, argnums=0), params, taps)

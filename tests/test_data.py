@@ -184,10 +184,10 @@ def test_load_chat_jsonl_and_text(tmp_path):
     assert [(r["domain"], r["source"]) for r in recs] == [
         ("math", f"{p}:1"), ("x", f"{p}:3"), ("book", f"{t}:1"), ("book", f"{t}:5"),
         ("book", f"{t}:7"), ("book", f"{t}:7")]
-    assert [r["messages"][0]["content"] for r in recs[2:]] == [
+    assert [r["text"] for r in recs[2:]] == [
         "First para\nline two.", "Second para.", "z" * 24, "z"]
     merged = load_text(t, chunk_chars=40)
-    assert merged[0]["messages"][0]["content"] == "First para\nline two.\n\nSecond para."
+    assert merged[0]["text"] == "First para\nline two.\n\nSecond para."
     ds = Dataset(recs, TOK, seq_len=32, eval_fraction=0.0)
     assert ds.domains == ("book", "math", "x") and len(ds.eval) == 0
 

@@ -164,3 +164,24 @@ def test_config_hash_covers_the_settings_not_the_output_dir(tmp_path):
     assert h(forgetting, paths=paths("a")) == h(forgetting, paths=paths("b"))  # moved output dir
     assert h(forgetting, paths=paths("a")) != h({**forgetting, "phases": {**phases, "second_steps": 3}},
                                                  paths=paths("a"))
+
+
+def test_config_overrides_and_dry_run(tmp_path, capsys):
+    """--config.* reaches every run's config; --dry-run lists the grid and writes nothing; a bad
+    override is one line naming the flag, exit 2."""
+    from train.experiment import load_experiment, main as experiment_main, run_config
+    exp = load_experiment("configs/experiments/routing.py")
+    exp["cli_overrides"] = [("data.batch_size", "4")]
+    label = next(iter(exp["runs"]))
+    assert run_config(exp, label, 0).data.batch_size == 4
+    out = tmp_path / "exp"
+    assert experiment_main(["configs/experiments/routing.py", "--out", str(out), "--dry-run",
+                            "--config.data.batch_size=4", "--steps", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "dry run: nothing written" in text and "data.batch_size=4" in text and "train.steps=3" in text
+    assert not out.exists()
+    assert experiment_main(["configs/experiments/routing.py", "--out", str(out), "--dry-run",
+                            "--config.data.nope=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("onn-experiment: error: ") and "--config.data.nope: unknown key" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()

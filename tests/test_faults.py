@@ -207,3 +207,97 @@ def test_bad_halt_timeout_is_refused_at_start(monkeypatch):
     with pytest.raises(ValueError, match=faults.TIMEOUT_ENV):
         faults.Faults("after_step:3")
     assert faults.halt_timeout("") == faults.DEFAULT_TIMEOUT_S and faults.halt_timeout("2") == 2.0
+
+
+# ---------------------------------------------------------------- stop signals and failed saves
+# Each trial starts onn-train at a fault point, sends a signal (or none: a save that fails as on a
+# full disk) and checks the exit code, the one stderr line, the checkpoints; the next trial resumes
+# the same workdir, so one chain of runs also checks that every stop resumes bit for bit.
+
+def stop_at(workdir, fault, sig, tmp_path, procs, extra=(), second=None):
+    """Runs onn-train to `fault`, sends `sig` (then `second` a moment later, if given) and returns
+    (exit code, its onn-train lines other than the fault point's)."""
+    log = tmp_path / f"{Path(workdir).name}_{fault.replace(':', '_')}.txt"
+    cmd, kw = cli(workdir, fault)
+    cmd += list(extra)
+    kw["env"][faults.TIMEOUT_ENV] = "120"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, **kw)
+    procs.append(proc)
+    deadline = time.monotonic() + 150
+    while f"fault point {fault} reached" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.1)
+    if sig is not None:
+        os.kill(proc.pid, sig)
+    if second is not None:
+        time.sleep(1.0)
+        os.kill(proc.pid, second)
+    rc = proc.wait(timeout=150)
+    text = log.read_text()
+    assert "Traceback" not in text and "Error" not in text.replace("errno", ""), text[-3000:]
+    lines = [ln for ln in text.splitlines() if ln.strip() and "fault point" not in ln]
+    return rc, lines
+
+
+def steps_of(workdir):
+    with Checkpointer(Path(workdir) / "checkpoints", read_only=True) as ckpt:
+        return ckpt.all_steps()
+
+
+@pytest.mark.slow
+def test_stop_signals_save_the_step_and_resume_bit_for_bit(straight, tmp_path, procs):
+    w, ckpts = tmp_path / "w", tmp_path / "w" / "checkpoints"
+    # between steps (the loop's boundary): SIGTERM saves step 3, off the checkpoint.every cadence
+    rc, lines = stop_at(w, "after_step:3", signal.SIGTERM, tmp_path, procs)
+    assert rc == 143 and lines == [f"onn-train: stopped by SIGTERM: saved step 3 in {ckpts}; rerun the same "
+                                   "command to resume from it"], lines
+    assert steps_of(w) == [3] and not (w / LOCK_FILE).exists()
+    # Ctrl-C as the save of step 4 starts (issue: KeyboardInterrupt inside orbax's save hung)
+    rc, lines = stop_at(w, "at_save:4", signal.SIGINT, tmp_path, procs)
+    assert rc == 130 and lines == [f"onn-train: stopped by SIGINT: saved step 4 in {ckpts}; rerun the same "
+                                   "command to resume from it"], lines
+    # during an evaluation (eval_every does not change the parameters)
+    rc, lines = stop_at(w, "in_eval:6", signal.SIGTERM, tmp_path, procs, ["--config.train.eval_every=6"])
+    assert rc == 143 and lines == [f"onn-train: stopped by SIGTERM: saved step 6 in {ckpts}; rerun the same "
+                                   "command to resume from it"], lines
+    assert [r["step"] for r in read_metrics(w) if "eval/main_loss" in r] == [6]
+    # SIGHUP while step 8 is written in the background: that save commits, then the current step
+    rc, lines = stop_at(w, "in_save:8", signal.SIGHUP, tmp_path, procs)
+    assert rc == 129 and len(lines) == 1 and lines[0].startswith("onn-train: stopped by SIGHUP: saved step "), lines
+    stopped = int(lines[0].split("saved step ")[1].split()[0])
+    assert 8 <= stopped <= 12 and {8, stopped} <= set(steps_of(w)), (stopped, steps_of(w))
+    assert not [p for p in ckpts.iterdir() if TMP_MARK in p.name]
+    out = run_cli(w)
+    assert out.returncode == 0 and f"resuming from step {stopped}" in out.stdout, out.stderr[-2000:]
+    assert_bitwise_equal(final_params(w), final_params(straight))
+
+
+@pytest.mark.slow
+def test_stuck_save_second_signal_and_full_disk(straight, tmp_path, procs):
+    w, ckpts = tmp_path / "w", tmp_path / "w" / "checkpoints"
+    # a save that never finishes: a second signal ends the process at once, lock file removed
+    w1 = tmp_path / "w1"
+    rc, lines = stop_at(w1, "stall_save:4", signal.SIGTERM, tmp_path, procs, second=signal.SIGTERM)
+    assert rc == 143 and lines == ["onn-train: second signal (SIGTERM): stopping at once without saving; rerun "
+                                   "the same command to resume from the last committed checkpoint"], lines
+    assert not (w1 / LOCK_FILE).exists() and steps_of(w1) == []
+    # ... and without a second signal it is abandoned after checkpoint.stop_timeout_s
+    quick = ["--config.checkpoint.stop_timeout_s=1"]
+    rc, lines = stop_at(w, "stall_save:4", signal.SIGTERM, tmp_path, procs, quick)
+    assert rc == 143 and len(lines) == 1, lines
+    assert lines[0].startswith("onn-train: stopped by SIGTERM: checkpoint saves did not finish within "
+                               "checkpoint.stop_timeout_s = 1s and were abandoned (step ") and lines[0].endswith(
+        "not saved); rerun the same command to resume from the start (no checkpoint)"), lines
+    assert not (w / LOCK_FILE).exists()
+    # a full disk in the save of step 8: the run stops at once, naming the cause and step 4
+    rc, lines = stop_at(w, "enospc_save:8", None, tmp_path, procs, quick)  # the same run, from scratch
+    assert rc == 4 and len(lines) == 1, lines
+    assert lines[0].startswith("onn-train: error: the checkpoint save of step 8 failed: No space left on device "
+                               "(errno 28)") and "last committed checkpoint: step 4 in" in lines[0], lines
+    assert steps_of(w) == [4] and not (w / LOCK_FILE).exists()
+    rows = read_metrics(w)
+    assert rows and rows[-1]["step"] <= 12
+    out = run_cli(w)
+    assert out.returncode == 0 and "resuming from step 4" in out.stdout, out.stderr[-2000:]
+    assert_bitwise_equal(final_params(w), final_params(straight))

@@ -8,7 +8,7 @@ from onn_jax.gate import cosine_logits, masked_softmax, top_any_gate, topk_gate
 
 
 def numpy_gate(x, protos, theta, fallback_k):
-    """Independent NumPy reference of REFERENCE.md's gate."""
+    """Independent NumPy reference of the gate of docs/ALGORITHM.md."""
     xn = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
     pn = protos / np.maximum(np.linalg.norm(protos, axis=0, keepdims=True), 1e-12)
     logits = xn @ pn

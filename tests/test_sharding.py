@@ -49,7 +49,8 @@ def assert_tree_close(actual, expected, rtol=1e-5, atol=1e-6):
 
 def first_moment(state):
     """AdamW's mu after one step from zero: (1 - b1) * the (filtered) gradient."""
-    return state.opt_state[1][0].mu
+    adam = state.opt_state[1]  # the per-expert AdamW state (optax.adamw's is a chain: [1][0])
+    return adam.mu if hasattr(adam, "mu") else adam[0].mu
 
 
 def test_first_moment_is_the_gradient(reference):

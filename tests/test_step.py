@@ -10,6 +10,7 @@ from onn_jax.config import OptimConfig
 from onn_jax.grad_filter import is_expert_path
 from onn_jax.losses import hybrid_gate_loss, load_balancing_loss, next_token_loss
 from onn_jax.model import Transformer, init_params, model_taps
+from onn_jax.optimizer import PerExpertAdamState
 from onn_jax.step import compute_grads, init_state, make_optimizer, make_train_step
 
 
@@ -159,8 +160,10 @@ def test_train_step_is_filter_then_adamw_on_the_unified_gradient():
     # gradient is near eps are sensitive to float32 rounding of the gradient itself).
     assert max_diff(state.params, params) < 2e-6
     # The moments pin b1 and b2 (the parameters alone barely depend on b2 after two steps).
-    adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-            if isinstance(s, optax.ScaleByAdamState)][0]
+    kinds = (optax.ScaleByAdamState, PerExpertAdamState)
+    adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, kinds))
+            if isinstance(s, kinds)][0]
+    assert isinstance(adam, PerExpertAdamState)  # faithful default: per-expert step counters
     rel = lambda a, b: max_diff(a, b) / max(jax.tree.leaves(jax.tree.map(lambda y: float(np.max(np.abs(y))), b)))
     assert rel(adam.mu, mu) < 1e-4 and rel(adam.nu, nu) < 1e-4
     assert rel(adam.nu, adamw_reference(params0, grads_per_step, b2=0.99)[2]) > 1e-2

@@ -1,18 +1,9 @@
 """Does a checkpoint fit this run? Its tokenizer (vocab size, file fingerprint) and its model config."""
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
-
-def tokenizer_info(name: str, tok) -> dict:
-    """What a checkpoint records about its tokenizer: name, vocab size and a fingerprint
-    (sha256 of the tokenizer file; "byte" for the byte tokenizer)."""
-    fingerprint = "byte"
-    if name != "byte":
-        with open(name, "rb") as f:
-            fingerprint = hashlib.sha256(f.read()).hexdigest()[:16]
-    return {"name": name, "vocab_size": int(tok.vocab_size), "fingerprint": fingerprint}
+from onn_jax.tokenizer import tokenizer_info  # noqa: F401  (re-exported: the loop and tools use it here)
 
 
 def tokenizer_mismatch(saved: dict | None, now: dict, where: str) -> str | None:

@@ -172,6 +172,19 @@ def load(path: str | Path, overrides: Sequence[tuple[str, str]] = ()) -> Config:
     return build_config(raw, str(path), overrides)
 
 
+def load_saved(path: str | Path, overrides: Sequence[tuple[str, str]] = ()) -> Config:
+    """A run's saved config.json (written by onn-train) + overrides -> Config."""
+    import json
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigLoadError(f"{path}: cannot read the run's saved config: {e}") from e
+    if not isinstance(saved, Mapping):
+        raise ConfigLoadError(f"{path}: the run's saved config is not a JSON object")
+    raw = apply_overrides(with_defaults(saved), overrides, str(path))
+    return build_config(raw, str(path), overrides)
+
+
 def find_line(source: str, dotted: str) -> int | None:
     """Best-effort line of `source` assigning the last component of `dotted` (0 if absent)."""
     try:

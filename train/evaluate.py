@@ -17,12 +17,14 @@ import optax
 
 from onn_jax.adaptive_experts import gate_surprise
 from onn_jax.analysis import gate_accuracy
+from onn_jax.routing_metrics import dead_experts, routing_metrics
 from onn_jax.config import ModelConfig
 from onn_jax.losses import next_token_loss
 from onn_jax.model import Transformer
 from onn_jax.step import step_taps
 from onn_jax.moe import layer_surprise
 from onn_jax.surprise import get_surprise_fn
+from onn_jax.units import UnitRecords, unit_records, unit_surprises, unit_taps, varying_rows
 
 # 40 log-spaced bins from 1e-9 to 10; values outside are counted in the end bins.
 SURPRISE_EDGES = np.logspace(-9, 1, 41)
@@ -37,6 +39,8 @@ class EvalForward(NamedTuple):
     ce_BxT: jax.Array      # per-position CE (masked positions included)
     records: tuple         # MoE records of the layers that have a router
     surprises: list | None  # S [N, E] per layer (surprise router only)
+    units: UnitRecords = UnitRecords()            # gated heads' records (model.heads)
+    unit_surprises: UnitRecords = UnitRecords()   # their S (surprise router only)
 
 
 def eval_forward(cfg: ModelConfig, params: Any, batch: dict) -> EvalForward:
@@ -45,22 +49,30 @@ def eval_forward(cfg: ModelConfig, params: Any, batch: dict) -> EvalForward:
     model = Transformer(cfg)
     b, t = batch["inputs"].shape
 
-    def forward(taps):
-        logits, records = model.apply({"params": params}, batch["inputs"], taps)
+    def forward(taps, utaps):
+        if utaps is None:
+            (logits, records), units = model.apply({"params": params}, batch["inputs"], taps), UnitRecords()
+        else:
+            (logits, records), state = model.apply({"params": params}, batch["inputs"], taps,
+                                                   unit_taps=utaps, mutable=["gated"])
+            units = unit_records(cfg, state["gated"])
         main, acc, count = next_token_loss(logits, batch["targets"], batch["loss_mask"])
         ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-        return main, (acc, count, records, ce_BxT)
+        return main, (acc, count, records, ce_BxT, units)
 
-    main, pullback, (acc, count, records, ce_BxT) = jax.vjp(forward, step_taps(cfg, b, t), has_aux=True)
+    main, pullback, (acc, count, records, ce_BxT, units) = jax.vjp(
+        forward, step_taps(cfg, b, t), unit_taps(cfg, b, t), has_aux=True)
     records = tuple(r for r in records if r is not None)
-    surprises = None
-    if cfg.moe.router == "surprise" and records:
-        surprise_fn = get_surprise_fn(cfg.moe.surprise)
-        (d_taps,) = pullback(jnp.ones_like(main))
-        surprises = [layer_surprise(surprise_fn, r, d) for r, d in zip(records, d_taps)]
-        lives = [params[f"block_{i}"]["moe"].get("live") for i in range(cfg.num_layers)]
-        surprises = [s if live is None else gate_surprise(s, live) for s, live in zip(surprises, lives)]
-    return EvalForward(main, acc, count, ce_BxT, records, surprises)
+    surprises, usurprises = None, UnitRecords()
+    if (cfg.moe.router == "surprise" and records) or cfg.heads.gated:
+        d_taps, d_utaps = pullback(jnp.ones_like(main))
+        if cfg.moe.router == "surprise" and records:
+            surprise_fn = get_surprise_fn(cfg.moe.surprise)
+            surprises = [layer_surprise(surprise_fn, r, d) for r, d in zip(records, d_taps)]
+            lives = [params[f"block_{i}"]["moe"].get("live") for i in range(cfg.num_layers)]
+            surprises = [s if live is None else gate_surprise(s, live) for s, live in zip(surprises, lives)]
+        usurprises = unit_surprises(cfg, units, d_utaps)
+    return EvalForward(main, acc, count, ce_BxT, records, surprises, units, usurprises)
 
 
 def make_eval_step(cfg: ModelConfig, num_domains: int, edges: np.ndarray = SURPRISE_EDGES) -> Callable:
@@ -79,12 +91,25 @@ def make_eval_step(cfg: ModelConfig, num_domains: int, edges: np.ndarray = SURPR
         mask_BxT = batch["loss_mask"].astype(jnp.float32)
         out["domain_tokens"] = onehot_BxD.T @ jnp.sum(mask_BxT, -1)
         out["domain_loss"] = onehot_BxD.T @ jnp.sum(f.ce_BxT * mask_BxT, -1)
+        if f.units.heads:  # gated attention heads: active heads per token, by domain, gate accuracy
+            heads = f.units.heads
+            head_load_LxBxH = jnp.stack([r.router.mask.astype(jnp.float32).reshape(b, t, -1).sum(1) for r in heads])
+            out["domain_head_assign"] = jnp.einsum("bd,lbh->dlh", onehot_BxD, head_load_LxBxH)
+            out["domain_head_positions"] = onehot_BxD.sum(0) * t
+            out["attn_avg_k"] = jnp.mean(jnp.stack([jnp.mean(jnp.sum(r.router.mask, -1).astype(jnp.float32))
+                                                    for r in heads]))
+            if f.unit_surprises.heads is not None:
+                out["attn_gate_acc"] = jnp.mean(jnp.stack([gate_accuracy(r.router.pre, s, varying_rows(s))
+                                                           for r, s in zip(heads, f.unit_surprises.heads)]))
         records = f.records
         if not records:
             return out
         load_LxBxE = jnp.stack([r.router.mask.astype(jnp.float32).reshape(b, t, -1).sum(1) for r in records])
         out["domain_assign"] = jnp.einsum("bd,lbe->dle", onehot_BxD, load_LxBxE)
         out["domain_positions"] = onehot_BxD.sum(0) * t
+        out["expert_load"] = jnp.stack([jnp.mean(r.router.mask.astype(jnp.float32), 0) for r in records])
+        out.update({k.split("/", 1)[1]: v for k, v in routing_metrics(
+            records, f.surprises if f.surprises is not None else (None,) * len(records), cfg.moe.router).items()})
         out["avg_k"] = jnp.mean(jnp.stack([jnp.mean(jnp.sum(r.router.mask, -1).astype(jnp.float32))
                                            for r in records]))
         if f.surprises is not None:
@@ -129,9 +154,14 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict[str, np.nd
     if "domain_assign" in sums:  # [D, L, E] share of each domain's positions routed to each expert
         positions = sums.pop("domain_positions")
         metrics["eval/domain_expert_load"] = sums.pop("domain_assign") / np.maximum(positions, 1)[:, None, None]
+    if "domain_head_assign" in sums:  # [D, L, H] share of each domain's positions using each head
+        positions = sums.pop("domain_head_positions")
+        metrics["eval/domain_head_load"] = sums.pop("domain_head_assign") / np.maximum(positions, 1)[:, None, None]
     if "surprise_hist" in sums:
         metrics["eval/surprise_hist"] = sums.pop("surprise_hist")
         metrics["eval/surprise_edges"] = np.asarray(edges, np.float64)
     for k, v in sums.items():
         metrics[f"eval/{k}"] = v / n
+    if "eval/expert_load" in metrics:  # experts below the load floor over the eval batches
+        metrics["eval/dead_experts"] = dead_experts(metrics["eval/expert_load"])
     return metrics

@@ -2,7 +2,7 @@
 as a markdown table, per-run JSON and plots.
 
     onn-experiment configs/experiments/routing.py [--out DIR] [--seeds 0,1] [--only a,b] [--steps N]
-                   [--compile-cache DIR|none]
+                   [--compile-cache DIR|none] [--config.a.b=VALUE ...] [--dry-run]
 
 An experiment file defines `get_experiment()` returning a dict:
   name       the experiment's name (default output dir runs/experiments/<name>)
@@ -25,7 +25,8 @@ Outputs in DIR: results.jsonl (one line per run, with `config_hash`, a hash of t
 resolved Config(s); a re-run skips a finished run only when its hash matches, so a quick
 `--steps 20` trial is re-run, and its row replaced, by the full run),
 results.md (the table, mean +- std over seeds), plots/*.png, runs/<label>/seed_<s>/ (the
-usual onn-train workdir of each run).
+usual onn-train workdir of each run). --config.a.b=VALUE sets a config field in every run
+(applied last); --dry-run builds and checks every run's config and lists the grid, writing nothing.
 """
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from train.config_loader import (ConfigLoadError, build_config, exec_python_file, load_config_file,
-                                 with_defaults)
+from train.config_loader import (ConfigLoadError, apply_overrides, build_config, exec_python_file,
+                                 load_config_file, split_overrides, with_defaults)
 from train.experiment_report import make_plots, markdown_table
 
 KINDS = ("routing", "forgetting")
@@ -116,6 +117,7 @@ def run_config(exp: dict, label: str, seed: int, extra: dict | None = None):
     if exp.get("vary_data"):
         set_dotted(raw, "data.seed", seed, src)
     try:
+        raw = apply_overrides(raw, exp.get("cli_overrides", ()), exp["base"])  # --config.* flags: last word
         return build_config(raw, src)
     except ConfigLoadError as e:
         raise ExperimentError(f"runs[{label!r}]: {e}") from e
@@ -377,6 +379,21 @@ def run_experiment(exp: dict, out: Path, seeds=None, only=None, steps=None, log=
     return rows
 
 
+def dry_run(exp: dict, out: Path, seeds=None, only=None, steps=None) -> str:
+    """Every cell's config built and validated (ExperimentError on the first bad one), listed."""
+    if steps is not None:
+        exp = {**exp, "overrides": {**exp["overrides"], "train.steps": steps}}
+    lines = [f"experiment {exp['name']} ({exp['kind']}): base {exp['base']}, out {out} (dry run: nothing written)"]
+    common = {**exp["overrides"], **dict(exp.get("cli_overrides", ()))}
+    lines.append("  every run: " + (", ".join(f"{k}={v}" for k, v in common.items()) or "(no overrides)"))
+    for label in (l for l in exp["runs"] if only is None or l in only):
+        for seed in seeds or exp["seeds"]:
+            cfg = run_config(exp, label, seed)
+            own = ", ".join(f"{k}={v}" for k, v in exp["runs"][label].items()) or "(base)"
+            lines.append(f"  {label} seed {seed}: {own}; train.steps={cfg.train.steps}")
+    return "\n".join(lines)
+
+
 def _short(row: dict) -> str:
     keys = ("analysis/loss", "analysis/avg_k", "forget/rise")
     return " ".join(f"{k.split('/')[-1]}={row[k]:.3f}" for k in keys if isinstance(row.get(k), float))
@@ -393,15 +410,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="train.steps (and both phase lengths) for every run")
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="JAX persistent compilation cache (default OUT/jax_cache; 'none': off)")
-    a = p.parse_args(argv)
+    p.add_argument("--dry-run", action="store_true",
+                   help="check and list every run's config (label, seed, overrides); train nothing, write nothing")
+    p.epilog = ("--config.SECTION.FIELD=VALUE overrides a config field in every run (after the "
+                "experiment file's own overrides), e.g. --config.data.batch_size=4")
+    try:
+        cli_overrides, rest = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    except ConfigLoadError as e:
+        print(f"onn-experiment: error: {e}", file=sys.stderr)
+        return 2
+    a = p.parse_args(rest)
     try:
         exp = load_experiment(a.experiment)
+        exp["cli_overrides"] = cli_overrides
         only = a.only.split(",") if a.only else None
         if only and set(only) - set(exp["runs"]):
             raise ExperimentError(f"--only: unknown labels {sorted(set(only) - set(exp['runs']))}; "
                                   f"known: {list(exp['runs'])}")
         seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else None
         out = Path(a.out or Path("runs") / "experiments" / exp["name"])
+        if a.dry_run:
+            print(dry_run(exp, out, seeds, only, a.steps))
+            return 0
         if a.compile_cache != "none":
             enable_compile_cache(Path(a.compile_cache or out / "jax_cache"))
         from train.loop import TrainError

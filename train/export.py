@@ -1,15 +1,22 @@
-"""`onn-export`: write a params-only checkpoint of a training run, for inference.
+"""`onn-export`: write a self-contained model folder of a training run, for inference.
 
-    onn-export DIR OUT [--step K]
+    onn-export DIR OUT [--step K]   (or --workdir DIR --out OUT) [--format orbax|safetensors|npz] [--tokenizer PATH]
 
 DIR is a training workdir (its checkpoints/ folder is used) or a checkpoint folder itself;
-the latest step is exported unless --step. OUT receives params/ (orbax) and export.json
-(step, config, tokenizer); `onn-generate --workdir OUT` and onn_jax.checkpoint.load_params
-read it. Errors exit with code 2.
+the latest step is exported unless --step. OUT (new or empty) receives the parameters
+(params/ orbax, model.safetensors or params.npz), config.json, the tokenizer (tokenizer.json
+copied in, and tokenizer_config.json with its special ids and templates), a model card
+README.md and export.json (see onn_jax.portable). --tokenizer names the tokenizer.json to
+copy when the one the run used has moved. `onn-generate --workdir OUT` and
+onn_jax.load_export read it from any path. Errors exit with code 2 (bad input, checked
+before anything is written), 4 when writing OUT failed (disk full, I/O error; the partial
+export is removed).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -19,29 +26,76 @@ from train.generate import CHECKPOINT_DIR, quiet_orbax
 
 def parse_args(argv: Sequence[str]):
     parser = argparse.ArgumentParser(prog="onn-export", description="Export the params of a checkpoint.")
-    parser.add_argument("dir", metavar="DIR", help="training workdir (or its checkpoints/ folder)")
-    parser.add_argument("out", metavar="OUT", help="new directory for the export")
+    parser.add_argument("paths", nargs="*", metavar="DIR OUT",
+                        help="training workdir (or its checkpoints/ folder), then the new export directory")
+    parser.add_argument("--workdir", default=None, metavar="DIR", help="the training workdir (instead of DIR)")
+    parser.add_argument("--out", default=None, metavar="OUT", help="the export directory (instead of OUT)")
     parser.add_argument("--step", type=int, default=None, metavar="K", help="checkpoint step (default: latest)")
-    return parser.parse_args(argv)
+    parser.add_argument("--format", default="orbax", choices=("orbax", "safetensors", "npz"),
+                        help="parameter file format (default orbax)")
+    parser.add_argument("--tokenizer", default=None, metavar="PATH",
+                        help="tokenizer.json to copy in (default: the one the run was trained with)")
+    args = parser.parse_args(argv)
+    given = list(args.paths)
+    args.dir = args.workdir or (given.pop(0) if given else None)
+    args.out = args.out or (given.pop(0) if given else None)
+    if args.dir is None or args.out is None or given:
+        parser.error("give the training workdir and the export directory: onn-export DIR OUT "
+                     "(or --workdir DIR --out OUT)")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from train.signals import end_program
+    return end_program(_main(argv), as_program=argv is None)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     src = Path(args.dir)
     if not src.is_dir():
         print(f"onn-export: error: {src}: no such directory", file=sys.stderr)
         return 2
+    from train.cli_checks import export_args
+    problem = export_args(args)
+    if problem:
+        print(f"onn-export: error: {problem}", file=sys.stderr)
+        return 2
     quiet_orbax()
     if (src / CHECKPOINT_DIR).is_dir():
         src = src / CHECKPOINT_DIR
-    from onn_jax.checkpoint import CheckpointError, export_params  # heavy imports after the cheap checks
+    from onn_jax.checkpoint import CheckpointError, error_cause, os_error_in  # heavy: after the cheap checks
+    from onn_jax.portable import write_export
+    out = Path(args.out)
+    before = set(os.listdir(out)) if out.is_dir() else None
     try:
-        step = export_params(src, args.out, args.step)
+        step = write_export(src, args.out, args.step, fmt=args.format, tokenizer=args.tokenizer)
     except CheckpointError as e:
         print(f"onn-export: error: {e}", file=sys.stderr)
         return 2
-    print(f"exported step {step} of {src} to {Path(args.out).resolve()}")
+    except Exception as e:  # writing OUT failed (disk full, I/O error): remove what this run wrote
+        if os_error_in(e) is None:
+            raise
+        _remove_partial(out, before)
+        print(f"onn-export: error: cannot write the export to {out.resolve()}: {error_cause(e)}; "
+              "the partial export was removed", file=sys.stderr)
+        return 4
+    print(f"exported step {step} of {src} to {Path(args.out).resolve()} ({args.format}; "
+          f"see its README.md)")
     return 0
+
+
+def _remove_partial(out: Path, before: set[str] | None) -> None:
+    """Removes OUT if this run created it, else the entries it added to OUT."""
+    try:
+        if before is None:
+            shutil.rmtree(out, ignore_errors=True)
+        elif out.is_dir():
+            for name in set(os.listdir(out)) - before:
+                p = out / name
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

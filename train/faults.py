@@ -3,11 +3,18 @@
     ONN_TRAIN_FAULT=after_step:N   after step N (and after every pending checkpoint is on disk)
     ONN_TRAIN_FAULT=in_save:N      inside the checkpoint save of step N: its files are written
                                    to orbax's temporary folder, the atomic rename not yet done
+                                   (in orbax's background thread, while training goes on)
+    ONN_TRAIN_FAULT=at_save:N      at the start of the checkpoint save of step N (main thread)
+    ONN_TRAIN_FAULT=in_eval:N      inside the evaluation of step N, after its first batch
+    ONN_TRAIN_FAULT=stall_save:N   like in_save, but a signal does not release it (a stuck save)
+    ONN_TRAIN_FAULT=enospc_save:N  the commit of step N's save fails with OSError(ENOSPC), as
+                                   on a full disk (no halt)
 
 At the point the process prints `onn-train: fault point <point>:<N> reached` to stderr and
-sleeps; the test then kills it with SIGKILL. A process nobody kills exits by itself with code
-99 after ONN_TRAIN_FAULT_TIMEOUT seconds (default 300), so a dead test never leaves a trainer
-asleep. Unset (the normal case), nothing is installed.
+sleeps; the test then kills it with SIGKILL, or sends it a signal of train.signals' policy,
+which ends the sleep (except stall_save) so the run goes on to its clean stop. A process nobody
+kills exits by itself with code 99 after ONN_TRAIN_FAULT_TIMEOUT seconds (default 300), so a
+dead test never leaves a trainer asleep. Unset (the normal case), nothing is installed.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ ENV = "ONN_TRAIN_FAULT"
 TIMEOUT_ENV = "ONN_TRAIN_FAULT_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
 TIMEOUT_EXIT_CODE = 99
-POINTS = ("after_step", "in_save")
+POINTS = ("after_step", "in_save", "at_save", "in_eval", "stall_save", "enospc_save")
 
 
 def parse(value: str | None) -> tuple[str, int] | None:
@@ -46,14 +53,18 @@ def halt_timeout(value: str | None = None) -> float:
     return timeout
 
 
-def halt(point: str, step: int, timeout: float | None = None) -> None:
-    """Announce the fault point and wait to be killed; exit (code 99, no cleanup) after
-    `timeout` seconds (default halt_timeout()) if nobody did."""
+def halt(point: str, step: int, timeout: float | None = None, until_signal: bool = True) -> None:
+    """Announce the fault point and wait to be killed, or (until_signal) for a stop signal of
+    train.signals, then return; exit (code 99, no cleanup) after `timeout` seconds (default
+    halt_timeout()) if neither came."""
+    from train.signals import requested
     timeout = halt_timeout() if timeout is None else timeout
     print(f"onn-train: fault point {point}:{step} reached", file=sys.stderr, flush=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+        if until_signal and requested():
+            return
+        time.sleep(min(0.05, max(deadline - time.monotonic(), 0.0)))
     print(f"onn-train: fault point {point}:{step}: not killed within {timeout:g}s; exiting",
           file=sys.stderr, flush=True)
     os._exit(TIMEOUT_EXIT_CODE)
@@ -66,8 +77,8 @@ class Faults:
         self.fault = parse(os.environ.get(ENV) if value is None else value)
         if self.fault:
             halt_timeout()  # a malformed timeout fails at start, not at the fault point
-        if self.fault and self.fault[0] == "in_save":
-            _block_commit(self.fault[1])
+        if self.fault and self.fault[0] in ("in_save", "stall_save", "enospc_save"):
+            _block_commit(*self.fault)
 
     def after_step(self, step: int, checkpointer=None) -> None:
         if self.fault == ("after_step", step):
@@ -75,16 +86,27 @@ class Faults:
                 checkpointer.wait()
             halt("after_step", step)
 
+    def at(self, point: str, step: int) -> None:
+        """The hook of `point` (at_save, in_eval) at `step`."""
+        if self.fault == (point, step):
+            halt(point, step)
 
-def _block_commit(step: int) -> None:
-    """Makes orbax's atomic-rename commit of checkpoint `step` halt before the rename."""
+
+def _block_commit(point: str, step: int) -> None:
+    """Makes orbax's atomic-rename commit of checkpoint `step` halt before the rename (in_save,
+    stall_save) or fail as on a full disk (enospc_save)."""
+    import errno
+
     from orbax.checkpoint._src.path import atomicity
     cls = atomicity.AtomicRenameTemporaryPath
     original = cls.finalize
 
     async def finalize(self, *args, **kwargs):
         if self.get_final().name == str(step):
-            halt("in_save", step)
+            if point == "enospc_save":
+                print(f"onn-train: fault point {point}:{step} reached", file=sys.stderr, flush=True)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.get()))
+            halt(point, step, until_signal=point == "in_save")
         return await original(self, *args, **kwargs)
 
     cls.finalize = finalize

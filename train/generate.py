@@ -1,13 +1,14 @@
 """`onn-generate`: continue a prompt with a trained model (KV-cache sampling).
 
     onn-generate --workdir DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
-                 [--top-p P] [--seed S] [--step K] [--raw]
+                 [--top-p P] [--seed S] [--step K] [--raw] [--tokenizer PATH]
 
 DIR is a training workdir (config.json + checkpoints/, the latest checkpoint unless --step;
 the model config is the one stored in that checkpoint's metadata, config.json only for a
-checkpoint without one) or an export written by `onn-export` (export.json + params/). The
-prompt is sent as a user turn followed by the assistant marker, as in training's chat format
-(--raw: BOS + the text).
+checkpoint without one) or an export written by `onn-export` (any format, from any path: it
+carries its tokenizer). The prompt is sent as a user turn followed by the assistant marker,
+as in training's chat format (--raw: BOS + the text, as plain-text corpora are trained).
+--tokenizer overrides the run's or export's tokenizer (byte or a tokenizer.json).
 temperature 0 (default) is greedy. Prints the continuation; errors exit with code 2.
 """
 from __future__ import annotations
@@ -45,6 +46,8 @@ def parse_args(argv: Sequence[str]):
     parser.add_argument("--seed", type=int, default=0, metavar="S")
     parser.add_argument("--step", type=int, default=None, metavar="K", help="checkpoint step (default: latest)")
     parser.add_argument("--raw", action="store_true", help="prompt is plain text (BOS + text), not a user turn")
+    parser.add_argument("--tokenizer", default=None, metavar="PATH",
+                        help="byte or a tokenizer.json (default: the run's or the export's)")
     return parser.parse_args(argv)
 
 
@@ -79,14 +82,14 @@ def load_model(workdir: str | Path, step: int | None = None):
     if not workdir.is_dir():
         raise GenerateError(f"{workdir}: no such directory")
     try:
-        if ckpt_lib.is_export(workdir):
+        from onn_jax import portable
+        if portable.is_export(workdir):
             meta = _read_json(workdir / ckpt_lib.EXPORT_META)
-            model_cfg, tok = _config_sections(meta.get("config"), str(workdir / ckpt_lib.EXPORT_META))
             if step is not None and step != meta.get("step"):
                 raise GenerateError(f"{workdir}: the export holds step {meta.get('step')}, not {step}")
-            target = ckpt_lib.abstract_like(init_params, model_cfg, jax.random.key(0))
-            params, _ = ckpt_lib.load_params(workdir, target)
-            return params, model_cfg, tok, meta.get("step")
+            _config_sections(meta.get("config"), str(workdir / ckpt_lib.EXPORT_META))  # names a bad config
+            ex = portable.load_export(workdir, tokenizer="byte")  # the tokenizer is resolved in run()
+            return ex.params, ex.model_cfg, portable.folder_tokenizer(str(workdir), meta), ex.step
         if not (workdir / CONFIG_FILE).is_file():
             raise GenerateError(f"{workdir}: neither a training workdir (no {CONFIG_FILE}) "
                                 f"nor an onn-export directory (no {ckpt_lib.EXPORT_META})")
@@ -128,10 +131,14 @@ def run(args) -> str:
     from onn_jax.generate import generate
     from onn_jax.tokenizer import load_tokenizer
     params, model_cfg, tok_name, _ = load_model(args.workdir, args.step)
+    tok_name = getattr(args, "tokenizer", None) or tok_name
     try:
         tok = load_tokenizer(tok_name)
     except (OSError, ValueError, ImportError) as e:
         raise GenerateError(f"tokenizer {tok_name!r}: {e}") from e
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise GenerateError(f"tokenizer {tok_name!r} has {tok.vocab_size} ids, more than the model's "
+                            f"vocab_size {model_cfg.vocab_size}: not the tokenizer it was trained with")
     ids = prompt_ids(tok, args.prompt, args.raw)
     room = model_cfg.max_len - len(ids)
     if room < 1:
@@ -146,11 +153,29 @@ def run(args) -> str:
                        top_p=args.top_p, seed=args.seed, eos_id=tok.eos_id)
     except ValueError as e:
         raise GenerateError(str(e)) from e
-    return tok.decode(out)
+    text = tok.decode(out)
+    if not text:  # say why the line is empty instead of printing it silently
+        why = ("the first new token was end-of-sequence" if not out else
+               f"the {len(out)} new token(s) decode to no text (special tokens)")
+        hint = (" With --raw the prompt is plain text, not the chat turn the model was trained to "
+                "answer; leave out --raw, or sample with --temperature > 0." if args.raw else
+                " Try --temperature > 0, or a later checkpoint.")
+        print(f"onn-generate: note: empty output: {why}.{hint}", file=sys.stderr)
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from train.signals import end_program
+    return end_program(_main(argv), as_program=argv is None)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from train.cli_checks import generate_args
+    problem = generate_args(args)  # before the model is loaded
+    if problem:
+        print(f"onn-generate: error: {problem}", file=sys.stderr)
+        return 2
     quiet_orbax()
     try:
         text = run(args)

@@ -18,9 +18,32 @@ import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
-# Keys shown in the progress bar, with their short labels.
-PROGRESS_KEYS = (("train/main_loss", "loss"), ("moe/gate_acc", "gate_acc"), ("moe/avg_k", "avg_k"),
-                 ("perf/tokens_per_sec", "tok/s"))
+# Keys shown in the progress bar (and the plain log line), with their short labels. The routing
+# numbers are the ones that cannot rise while routing collapses (onn_jax.routing_metrics); the
+# original's `moe/gate_acc` stays in metrics.jsonl only. `eval` is the latest eval loss.
+PROGRESS_KEYS = (("train/main_loss", "loss"), ("eval/main_loss", "eval"),
+                 ("moe/gate_acc_informative", "gate_acc_inf"), ("moe/dead_experts", "dead"),
+                 ("moe/load_cv", "load_cv"), ("moe/router_entropy", "H"), ("moe/fallback_share", "fallback"),
+                 ("moe/target_inactive", "tgt_inactive"), ("moe/avg_k", "avg_k"),
+                 ("train/grad_norm", "gnorm"), ("train/lr", "lr"), ("perf/tokens_per_sec", "tok/s"))
+
+
+def progress_fields(metrics: Mapping[str, Any], latest_eval: float | None = None) -> dict[str, str]:
+    """The bar's labelled values: scalars with 3 decimals (lr in %.1e, tok/s whole), the dead
+    experts per layer as a/b/c, and the latest eval loss even on rows without an eval."""
+    post = {}
+    for key, label in PROGRESS_KEYS:
+        v = metrics.get(key)
+        if key == "eval/main_loss" and v is None:
+            v = latest_eval
+        if v is None:
+            continue
+        if key == "moe/dead_experts" and np.ndim(v) == 1:
+            post[label] = "/".join(str(int(x)) for x in np.asarray(v))
+        elif np.ndim(v) == 0 and isinstance(np.asarray(v).item(), (int, float)):
+            v = float(v)
+            post[label] = f"{v:.0f}" if key.startswith("perf/") else f"{v:.1e}" if key == "train/lr" else f"{v:.3f}"
+    return post
 
 
 def to_jsonable(value: Any) -> Any:
@@ -112,9 +135,24 @@ class MetricsWriter:
             arr = np.asarray(value)
             if arr.ndim == 0 and np.issubdtype(arr.dtype, np.number):
                 self._tb.add_scalar(key, float(arr), step)
-            elif key.endswith("expert_load") and arr.ndim == 2:  # [L, E] -> one scalar per layer & expert
+            elif key.endswith("expert_load") and arr.ndim == 2:  # [L, E]: scalars, image, histogram
                 for layer, row in enumerate(arr):
                     self._tb.add_histogram(f"{key}/layer_{layer}", row, step)
+                    self._tb.add_scalars(f"{key}/layer_{layer}", {f"expert_{e}": float(v) for e, v in enumerate(row)},
+                                         step)
+                self._tb.add_image(key, load_image(arr), step, dataformats="HW")
+            elif arr.ndim == 1 and np.issubdtype(arr.dtype, np.number) and arr.size <= 256:
+                names = metrics.get("eval/domain_names") if key.startswith("eval/domain_") else None
+                names = names if isinstance(names, (list, tuple)) and len(names) == arr.size else None
+                unit = "layer" if key.endswith(("dead_experts", "surprise_zero_frac")) else \
+                    "expert" if key.endswith("thresholds") else "i"
+                for i, v in enumerate(arr):
+                    if np.isfinite(v):
+                        self._tb.add_scalar(f"{key}/{names[i] if names else f'{unit}_{i}'}", float(v), step)
+            elif key == "moe/thresholds" and arr.ndim == 2:  # [L, E] sigmoid(theta)
+                for layer, row in enumerate(arr):
+                    self._tb.add_scalars(f"{key}/layer_{layer}", {f"expert_{e}": float(v) for e, v in enumerate(row)},
+                                         step)
             elif key.endswith("surprise_hist") and arr.ndim == 2:
                 edges = np.asarray(metrics.get(key.replace("surprise_hist", "surprise_edges")))
                 if edges.ndim == 1 and edges.size == arr.shape[1] + 1:
@@ -141,6 +179,13 @@ class MetricsWriter:
             self._tb.close()
 
 
+def load_image(load_LxE) -> np.ndarray:
+    """An [L * 8, E * 8] grey image of the expert load (white = the largest load), for TensorBoard."""
+    a = np.asarray(load_LxE, np.float64)
+    a = a / max(float(a.max()), 1e-12)
+    return np.kron(a, np.ones((8, 8))).astype(np.float32)
+
+
 class NullWriter:
     """The writer of processes other than 0 in a multi-process run: only process 0 writes the
     workdir's logs; the others compute the same rows and drop them."""
@@ -158,10 +203,10 @@ class NullWriter:
 
 
 class Progress:
-    """tqdm bar over the steps, its postfix showing the latest main loss, gate acc, avg_k, tok/s."""
+    """tqdm bar over the steps, its postfix showing PROGRESS_KEYS of the latest logged row."""
 
     def __init__(self, total: int, initial: int, enabled: bool = True, silent: bool = False):
-        self._bar, self._silent = None, silent
+        self._bar, self._silent, self._eval = None, silent, None
         if enabled and not silent:
             from tqdm.auto import tqdm
             self._bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
@@ -171,14 +216,16 @@ class Progress:
             self._bar.update(n)
 
     def show(self, metrics: Mapping[str, Any]) -> None:
-        if self._bar is None:
-            return
-        post = {}
-        for key, label in PROGRESS_KEYS:
-            if key in metrics and np.ndim(metrics[key]) == 0:
-                v = float(metrics[key])
-                post[label] = f"{v:.0f}" if key.startswith("perf/") else f"{v:.3f}"
-        self._bar.set_postfix(post, refresh=True)
+        """Updates the bar's postfix; with the bar off, prints one plain line per logged row."""
+        if isinstance(metrics.get("eval/main_loss"), (int, float)):
+            self._eval = float(metrics["eval/main_loss"])
+        post = progress_fields(metrics, self._eval)
+        if self._bar is not None:
+            self._bar.set_postfix(post, refresh=True)
+        elif not self._silent and post:
+            step = metrics.get("step")
+            print((f"step {step}: " if step is not None else "") +
+                  " ".join(f"{k}={v}" for k, v in post.items()), flush=True)
 
     def write(self, text: str) -> None:
         """Prints a line above the bar (or plainly when the bar is off)."""

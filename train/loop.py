@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ from onn_jax.config import Config, ConfigError, MeshConfig, to_dict
 from onn_jax.corpus import build_corpus
 from onn_jax.data import DataError, Dataset, load_records
 from onn_jax.guard import SKIPPED, make_guarded_step
+from onn_jax.limits import memory_problem
 from onn_jax.model import attention_impl
+from onn_jax.routing_metrics import dead_experts
 from onn_jax.step import make_optimizer
 from onn_jax.tokenizer import encode_chat, load_tokenizer
 from onn_jax.workdir import WorkdirBusy, WorkdirLock
@@ -34,10 +37,36 @@ from train.compat import config_diff, tokenizer_info, tokenizer_mismatch
 from train.evaluate import evaluate, make_eval_step
 from train.faults import Faults
 from train.logging import MetricsWriter, NullWriter, Progress, mean_metrics
-from train.plot import make_dashboards
+from train.plot import PlotError, make_dashboards
+from train.signals import StopOnSignal, name as signal_name
+from train.workdir_check import check_workdir, meta_problem
 
 CONFIG_FILE, CHECKPOINT_DIR = "config.json", "checkpoints"
 RESUME_FREE_DATA_FIELDS = ("strict",)  # data fields that do not change the batch stream
+# model/optim fields a resume may change freely (same math, another kernel); any other change
+# of model.* or optim.* alters the run's semantics and needs --allow-config-change.
+RESUME_FREE_MODEL_FIELDS = ("model.attention",)
+
+
+def semantic_changes(saved_config: dict | None, cfg: Config) -> list[str]:
+    """`field saved -> now` for every model/optim field (but RESUME_FREE_MODEL_FIELDS) that
+    differs between a checkpoint's config and `cfg`."""
+    saved_config = saved_config or {}
+    diff = []
+    for section in ("model", "optim"):
+        saved = saved_config.get(section)
+        if saved is None:
+            continue
+        now = _only_keys_of(to_dict(getattr(cfg, section)), saved)  # fields newer than the run: skip
+        diff += [d for d in config_diff(saved, now, section) if d.split()[0] not in RESUME_FREE_MODEL_FIELDS]
+    return diff
+
+
+def _only_keys_of(now: Any, saved: Any) -> Any:
+    """`now` restricted to the keys `saved` has (nested dicts)."""
+    if isinstance(now, dict) and isinstance(saved, dict):
+        return {k: _only_keys_of(now[k], saved[k]) for k in saved if k in now}
+    return now
 
 
 class TrainError(RuntimeError):
@@ -46,6 +75,21 @@ class TrainError(RuntimeError):
 
 class TrainStopped(RuntimeError):
     """The run stopped on purpose (too many non-finite steps in a row) after a checkpoint."""
+
+
+class StoppedBySignal(RuntimeError):
+    """A stop signal (SIGTERM, SIGINT, SIGHUP) ended the run at a step boundary, after saving
+    that step; `code` is the exit code (128 + signal), `hard` that a save was abandoned and
+    still runs in a background thread, so the process must end with os._exit."""
+
+    def __init__(self, message: str, code: int, hard: bool = False):
+        super().__init__(message)
+        self.code, self.hard = code, hard
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint save failed (disk full, I/O error); the run stopped at once. The message
+    names the cause and the last committed checkpoint."""
 
 
 def build_dataset(cfg: Config) -> Dataset:
@@ -58,6 +102,8 @@ def build_dataset(cfg: Config) -> Dataset:
     if tok.vocab_size > cfg.model.vocab_size:
         raise TrainError(f"model.vocab_size: must be >= the tokenizer's vocab size "
                          f"{tok.vocab_size} ({d.tokenizer}), got {cfg.model.vocab_size}")
+    if d.source.startswith("shards:"):
+        return open_shards(cfg, tok)
     try:
         if d.source == "builtin":
             records = build_corpus(seed=d.seed, records_per_domain=d.records_per_domain)
@@ -68,6 +114,40 @@ def build_dataset(cfg: Config) -> Dataset:
         raise TrainError(f"data.source: {e}") from e
     except ValueError as e:
         raise TrainError(f"data: {e}") from e
+
+
+def vocab_from_tokenizer(cfg: Config) -> Config:
+    """cfg with model.vocab_size = the tokenizer's size, for a tokenizer.json (onn-train does this
+    unless --config.model.vocab_size is given). Unchanged if the tokenizer cannot be loaded
+    (build_dataset then reports why) or is the byte tokenizer."""
+    import dataclasses
+    if cfg.data.tokenizer == "byte":
+        return cfg
+    try:
+        size = load_tokenizer(cfg.data.tokenizer).vocab_size
+    except (OSError, ValueError, ImportError):
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=size))
+
+
+def open_shards(cfg: Config, tok):
+    """The ShardDataset of data.source=shards:DIR, checked against cfg.data and the tokenizer."""
+    from onn_jax.shards import PREFIX, ShardDataset
+    d = cfg.data
+    try:
+        ds = ShardDataset(d.source[len(PREFIX):], tok)
+    except (DataError, ValueError) as e:
+        raise TrainError(f"data.source: {e}") from e
+    meta, where = ds.meta, d.source[len(PREFIX):]
+    for field, want in (("seq_len", d.seq_len), ("pack", d.pack), ("eval_fraction", d.eval_fraction)):
+        if meta.get(field) != want:
+            raise TrainError(f"data.{field}: the shards in {where} were made with {field} {meta.get(field)!r}, "
+                             f"this run has {want!r}; set --config.data.{field}={meta.get(field)!r} "
+                             "or tokenize again")
+    mismatch = tokenizer_mismatch(meta.get("tokenizer"), tokenizer_info(d.tokenizer, tok), f"shards {where}")
+    if mismatch:
+        raise TrainError(mismatch.replace(" was trained with ", " were made with "))
+    return ds
 
 
 def make_mesh(cfg: MeshConfig):
@@ -103,9 +183,14 @@ class Run:
     data position. Call close() (train() does) to release the workdir lock.
     """
 
-    def __init__(self, cfg: Config, workdir: str | Path):
+    def __init__(self, cfg: Config, workdir: str | Path, allow_config_change: bool = False):
         self.cfg, self.workdir = cfg, Path(workdir)
-        self.lock, self.ckpt = None, None
+        self.allow_config_change = allow_config_change
+        self.config_changes: list[dict] = []  # every accepted change of semantics, with its step
+        self.pending_change: str | None = None  # recorded in the first metrics row of this run
+        self.lock, self.ckpt, self.bar, self.writer = None, None, None, NullWriter()
+        self.stop = StopOnSignal.current() or StopOnSignal()  # no handler installed: never set
+        self.abandoned = False  # a save still running in the background was given up
         self.is_chief = jax.process_index() == 0
         try:
             self.faults = Faults()
@@ -118,6 +203,9 @@ class Run:
         self.ds = build_dataset(cfg)
         self.tok = self.ds.tokenizer
         self.mesh = make_mesh(cfg.mesh)
+        too_big = memory_problem(cfg, list(self.mesh.devices.flat))
+        if too_big:
+            raise TrainError(f"{too_big[0]}: {too_big[1]}")
         try:
             sharding.check_batch(cfg.data.batch_size, self.mesh)
         except ConfigError as e:
@@ -151,6 +239,11 @@ class Run:
                 raise TrainError(str(e)) from None
             except OSError as e:
                 raise TrainError(f"--workdir {w}: not writable ({e.strerror or e})") from None
+            self.stop.at_exit.append(self.lock.release)  # a second signal ends the process at once
+            problem = None if created else check_workdir(w, to_dict(self.cfg), self.cfg.checkpoint.enabled)
+            if problem:
+                self.close()
+                raise TrainError(problem)
             if self.lock.stale:
                 print(f"onn-train: note: took over the lock of a process that ended without releasing "
                       f"it ({self.lock.stale})", flush=True)
@@ -198,7 +291,13 @@ class Run:
         os.replace(tmp, self.workdir / CONFIG_FILE)  # atomic: a kill never leaves half a file
 
     def close(self) -> None:
-        """Releases the workdir lock (idempotent)."""
+        """Closes the checkpoint manager (waiting for its saves, unless one was abandoned) and
+        releases the workdir lock (idempotent)."""
+        if self.ckpt is not None and not self.abandoned:
+            try:
+                self.ckpt.close()
+            except Exception:  # noqa: BLE001 - a failed save was reported where it failed
+                pass
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -213,6 +312,10 @@ class Run:
             meta = self.ckpt.restore_meta(latest)
         except ckpt_lib.CheckpointError as e:
             raise TrainError(f"cannot resume: {e}") from e
+        problem = meta_problem(meta, str(self.workdir / CHECKPOINT_DIR / str(latest)))
+        if problem:
+            raise TrainError(f"cannot resume: {problem}; the checkpoint's metadata is damaged: move "
+                             f"{self.workdir / CHECKPOINT_DIR / str(latest)} away to resume from the previous one")
         mismatch = tokenizer_mismatch(meta.get("tokenizer"), tokenizer_info(self.cfg.data.tokenizer, self.tok), where)
         if mismatch:
             raise TrainError(mismatch)
@@ -225,6 +328,19 @@ class Run:
                 raise TrainError(f"{diff[0].split()[0]}: the data settings differ from those of {where} "
                                  f"({'; '.join(diff)}), so the saved data position would not continue the "
                                  "same stream. Resume with the run's data settings, or use a new --workdir")
+        self.config_changes = list(meta.get("config_changes") or [])
+        changes = semantic_changes(meta.get("config"), self.cfg)
+        if changes and not self.allow_config_change:
+            fields = ", ".join(c.split()[0] for c in changes)
+            raise TrainError(f"{fields}: resuming {where} with a different model/optimizer config "
+                             f"({'; '.join(changes)}) would change the run's semantics; resume without "
+                             "--config to use the run's saved config, or pass --allow-config-change to "
+                             "record the change and go on")
+        if changes:
+            print(f"onn-train: note: config changed on resume at step {latest} (recorded in "
+                  f"metrics.jsonl and the checkpoints): {'; '.join(changes)}", flush=True)
+            self.config_changes.append({"step": latest, "changes": changes})
+            self.pending_change = "; ".join(changes)
         target = sharding.abstract_state(self.cfg.model, self.tx, self.mesh)
         try:
             state, meta = self.ckpt.restore(target, latest)
@@ -245,7 +361,8 @@ class Run:
         guard = {"skipped_steps": self.skipped_total, "skipped_in_a_row": self.skipped_in_a_row}
         return ckpt_lib.make_meta(config=to_dict(self.cfg), data_state=self.data_iter.state(),
                                   rng=jax.random.key(self.cfg.train.seed), tokenizer=tok,
-                                  domains=list(self.ds.domains), guard=guard)
+                                  domains=list(self.ds.domains), guard=guard,
+                                  config_changes=self.config_changes)
 
     def _batch(self):
         host = next(self.data_iter)
@@ -257,10 +374,16 @@ class Run:
 
     def evaluate(self) -> dict[str, Any]:
         batches = self.ds.eval_batches(self.cfg.data.batch_size, jax.process_index(), jax.process_count())
-        limited = (b for b, _ in zip(batches, range(self.cfg.train.eval_batches)))
+        limited = self._eval_hooked(b for b, _ in zip(batches, range(self.cfg.train.eval_batches)))
         metrics = evaluate(self.eval_fn, self.state.model_params, limited)
         metrics["eval/domain_names"] = list(self.ds.domains)
         return metrics
+
+    def _eval_hooked(self, batches):
+        for i, b in enumerate(batches):
+            yield b
+            if i == 0:
+                self.faults.at("in_eval", int(jax.device_get(self.state.step)))
 
     def thresholds(self) -> dict[str, np.ndarray]:
         p = self.state.params
@@ -292,6 +415,13 @@ class Run:
         """Trains up to train.steps; releases the workdir lock when done (or failed)."""
         try:
             return self._run()
+        except ckpt_lib.SaveError as e:
+            if self.bar is not None:
+                self.bar.close()
+            self.writer.close()
+            raise SaveFailed(f"{e} in {self.workdir / CHECKPOINT_DIR}; training stopped at once. Free "
+                             "space (or fix the disk) and rerun the same command to resume from the last "
+                             "committed checkpoint") from None
         except KeyboardInterrupt:
             if self.ckpt is not None:  # let an asynchronous save in flight commit (or fail) cleanly
                 try:
@@ -316,6 +446,8 @@ class Run:
         interval_start, interval_steps = time.perf_counter(), 0
         step, flag = self.start_step, None  # flag: (step, device 0/1) not yet counted
         while step < t.steps:
+            if self._stop_signal() is not None:  # a stop signal came during the last step, eval or save
+                self._stop_on_signal(step)
             self.state, metrics = self.step_fn(self.state, self._batch())
             step += 1
             if flag is not None:  # read one step late, so the host never waits on the device
@@ -345,6 +477,11 @@ class Run:
                 if not compile_logged:
                     row["perf/compile_s"], compile_logged = compile_s, True
                 row.update(self.thresholds())
+                if "moe/expert_load" in row:  # experts below the load floor over this logging window
+                    row["moe/dead_experts"] = dead_experts(row["moe/expert_load"])
+                row.setdefault("train/lr", cfg.optim.lr)  # a constant lr unless a schedule logged it
+                if self.pending_change:  # a semantic config change accepted on this resume
+                    row["config/changed_on_resume"], self.pending_change = self.pending_change, None
                 row["train/epoch"] = self.data_iter.state()["epoch"]
                 if do_eval:
                     row.update(self.evaluate())
@@ -358,22 +495,80 @@ class Run:
                 interval_start, interval_steps = time.perf_counter(), 0
             if stop:
                 self._stop(step)
-            if self.ckpt is not None and (step % cfg.checkpoint.every == 0 or step == t.steps):
-                self.ckpt.save(step, self.state, self._meta(), force=step == t.steps)
+            if self.ckpt is not None:
+                if step % cfg.checkpoint.every == 0 or step == t.steps:
+                    self.faults.at("at_save", step)
+                    if not self._previous_save_done():
+                        self._stop_on_signal(step)
+                    self.ckpt.save(step, self.state, self._meta(), force=step == t.steps)
+                self.ckpt.poll()  # a failed asynchronous save stops the run now
             self.faults.after_step(step, self.ckpt)
         if flag is not None:
             self._account(*flag)
+        if self._stop_signal() is not None:
+            self._stop_on_signal(step)
         bar.close()
         if self.ckpt is not None:
             self.ckpt.close()  # waits for the asynchronous saves
         text = self._sample()
         writer.add_text("sample", text, step)
         writer.close()
-        plots = (make_dashboards(self.workdir)
-                 if self.is_chief and (self.workdir / "metrics.jsonl").exists() else [])
+        try:
+            plots = (make_dashboards(self.workdir)
+                     if self.is_chief and (self.workdir / "metrics.jsonl").exists() else [])
+        except (PlotError, OSError) as e:  # after a whole run: say so, keep the run's exit code
+            print(f"onn-train: warning: no plots drawn: {e}", file=sys.stderr, flush=True)
+            plots = []
         return {"workdir": str(self.workdir), "start_step": self.start_step, "step": step,
                 "first_loss": first_loss, "last": last, "sample": text, "plots": [str(p) for p in plots],
                 "skipped_steps": self.skipped_total}
+
+    def _previous_save_done(self) -> bool:
+        """Waits for a save in flight (orbax would, inside the next save, where no signal can
+        end the wait); False when a stop signal came first."""
+        while not self.ckpt.wait(timeout=0.1):
+            if self.stop.signum is not None and jax.process_count() == 1:  # processes stop together
+                return False
+        return True
+
+    def _stop_signal(self) -> int | None:
+        """The stop signal received (by any process of a multi-process run, so that all of
+        them stop at the same step and save it together), else None."""
+        mine = self.stop.signum
+        if jax.process_count() == 1:
+            return mine
+        from jax.experimental import multihost_utils
+        anyone = int(np.max(multihost_utils.process_allgather(np.int32(mine or 0))))
+        return anyone or None
+
+    def _stop_on_signal(self, step: int) -> None:
+        """Saves `step` (unless saved), waits up to checkpoint.stop_timeout_s for the saves,
+        closes the logs and raises StoppedBySignal saying where the rerun resumes."""
+        signum, ckpt_dir = self._stop_signal(), self.workdir / CHECKPOINT_DIR
+        hard, code = False, 128 + signum
+        if self.ckpt is None:
+            where = f"no checkpoint saved (checkpoint.enabled is false); stopped after step {step}"
+        else:
+            timeout, t0 = self.cfg.checkpoint.stop_timeout_s, time.monotonic()
+            done = self.ckpt.wait(timeout=timeout)  # a save in flight first: orbax would wait inside save()
+            if done and step > self.start_step:
+                self.ckpt.save(step, self.state, self._meta(), force=True)
+                done = self.ckpt.wait(timeout=max(timeout - (time.monotonic() - t0), 0.0))
+            if done and step > self.start_step:
+                where = f"saved step {step} in {ckpt_dir}; rerun the same command to resume from it"
+            elif done:
+                where = (f"nothing trained since step {step}; rerun the same command to "
+                         + (f"resume from it ({ckpt_dir})" if step else "start again"))
+            else:
+                hard = self.abandoned = True
+                committed = self.ckpt.committed_steps()
+                last = f"step {committed[-1]}" if committed else "the start (no checkpoint)"
+                where = (f"checkpoint saves did not finish within checkpoint.stop_timeout_s = {timeout:g}s "
+                         f"and were abandoned (step {step} not saved); rerun the same command to resume "
+                         f"from {last}")
+        self.bar.close()
+        self.writer.close()
+        raise StoppedBySignal(f"stopped by {signal_name(signum)}: {where}", code, hard)
 
     def _stop(self, step: int) -> None:
         """Too many non-finite steps in a row: checkpoint (the last finite state) and stop."""
@@ -395,11 +590,23 @@ class Run:
                       self.cfg.train.sample_tokens)
 
 
-def train(cfg: Config, workdir: str | Path, quiet: bool = False) -> dict[str, Any]:
+def tensorboard_command(logdir: Path) -> str:
+    """How to view the events: the command, and how to install the viewer where it is missing."""
+    import importlib.util
+    cmd = f"tensorboard --logdir {logdir}"
+    if importlib.util.find_spec("tensorboard") is None:
+        cmd += "  (viewer not installed: pip install -e '.[tb]' in the repository)"
+    return cmd
+
+
+def train(cfg: Config, workdir: str | Path, quiet: bool = False,
+          allow_config_change: bool = False) -> dict[str, Any]:
     """Runs (or resumes) training in `workdir`; prints where everything went and a sample.
 
+    A resume whose model/optim config differs from the checkpoint's is refused unless
+    `allow_config_change` (then the change is recorded in metrics.jsonl and the checkpoints).
     Raises TrainError (bad input, workdir in use) or TrainStopped (too many non-finite steps)."""
-    run = Run(cfg, workdir)
+    run = Run(cfg, workdir, allow_config_change)
     try:
         summary = run.run()
     finally:
@@ -422,7 +629,7 @@ def report(summary: dict[str, Any], cfg: Config) -> str:
     lines += [f"  config       {w / CONFIG_FILE}",
               f"  checkpoints  {w / CHECKPOINT_DIR}" + ("" if cfg.checkpoint.enabled else " (disabled)"),
               f"  metrics      {w / 'metrics.jsonl'}",
-              f"  tensorboard  tensorboard --logdir {w / 'tb'}",
+              f"  tensorboard  {tensorboard_command(w / 'tb')}",
               "  plots        " + (", ".join(Path(p).name for p in summary["plots"]) + f" in {w / 'plots'}"
                                     if summary["plots"] else "(none)"),
               f"sample (greedy): {cfg.train.sample_prompt!r} -> {summary['sample']!r}"]

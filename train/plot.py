@@ -1,7 +1,9 @@
 """PNG dashboards from a run's metrics.jsonl: `onn-plot DIR` writes DIR/plots/*.png.
 
     loss.png         main loss and accuracy, train and held-out eval
-    gate.png         gate accuracy, avg_k, gate loss and mean threshold sigmoid(theta)
+    gate.png         routing health (gate accuracy on tokens with non-constant S, dead experts,
+                     load imbalance, router entropy, fallback and inactive-target shares),
+                     avg_k, gate loss and mean threshold sigmoid(theta), each on its own axes
     expert_load.png  per-layer heatmap: expert x step, share of tokens routed to the expert
     surprise.png     per-layer histogram of Surprise on active (token, expert) pairs, latest eval
     domain_routing.png  per-layer heatmap: domain x expert, share of positions routed, latest eval
@@ -56,13 +58,44 @@ def plot_loss(rows, out: Path, plt) -> Path | None:
 
 
 def plot_gate(rows, out: Path, plt) -> Path | None:
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    drawn = _line(axes[0], rows, [("moe/gate_acc", "train"), ("eval/gate_acc", "eval")], "gate accuracy")
-    drawn |= _line(axes[1], rows, [("moe/avg_k", "train"), ("eval/avg_k", "eval")], "avg_k (experts/token)")
-    _line(axes[2], rows, [("moe/gate_loss", "gate loss"), ("moe/gate_ce", "ce"), ("moe/gate_kl", "kl"),
-                          ("moe/threshold_mean", "mean sigmoid(theta)")], "value")
-    for ax, title in zip(axes, ("gate accuracy (argmax pre == argmin S)", "avg_k", "gate loss, thresholds")):
-        ax.set_title(title)
+    """Routing health first (numbers that cannot rise while routing collapses), then the gate
+    loss and the thresholds, each on its own axes (onn_jax.routing_metrics defines them)."""
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
+    (acc, dead, cv, ent), (shares, k, loss, theta) = axes
+    drawn = _line(acc, rows, [("moe/gate_acc_informative", "train, tokens with non-constant S"),
+                              ("eval/gate_acc_informative", "eval, tokens with non-constant S"),
+                              ("moe/gate_acc", "train, all tokens (original metric; inflated by ties)")],
+                  "share of tokens: argmax pre == argmin S")
+    acc.set_title("gate accuracy")
+    pts = [(r["step"], r["moe/dead_experts"]) for r in rows if isinstance(r.get("moe/dead_experts"), list)]
+    if pts:
+        steps = np.asarray([s for s, _ in pts])
+        counts_SxL = np.asarray([v for _, v in pts], np.float64)
+        for layer in range(counts_SxL.shape[1]):
+            dead.step(steps, counts_SxL[:, layer], where="post", label=f"layer {layer}")
+        dead.legend(fontsize=8)
+        loads = [r["moe/expert_load"] for r in rows if isinstance(r.get("moe/expert_load"), list)]
+        n_experts = np.asarray(loads[-1]).shape[-1] if loads else int(counts_SxL.max()) + 1
+        dead.set_ylim(-0.3, n_experts + 0.3)  # whole experts, out of E
+    from onn_jax.routing_metrics import DEAD_LOAD_FLOOR
+    dead.set_xlabel("step")
+    dead.set_ylabel("experts")
+    dead.grid(alpha=0.3)
+    dead.set_title(f"dead experts (load < {DEAD_LOAD_FLOOR:g} of tokens over the log window)", fontsize=9)
+    _line(cv, rows, [("moe/load_cv", "train"), ("eval/load_cv", "eval")], "std / mean of expert load")
+    cv.set_title("load imbalance (coefficient of variation; 0 = balanced)", fontsize=9)
+    _line(ent, rows, [("moe/router_entropy", "train"), ("eval/router_entropy", "eval")], "nats")
+    ent.set_title("router entropy (per-token combine weights)", fontsize=9)
+    _line(shares, rows, [("moe/fallback_share", "fallback (no expert above threshold)"),
+                         ("moe/target_inactive", "hard target argmin S is inactive")], "share of tokens")
+    shares.set_title("fallback and inactive-target shares", fontsize=9)
+    drawn |= _line(k, rows, [("moe/avg_k", "train"), ("eval/avg_k", "eval")], "experts per token")
+    k.set_title("avg_k (active experts per token)")
+    _line(loss, rows, [("moe/gate_loss", "total"), ("moe/gate_ce", "CE to argmin S"), ("moe/gate_kl", "KL")],
+          "gate loss (summed over layers)")
+    loss.set_title("gate loss")
+    _line(theta, rows, [("moe/threshold_mean", "mean over experts and layers")], "sigmoid(theta)")
+    theta.set_title("expert thresholds sigmoid(theta)")
     return _save(fig, out / "gate.png", plt, drawn)
 
 
@@ -125,14 +158,38 @@ def plot_domain_routing(rows, out: Path, plt) -> Path | None:
     return _save(fig, out / "domain_routing.png", plt, True)
 
 
-def _save(fig, path: Path, plt, drawn: bool) -> Path | None:
+def _save(fig, path: Path, plt, drawn: bool):
+    """(fig, path) to be written once every figure is drawn (so a malformed metric writes
+    nothing), or None when the figure has nothing to show."""
     if not drawn:
         plt.close(fig)
         return None
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig, path
+
+
+class PlotError(ValueError):
+    """metrics.jsonl or the plots folder cannot be used; the message names the file (and line)."""
+
+
+def _rows(workdir: Path) -> list[dict[str, Any]]:
+    from train.logging import METRICS_FILE, read_jsonl
+    path = workdir / METRICS_FILE
+    if not path.is_file():
+        raise PlotError(f"{path}: not a file" if path.exists() else
+                        f"{workdir}: no metrics.jsonl to plot (is this a training workdir?)")
+    try:  # a live or killed run: last line half written
+        numbered = read_jsonl(path, torn_tail_ok=True, numbered=True)
+    except ValueError as e:
+        raise PlotError(str(e)) from None
+    except OSError as e:
+        raise PlotError(f"{path}: cannot read it ({e.strerror or e})") from None
+    for n, row in numbered:
+        if not isinstance(row, dict) or isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
+            raise PlotError(f"{path}:{n}: not a metrics row (a JSON object with an integer \"step\")")
+    if not numbered:
+        raise PlotError(f"{path}: no metrics rows to plot")
+    return [row for _, row in numbered]
 
 
 def make_dashboards(workdir: str | Path) -> list[Path]:
@@ -141,28 +198,52 @@ def make_dashboards(workdir: str | Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from train.logging import read_metrics
+    from train.workdir_check import _kind_problem
 
     workdir = Path(workdir)
-    rows = read_metrics(workdir, torn_tail_ok=True)  # a live or killed run: last line half written
-    if not rows:
-        raise FileNotFoundError(f"{workdir}: no metrics.jsonl rows to plot (is this a training workdir?)")
+    if not workdir.is_dir():
+        raise PlotError(f"{workdir}: no such directory")
+    rows = _rows(workdir)
     out = workdir / PLOTS_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    written = [fn(rows, out, plt) for fn in (plot_loss, plot_gate, plot_expert_load, plot_surprise,
-                                      plot_domain_routing)]
-    return [p for p in written if p is not None]
+    drawn = []
+    try:
+        for fn in (plot_loss, plot_gate, plot_expert_load, plot_surprise, plot_domain_routing):
+            try:
+                figure = fn(rows, out, plt)
+            except (ValueError, TypeError, KeyError, IndexError) as e:
+                name = fn.__name__.removeprefix("plot_")
+                raise PlotError(f"{workdir / 'metrics.jsonl'}: cannot draw {name}.png: malformed metric values "
+                                f"({type(e).__name__}: {str(e)[:200]})") from None
+            if figure is not None:
+                drawn.append(figure)
+        problem = (_kind_problem(workdir, want_dir=True) or _kind_problem(out, want_dir=True) or next(
+            (p for p in (_kind_problem(path, want_dir=False) for _, path in drawn) if p), None))
+        if problem:
+            raise PlotError(problem)
+        out.mkdir(parents=True, exist_ok=True)
+        for fig, path in drawn:
+            fig.savefig(path, dpi=100)
+    finally:
+        plt.close("all")
+    return [path for _, path in drawn]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="onn-plot", description=__doc__.split("\n")[0])
-    parser.add_argument("workdir", help="a training workdir holding metrics.jsonl")
+    parser.add_argument("workdir", nargs="?", help="a training workdir holding metrics.jsonl")
+    parser.add_argument("--workdir", dest="workdir_flag", default=None, metavar="DIR", help="the same, as a flag")
     args = parser.parse_args(argv)
+    args.workdir = args.workdir_flag or args.workdir
+    if args.workdir is None:
+        parser.error("give the training workdir: onn-plot DIR (or --workdir DIR)")
     try:
         paths = make_dashboards(args.workdir)
-    except (FileNotFoundError, ValueError) as e:
+    except PlotError as e:
         print(f"onn-plot: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # writing a PNG: disk full, I/O error
+        print(f"onn-plot: error: cannot write {e.filename or 'the plots'}: {e.strerror or e}", file=sys.stderr)
+        return 4
     for p in paths:
         print(p)
     return 0

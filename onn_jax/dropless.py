@@ -1,0 +1,161 @@
+"""Dropless sparse dispatch: active (token, expert) pairs in one expert-sorted row buffer.
+
+The buffer has R = ceil(pair_budget * N) rows for the whole batch (static; no host sync).
+Row layout: the kept pairs of expert 0 (in token order), then of expert 1, ..., then padding
+rows (token N, input 0), which the last expert's group absorbs so group sizes sum to R:
+
+  dispatch  x_RxC[r] = x[token_R[r]]                       (a gather; padding rows read 0)
+  experts   y_RxC = W2_g . act(W1_g . x_RxC), g = expert of r (grouped GEMM, grouped_gemm.py)
+  combine   out[t] = sum over t's kept pairs, in expert order, of w[t, e] * y[row(t, e)]
+
+Overflow rule: the active pairs are ranked in token-major order (token, then expert); those
+of rank >= R are dropped (the batch's last tokens lose their highest experts first). They add
+nothing to the output, their Surprise is 0, and `moe/dropped_frac` counts them. With
+R = N * E (pair_budget = E) nothing can drop. Unlike a per-expert capacity, an uneven load
+across experts costs nothing.
+
+The per-token sums (combine, and the dispatch's backward) are deterministic without atomics:
+a loop over j < max_t k_t adds the j-th kept pair of every token (a gather of N rows per
+step), in a fixed order, so a GPU gives the same bits run to run. Their backwards are gathers.
+Every other index step is a gather or a unique-index scatter.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from onn_jax.config import MoEConfig
+from onn_jax.experts import gelu_exact
+from onn_jax.grouped_gemm import grouped_matmul
+
+
+class Dropless(NamedTuple):
+    """Where each kept pair lives in the expert-sorted row buffer, and the token-major order."""
+
+    token_R: jax.Array     # int32 token of each row; N (out of range) for padding rows
+    row_NxE: jax.Array     # int32 row of pair (t, e); R (out of range) where not kept
+    kept_NxE: jax.Array    # bool: active and within the budget
+    sizes_E: jax.Array     # int32 rows per expert; the last expert also owns the padding rows
+    order_R: jax.Array     # int32 row of the p-th kept pair in token-major order; R for the tail
+    start_N: jax.Array     # int32 token-major position of token t's first kept pair
+    count_N: jax.Array     # int32 kept pairs of token t
+    max_count: jax.Array   # int32 scalar: max_t count_N (the per-token sums' trip count)
+
+
+def pair_rows(num_tokens: int, cfg: MoEConfig) -> int:
+    """R = ceil(pair_budget * N) rows, clipped to [1, N * E].
+
+    pair_budget None: top_k for the top-k router (exactly its k, never drops); fallback_k
+    for the surprise gate (every token's k at initialisation, when all tokens fall back)."""
+    budget = cfg.pair_budget
+    if budget is None:
+        budget = cfg.top_k if cfg.router == "topk" else cfg.effective_fallback_k
+    rows = math.ceil(budget * num_tokens - 1e-9)
+    return int(min(num_tokens * cfg.num_experts, max(1, rows)))
+
+
+def make_dropless(mask_NxE: jax.Array, rows: int) -> Dropless:
+    """Lays the active pairs of token-major rank < rows into the expert-sorted buffer."""
+    n, e = mask_NxE.shape
+    active = mask_NxE.astype(jnp.int32)
+    rank_NxE = jnp.cumsum(active.reshape(-1)).reshape(n, e) - 1   # token-major rank
+    kept_NxE = mask_NxE & (rank_NxE < rows)
+    kept = kept_NxE.astype(jnp.int32)
+    count_E = jnp.sum(kept, axis=0)
+    offset_E = jnp.cumsum(count_E) - count_E
+    pos_NxE = jnp.cumsum(kept, axis=0) - 1                          # rank within the expert
+    row_NxE = jnp.where(kept_NxE, offset_E[None, :] + pos_NxE, rows).astype(jnp.int32)
+    tokens_NxE = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, e))
+    token_R = jnp.full((rows,), n, jnp.int32).at[row_NxE].set(tokens_NxE, mode="drop")
+    sizes_E = count_E.at[e - 1].add(rows - jnp.sum(count_E)).astype(jnp.int32)
+    # Kept pairs are a prefix of the active ones in token-major order: their position there
+    # is their rank. One unique-index scatter of the kept rows.
+    order_R = jnp.full((rows,), rows, jnp.int32).at[jnp.where(kept_NxE, rank_NxE, rows)].set(
+        row_NxE, mode="drop")
+    count_N = jnp.sum(kept, axis=1).astype(jnp.int32)
+    start_N = (jnp.cumsum(count_N) - count_N).astype(jnp.int32)
+    return Dropless(token_R=token_R, row_NxE=row_NxE, kept_NxE=kept_NxE, sizes_E=sizes_E,
+                    order_R=order_R, start_N=start_N, count_N=count_N,
+                    max_count=jnp.max(count_N, initial=0))
+
+
+def row_expert_outputs(params: dict, x_RxC: jax.Array, sizes_E: jax.Array, kind: str = "gelu",
+                       backend: str = "ragged_dot") -> jax.Array:
+    """y[r] = W2_g . act(W1_g . x[r]) with g the expert owning row r, [R, C] in x's dtype."""
+    h_RxI = grouped_matmul(x_RxC, params["w1"], sizes_E, backend)
+    if kind == "gelu":
+        a_RxI = gelu_exact(h_RxI)
+    elif kind == "swiglu":
+        a_RxI = jax.nn.silu(h_RxI) * grouped_matmul(x_RxC, params["w3"], sizes_E, backend)
+    else:
+        raise ValueError(f"unknown expert kind {kind!r}")
+    return grouped_matmul(a_RxI, params["w2"], sizes_E, backend)
+
+
+def dispatch_rows(x_NxC: jax.Array, d: Dropless) -> jax.Array:
+    """x_RxC[r] = x[token_R[r]], zero for padding rows. Backward: dx[t] = the float32 sum of
+    t's row cotangents (`sum_rows_to_tokens`), rounded once to x's dtype."""
+    return _dispatch(x_NxC, d)
+
+
+@jax.custom_vjp
+def _dispatch(x_NxC, d):
+    return x_NxC.at[d.token_R].get(mode="fill", fill_value=0)
+
+
+def _dispatch_fwd(x_NxC, d):
+    return _dispatch(x_NxC, d), d
+
+
+def _dispatch_bwd(d, g_RxC):
+    return sum_rows_to_tokens(g_RxC.astype(jnp.float32), d).astype(g_RxC.dtype), None
+
+
+_dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+@jax.custom_vjp
+def sum_rows_to_tokens(a_RxC: jax.Array, d: Dropless) -> jax.Array:
+    """out[t] = sum of a over t's kept rows, added in expert order; [N, C].
+
+    Step j of a loop of max_count steps adds every token's j-th kept row (a gather of N rows
+    through order_R): a fixed order, no atomics. Backward: da[r] = g[token_R[r]]."""
+    n, c = d.start_N.shape[0], a_RxC.shape[-1]
+
+    def add_jth(j, out_NxC):
+        pos_N = jnp.where(j < d.count_N, d.start_N + j, a_RxC.shape[0])
+        row_N = d.order_R.at[pos_N].get(mode="fill", fill_value=a_RxC.shape[0])
+        return out_NxC + a_RxC.at[row_N].get(mode="fill", fill_value=0)
+
+    return jax.lax.fori_loop(0, d.max_count, add_jth, jnp.zeros((n, c), a_RxC.dtype))
+
+
+def _sum_fwd(a_RxC, d):
+    return sum_rows_to_tokens(a_RxC, d), d
+
+
+def _sum_bwd(d, g_NxC):
+    return g_NxC.at[d.token_R].get(mode="fill", fill_value=0), None
+
+
+sum_rows_to_tokens.defvjp(_sum_fwd, _sum_bwd)
+
+
+def row_weights(weights_NxE: jax.Array, d: Dropless) -> jax.Array:
+    """w[t, e] of each row's pair, [R], zero for padding rows (its backward is a gather)."""
+    rows = d.token_R.shape[0]
+    return jnp.zeros((rows,), weights_NxE.dtype).at[d.row_NxE].set(weights_NxE, mode="drop")
+
+
+def combine_rows(weights_NxE: jax.Array, y_RxC: jax.Array, d: Dropless) -> jax.Array:
+    """out[t] = sum_e w[t, e] * y[row(t, e)] over kept pairs, in float32, [N, C]."""
+    w_R = row_weights(weights_NxE.astype(jnp.float32), d)
+    return sum_rows_to_tokens(w_R[:, None] * y_RxC.astype(jnp.float32), d)
+
+
+def rows_to_pairs(a_RxX: jax.Array, d: Dropless) -> jax.Array:
+    """A row-space array [R, ...] in the pair layout [N, E, ...]: a[row(t, e)], 0 where not kept."""
+    return a_RxX.at[d.row_NxE].get(mode="fill", fill_value=0)

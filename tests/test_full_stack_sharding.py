@@ -1,0 +1,48 @@
+"""Phase-2 gated units on a mesh: the sharded step equals one device's (test_sharding pattern)."""
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from onn_jax import sharding as sh
+from onn_jax.config import HeadsConfig, MeshConfig, ModelConfig, MoEConfig, OptimConfig
+from onn_jax.step import init_state, make_optimizer, make_train_step
+
+BASE = ModelConfig(vocab_size=64, hidden=16, num_layers=1, num_heads=4, max_len=16,
+                   moe=MoEConfig(num_experts=8, intermediate=16))
+TX = make_optimizer(OptimConfig())
+CONFIGS = {
+    "heads_surprise": dataclasses.replace(BASE, heads=HeadsConfig(router="surprise", surprise="advantage")),
+    "heads_topk": dataclasses.replace(BASE, heads=HeadsConfig(router="topk")),
+}
+
+
+def make_batch(seed=0, batch=8, length=8):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, BASE.vocab_size, (batch, length + 1)).astype(np.int32)
+    mask = (rng.random((batch, length)) > 0.2).astype(np.float32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_sharded_step_with_gated_units_equals_one_device(name):
+    cfg = CONFIGS[name]
+    state0 = jax.jit(functools.partial(init_state, cfg, TX))(jax.random.key(0))
+    batch = make_batch()
+    ref_state, ref_metrics = make_train_step(cfg, TX, donate=False)(state0, batch)
+    ref_state, ref_metrics = jax.device_get((ref_state, ref_metrics))
+    mesh = sh.make_mesh(MeshConfig(data=2, expert=2, fsdp=2))
+    state = sh.sharded_init(cfg, TX, jax.random.key(0), mesh)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(jax.device_get(state0))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    new_state, metrics = sh.make_sharded_train_step(cfg, TX, mesh)(state, sh.shard_batch(batch, mesh))
+    for key in sorted(k for k in ref_metrics if k.startswith(("attn/", "train/main_loss", "train/total"))):
+        np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(new_state), jax.tree.leaves(ref_state)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(path))
+    attn = new_state.params["block_0"]["attn"]
+    gate_key = "head_prototypes" if "head_prototypes" in attn else "head_router"
+    assert attn[gate_key].sharding.spec == jax.sharding.PartitionSpec("fsdp")  # ('embed', 'heads')
