@@ -9,13 +9,25 @@ adds the activation constraints proposed for onn_jax/moe.py (tokens along data, 
 expert inside the MoE layer) by wrapping moe's expert/combine functions; `--size smoke` runs
 a tiny model (with XLA_FLAGS=--xla_force_host_platform_device_count=8 on CPU) to check the
 script. Needs no orbax.
+
+`--mode smk|plain`, `--dispatch dense|sparse|dropless`, `--pair-budget` and `--force-avg-k E/8`
+pick the router and the MoE dispatch as onn-bench does (bench.bench.mode_config; the thresholds
+are forced on the batch so about k experts pass per token). Each record carries the compiled
+step's memory per device (XLA's memory_analysis: arguments + temporaries + outputs - aliased) and,
+with `--check`, the relative error of the mesh step against the same step on one device (same
+init, same global batch): main loss and updated parameters.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import sys
 import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/scaling.py`: import bench.* from the repo root
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import jax
 import numpy as np
@@ -24,6 +36,8 @@ from onn_jax import moe as moe_module
 from onn_jax import sharding as sh
 from onn_jax.config import MeshConfig, ModelConfig, MoEConfig, OptimConfig
 from onn_jax.step import make_optimizer
+
+from bench.bench import force_thresholds, mode_config, parse_k
 
 SIZES = {  # as configs/gpu_small.py and configs/gpu_large.py (model part)
     "smoke": ModelConfig(vocab_size=256, hidden=32, num_layers=1, num_heads=4, max_len=64,
@@ -50,18 +64,65 @@ def install_moe_hook() -> None:
     moe_module.expert_outputs, moe_module.combine = hooked_expert_outputs, hooked_combine
 
 
+def step_memory_bytes(step, state, batch) -> int | None:
+    """Device memory of one compiled step per device (arguments + temporaries + outputs - aliased)."""
+    try:
+        mem = step.lower(state, batch).compile().memory_analysis()
+        return int(mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+                   - mem.alias_size_in_bytes)
+    except Exception:  # a backend without memory_analysis
+        return None
+
+
+def make_batch(cfg: ModelConfig, global_batch: int, seq: int) -> dict:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, (global_batch, seq + 1)).astype(np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "loss_mask": np.ones((global_batch, seq), np.float32)}
+
+
+def init_on_mesh(cfg: ModelConfig, tx, mesh, batch: dict, k: int | None):
+    """The sharded initial state; with k, thresholds forced so about k experts pass per token."""
+    state = sh.sharded_init(cfg, tx, jax.random.key(0), mesh)
+    if k is not None and cfg.moe.router == "surprise":
+        forced = force_thresholds(jax.device_get(state.params), cfg, jax.numpy.asarray(batch["inputs"][:64]), k)
+        params = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), forced, state.params)
+        state = state.replace(params=params)
+    return state
+
+
+def one_step(cfg: ModelConfig, data: int, expert: int, batch: dict, k: int | None):
+    """Loss and updated params (host) of one step on a data x expert mesh, not donated."""
+    mesh = sh.make_mesh(MeshConfig(data=data, expert=expert), jax.devices()[:data * expert])
+    tx = make_optimizer(OptimConfig())
+    state = init_on_mesh(cfg, tx, mesh, batch, k)
+    step = sh.make_sharded_train_step(cfg, tx, mesh, donate=False)
+    new, metrics = step(state, sh.shard_batch(batch, mesh))
+    return float(metrics["train/main_loss"]), jax.device_get(new.params)
+
+
+def check_against_one_device(cfg: ModelConfig, data: int, expert: int, batch: dict, k: int | None) -> dict:
+    """Relative errors of one mesh step against the same step on the first device."""
+    loss_1, params_1 = one_step(cfg, 1, 1, batch, k)
+    loss_n, params_n = one_step(cfg, data, expert, batch, k)
+    num = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+              for a, b in zip(jax.tree.leaves(params_n), jax.tree.leaves(params_1)))
+    den = max(float(np.max(np.abs(np.asarray(b, np.float64)))) for b in jax.tree.leaves(params_1))
+    return {"check_loss_rel_err": abs(loss_n - loss_1) / max(abs(loss_1), 1e-30),
+            "check_params_rel_err": num / max(den, 1e-30)}
+
+
 def measure(cfg: ModelConfig, data: int, expert: int, per_device_batch: int, seq: int,
-            steps: int, warmup: int) -> dict:
+            steps: int, warmup: int, k: int | None = None) -> dict:
     n = data * expert
     mesh = sh.make_mesh(MeshConfig(data=data, expert=expert), jax.devices()[:n])
     tx = make_optimizer(OptimConfig())
-    state = sh.sharded_init(cfg, tx, jax.random.key(0), mesh)
-    step = sh.make_sharded_train_step(cfg, tx, mesh)
-    rng = np.random.default_rng(0)
     b = per_device_batch * n
-    tokens = rng.integers(0, cfg.vocab_size, (b, seq + 1)).astype(np.int32)
-    batch = sh.shard_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                            "loss_mask": np.ones((b, seq), np.float32)}, mesh)
+    host_batch = make_batch(cfg, b, seq)
+    state = init_on_mesh(cfg, tx, mesh, host_batch, k)
+    step = sh.make_sharded_train_step(cfg, tx, mesh)
+    batch = sh.shard_batch(host_batch, mesh)
+    mem = step_memory_bytes(step, state, batch)
     t0 = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
@@ -75,10 +136,12 @@ def measure(cfg: ModelConfig, data: int, expert: int, per_device_batch: int, seq
     jax.block_until_ready(metrics)
     dt = time.perf_counter() - t0
     loss = float(metrics["train/main_loss"])
+    extra = {key: round(float(metrics[key]), 4) for key in ("moe/avg_k", "moe/dropped_frac") if key in metrics}
     del state
     return {"devices": n, "data": data, "expert": expert, "global_batch": b, "seq": seq,
             "step_ms": round(1e3 * dt / steps, 2), "tokens_per_s": round(b * seq * steps / dt),
-            "first_step_s": round(compile_s, 1), "main_loss": round(loss, 4)}
+            "first_step_s": round(compile_s, 1), "main_loss": round(loss, 4),
+            "step_memory_gib_per_device": None if mem is None else round(mem / 2**30, 2), **extra}
 
 
 def main(argv=None) -> None:
@@ -92,8 +155,20 @@ def main(argv=None) -> None:
     ap.add_argument("--moe-hook", action="store_true", help="constrain MoE tensors (see docstring)")
     ap.add_argument("--attention", choices=("xla", "cudnn", "auto"), default="xla",
                     help="model.attention (xla: the figures in docs/SCALING.md)")
+    ap.add_argument("--mode", choices=("smk", "plain"), default="smk",
+                    help="smk: the surprise gate (default); plain: top-k router with load balancing")
+    ap.add_argument("--dispatch", choices=("dense", "sparse", "dropless"), default="dense")
+    ap.add_argument("--pair-budget", type=float, default=None, help="dropless rows per token")
+    ap.add_argument("--capacity-rel", type=float, default=1.25, help="sparse capacity, as onn-bench")
+    ap.add_argument("--force-avg-k", default=None, metavar="K|E/n",
+                    help="force about K active experts per token (smk: thresholds; plain: top_k)")
+    ap.add_argument("--check", action="store_true",
+                    help="also report the mesh step's relative error against one device")
     args = ap.parse_args(argv)
     cfg = SIZES[args.size]
+    k = parse_k(args.force_avg_k, cfg.moe.num_experts)
+    cfg = mode_config(cfg, args.mode, k, args.capacity_rel, None,
+                      None if args.dispatch == "dense" else args.dispatch, None, args.pair_budget)
     cfg = dataclasses.replace(cfg, attention=args.attention)
     if args.moe_hook:
         install_moe_hook()
@@ -107,13 +182,18 @@ def main(argv=None) -> None:
             print(json.dumps({"layout": layout, "skipped": f"needs {data * expert} devices, "
                               f"have {jax.device_count()}"}), flush=True)
             continue
-        rec = measure(cfg, data, expert, args.per_device_batch, args.seq, args.steps, args.warmup)
+        rec = measure(cfg, data, expert, args.per_device_batch, args.seq, args.steps, args.warmup, k)
+        if args.check and rec["devices"] > 1:
+            rec.update({key: float(f"{v:.3g}") for key, v in check_against_one_device(
+                cfg, data, expert, make_batch(cfg, args.per_device_batch * rec["devices"], args.seq), k).items()})
         if base is None and rec["devices"] == 1:
             base = rec["tokens_per_s"]
         if base:
             rec["speedup"] = round(rec["tokens_per_s"] / base, 3)
             rec["efficiency"] = round(rec["tokens_per_s"] / base / rec["devices"], 3)
-        rec.update(layout=layout, size=args.size, moe_hook=args.moe_hook, attention=args.attention,
+        rec.update(layout=layout, size=args.size, mode=args.mode, dispatch=cfg.moe.dispatch,
+                   pair_budget=cfg.moe.pair_budget, force_avg_k=args.force_avg_k,
+                   moe_hook=args.moe_hook, attention=args.attention,
                    device_kind=jax.devices()[0].device_kind, jax=jax.__version__)
         print(json.dumps(rec), flush=True)
 

@@ -30,9 +30,16 @@ from onn_jax.sharding import (abstract_state, batch_sharding, make_mesh, make_sh
 from onn_jax.step import (TrainState, compute_grads, init_state, make_optimizer, make_train_step,
                           train_step)
 from onn_jax.portable import Export, load_export, write_export
+from onn_jax.records import encode_record, iter_records
+from onn_jax.shards import ShardDataset, write_shards
 from onn_jax.surprise import (SURPRISE_FNS, SurpriseInputs, get_surprise_fn, output_grad_closed_surprise,
                               output_grad_surprise)
 from onn_jax.surprise_variants import advantage_surprise, learning_cost_surprise
 from onn_jax.tokenizer import ByteTokenizer, HFTokenizer, encode_chat, load_tokenizer
+# phase 2, full-stack sparsity (docs/FULL_STACK.md)
+from onn_jax.config import EmbedConfig, HeadsConfig
+from onn_jax.embed import SlotRecord, slot_embed, slot_surprise
+from onn_jax.heads import HeadGradNorms, gated_heads, head_layer, route_heads
+from onn_jax.units import UnitRecords, UnitTaps, unit_records, unit_taps
 
 __version__ = "0.1.0"

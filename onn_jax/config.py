@@ -22,6 +22,8 @@ GATE_TOKENS = ("all", "unmasked")
 MOE_GATE_TOKENS = GATE_TOKENS + ("nonconstant",)  # `nonconstant`: MoE gate only (issue 16)
 GATE_TIE_BREAKS = ("low_index", "random")
 ATTENTIONS = ("xla", "cudnn", "auto")
+SCHEDULES = ("constant", "warmup_cosine", "wsd", "linear")
+REMATS = ("none", "block", "dots")
 IDLE_EXPERTS = ("skip", "zero_grad")
 
 
@@ -265,6 +267,68 @@ class HeadsConfig:
         return self.router != "dense"
 
 
+EMBED_KINDS = ("table", "slots")
+SLOT_SURPRISES = ("output_grad", "output_grad_closed", "advantage")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Sparse embeddings (off by default: `kind = table`, `deep = false`, `ngram = 0`).
+
+    kind: `table` (nn.Embed [V, C]: faithful) or `slots` (a learned code Z[id] [code_dim] ->
+      the top-any gate over num_slots shared slot vectors -> their convex mix; trained by the
+      Surprise hybrid loss, Surprise in closed form: `output_grad`/`output_grad_closed`
+      S = w |g|, `advantage` A[t,m] = <g_t, slot_m - x0_t>; `learning_cost` is refused, every
+      slot's would be |g_t|). fallback_k: slots of a token with none active; None means M // 2.
+    surprise, w_ce, w_kl, w_aux, gate_tokens: as in model.moe, for the slot gate.
+    deep: RWKV-8 DeepEmbed: each block's FFN output is scaled by a per-layer table D_l[id_t]
+      [V, C] (init 1).
+    ngram: 0 (off), 2 or 3: a hashed n-gram memory (Engram-style) added to the embedding,
+      ngram_heads hash heads per order, ngram_buckets rows of width ngram_dim per head, a
+      sigmoid context gate; works on bytes.
+    """
+
+    kind: str = "table"
+    num_slots: int = 256
+    code_dim: int = 16
+    fallback_k: int | None = None
+    surprise: str = "advantage"
+    w_ce: float = 1.0
+    w_kl: float = 1.0
+    w_aux: float = 1.0
+    gate_tokens: str = "all"
+    deep: bool = False
+    ngram: int = 0
+    ngram_buckets: int = 16384
+    ngram_heads: int = 2
+    ngram_dim: int = 32
+
+    def __post_init__(self):
+        p = "model.embed."
+        _choice(self.kind, EMBED_KINDS, p + "kind")
+        _check_gate_fields(self, p)
+        if self.kind == "slots":
+            _check(self.surprise in SLOT_SURPRISES, p + "surprise",
+                   f"slots take their Surprise in closed form: one of {list(SLOT_SURPRISES)}, got "
+                   f"{self.surprise!r} (`learning_cost` would be |g_t| for every slot)")
+        for name in ("num_slots", "code_dim", "ngram_buckets", "ngram_heads", "ngram_dim"):
+            _positive_int(getattr(self, name), p + name)
+        if self.fallback_k is not None:
+            _check(self.fallback_k <= self.num_slots, p + "fallback_k",
+                   f"must be <= num_slots ({self.num_slots}), got {self.fallback_k}")
+        _check(isinstance(self.deep, bool), p + "deep", f"must be a bool, got {self.deep!r}")
+        _check(self.ngram in (0, 2, 3) and not isinstance(self.ngram, bool), p + "ngram",
+               f"must be 0, 2 or 3, got {self.ngram!r}")
+
+    @property
+    def effective_fallback_k(self) -> int:
+        return self.fallback_k if self.fallback_k is not None else max(1, self.num_slots // 2)
+
+    @property
+    def gated(self) -> bool:
+        return self.kind == "slots"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The transformer around the MoE layer (faithful PoC numerics by default).
@@ -273,6 +337,9 @@ class ModelConfig:
       with float32 scores), `cudnn` (jax.nn.dot_product_attention's fused cuDNN flash
       attention; CUDA GPUs, bfloat16) or `auto` (cudnn where a CUDA GPU runs a bfloat16
       model with a supported head dim, else xla). Decoding with a KV cache always uses xla.
+    remat: rematerialisation of each block in the backward pass (jax.checkpoint via nn.remat):
+      `none` (default: keep every activation), `block` (keep only each block's input) or
+      `dots` (keep matmul outputs without batch dims: jax.checkpoint_policies.dots_with_no_batch_dims_saveable).
     """
 
     vocab_size: int = 256
@@ -287,10 +354,13 @@ class ModelConfig:
     dtype: str = "float32"
     attention: str = "xla"
     moe: MoEConfig = field(default_factory=MoEConfig)
+    remat: str = "none"
     heads: HeadsConfig = field(default_factory=HeadsConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
 
     def __post_init__(self):
         p = "model."
+        _choice(self.remat, REMATS, p + "remat")
         for name in ("vocab_size", "hidden", "num_layers", "num_heads", "max_len"):
             _positive_int(getattr(self, name), p + name)
         _check(self.hidden % self.num_heads == 0, p + "num_heads",
@@ -315,6 +385,7 @@ class ModelConfig:
         _check(isinstance(self.moe, MoEConfig), p + "moe", "must be a MoEConfig")
         _check(isinstance(self.heads, HeadsConfig), p + "heads", "must be a HeadsConfig")
         self.heads.check_against(self.num_heads)
+        _check(isinstance(self.embed, EmbedConfig), p + "embed", "must be an EmbedConfig")
 
     @property
     def head_dim(self) -> int:
@@ -347,6 +418,15 @@ class OptimConfig:
     """AdamW with the faithful PoC hyper-parameters, plus the expert gradient filter.
 
     clip_norm: optional global-norm clipping (an option; None = off, faithful).
+    schedule: learning-rate schedule (onn_jax.schedules): `constant` (faithful), `warmup_cosine`,
+      `wsd` (warmup, stable, then a linear cooldown over the last cooldown_fraction of
+      decay_steps) or `linear` (warmup, then linear decay).
+    warmup_steps: steps of linear warmup from 0 to lr (schedules other than constant).
+    decay_steps: the step at which the schedule reaches lr * min_lr_ratio; None = train.steps.
+    min_lr_ratio: the final learning rate as a share of lr.
+    cooldown_fraction: `wsd` only: share of decay_steps spent in the final linear decay.
+    accum_steps: split each batch into this many microbatches whose summed gradient equals the
+      one-batch gradient (onn_jax.accumulate); 1 = off (faithful).
     idle_experts: what an expert that received no token in the step gets (onn_jax.optimizer):
       `skip` (faithful: no gradient; left out of the 2-sigma statistics, AdamW skips it and
       its own step counter stays) or `zero_grad` (a zero gradient: pooled, decayed, moved by
@@ -361,10 +441,17 @@ class OptimConfig:
     clip_norm: float | None = None
     grad_filter: FilterConfig = field(default_factory=FilterConfig)
     idle_experts: str = "skip"
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    decay_steps: int | None = None
+    min_lr_ratio: float = 0.0
+    cooldown_fraction: float = 0.2
+    accum_steps: int = 1
 
     def __post_init__(self):
         p = "optim."
         _choice(self.idle_experts, IDLE_EXPERTS, p + "idle_experts")
+        _check_recipe_optim(self)
         _check(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool), p + "lr",
                f"must be a number, got {type(self.lr).__name__} {self.lr!r}")
         _check(self.lr > 0, p + "lr", f"must be > 0, got {self.lr}")
@@ -487,6 +574,10 @@ class TrainConfig:
     max_skipped_in_a_row: a step whose loss or gradients are not finite is skipped (state
       unchanged, counted in train/skipped_steps); this many skipped in a row stop the run
       with a checkpoint.
+    profile_steps: [a, b] writes a jax.profiler trace of steps a..b (inclusive) into
+      WORKDIR/profile; None = no trace.
+    peak_tflops: the device's peak TFLOP/s per device for perf/mfu; None = from the table in
+      bench.bench.PEAK_TFLOPS by device kind (perf/mfu is null where the device is unknown).
     """
 
     steps: int = 1000
@@ -499,9 +590,12 @@ class TrainConfig:
     sample_tokens: int = 48
     progress: bool = True
     max_skipped_in_a_row: int = 10
+    profile_steps: tuple[int, int] | None = None
+    peak_tflops: float | None = None
 
     def __post_init__(self):
         p = "train."
+        _check_recipe_train(self)
         for name in ("steps", "log_every", "eval_batches", "sample_tokens", "max_skipped_in_a_row"):
             _positive_int(getattr(self, name), p + name)
         for name in ("eval_every", "sample_every", "seed"):
@@ -553,5 +647,57 @@ class Config:
             _check(isinstance(getattr(self, name), cls), name, f"must be a {cls.__name__}")
         _check(self.data.seq_len <= self.model.max_len, "data.seq_len",
                f"must be <= model.max_len ({self.model.max_len}), got {self.data.seq_len}")
+        m = self.model.moe
+        _check(not (m.dispatch == "dropless" and self.mesh.expert not in (1, -1) and m.gemm != "padded"),
+               "mesh.expert", "dispatch='dropless' has no expert parallelism yet: with experts sharded, "
+               "XLA's partitioning of ragged_dot gave wrong results; use mesh.expert=1 (data parallel "
+               "works) or model.moe.gemm='padded'")
+        _check(self.data.batch_size % self.optim.accum_steps == 0, "optim.accum_steps",
+               f"must divide data.batch_size ({self.data.batch_size}), got {self.optim.accum_steps}")
+        m = self.model.moe
+        per_batch = [name for name, on in (("model.moe.aux_free_rate", m.aux_free_rate > 0),
+                                           ("model.moe.adaptive_experts", m.adaptive_experts),
+                                           ("model.moe.gate_tie_break='random'", m.gate_tie_break == "random"),
+                                           ("model.moe.gate_tokens='nonconstant'", m.gate_tokens == "nonconstant"))
+                     if on]
+        _check(self.optim.accum_steps == 1 or not per_batch, "optim.accum_steps",
+               f"accumulation (k = {self.optim.accum_steps}) is not exact with {', '.join(per_batch)} "
+               "(their updates or token shares need the whole batch at once); use accum_steps=1")
         from onn_jax.limits import check_values  # ranges of every field: int32, finite, UTF-8
         check_values(self)
+
+
+
+# --- Training recipe (issue 13): schedules, accumulation, profiling ---------------------------
+
+def _check_recipe_optim(c: "OptimConfig") -> None:
+    """Validates OptimConfig's schedule and accumulation fields."""
+    p = "optim."
+    _choice(c.schedule, SCHEDULES, p + "schedule")
+    _check(isinstance(c.warmup_steps, int) and not isinstance(c.warmup_steps, bool) and c.warmup_steps >= 0,
+           p + "warmup_steps", f"must be an integer >= 0, got {c.warmup_steps!r}")
+    if c.decay_steps is not None:
+        _positive_int(c.decay_steps, p + "decay_steps")
+        _check(c.decay_steps >= c.warmup_steps, p + "decay_steps",
+               f"must be >= optim.warmup_steps ({c.warmup_steps}), got {c.decay_steps}")
+    _nonneg_float(c.min_lr_ratio, p + "min_lr_ratio")
+    _check(c.min_lr_ratio <= 1, p + "min_lr_ratio", f"must be <= 1, got {c.min_lr_ratio}")
+    _nonneg_float(c.cooldown_fraction, p + "cooldown_fraction")
+    _check(0 < c.cooldown_fraction <= 1, p + "cooldown_fraction",
+           f"must be in (0, 1], got {c.cooldown_fraction}")
+    _positive_int(c.accum_steps, p + "accum_steps")
+
+
+def _check_recipe_train(c: "TrainConfig") -> None:
+    """Validates TrainConfig's profile_steps and peak_tflops (lists from config files become tuples)."""
+    p = "train."
+    if c.profile_steps is not None:
+        v = c.profile_steps
+        ok = (isinstance(v, (tuple, list)) and len(v) == 2
+              and all(isinstance(x, int) and not isinstance(x, bool) for x in v))
+        _check(ok, p + "profile_steps", f"must be [first, last] (two integers), got {v!r}")
+        _check(1 <= v[0] <= v[1], p + "profile_steps", f"must satisfy 1 <= first <= last, got {list(v)}")
+        object.__setattr__(c, "profile_steps", tuple(v))
+    if c.peak_tflops is not None:
+        _nonneg_float(c.peak_tflops, p + "peak_tflops")
+        _check(c.peak_tflops > 0, p + "peak_tflops", f"must be > 0, got {c.peak_tflops}")

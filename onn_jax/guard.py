@@ -51,12 +51,19 @@ def guarded_train_step(state, batch, cfg: ModelConfig, tx: optax.GradientTransfo
 
 
 def make_guarded_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh=None,
-                      surprise_fn: str | Callable | None = None, donate: bool = True) -> Callable:
+                      surprise_fn: str | Callable | None = None, donate: bool = True,
+                      accum_steps: int = 1) -> Callable:
     """The jitted guarded step. With a mesh: the shardings of
-    onn_jax.sharding.make_sharded_train_step (state in/out, batch, replicated metrics)."""
+    onn_jax.sharding.make_sharded_train_step (state in/out, batch, replicated metrics).
+    accum_steps > 1: the gradient from that many microbatches (onn_jax.accumulate)."""
+    guarded = guarded_train_step
+    if accum_steps > 1:
+        from onn_jax.step import train_step
+        guarded = functools.partial(guarded_train_step,
+                                    step_fn=functools.partial(train_step, accum_steps=accum_steps))
     if mesh is None:
-        fn = functools.partial(guarded_train_step, cfg=model_cfg, tx=tx, surprise_fn=surprise_fn)
+        fn = functools.partial(guarded, cfg=model_cfg, tx=tx, surprise_fn=surprise_fn)
         return jax.jit(fn, donate_argnums=(0,) if donate else ())
     from onn_jax.sharding import make_sharded_train_step
     return make_sharded_train_step(model_cfg, tx, mesh, surprise_fn=surprise_fn, donate=donate,
-                                   step_fn=guarded_train_step)
+                                   step_fn=guarded)

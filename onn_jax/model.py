@@ -13,6 +13,8 @@ Parameter layout (what onn_jax.sharding and the expert filter key on):
   block_i/moe/experts/{w1 [E, C, I], w2 [E, I, C], w3 [E, C, I] for SwiGLU}
   block_i/moe/ffn/{w1, w2, w3} for the dense baseline
   lm_head/kernel [C, V]
+  model.embed options: embed/{codes, slot_prototypes, slot_thresholds, slots} (slots),
+  ngram/{tables, key, value, norm_key, norm_query}, block_i/deep_embed [V, C]
 
 Decoding (onn_jax.generate) passes a `DecodeCache` (keys/values of every layer at absolute
 positions, static shape [B, S, H, D], and a [B, S] mask of the slots holding real tokens);
@@ -28,6 +30,8 @@ import jax.numpy as jnp
 
 from onn_jax.config import ConfigError, ModelConfig
 from onn_jax.experts import dense_ffn
+from onn_jax.embed import deep_scale
+from onn_jax.embed_layers import NgramMemory, SlotEmbed, deep_embed_table
 from onn_jax.heads import HeadGradNorms, head_layer
 from onn_jax.moe import MoETaps, moe_layer, zero_taps
 
@@ -109,6 +113,7 @@ class DecodeCache(NamedTuple):
 
     layers: tuple[KVCache, ...]
     valid: jax.Array
+    tokens: jax.Array | None = None  # [B, S] ids by position (the n-gram memory's history)
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, length: int) -> DecodeCache:
@@ -116,7 +121,8 @@ def init_cache(cfg: ModelConfig, batch_size: int, length: int) -> DecodeCache:
     shape = (batch_size, length, cfg.num_heads, cfg.head_dim)
     dt = compute_dtype(cfg)
     layers = tuple(KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(cfg.num_layers))
-    return DecodeCache(layers=layers, valid=jnp.zeros((batch_size, length), jnp.bool_))
+    tokens = jnp.zeros((batch_size, length), jnp.int32) if cfg.embed.ngram else None
+    return DecodeCache(layers=layers, valid=jnp.zeros((batch_size, length), jnp.bool_), tokens=tokens)
 
 
 def write_positions(cache_BxSx: jax.Array, new_BxTx: jax.Array, positions_BxT: jax.Array) -> jax.Array:
@@ -285,15 +291,33 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxC, positions_BxT, taps: MoETaps | None = None,
                  cache: KVCache | None = None, kv_valid_BxS=None, index_positions: bool = False,
-                 head_taps: MoETaps | None = None):
-        """(output, MoE record), plus the updated KVCache when a cache is given."""
+                 head_taps: MoETaps | None = None, tokens_BxT=None):
+        """(output, MoE record), plus the updated KVCache when a cache is given.
+
+        With model.embed.deep the MoE output is scaled by this block's DeepEmbed row of each token.
+        """
         attn = Attention(self.cfg, name="attn")(Norm(self.cfg, name="norm_attn")(x_BxTxC), positions_BxT,
                                                 cache, kv_valid_BxS, index_positions, head_taps)
         if cache is not None:
             attn, cache = attn
         h = x_BxTxC + attn
         moe_out, record = MoEFeedForward(self.cfg, name="moe")(Norm(self.cfg, name="norm_moe")(h), taps)
+        if self.cfg.embed.deep:
+            moe_out = moe_out * deep_scale(deep_embed_table(self, self.cfg), tokens_BxT).astype(moe_out.dtype)
         return (h + moe_out, record) if cache is None else (h + moe_out, record, cache)
+
+
+REMAT_POLICIES = {"block": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def remat_block(remat: str):
+    """Block, or Block under nn.remat (jax.checkpoint) for model.remat = `block` (keep only the
+    block's input) or `dots` (keep matmul outputs without batch dims). Same values, same
+    parameter tree; the backward recomputes what was not kept."""
+    if remat == "none":
+        return Block
+    # argnums count the module as 0: (self, x, positions, taps, cache, kv_valid, index_positions)
+    return nn.remat(Block, policy=REMAT_POLICIES[remat], static_argnums=(6,))
 
 
 class Transformer(nn.Module):
@@ -305,7 +329,7 @@ class Transformer(nn.Module):
     The call then returns (logits, records, updated cache).
 
     `unit_taps` (onn_jax.units.UnitTaps) are the zero taps of the gated units beyond the MoE
-    (attention heads); their records are sown in the "gated" collection (apply with
+    (attention heads, slot embedding); their records are sown in the "gated" collection (apply with
     mutable=["gated"] to get them; onn_jax.units.unit_records reads them).
     """
 
@@ -323,18 +347,30 @@ class Transformer(nn.Module):
             if tokens_valid_BxT is None:
                 tokens_valid_BxT = jnp.ones(tokens_BxT.shape, jnp.bool_)
             kv_valid_BxS = write_positions(cache.valid, tokens_valid_BxT, positions_BxT)
-        x = nn.Embed(cfg.vocab_size, cfg.hidden, embedding_init=nn.initializers.normal(1.0),
-                     name="embed")(tokens_BxT).astype(compute_dtype(cfg))
+        if cfg.embed.kind == "slots":
+            x = SlotEmbed(cfg, name="embed")(tokens_BxT, None if unit_taps is None else unit_taps.embed)
+        else:
+            x = nn.Embed(cfg.vocab_size, cfg.hidden, embedding_init=nn.initializers.normal(1.0),
+                         name="embed")(tokens_BxT)
+        history_BxS = None
+        if cfg.embed.ngram:
+            if cache is not None:
+                history_BxS = write_positions(cache.tokens, tokens_BxT, positions_BxT)
+            x = x + NgramMemory(cfg, name="ngram")(tokens_BxT, x, history_BxS,
+                                                   None if cache is None else positions_BxT)
+        x = x.astype(compute_dtype(cfg))
         records = []
+        block_cls = remat_block(cfg.remat) if cache is None else Block
         for i in range(cfg.num_layers):
-            block = Block(cfg, name=f"block_{i}")
+            block = block_cls(cfg, name=f"block_{i}")
             layer_taps = None if taps is None else taps[i]
             head_taps = None if unit_taps is None or unit_taps.heads is None else unit_taps.heads[i]
-            if cache is None:
-                x, record = block(x, positions_BxT, layer_taps, index_positions=index_positions,
-                                  head_taps=head_taps)
+            if cache is None:  # positional: index_positions is a static argument of nn.remat
+                x, record = block(x, positions_BxT, layer_taps, None, None, index_positions,
+                                  head_taps, tokens_BxT)
             else:
-                x, record, layer_cache = block(x, positions_BxT, layer_taps, cache.layers[i], kv_valid_BxS)
+                x, record, layer_cache = block(x, positions_BxT, layer_taps, cache.layers[i], kv_valid_BxS,
+                                               tokens_BxT=tokens_BxT)
                 new_layers.append(layer_cache)
             records.append(record)
         if cfg.final_norm:
@@ -343,7 +379,8 @@ class Transformer(nn.Module):
                           kernel_init=torch_linear_init, name="lm_head")(x)
         if cache is None:
             return logits.astype(jnp.float32), tuple(records)
-        return logits.astype(jnp.float32), tuple(records), DecodeCache(tuple(new_layers), kv_valid_BxS)
+        return logits.astype(jnp.float32), tuple(records), DecodeCache(tuple(new_layers), kv_valid_BxS,
+                                                                       history_BxS)
 
 
 def model_taps(cfg: ModelConfig, batch_size: int, seq_len: int) -> tuple[MoETaps, ...] | None:

@@ -1,10 +1,10 @@
-"""Routing metrics that cannot rise while routing collapses (jittable, per MoE layer).
+"""Routing metrics that are not inflated by a collapse (jittable, per MoE layer).
 
 The original's gate accuracy (argmax pre == argmin S, `moe/gate_acc`) is kept, but it
 misleads: with the faithful S = w |g| an inactive expert has S = 0, and a token whose loss
 gradient is zero (a masked label) has S = 0 for every expert, so argmin S is expert 0 by
 tie-breaking; when routing collapses onto expert 0 that "accuracy" climbs. These numbers
-do not:
+get no credit from the ties, and the load numbers show the collapse itself:
 
   gate_acc_informative  argmax pre == argmin S over tokens whose S row is not constant
                         (max S > min S), pooled over layers; 0 when no token qualifies

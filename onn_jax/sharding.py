@@ -12,6 +12,10 @@ Every parameter gets logical axis names from its path in the Linen tree (model.p
   moe/ffn_{w1,w3} [C, W], ffn_w2 [W, C]        (embed, mlp), (mlp, embed)
   lm_head/kernel [C, V]                        (embed, vocab)
   attn/head_prototypes, attn/head_router [C, H] (embed, heads); attn/head_thresholds [H] (heads,)
+  embed/codes [V, d_z] (vocab, code); embed/slot_prototypes [d_z, M] (code, slot);
+  embed/slot_thresholds [M] (slot,); embed/slots [M, C] (slot, embed)
+  ngram/tables [K, B, d] (ngram, vocab, code); ngram/{key,value} [K*d, C] (code, embed)
+  block_i/deep_embed [V, C]                    (vocab, embed)
 
 RULES maps logical names to the mesh axes `data`, `expert` and `fsdp`: experts are split
 along `expert`, every weight's `embed` dimension along `fsdp` (ZeRO-3 style; norms stay
@@ -43,7 +47,7 @@ from onn_jax.config import ConfigError, MeshConfig, ModelConfig
 
 MESH_AXES = ("data", "expert", "fsdp")
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "expert", "vocab", "norm",
-                "moe_batch")
+                "moe_batch", "code", "slot", "ngram")
 
 Rules = Sequence[tuple[str, Any]]
 
@@ -60,6 +64,9 @@ RULES: Rules = (
     ("expert", "expert"),
     ("vocab", None),
     ("norm", None),
+    ("code", None),   # model.embed: slot codes, n-gram rows
+    ("slot", None),
+    ("ngram", None),
 )
 
 # (path suffix, logical names); "*" matches any key. First match wins.
@@ -85,6 +92,14 @@ _PARAM_AXES: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("attn", "head_prototypes"), ("embed", "heads")),   # gated heads (model.heads)
     (("attn", "head_router"), ("embed", "heads")),
     (("attn", "head_thresholds"), ("heads",)),
+    (("embed", "codes"), ("vocab", "code")),             # slot embedding (model.embed.kind=slots)
+    (("embed", "slot_prototypes"), ("code", "slot")),
+    (("embed", "slot_thresholds"), ("slot",)),
+    (("embed", "slots"), ("slot", "embed")),
+    (("ngram", "tables"), ("ngram", "vocab", "code")),   # hashed n-gram memory (model.embed.ngram)
+    (("ngram", "key"), ("code", "embed")),
+    (("ngram", "value"), ("code", "embed")),
+    (("*", "deep_embed"), ("vocab", "embed")),           # DeepEmbed (model.embed.deep)
     (("*", "scale"), ("norm",)),
     (("*", "bias"), ("norm",)),
 )
@@ -265,6 +280,10 @@ def make_sharded_train_step(model_cfg: ModelConfig, tx: optax.GradientTransforma
     replicated; the old state is donated. The same function as step.make_train_step.
     """
     from onn_jax.step import init_state, train_step
+    m = model_cfg.moe
+    if m.dispatch == "dropless" and m.gemm != "padded" and mesh.shape.get("expert", 1) > 1:
+        raise ValueError("mesh.expert > 1 with model.moe.dispatch='dropless' needs gemm='padded': "
+                         "XLA's partitioning of ragged_dot over sharded experts gave wrong results")
     step_fn = step_fn or train_step
     shape = jax.eval_shape(functools.partial(init_state, model_cfg, tx), jax.random.key(0))
     st = state_shardings(shape, mesh, rules)

@@ -111,12 +111,17 @@ def gate_loss_inputs(cfg: ModelConfig, surprises, router_state, loss_mask_N, ste
 
 def compute_grads(params, batch: Batch, cfg: ModelConfig,
                   surprise_fn: str | SurpriseFn | None = None, router_state: Any = None,
-                  step: jax.Array | int = 0, return_records: bool = False):
+                  step: jax.Array | int = 0, return_records: bool = False,
+                  main_share: jax.Array | None = None, gate_share: jax.Array | None = None):
     """Gradient of main + w_aux * sum of gate losses, and the step's metrics (no update).
 
     router_state: TrainState.router_state (what the forward reads of it); step: the step count
     (seeds gate_tie_break='random'). Returns (grads, metrics), plus the MoE records with
     return_records (for onn_jax.router_state.update_router_state).
+
+    main_share, gate_share (gradient accumulation, onn_jax.accumulate): this batch is a
+    microbatch; its main loss (hence its Surprise) and its gate losses enter the gradient times
+    these shares of the whole batch's label / token count. The metrics stay unscaled.
 
     metrics["moe/expert_active"] ([num_layers, E] bool, absent without MoE layers) says which
     experts received a token (`expert_received_tokens`); train_step pops it and hands it to
@@ -144,10 +149,11 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig,
             urecords = unit_records(cfg, state["gated"])
         main, acc, count = next_token_loss(logits, batch["targets"], batch["loss_mask"])
         gate_inputs = (tuple(r.router.pre for r in records if r is not None), unit_gate_inputs(urecords))
-        return (main, gate_inputs), (acc, count, records, urecords)
+        scaled = main if main_share is None else main * main_share
+        return (scaled, gate_inputs), (main, acc, count, records, urecords)
 
-    (main, gate_inputs), pullback, (acc, count, records, urecords) = jax.vjp(forward, params, taps, utaps,
-                                                                             has_aux=True)
+    (_, gate_inputs), pullback, (main, acc, count, records, urecords) = jax.vjp(forward, params, taps, utaps,
+                                                                                has_aux=True)
     records = tuple(r for r in records if r is not None)
     one = jnp.ones_like(main)
     no_gate = jax.tree.map(jnp.zeros_like, gate_inputs)
@@ -181,6 +187,8 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig,
     # Every gate loss in the second pullback, each kind weighted by its own w_aux.
     (_, (gate_loss, parts, unit_total, per_kind)), d_gate = jax.value_and_grad(
         total_gate_loss, has_aux=True)(gate_inputs)
+    if gate_share is not None:
+        d_gate = jax.tree.map(lambda g: g * gate_share, d_gate)
     grads, _, _ = pullback((one, d_gate))
 
     metrics = {
@@ -224,10 +232,18 @@ def moe_metrics(cfg: ModelConfig, params, records, surprises, parts,
 
 
 def train_step(state: TrainState, batch: Batch, cfg: ModelConfig, tx: optax.GradientTransformation,
-               surprise_fn: str | SurpriseFn | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One joint update. Pure: jit it (see make_train_step)."""
-    grads, metrics, records = compute_grads(state.params, batch, cfg, surprise_fn, state.router_state,
-                                            state.step, return_records=True)
+               surprise_fn: str | SurpriseFn | None = None,
+               accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One joint update. Pure: jit it (see make_train_step). accum_steps > 1 computes the
+    gradient from that many microbatches (onn_jax.accumulate; the same step). Config refuses
+    accumulation together with the router-state options (their updates need one batch's records)."""
+    if accum_steps > 1:
+        from onn_jax.accumulate import accumulated_grads
+        grads, metrics = accumulated_grads(state.params, batch, cfg, accum_steps, surprise_fn)
+        records = None
+    else:
+        grads, metrics, records = compute_grads(state.params, batch, cfg, surprise_fn, state.router_state,
+                                                state.step, return_records=True)
     active_LxE = metrics.pop("moe/expert_active", None)
     extra = {}
     if active_LxE is not None:
@@ -248,7 +264,8 @@ def train_step(state: TrainState, batch: Batch, cfg: ModelConfig, tx: optax.Grad
 
 
 def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation,
-                    surprise_fn: str | SurpriseFn | None = None, donate: bool = True) -> Callable:
+                    surprise_fn: str | SurpriseFn | None = None, donate: bool = True,
+                    accum_steps: int = 1) -> Callable:
     """The jitted step `(state, batch) -> (state, metrics)`, donating the old state."""
-    fn = functools.partial(train_step, cfg=cfg, tx=tx, surprise_fn=surprise_fn)
+    fn = functools.partial(train_step, cfg=cfg, tx=tx, surprise_fn=surprise_fn, accum_steps=accum_steps)
     return jax.jit(fn, donate_argnums=(0,) if donate else ())

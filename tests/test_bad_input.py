@@ -416,10 +416,10 @@ def one_error_line(capsys, prog: str, code: int, fn, *argv) -> str:
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--temperature", "inf"], "--temperature inf: must be a finite number >= 0"),
-    (["--top-p", "nan"], "--top-p nan: must be in (0, 1]"),
+    (["--temperature", "inf"], "--temperature inf: temperature must be a finite number >= 0"),
+    (["--top-p", "nan"], "--top-p nan: top_p must be in (0, 1]"),
     (["--seed", str(2 ** 70)], f"--seed {2 ** 70}: must be in [0, 4294967295]"),
-    (["--max-new-tokens", str(2 ** 40)], f"--max-new-tokens {2 ** 40}: must be in [1, 2147483647]"),
+    (["--max-new-tokens", str(2 ** 40)], f"--max-new-tokens {2 ** 40}: max_new_tokens must be in [1, 2147483647]"),
     (["--prompt", "caf\udce9"], "--prompt: is not valid text (cannot be encoded as UTF-8 at character 3)"),
 ])
 def test_onn_generate_flag_out_of_range(capsys, trained, flags, expected):

@@ -123,7 +123,8 @@ def test_restore_onto_another_mesh(tmp_path, state0):
     P, NS = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
     abstract = jax.eval_shape(lambda: init_state(CFG, TX, jax.random.key(0)))
     shard = jax.tree_util.tree_map_with_path(
-        lambda path, a: NS(mesh, P("data") if "embedding" in jax.tree_util.keystr(path) else P()), abstract)
+        lambda path, a: NS(mesh, P("data") if "embedding" in jax.tree_util.keystr(path) and a.ndim else P()),
+        abstract)  # a.ndim: the optimizer's per-tensor step counters are scalars
     restored, _ = Checkpointer(tmp_path).restore(abstract_like(init_state, CFG, TX, jax.random.key(0),
                                                                shardings=shard))
     emb = restored.params["embed"]["embedding"]

@@ -73,6 +73,11 @@ def test_pair_rows_and_config():
                       ({"dispatch": "dropless", "surprise": "advantage"}, "surprise")]:
         with pytest.raises(ConfigError, match=f"model.moe.{field}"):
             MoEConfig(num_experts=8, **kw)
+    from onn_jax.config import Config, MeshConfig, ModelConfig
+    dropless = ModelConfig(moe=MoEConfig(dispatch="dropless"))
+    with pytest.raises(ConfigError, match="mesh.expert"):
+        Config(model=dropless, mesh=MeshConfig(expert=2))
+    Config(model=dropless, mesh=MeshConfig(expert=1))
 
 
 def test_grouped_gemm_backends_equal_a_loop_and_refuse_mosaic_off_hopper():

@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 
 from onn_jax import sharding as sh
-from onn_jax.config import HeadsConfig, MeshConfig, ModelConfig, MoEConfig, OptimConfig
+from onn_jax.config import EmbedConfig, HeadsConfig, MeshConfig, ModelConfig, MoEConfig, OptimConfig
 from onn_jax.step import init_state, make_optimizer, make_train_step
 
 BASE = ModelConfig(vocab_size=64, hidden=16, num_layers=1, num_heads=4, max_len=16,
                    moe=MoEConfig(num_experts=8, intermediate=16))
 TX = make_optimizer(OptimConfig())
 CONFIGS = {
-    "heads_surprise": dataclasses.replace(BASE, heads=HeadsConfig(router="surprise", surprise="advantage")),
+    "heads_and_slots": dataclasses.replace(BASE, heads=HeadsConfig(router="surprise", surprise="advantage"),
+                                           embed=EmbedConfig(kind="slots", num_slots=16, code_dim=8)),
     "heads_topk": dataclasses.replace(BASE, heads=HeadsConfig(router="topk")),
 }
 
@@ -38,7 +39,7 @@ def test_sharded_step_with_gated_units_equals_one_device(name):
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(jax.device_get(state0))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     new_state, metrics = sh.make_sharded_train_step(cfg, TX, mesh)(state, sh.shard_batch(batch, mesh))
-    for key in sorted(k for k in ref_metrics if k.startswith(("attn/", "train/main_loss", "train/total"))):
+    for key in sorted(k for k in ref_metrics if k.startswith(("attn/", "embed/", "train/main_loss", "train/total"))):
         np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, atol=1e-7, err_msg=key)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(new_state), jax.tree.leaves(ref_state)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6,

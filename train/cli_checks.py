@@ -34,13 +34,13 @@ def generate_args(args) -> str | None:
     """onn-generate: --max-new-tokens, --temperature, --top-p, --seed, --step, --prompt."""
     n = args.max_new_tokens
     if not 1 <= n < INT32:
-        return f"--max-new-tokens {n}: must be in [1, {INT32 - 1}]"
+        return f"--max-new-tokens {n}: max_new_tokens must be in [1, {INT32 - 1}]"
     t = args.temperature
     if not (math.isfinite(t) and t >= 0):
-        return f"--temperature {t}: must be a finite number >= 0 (0 = greedy)"
+        return f"--temperature {t}: temperature must be a finite number >= 0 (0 = greedy)"
     p = args.top_p
     if not (math.isfinite(p) and 0 < p <= 1):
-        return f"--top-p {p}: must be in (0, 1]"
+        return f"--top-p {p}: top_p must be in (0, 1]"
     if not 0 <= args.seed < 2 ** 32:
         return f"--seed {args.seed}: must be in [0, {2 ** 32 - 1}]"
     return _step(args.step) or _text(args.prompt, "--prompt")

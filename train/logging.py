@@ -19,13 +19,14 @@ import numpy as np
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 # Keys shown in the progress bar (and the plain log line), with their short labels. The routing
-# numbers are the ones that cannot rise while routing collapses (onn_jax.routing_metrics); the
+# numbers are the ones a collapse does not inflate (onn_jax.routing_metrics); the
 # original's `moe/gate_acc` stays in metrics.jsonl only. `eval` is the latest eval loss.
 PROGRESS_KEYS = (("train/main_loss", "loss"), ("eval/main_loss", "eval"),
                  ("moe/gate_acc_informative", "gate_acc_inf"), ("moe/dead_experts", "dead"),
                  ("moe/load_cv", "load_cv"), ("moe/router_entropy", "H"), ("moe/fallback_share", "fallback"),
                  ("moe/target_inactive", "tgt_inactive"), ("moe/avg_k", "avg_k"),
-                 ("train/grad_norm", "gnorm"), ("train/lr", "lr"), ("perf/tokens_per_sec", "tok/s"))
+                 ("train/grad_norm", "gnorm"), ("train/lr", "lr"), ("perf/tokens_per_sec", "tok/s"),
+                 ("perf/mfu", "mfu"))
 
 
 def progress_fields(metrics: Mapping[str, Any], latest_eval: float | None = None) -> dict[str, str]:
@@ -42,7 +43,8 @@ def progress_fields(metrics: Mapping[str, Any], latest_eval: float | None = None
             post[label] = "/".join(str(int(x)) for x in np.asarray(v))
         elif np.ndim(v) == 0 and isinstance(np.asarray(v).item(), (int, float)):
             v = float(v)
-            post[label] = f"{v:.0f}" if key.startswith("perf/") else f"{v:.1e}" if key == "train/lr" else f"{v:.3f}"
+            post[label] = (f"{v:.3f}" if key == "perf/mfu" else f"{v:.0f}" if key.startswith("perf/")
+                           else f"{v:.1e}" if key == "train/lr" else f"{v:.3f}")
     return post
 
 

@@ -30,6 +30,7 @@ from onn_jax.guard import SKIPPED, make_guarded_step
 from onn_jax.limits import memory_problem
 from onn_jax.model import attention_impl
 from onn_jax.routing_metrics import dead_experts
+from onn_jax.schedules import last_lr, make_schedule
 from onn_jax.step import make_optimizer
 from onn_jax.tokenizer import encode_chat, load_tokenizer
 from onn_jax.workdir import WorkdirBusy, WorkdirLock
@@ -37,6 +38,7 @@ from train.compat import config_diff, tokenizer_info, tokenizer_mismatch
 from train.evaluate import evaluate, make_eval_step
 from train.faults import Faults
 from train.logging import MetricsWriter, NullWriter, Progress, mean_metrics
+from train.perf import perf_metrics
 from train.plot import PlotError, make_dashboards
 from train.signals import StopOnSignal, name as signal_name
 from train.workdir_check import check_workdir, meta_problem
@@ -251,8 +253,15 @@ class Run:
 
     def _setup(self) -> None:
         cfg = self.cfg
-        self.tx = make_optimizer(cfg.optim)
-        self.step_fn = make_guarded_step(cfg.model, self.tx, self.mesh)
+        self.lr = make_schedule(cfg.optim, cfg.train.steps)
+        self.tx = make_optimizer(cfg.optim, self.lr)
+        k = cfg.optim.accum_steps
+        try:  # every microbatch must split over the batch mesh axes as the batch does
+            sharding.check_batch(cfg.data.batch_size // k, self.mesh)
+        except ConfigError as e:
+            raise TrainError(f"optim.accum_steps: microbatches of {cfg.data.batch_size // k} rows: "
+                             f"{e.message}") from e
+        self.step_fn = make_guarded_step(cfg.model, self.tx, self.mesh, accum_steps=k)
         self.eval_fn = make_eval_step(cfg.model, len(self.ds.domains))
         if cfg.checkpoint.enabled:
             try:
@@ -440,16 +449,28 @@ class Run:
                                    silent=not self.is_chief)  # one process speaks
         if self.start_step:
             bar.write(f"resuming from step {self.start_step} ({self.workdir / CHECKPOINT_DIR})")
-        if self.start_step >= t.steps:
-            bar.write(f"already at step {self.start_step} >= train.steps = {t.steps}: nothing to train")
         pending, first_loss, last, compile_logged = [], None, {}, False
+        if self.start_step >= t.steps:  # evaluate the checkpoint instead (nothing is written)
+            bar.write(f"already at step {self.start_step} >= train.steps = {t.steps}: nothing to train; "
+                      "evaluating the checkpoint")
+            last = {k: v for k, v in self.evaluate().items() if np.ndim(v) == 0}
+            if "eval/main_loss" in last:
+                bar.write(f"eval at step {self.start_step}: loss {last['eval/main_loss']:.4f}, "
+                          f"acc {last.get('eval/main_acc', 0):.3f} over {int(last['eval/tokens'])} tokens")
         interval_start, interval_steps = time.perf_counter(), 0
         step, flag = self.start_step, None  # flag: (step, device 0/1) not yet counted
+        profile = t.profile_steps if self.is_chief else None
         while step < t.steps:
             if self._stop_signal() is not None:  # a stop signal came during the last step, eval or save
                 self._stop_on_signal(step)
+            if profile and step + 1 == profile[0]:
+                jax.profiler.start_trace(str(self.workdir / "profile"))
             self.state, metrics = self.step_fn(self.state, self._batch())
             step += 1
+            if profile and step == min(profile[1], t.steps) and step >= profile[0]:
+                jax.block_until_ready(metrics)
+                jax.profiler.stop_trace()
+                bar.write(f"profile of steps {profile[0]}..{step} written to {self.workdir / 'profile'}")
             if flag is not None:  # read one step late, so the host never waits on the device
                 self._account(*flag)
             flag = (step, metrics[SKIPPED])
@@ -474,12 +495,13 @@ class Run:
                 if interval_steps:
                     row["perf/step_time_s"] = elapsed / interval_steps
                     row["perf/tokens_per_sec"] = tokens_per_step * interval_steps / max(elapsed, 1e-9)
+                    row.update(perf_metrics(cfg, row, elapsed / interval_steps))
+                row["train/lr"] = last_lr(self.lr, self.state.opt_state, step)
                 if not compile_logged:
                     row["perf/compile_s"], compile_logged = compile_s, True
                 row.update(self.thresholds())
                 if "moe/expert_load" in row:  # experts below the load floor over this logging window
                     row["moe/dead_experts"] = dead_experts(row["moe/expert_load"])
-                row.setdefault("train/lr", cfg.optim.lr)  # a constant lr unless a schedule logged it
                 if self.pending_change:  # a semantic config change accepted on this resume
                     row["config/changed_on_resume"], self.pending_change = self.pending_change, None
                 row["train/epoch"] = self.data_iter.state()["epoch"]

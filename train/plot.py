@@ -58,7 +58,7 @@ def plot_loss(rows, out: Path, plt) -> Path | None:
 
 
 def plot_gate(rows, out: Path, plt) -> Path | None:
-    """Routing health first (numbers that cannot rise while routing collapses), then the gate
+    """Routing health first (numbers a collapse does not inflate), then the gate
     loss and the thresholds, each on its own axes (onn_jax.routing_metrics defines them)."""
     fig, axes = plt.subplots(2, 4, figsize=(20, 8))
     (acc, dead, cv, ent), (shares, k, loss, theta) = axes
