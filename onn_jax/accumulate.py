@@ -77,7 +77,8 @@ def accumulated_grads(params: Any, batch: dict[str, jax.Array], cfg: ModelConfig
 
     def body(grads_sum, xs):
         mb, main_share, gate_share = xs
-        grads, metrics = compute_grads(params, mb, cfg, surprise_fn, main_share, gate_share)
+        grads, metrics = compute_grads(params, mb, cfg, surprise_fn, main_share=main_share,
+                                       gate_share=gate_share)
         return jax.tree.map(jnp.add, grads_sum, grads), metrics
 
     zeros = jax.tree.map(jnp.zeros_like, params)

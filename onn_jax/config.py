@@ -19,6 +19,8 @@ FILTER_SCOPES = ("pooled", "per_layer")
 DISPATCHES = ("dense", "sparse", "dropless")
 GEMMS = ("auto", "ragged_dot", "mosaic_gpu", "padded")
 GATE_TOKENS = ("all", "unmasked")
+MOE_GATE_TOKENS = GATE_TOKENS + ("nonconstant",)  # `nonconstant`: MoE gate only (issue 16)
+GATE_TIE_BREAKS = ("low_index", "random")
 ATTENTIONS = ("xla", "cudnn", "auto")
 SCHEDULES = ("constant", "warmup_cosine", "wsd", "linear")
 REMATS = ("none", "block", "dots")
@@ -84,6 +86,23 @@ class MoEConfig:
       (jax.lax.ragged_dot, portable), `mosaic_gpu` (the Pallas Mosaic GPU kernels in jax,
       Hopper only), `padded` (a masked einsum per expert: a slow exact reference) or `auto`
       (mosaic_gpu on a Hopper GPU, else ragged_dot).
+
+    Research options (issue 16, docs/RESEARCH.md; the defaults are the faithful model):
+    aux_free_rate: aux-loss-free balancing of the top-k router (0 = off): a per-expert bias, added
+      to the scores for selection only, moves by rate * sign(mean load - load) after every step
+      (onn_jax.router_state; kept in TrainState.router_state, outside the optimizer).
+    shared_expert: add an always-on expert (a GELU/SwiGLU FFN of width `intermediate`) to the
+      routed experts' output, for any router.
+    adaptive_experts: DynMoE's adaptive expert count for the top-any gate (onn_jax.adaptive_experts):
+      every `adaptive_every` steps experts with no hit in the window are masked out and one is
+      added whose prototype is the normalised sum of the window's unrouted tokens (threshold 0);
+      `adaptive_initial` experts are live at the start (None: all num_experts, the maximum).
+    gate_tokens `nonconstant`: the gate loss averages over tokens whose S row is not constant.
+    gate_tie_break: the hard target argmin S among tied minima: `low_index` (faithful, jnp.argmin)
+      or `random` (uniform among the tied experts, a fresh draw per step and layer).
+    kl_temperature: the soft target is softmax(-S / kl_temperature) (faithful 1).
+    w_budget, budget_k: w_budget * (mean_t sum_e sigmoid(pre[t,e] / 0.1) - budget_k)^2 added to the
+      gate loss, a differentiable pull of avg_k toward budget_k (0 = off).
     """
 
     num_experts: int = 32
@@ -103,10 +122,20 @@ class MoEConfig:
     gate_tokens: str = "all"
     pair_budget: float | None = None
     gemm: str = "auto"
+    # --- research options (issue 16; docs/RESEARCH.md). Defaults leave the faithful model unchanged.
+    aux_free_rate: float = 0.0
+    shared_expert: bool = False
+    adaptive_experts: bool = False
+    adaptive_every: int = 100
+    adaptive_initial: int | None = None
+    gate_tie_break: str = "low_index"
+    kl_temperature: float = 1.0
+    w_budget: float = 0.0
+    budget_k: float = 2.0
 
     def __post_init__(self):
         p = "model.moe."
-        _choice(self.gate_tokens, GATE_TOKENS, p + "gate_tokens")
+        _choice(self.gate_tokens, MOE_GATE_TOKENS, p + "gate_tokens")
         _choice(self.dispatch, DISPATCHES, p + "dispatch")
         _check(not (self.surprise == "advantage" and self.dispatch != "dense"), p + "surprise",
                "`advantage` needs every expert's output; it cannot run with "
@@ -136,6 +165,33 @@ class MoEConfig:
             _nonneg_float(self.pair_budget, p + "pair_budget")
             _check(0 < self.pair_budget <= self.num_experts, p + "pair_budget",
                    f"must be in (0, num_experts={self.num_experts}], got {self.pair_budget}")
+        self._check_research_options()
+
+    def _check_research_options(self) -> None:
+        """Validation of the issue-16 options (aux-free balancing, shared expert, adaptive expert
+        count, gate-loss variants); see the class docstring's last paragraph."""
+        p = "model.moe."
+        _nonneg_float(self.aux_free_rate, p + "aux_free_rate")
+        _check(self.aux_free_rate == 0 or self.router == "topk", p + "aux_free_rate",
+               f"aux-loss-free balancing is for router='topk', got router={self.router!r}")
+        for name in ("shared_expert", "adaptive_experts"):
+            _check(isinstance(getattr(self, name), bool), p + name, f"must be a bool, got {getattr(self, name)!r}")
+        _check(not (self.shared_expert and self.router == "dense"), p + "shared_expert",
+               "needs a router ('surprise' or 'topk'), got router='dense'")
+        _check(not self.adaptive_experts or self.router == "surprise", p + "adaptive_experts",
+               f"the adaptive expert count is for the top-any gate (router='surprise'), got {self.router!r}")
+        _positive_int(self.adaptive_every, p + "adaptive_every")
+        if self.adaptive_initial is not None:
+            _positive_int(self.adaptive_initial, p + "adaptive_initial")
+            _check(self.adaptive_initial <= self.num_experts, p + "adaptive_initial",
+                   f"must be <= num_experts ({self.num_experts}), got {self.adaptive_initial}")
+        _choice(self.gate_tie_break, GATE_TIE_BREAKS, p + "gate_tie_break")
+        _nonneg_float(self.kl_temperature, p + "kl_temperature")
+        _check(self.kl_temperature > 0, p + "kl_temperature", f"must be > 0, got {self.kl_temperature}")
+        _nonneg_float(self.w_budget, p + "w_budget")
+        _nonneg_float(self.budget_k, p + "budget_k")
+        _check(self.w_budget == 0 or self.router == "surprise", p + "w_budget",
+               f"the avg_k budget is for router='surprise', got {self.router!r}")
 
     @property
     def effective_fallback_k(self) -> int:
@@ -598,6 +654,15 @@ class Config:
                "works) or model.moe.gemm='padded'")
         _check(self.data.batch_size % self.optim.accum_steps == 0, "optim.accum_steps",
                f"must divide data.batch_size ({self.data.batch_size}), got {self.optim.accum_steps}")
+        m = self.model.moe
+        per_batch = [name for name, on in (("model.moe.aux_free_rate", m.aux_free_rate > 0),
+                                           ("model.moe.adaptive_experts", m.adaptive_experts),
+                                           ("model.moe.gate_tie_break='random'", m.gate_tie_break == "random"),
+                                           ("model.moe.gate_tokens='nonconstant'", m.gate_tokens == "nonconstant"))
+                     if on]
+        _check(self.optim.accum_steps == 1 or not per_batch, "optim.accum_steps",
+               f"accumulation (k = {self.optim.accum_steps}) is not exact with {', '.join(per_batch)} "
+               "(their updates or token shares need the whole batch at once); use accum_steps=1")
         from onn_jax.limits import check_values  # ranges of every field: int32, finite, UTF-8
         check_values(self)
 

@@ -59,28 +59,47 @@ def topk_mask(scores_NxE: jax.Array, k: int) -> jax.Array:
     return jnp.any(jax.nn.one_hot(idx_NxK, scores_NxE.shape[-1], dtype=jnp.bool_), axis=-2)
 
 
+DEAD_SCORE = -1e9  # pre/logits of a masked-out (not live) expert: finite, so softmaxes stay finite
+
+
 def top_any_gate(x_NxC: jax.Array, protos_CxE: jax.Array, theta_E: jax.Array,
-                 fallback_k: int) -> RouterOutput:
+                 fallback_k: int, live_E: jax.Array | None = None) -> RouterOutput:
     """The faithful top-any gate with learnable thresholds and a top-`fallback_k` fallback.
 
     Gradients reach the prototypes and thresholds through `weights` (via relu(pre)) and
     through `pre`; the boolean mask carries none. Fallback experts have relu(pre) = 0 and
     so share their token's weight equally.
+
+    `live_E` (option, the adaptive expert count): experts with live False get logits and pre
+    DEAD_SCORE, so they are never active, never a fallback expert and get no gradient; the
+    fallback takes min(fallback_k, live experts) experts. None: every expert is live.
     """
     logits = cosine_logits(x_NxC, protos_CxE)
     pre = logits - jax.nn.sigmoid(theta_E.astype(jnp.float32))[None, :]
+    if live_E is not None:
+        live = live_E.astype(jnp.bool_)[None, :]
+        logits, pre = jnp.where(live, logits, DEAD_SCORE), jnp.where(live, pre, DEAD_SCORE)
     gated = jax.nn.relu(pre)
     active = gated > 0
     none_active = ~jnp.any(active, axis=-1, keepdims=True)
-    mask = active | (none_active & topk_mask(logits, fallback_k))
+    fallback = topk_mask(logits, fallback_k)
+    if live_E is not None:
+        fallback = fallback & live
+    mask = active | (none_active & fallback)
     weights = masked_softmax(gated, mask)
     return RouterOutput(logits=logits, pre=pre, mask=mask, weights=weights)
 
 
-def topk_gate(x_NxC: jax.Array, router_CxE: jax.Array, k: int) -> RouterOutput:
-    """Baseline linear router: softmax probabilities, top-k experts, renormalised weights."""
+def topk_gate(x_NxC: jax.Array, router_CxE: jax.Array, k: int,
+              select_bias_E: jax.Array | None = None) -> RouterOutput:
+    """Baseline linear router: softmax probabilities, top-k experts, renormalised weights.
+
+    `select_bias_E` (option, aux-loss-free balancing): added to the logits for choosing the
+    top k only; the weights are still the softmax of the unbiased logits over the chosen experts.
+    """
     logits = jnp.einsum("nc,ce->ne", x_NxC.astype(jnp.float32), router_CxE.astype(jnp.float32),
                         precision=jax.lax.Precision.HIGHEST)
-    mask = topk_mask(logits, k)
+    scores = logits if select_bias_E is None else logits + jax.lax.stop_gradient(select_bias_E)[None, :]
+    mask = topk_mask(scores, k)
     weights = masked_softmax(logits, mask)
     return RouterOutput(logits=logits, pre=logits, mask=mask, weights=weights)

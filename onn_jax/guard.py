@@ -6,7 +6,7 @@ not finite leaves the parameters and the optimizer state unchanged.
 
 Inside the jit the candidate new state is computed as usual (onn_jax.step.train_step), then
 `ok = isfinite(total loss) & isfinite(global grad norm) & all(isfinite(new params))` picks,
-leaf by leaf with `jnp.where`, the new or the old params and opt_state. The step counter
+leaf by leaf with `jnp.where`, the new or the old params, opt_state and router_state. The step counter
 always advances: it counts batches consumed, so checkpoint cadence and the data position stay
 aligned with the loop; AdamW's own count (in opt_state) does not advance on a skipped step.
 No host synchronisation happens here: the caller reads `train/skipped` when it likes.
@@ -43,7 +43,8 @@ def guarded_train_step(state, batch, cfg: ModelConfig, tx: optax.GradientTransfo
           & all_finite(new.params))
     keep = lambda n, o: jnp.where(ok, n, o)
     out = new.replace(params=jax.tree.map(keep, new.params, state.params),
-                      opt_state=jax.tree.map(keep, new.opt_state, state.opt_state))
+                      opt_state=jax.tree.map(keep, new.opt_state, state.opt_state),
+                      router_state=jax.tree.map(keep, new.router_state, state.router_state))
     metrics = dict(metrics)
     metrics[SKIPPED] = (~ok).astype(jnp.int32)
     return out, metrics

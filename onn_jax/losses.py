@@ -24,20 +24,23 @@ def next_token_loss(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_BxT: j
 
 
 def hybrid_gate_loss(pre_NxE: jax.Array, surprise_NxE: jax.Array, w_ce: float = 1.0,
-                     w_kl: float = 1.0, token_mask_N: jax.Array | None = None):
-    """w_ce * CE(pre, argmin S) + w_kl * KL(softmax(-S) || softmax(pre)).
+                     w_kl: float = 1.0, token_mask_N: jax.Array | None = None,
+                     kl_temperature: float = 1.0, target_N: jax.Array | None = None):
+    """w_ce * CE(pre, argmin S) + w_kl * KL(softmax(-S / kl_temperature) || softmax(pre)).
 
     CE is averaged over tokens; KL is summed over experts and averaged over tokens
     (PyTorch's kl_div 'batchmean'). Surprise is treated as a constant. `token_mask_N`
     (an option; faithful: None, all tokens count) restricts the mean to some tokens.
+    Options (faithful: 1 and None): the soft target's temperature, and a hard target
+    `target_N` [N] chosen by the caller (e.g. onn_jax.gate_targets.random_tie_argmin).
     Returns (loss, {"ce": ..., "kl": ...}).
     """
     pre = pre_NxE.astype(jnp.float32)
     s = jax.lax.stop_gradient(surprise_NxE.astype(jnp.float32))
     log_q = jax.nn.log_softmax(pre, axis=-1)
-    target = jnp.argmin(s, axis=-1)
+    target = jnp.argmin(s, axis=-1) if target_N is None else target_N
     ce_N = -jnp.take_along_axis(log_q, target[:, None], axis=-1)[:, 0]
-    log_p = jax.nn.log_softmax(-s, axis=-1)
+    log_p = jax.nn.log_softmax(-s if kl_temperature == 1.0 else -s / kl_temperature, axis=-1)
     kl_N = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
     if token_mask_N is None:
         weights = jnp.full(ce_N.shape, 1.0 / ce_N.shape[0], jnp.float32)

@@ -257,8 +257,32 @@ class MoEFeedForward(nn.Module):
             params["thresholds"] = self.param("thresholds", nn.initializers.zeros, (m.num_experts,))
         else:
             params["router"] = self.param("router", torch_linear_init, (c, m.num_experts))
+        params.update(self._router_state())
         out_NxC, record = moe_layer(params, x_NxC, m, taps)
+        if m.shared_expert:  # always-on expert, outside the gate (issue 16)
+            shared = {w: self.param(f"shared_{w}", torch_linear_init, shape) for w, shape in
+                      (("w1", (c, m.intermediate)), ("w2", (m.intermediate, c)), ("w3", (c, m.intermediate)))
+                      if w != "w3" or m.expert_kind == "swiglu"}
+            out_NxC = out_NxC + dense_ffn(shared, x_NxC, m.expert_kind).astype(jnp.float32)
         return out_NxC.astype(x_BxTxC.dtype).reshape(b, t, c), record
+
+
+    def _router_state(self) -> dict:
+        """The router state the forward reads (onn_jax.router_state.FORWARD_KEYS), which the
+        caller merges into this module's params (TrainState.model_params); absent at init."""
+        m, keys = self.cfg.moe, []
+        if m.aux_free_rate > 0:
+            keys.append("router_bias")
+        if m.adaptive_experts:
+            keys.append("live")
+        out = {}
+        for key in keys:
+            if self.has_variable("params", key):
+                out[key] = self.get_variable("params", key)
+            elif not self.is_initializing():
+                raise ValueError(f"model.moe: this model routes with router state {key!r}; apply it to "
+                                 "TrainState.model_params (params + router state), not to the params alone")
+        return out
 
 
 class Block(nn.Module):

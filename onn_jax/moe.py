@@ -114,9 +114,9 @@ def route(params: dict, x_NxC: jax.Array, cfg: MoEConfig) -> RouterOutput:
     """Runs the configured router (`surprise`: top-any gate, `topk`: linear top-k)."""
     if cfg.router == "surprise":
         return top_any_gate(x_NxC, params["prototypes"], params["thresholds"],
-                            cfg.effective_fallback_k)
+                            cfg.effective_fallback_k, params.get("live"))
     if cfg.router == "topk":
-        return topk_gate(x_NxC, params["router"], cfg.top_k)
+        return topk_gate(x_NxC, params["router"], cfg.top_k, params.get("router_bias"))
     raise ValueError(f"moe_layer has no router {cfg.router!r}")
 
 

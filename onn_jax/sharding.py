@@ -85,6 +85,9 @@ _PARAM_AXES: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("moe", "ffn_w1"), ("embed", "mlp")),
     (("moe", "ffn_w3"), ("embed", "mlp")),
     (("moe", "ffn_w2"), ("mlp", "embed")),
+    (("moe", "shared_w1"), ("embed", "mlp")),
+    (("moe", "shared_w3"), ("embed", "mlp")),
+    (("moe", "shared_w2"), ("mlp", "embed")),
     (("lm_head", "kernel"), ("embed", "vocab")),
     (("attn", "head_prototypes"), ("embed", "heads")),   # gated heads (model.heads)
     (("attn", "head_router"), ("embed", "heads")),
@@ -207,7 +210,8 @@ def state_shardings(state_shape, mesh: Mesh, rules: Rules = RULES):
         return NamedSharding(mesh, spec)
     return TrainState(step=NamedSharding(mesh, P()),
                       params=param_shardings(state_shape.params, mesh, rules),
-                      opt_state=jax.tree_util.tree_map_with_path(opt_leaf, state_shape.opt_state))
+                      opt_state=jax.tree_util.tree_map_with_path(opt_leaf, state_shape.opt_state),
+                      router_state=jax.tree.map(lambda _: NamedSharding(mesh, P()), state_shape.router_state))
 
 
 def batch_sharding(mesh: Mesh, rules: Rules = RULES) -> NamedSharding:

@@ -29,6 +29,9 @@ from onn_jax.model import Transformer, init_params, model_taps
 from onn_jax.moe import MoERecord, expert_received_tokens, layer_surprise, layer_taps
 from onn_jax.optimizer import make_optimizer  # noqa: F401 (re-exported: it lived here)
 from onn_jax.routing_metrics import routing_metrics
+from onn_jax import gate_targets
+from onn_jax.adaptive_experts import DEAD_SURPRISE, gate_surprise
+from onn_jax.router_state import forward_params, init_router_state, live_masks, update_router_state
 from onn_jax.surprise import SurpriseFn, get_surprise_fn
 from onn_jax.surprise_variants import advantage_surprise
 from onn_jax.units import (UnitRecords, unit_gate_inputs, unit_gate_loss, unit_metrics, unit_records,
@@ -39,22 +42,39 @@ Batch = dict[str, jax.Array]  # inputs [B, T] int32, targets [B, T] int32, loss_
 
 @flax.struct.dataclass
 class TrainState:
+    """step, params, optimizer state, and the non-parameter router state (onn_jax.router_state;
+    {} unless a stateful routing option is on)."""
+
     step: jax.Array
     params: Any
     opt_state: Any
+    router_state: Any = flax.struct.field(default_factory=dict)
+
+    @property
+    def model_params(self) -> Any:
+        """What model.apply needs: params plus the router state the forward reads."""
+        return forward_params(self.params, self.router_state)
 
 
 def init_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     params = init_params(model_cfg, rng)
-    return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params))
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
+                      router_state=init_router_state(model_cfg))
 
 
 def layer_gate_loss(cfg: ModelConfig, gate_input: jax.Array, surprise: jax.Array | None,
-                    record: MoERecord, token_mask_N: jax.Array | None = None):
-    """One layer's gate loss: the Surprise hybrid, or load-balancing (+ z) for top-k."""
+                    record: MoERecord, token_mask_N: jax.Array | None = None,
+                    target_N: jax.Array | None = None):
+    """One layer's gate loss: the Surprise hybrid (+ the avg_k budget), or load-balancing (+ z)
+    for top-k. `target_N`: the hard target when not argmin S (model.moe.gate_tie_break)."""
     m = cfg.moe
     if m.router == "surprise":
-        return hybrid_gate_loss(gate_input, surprise, m.w_ce, m.w_kl, token_mask_N)
+        loss, parts = hybrid_gate_loss(gate_input, surprise, m.w_ce, m.w_kl, token_mask_N,
+                                       m.kl_temperature, target_N)
+        if m.w_budget > 0:
+            budget = gate_targets.avg_k_budget(gate_input, m.budget_k)
+            loss, parts = loss + m.w_budget * budget, {**parts, "budget": budget}
+        return loss, parts
     lb = load_balancing_loss(gate_input, record.router.mask)
     z = router_z_loss(gate_input)
     return m.lb_weight * lb + m.z_weight * z, {"lb": lb, "z": z}
@@ -67,10 +87,37 @@ def step_taps(cfg: ModelConfig, batch_size: int, seq_len: int):
     return tuple(layer_taps(cfg.moe, batch_size * seq_len, cfg.hidden) for _ in range(cfg.num_layers))
 
 
-def compute_grads(params, batch: Batch, cfg: ModelConfig, surprise_fn: str | SurpriseFn | None = None,
-                  main_share: jax.Array | None = None,
-                  gate_share: jax.Array | None = None) -> tuple[Any, dict[str, jax.Array]]:
+def gate_loss_inputs(cfg: ModelConfig, surprises, router_state, loss_mask_N, step):
+    """Per layer (S for the gate loss, token mask, hard target or None) under the options:
+    masked-out experts at DEAD_SURPRISE, gate_tokens, gate_tie_break."""
+    m, out = cfg.moe, []
+    lives = live_masks(cfg, router_state or {})
+    for i, s in enumerate(surprises):
+        live = lives[i] if i < len(lives) else None
+        s_gate = s if live is None else gate_surprise(s, live)
+        if m.gate_tokens == "unmasked":
+            tokens = loss_mask_N
+        elif m.gate_tokens == "nonconstant":
+            tokens = gate_targets.nonconstant_rows(s, live)
+        else:
+            tokens = None
+        target = None
+        if m.gate_tie_break == "random":
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), step), i)
+            target = gate_targets.random_tie_argmin(s_gate, key)
+        out.append((s_gate, tokens, target))
+    return out
+
+
+def compute_grads(params, batch: Batch, cfg: ModelConfig,
+                  surprise_fn: str | SurpriseFn | None = None, router_state: Any = None,
+                  step: jax.Array | int = 0, return_records: bool = False,
+                  main_share: jax.Array | None = None, gate_share: jax.Array | None = None):
     """Gradient of main + w_aux * sum of gate losses, and the step's metrics (no update).
+
+    router_state: TrainState.router_state (what the forward reads of it); step: the step count
+    (seeds gate_tie_break='random'). Returns (grads, metrics), plus the MoE records with
+    return_records (for onn_jax.router_state.update_router_state).
 
     main_share, gate_share (gradient accumulation, onn_jax.accumulate): this batch is a
     microbatch; its main loss (hence its Surprise) and its gate losses enter the gradient times
@@ -93,6 +140,7 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig, surprise_fn: str | Sur
     loss_mask_N = batch["loss_mask"].reshape(-1)
 
     def forward(params, taps, utaps):
+        params = forward_params(params, router_state)
         if utaps is None:
             (logits, records), urecords = model.apply({"params": params}, batch["inputs"], taps), UnitRecords()
         else:
@@ -120,13 +168,18 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig, surprise_fn: str | Sur
                               for d, r in zip(d_taps, records))
         usurprises = unit_surprises(cfg, urecords, d_utaps)
 
-    gate_mask = loss_mask_N if cfg.moe.gate_tokens == "unmasked" else None
+    if uses_surprise:
+        per_layer = gate_loss_inputs(cfg, surprises, router_state, loss_mask_N, step)
+        surprises = tuple(s for s, _, _ in per_layer)
+    else:
+        per_layer = [(None, None, None)] * len(records)
     w_aux = cfg.moe.w_aux
 
     def total_gate_loss(gate_inputs):
         moe_inputs, unit_inputs = gate_inputs
-        losses, parts = zip(*(layer_gate_loss(cfg, g, s, r, gate_mask)
-                              for g, s, r in zip(moe_inputs, surprises, records))) if records else ((), ())
+        losses, parts = zip(*(layer_gate_loss(cfg, g, s, r, tokens, target)
+                              for g, r, (s, tokens, target) in zip(moe_inputs, records, per_layer))
+                            ) if records else ((), ())
         moe_loss = sum(losses, jnp.zeros([], jnp.float32))
         unit_total, per_kind = unit_gate_loss(cfg, unit_inputs, urecords, usurprises, loss_mask_N)
         return moe_loss * w_aux + unit_total, (moe_loss, parts, unit_total, per_kind)
@@ -149,7 +202,7 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig, surprise_fn: str | Sur
     metrics.update(unit_metrics(cfg, params, urecords, usurprises, per_kind, loss_mask_N))
     if records:
         metrics["moe/expert_active"] = jnp.stack([expert_received_tokens(r) for r in records])
-    return grads, metrics
+    return (grads, metrics, records) if return_records else (grads, metrics)
 
 
 def moe_metrics(cfg: ModelConfig, params, records, surprises, parts,
@@ -171,7 +224,8 @@ def moe_metrics(cfg: ModelConfig, params, records, surprises, parts,
         out["moe/gate_acc"] = mean([gate_accuracy(r.router.pre, s) for r, s in zip(records, surprises)])
         out["moe/gate_acc_unmasked"] = mean([gate_accuracy(r.router.pre, s, loss_mask_N)
                                              for r, s in zip(records, surprises)])
-        out["moe/surprise_mean"] = mean([jnp.mean(s) for s in surprises])
+        live_mean = lambda s: jnp.sum(jnp.where(s < DEAD_SURPRISE, s, 0.0)) / jnp.sum(s < DEAD_SURPRISE)
+        out["moe/surprise_mean"] = mean([live_mean(s) for s in surprises])
         out["moe/threshold_mean"] = mean([jnp.mean(jax.nn.sigmoid(params[f"block_{i}"]["moe"]["thresholds"]))
                                           for i in range(cfg.num_layers)])
     return out
@@ -181,12 +235,15 @@ def train_step(state: TrainState, batch: Batch, cfg: ModelConfig, tx: optax.Grad
                surprise_fn: str | SurpriseFn | None = None,
                accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
     """One joint update. Pure: jit it (see make_train_step). accum_steps > 1 computes the
-    gradient from that many microbatches (onn_jax.accumulate; the same step)."""
+    gradient from that many microbatches (onn_jax.accumulate; the same step). Config refuses
+    accumulation together with the router-state options (their updates need one batch's records)."""
     if accum_steps > 1:
         from onn_jax.accumulate import accumulated_grads
         grads, metrics = accumulated_grads(state.params, batch, cfg, accum_steps, surprise_fn)
+        records = None
     else:
-        grads, metrics = compute_grads(state.params, batch, cfg, surprise_fn)
+        grads, metrics, records = compute_grads(state.params, batch, cfg, surprise_fn, state.router_state,
+                                                state.step, return_records=True)
     active_LxE = metrics.pop("moe/expert_active", None)
     extra = {}
     if active_LxE is not None:
@@ -195,12 +252,15 @@ def train_step(state: TrainState, batch: Batch, cfg: ModelConfig, tx: optax.Grad
             extra["expert_active"] = active_LxE
     updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
+    router_state, params, rs_metrics = update_router_state(cfg, state.router_state, params, records,
+                                                           state.step + 1)
+    metrics.update(rs_metrics)
     metrics["train/grad_norm"] = optax.tree.norm(grads)
     filt = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SigmaFilterState))
             if isinstance(s, SigmaFilterState)]
     if filt:
         metrics["train/filtered_frac"] = filt[0].zeroed_fraction
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, router_state=router_state), metrics
 
 
 def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation,

@@ -10,6 +10,8 @@ An experiment file defines `get_experiment()` returning a dict:
   overrides  {dotted config key: value} for every run, e.g. {"train.steps": 300}
   runs       {label: {dotted key: value}}: the grid's rows (router kinds, surprise variants...)
   seeds      [int]: each run is repeated with train.seed = seed (same data, new init)
+  vary_data  (default False) True: each seed also sets data.seed = seed, so the seeds vary the
+             data order, the builtin corpus sample and its held-out split, not only the init
   kind       "routing" (default) or "forgetting"
   phases     (forgetting) {"first": [domains], "second": [domains], "first_steps": int,
              "second_steps": int}: train on the first domains, then continue (parameters and
@@ -67,9 +69,12 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
     exp.setdefault("overrides", {})
     exp.setdefault("seeds", [0])
     where = lambda key: f"{path}: {key}"
-    unknown = set(exp) - {"name", "base", "overrides", "runs", "seeds", "kind", "phases"}
+    exp.setdefault("vary_data", False)
+    unknown = set(exp) - {"name", "base", "overrides", "runs", "seeds", "kind", "phases", "vary_data"}
     if unknown:
         raise ExperimentError(where(f"unknown keys {sorted(unknown)}"))
+    if not isinstance(exp["vary_data"], bool):
+        raise ExperimentError(where(f"vary_data must be a bool, got {exp['vary_data']!r}"))
     if exp["kind"] not in KINDS:
         raise ExperimentError(where(f"kind must be one of {list(KINDS)}, got {exp['kind']!r}"))
     if not isinstance(exp.get("runs"), dict) or not exp["runs"]:
@@ -109,6 +114,8 @@ def run_config(exp: dict, label: str, seed: int, extra: dict | None = None):
     for k, v in {**exp["overrides"], **exp["runs"][label], **(extra or {})}.items():
         set_dotted(raw, k, v, f"{src}: runs[{label!r}]" if k in exp["runs"][label] else src)
     set_dotted(raw, "train.seed", seed, src)
+    if exp.get("vary_data"):
+        set_dotted(raw, "data.seed", seed, src)
     try:
         raw = apply_overrides(raw, exp.get("cli_overrides", ()), exp["base"])  # --config.* flags: last word
         return build_config(raw, src)
@@ -196,7 +203,7 @@ def _analysis_run_class():
 
         def analyse(self) -> dict[str, Any]:
             batches = self.full_ds.eval_batches(self.cfg.data.batch_size)
-            return analyse(self.analysis_step, self.state.params, batches, self.full_ds.domains)
+            return analyse(self.analysis_step, self.state.model_params, batches, self.full_ds.domains)
 
         def evaluate(self) -> dict[str, Any]:
             return {**super().evaluate(), **self.analyse()}
@@ -340,11 +347,21 @@ def run_experiment(exp: dict, out: Path, seeds=None, only=None, steps=None, log=
     seeds = seeds or exp["seeds"]
     results_path = out / "results.jsonl"
     done = {(r["label"], r["seed"]): r for r in read_results(results_path)}  # file order; last wins
-    probe = run_config(exp, labels[0], seeds[0])
-    full_ds = full_dataset(probe)
-    phase_paths = write_phase_data(probe, exp["phases"], out / "data") if exp["kind"] == "forgetting" else None
+    data_cache: dict[int, tuple] = {}
+
+    def seed_data(seed: int):
+        """(held-out dataset, forgetting phase files) of a seed: shared unless vary_data."""
+        key = seed if exp.get("vary_data") else seeds[0]
+        if key not in data_cache:
+            probe = run_config(exp, labels[0], key)
+            data_dir = out / "data" / f"seed_{key}" if exp.get("vary_data") else out / "data"
+            data_cache[key] = (full_dataset(probe), write_phase_data(probe, exp["phases"], data_dir)
+                               if exp["kind"] == "forgetting" else None)
+        return data_cache[key]
+
     for label in labels:
         for seed in seeds:
+            full_ds, phase_paths = seed_data(seed)
             want = config_hash(exp, cell_configs(exp, label, seed, phase_paths))
             old = done.get((label, seed))
             if old is not None and old.get("config_hash") == want:

@@ -384,7 +384,7 @@ class Run:
     def evaluate(self) -> dict[str, Any]:
         batches = self.ds.eval_batches(self.cfg.data.batch_size, jax.process_index(), jax.process_count())
         limited = self._eval_hooked(b for b, _ in zip(batches, range(self.cfg.train.eval_batches)))
-        metrics = evaluate(self.eval_fn, self.state.params, limited)
+        metrics = evaluate(self.eval_fn, self.state.model_params, limited)
         metrics["eval/domain_names"] = list(self.ds.domains)
         return metrics
 
@@ -608,7 +608,7 @@ class Run:
             f"check the data before position {self.data_iter.state()}; rerunning resumes past these batches")
 
     def _sample(self) -> str:
-        return sample(self.state.params, self.cfg, self.tok, self.cfg.train.sample_prompt,
+        return sample(self.state.model_params, self.cfg, self.tok, self.cfg.train.sample_prompt,
                       self.cfg.train.sample_tokens)
 
 
