@@ -86,6 +86,11 @@ class MoEConfig:
       (jax.lax.ragged_dot, portable), `mosaic_gpu` (the Pallas Mosaic GPU kernels in jax,
       Hopper only), `padded` (a masked einsum per expert: a slow exact reference) or `auto`
       (mosaic_gpu on a Hopper GPU, else ragged_dot).
+    ep_budget: dropless dispatch with mesh.expert = ep > 1 (onn_jax.expert_parallel): each device
+      sends at most ceil(ep_budget * n) rows to each expert-parallel peer (n = its tokens); a
+      peer's pairs beyond that are dropped (the device's last tokens first) and counted in
+      moe/dropped_frac. None means min(pair budget, num_experts / ep), which adds no drop when
+      pair_budget is its default (top_k, or fallback_k for the surprise gate).
 
     Research options (issue 16, docs/RESEARCH.md; the defaults are the faithful model):
     aux_free_rate: aux-loss-free balancing of the top-k router (0 = off): a per-expert bias, added
@@ -122,6 +127,7 @@ class MoEConfig:
     gate_tokens: str = "all"
     pair_budget: float | None = None
     gemm: str = "auto"
+    ep_budget: float | None = None
     # --- research options (issue 16; docs/RESEARCH.md). Defaults leave the faithful model unchanged.
     aux_free_rate: float = 0.0
     shared_expert: bool = False
@@ -165,6 +171,10 @@ class MoEConfig:
             _nonneg_float(self.pair_budget, p + "pair_budget")
             _check(0 < self.pair_budget <= self.num_experts, p + "pair_budget",
                    f"must be in (0, num_experts={self.num_experts}], got {self.pair_budget}")
+        if self.ep_budget is not None:  # expert-parallel send budget (onn_jax.expert_parallel)
+            _nonneg_float(self.ep_budget, p + "ep_budget")
+            _check(0 < self.ep_budget <= self.num_experts, p + "ep_budget",
+                   f"must be in (0, num_experts={self.num_experts}], got {self.ep_budget}")
         self._check_research_options()
 
     def _check_research_options(self) -> None:
@@ -648,10 +658,6 @@ class Config:
         _check(self.data.seq_len <= self.model.max_len, "data.seq_len",
                f"must be <= model.max_len ({self.model.max_len}), got {self.data.seq_len}")
         m = self.model.moe
-        _check(not (m.dispatch == "dropless" and self.mesh.expert not in (1, -1) and m.gemm != "padded"),
-               "mesh.expert", "dispatch='dropless' has no expert parallelism yet: with experts sharded, "
-               "XLA's partitioning of ragged_dot gave wrong results; use mesh.expert=1 (data parallel "
-               "works) or model.moe.gemm='padded'")
         _check(self.data.batch_size % self.optim.accum_steps == 0, "optim.accum_steps",
                f"must divide data.batch_size ({self.data.batch_size}), got {self.optim.accum_steps}")
         m = self.model.moe

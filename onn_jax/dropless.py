@@ -50,11 +50,15 @@ def pair_rows(num_tokens: int, cfg: MoEConfig) -> int:
 
     pair_budget None: top_k for the top-k router (exactly its k, never drops); fallback_k
     for the surprise gate (every token's k at initialisation, when all tokens fall back)."""
-    budget = cfg.pair_budget
-    if budget is None:
-        budget = cfg.top_k if cfg.router == "topk" else cfg.effective_fallback_k
-    rows = math.ceil(budget * num_tokens - 1e-9)
+    rows = math.ceil(pair_budget(cfg) * num_tokens - 1e-9)
     return int(min(num_tokens * cfg.num_experts, max(1, rows)))
+
+
+def pair_budget(cfg: MoEConfig) -> float:
+    """Rows per token in force: model.moe.pair_budget, or its default (see pair_rows)."""
+    if cfg.pair_budget is not None:
+        return cfg.pair_budget
+    return cfg.top_k if cfg.router == "topk" else cfg.effective_fallback_k
 
 
 def make_dropless(mask_NxE: jax.Array, rows: int) -> Dropless:
@@ -68,11 +72,20 @@ def make_dropless(mask_NxE: jax.Array, rows: int) -> Dropless:
     offset_E = jnp.cumsum(count_E) - count_E
     pos_NxE = jnp.cumsum(kept, axis=0) - 1                          # rank within the expert
     row_NxE = jnp.where(kept_NxE, offset_E[None, :] + pos_NxE, rows).astype(jnp.int32)
+    sizes_E = count_E.at[e - 1].add(rows - jnp.sum(count_E)).astype(jnp.int32)
+    return layout_of_rows(kept_NxE, row_NxE, rows, sizes_E)
+
+
+def layout_of_rows(kept_NxE: jax.Array, row_NxE: jax.Array, rows: int, sizes_E: jax.Array) -> Dropless:
+    """The Dropless record of a buffer of `rows` rows in which kept pair (t, e) sits at row
+    row_NxE[t, e] (distinct rows; `rows` where not kept): token of each row, token-major order."""
+    n, e = kept_NxE.shape
+    kept = kept_NxE.astype(jnp.int32)
     tokens_NxE = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, e))
     token_R = jnp.full((rows,), n, jnp.int32).at[row_NxE].set(tokens_NxE, mode="drop")
-    sizes_E = count_E.at[e - 1].add(rows - jnp.sum(count_E)).astype(jnp.int32)
-    # Kept pairs are a prefix of the active ones in token-major order: their position there
-    # is their rank. One unique-index scatter of the kept rows.
+    # A kept pair's position in token-major order is its rank among the kept pairs.
+    # One unique-index scatter of the kept rows.
+    rank_NxE = jnp.cumsum(kept.reshape(-1)).reshape(n, e) - 1
     order_R = jnp.full((rows,), rows, jnp.int32).at[jnp.where(kept_NxE, rank_NxE, rows)].set(
         row_NxE, mode="drop")
     count_N = jnp.sum(kept, axis=1).astype(jnp.int32)

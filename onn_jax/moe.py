@@ -25,6 +25,7 @@ from onn_jax.dispatch import (Dispatch, combine_slots, dispatch_tokens, expert_c
                               make_dispatch, slot_expert_outputs, to_pairs)
 from onn_jax.dropless import (Dropless, combine_rows, dispatch_rows, make_dropless, pair_rows,
                               row_expert_outputs, rows_to_pairs)
+from onn_jax.expert_parallel import EPRows, ep_dropless_layer, ep_rows_to_pairs, ep_tap_rows, expert_mesh
 from onn_jax.grouped_gemm import resolve_gemm
 from onn_jax.experts import combine, expert_outputs
 from onn_jax.gate import RouterOutput, top_any_gate, topk_gate
@@ -36,7 +37,7 @@ class MoERecord(NamedTuple):
 
     router: RouterOutput
     expert_out: jax.Array  # Y [N, E, C] float32; slot space [E, K, C] under sparse dispatch
-    dispatch: Dispatch | Dropless | None = None  # set under sparse / dropless dispatch
+    dispatch: Dispatch | Dropless | EPRows | None = None  # set under sparse / dropless dispatch
     expert_in: jax.Array | None = None  # x [N, C], the experts' input (surprise `learning_cost`)
     expert_params: dict | None = None   # the stacked expert weights (surprise `learning_cost`)
 
@@ -56,7 +57,9 @@ def zero_taps(num_tokens: int, num_experts: int, hidden: int) -> MoETaps:
 def layer_taps(cfg: MoEConfig, num_tokens: int, hidden: int) -> MoETaps:
     """Zero taps shaped for the layer's dispatch: Y taps are [E, K, C] slots when sparse."""
     if cfg.dispatch == "dropless":
-        return MoETaps(jnp.zeros((pair_rows(num_tokens, cfg), hidden), jnp.float32),
+        found = expert_mesh()  # expert-parallel: the returned rows of every device
+        rows = pair_rows(num_tokens, cfg) if found is None else ep_tap_rows(num_tokens, cfg, found[0])
+        return MoETaps(jnp.zeros((rows, hidden), jnp.float32),
                        jnp.zeros((num_tokens, hidden), jnp.float32))
     if cfg.dispatch == "sparse":
         k = expert_capacity(num_tokens, cfg)
@@ -92,8 +95,10 @@ def layer_surprise(surprise_fn: SurpriseFn, record: MoERecord, d_taps: MoETaps) 
     return surprise_fn(surprise_inputs(record, d_taps))
 
 
-def _to_pairs(a, d: Dispatch | Dropless) -> jax.Array:
+def _to_pairs(a, d: Dispatch | Dropless | EPRows) -> jax.Array:
     """A slot- or row-space array in the pair layout [N, E, ...] (0 where not computed)."""
+    if isinstance(d, EPRows):
+        return ep_rows_to_pairs(a, d)
     return rows_to_pairs(a, d) if isinstance(d, Dropless) else to_pairs(a, d)
 
 
@@ -153,7 +158,16 @@ def moe_layer(params: dict, x_NxC: jax.Array, cfg: MoEConfig,
 
 
 def _dropless_layer(params, x_NxC, cfg: MoEConfig, taps: MoETaps | None, router: RouterOutput):
-    """The experts on the kept pairs' rows (onn_jax.dropless), combined back in token order."""
+    """The experts on the kept pairs' rows (onn_jax.dropless), combined back in token order;
+    expert-parallel inside a sharded step with mesh.expert > 1 (onn_jax.expert_parallel)."""
+    found = expert_mesh()
+    if found is not None:
+        out_NxC, y_RxC, d = ep_dropless_layer(params, x_NxC, cfg, None if taps is None else taps.expert_out,
+                                              router, *found)
+        if taps is not None:
+            out_NxC = out_NxC + taps.moe_out
+        return out_NxC, MoERecord(router=router, expert_out=y_RxC, dispatch=d, expert_in=x_NxC,
+                                  expert_params=params["experts"])
     d = make_dropless(router.mask, pair_rows(x_NxC.shape[0], cfg))
     y_RxC = row_expert_outputs(params["experts"], dispatch_rows(x_NxC, d), d.sizes_E,
                                cfg.expert_kind, resolve_gemm(cfg.gemm, x_NxC.dtype))

@@ -260,6 +260,11 @@ def activation_rules(mesh: Mesh, rules: Rules = RULES):
         _ACTIVE.reset(token)
 
 
+def active_rules() -> tuple[Mesh, Rules] | None:
+    """(mesh, rules) of the enclosing `activation_rules` (the sharded step), else None."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """with_sharding_constraint by logical names, e.g. constrain(y_NxExC, ("moe_batch",
     "expert", "embed")); returns x unchanged outside `activation_rules`."""
@@ -277,13 +282,10 @@ def make_sharded_train_step(model_cfg: ModelConfig, tx: optax.GradientTransforma
     `(state, batch) -> (state, metrics)`.
 
     State in and out with `state_shardings`, the batch with `batch_sharding`, metrics
-    replicated; the old state is donated. The same function as step.make_train_step.
+    replicated; the old state is donated. The same function as step.make_train_step. With
+    mesh.expert > 1 the dropless MoE layers run expert-parallel (onn_jax.expert_parallel).
     """
     from onn_jax.step import init_state, train_step
-    m = model_cfg.moe
-    if m.dispatch == "dropless" and m.gemm != "padded" and mesh.shape.get("expert", 1) > 1:
-        raise ValueError("mesh.expert > 1 with model.moe.dispatch='dropless' needs gemm='padded': "
-                         "XLA's partitioning of ragged_dot over sharded experts gave wrong results")
     step_fn = step_fn or train_step
     shape = jax.eval_shape(functools.partial(init_state, model_cfg, tx), jax.random.key(0))
     st = state_shardings(shape, mesh, rules)
