@@ -1,8 +1,6 @@
-"""The dropless step under the existing SPMD sharding (8 forced CPU devices) equals the
-one-device step. This is XLA-partitioned sharding of the global pair buffer, not the shard_map
-all-to-all expert parallelism of issue 11 item 4 (not built yet). With experts sharded, XLA's
-partitioned ragged_dot (jax 0.10.2, CPU) gave a different loss (rel. 3e-4), so expert meshes
-need gemm='padded' and are refused otherwise."""
+"""The dropless step on 8 forced CPU devices equals the one-device step: data parallel (8,1)
+through XLA's SPMD partitioning, and expert meshes through the shard_map + all-to-all expert
+parallelism of onn_jax.expert_parallel (tests/test_expert_parallel.py covers it in depth)."""
 import dataclasses
 import functools
 
@@ -40,9 +38,3 @@ def test_sharded_dropless_step_equals_one_device(shape, gemm, reference):
     for key in ("train/main_loss", "moe/gate_loss", "moe/avg_k", "moe/dropped_frac", "train/grad_norm"):
         np.testing.assert_allclose(metrics[key], metrics_ref[key], rtol=1e-5, err_msg=key)
     assert_tree_close(new_state, state1_ref)
-
-
-def test_expert_mesh_with_ragged_dot_is_refused():
-    cfg = dataclasses.replace(DL, moe=dataclasses.replace(DL.moe, gemm="ragged_dot"))
-    with pytest.raises(ValueError, match="gemm='padded'"):
-        sh.make_sharded_train_step(cfg, TX, mesh_of((4, 2, 1)))

@@ -120,13 +120,17 @@ def test_peer_budget_overflow_drops_the_documented_pairs():
     tok = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "expert", "fsdp")))
     x = jax.device_put(x, tok)
     taps = MoETaps(jnp.zeros((8 * 4 * send_rows(8, cfg, 4), 16)), jnp.zeros((64, 16)))
-    with sh.activation_rules(mesh):  # what the sharded step sets: moe_layer goes expert-parallel
+
+    def run(params, x, taps):  # the EP layer: output, gradients, S; mask and weights for the check
         def loss(params, x, taps):
             out, rec = moe_layer(params, x, cfg, taps)
             return jnp.sum(out * r), (out, rec)
-        (_, (out, rec)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(params, x, taps)
-        s = np.asarray(jax.jit(functools.partial(layer_surprise, output_grad_surprise))(rec, grads[2]))
-    mask = np.asarray(rec.router.mask)
+        (_, (out, rec)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(params, x, taps)
+        s = layer_surprise(output_grad_surprise, rec, grads[2])
+        return out, grads[:2], s, rec.dispatch.kept_NxE, rec.router.mask, rec.router.weights
+
+    with sh.activation_rules(mesh):  # what the sharded step sets: moe_layer goes expert-parallel
+        out, grads, s, kept_ep, mask, w = jax.device_get(jax.jit(run)(params, x, taps))
     kept = np.zeros_like(mask)
     for dev in range(8):
         for peer in range(4):
@@ -135,17 +139,20 @@ def test_peer_budget_overflow_drops_the_documented_pairs():
             for t, x_ in pairs[:6]:
                 kept[t, x_] = True
     assert (mask & ~kept).any()
-    np.testing.assert_array_equal(rec.dispatch.kept_NxE, kept)
+    np.testing.assert_array_equal(kept_ep, kept)
 
-    def dense_ref(params, x):
-        router = route(params, x, cfg)
-        return combine(router.weights * kept, expert_outputs(params["experts"], x).astype(jnp.float32))
+    @jax.jit
+    def dense_ref(params, x):  # every expert on every token, dropped pairs' weights set to 0
+        def f(params, x):
+            router = route(params, x, cfg)
+            return combine(router.weights * kept, expert_outputs(params["experts"], x).astype(jnp.float32))
+        out, pull = jax.vjp(f, params, x)
+        return out, pull(r)
 
-    out_ref, pull = jax.vjp(dense_ref, params, jax.device_get(x))
+    out_ref, grads_ref = dense_ref(params, jax.device_get(x))
     assert rel_err(out, out_ref) < 1e-5
-    assert rel_err(grads[:2], pull(r)) < 1e-5
-    w = np.asarray(route(params, jax.device_get(x), cfg).weights)
-    s_ref = np.where(kept, w, 0) * np.linalg.norm(np.asarray(r), axis=1)[:, None]  # ||w r_t||
+    assert rel_err(grads, grads_ref) < 1e-5
+    s_ref = np.where(kept, w, 0) * np.linalg.norm(np.asarray(r), axis=1)[:, None]  # S = ||w r_t||
     np.testing.assert_allclose(s, s_ref, rtol=1e-5, atol=1e-7)
 
 
