@@ -166,3 +166,28 @@ def test_send_rows_and_config():
         with pytest.raises(ConfigError, match="model.moe.ep_budget"):
             MoEConfig(num_experts=8, ep_budget=bad)
     Config(model=ModelConfig(moe=MoEConfig(dispatch="dropless")), mesh=MeshConfig(expert=2))
+
+
+def test_surprise_pullback_stays_cheap_under_expert_parallelism():
+    """As tests/test_bench.py on one device: the tap-only pullback adds one matmul (the LM
+    head's input gradient) to the forward: no parameter gradient, no expert backward, nothing
+    below the MoE layer, though the layer runs through shard_map and all_to_all."""
+    from test_bench import dot_shapes
+    from helpers import random_batch, tiny_config
+    from onn_jax.model import init_params
+    cfg = tiny_config(num_layers=1, dispatch="dropless", gemm="ragged_dot")
+    params = init_params(cfg, jax.random.key(0))
+    batch = random_batch(1, batch=8, length=7)
+    mesh = sh.make_mesh(MeshConfig(data=2, expert=4))
+    params = jax.device_put(params, sh.param_shardings(params, mesh))
+
+    def loss(p, taps):
+        logits, records = Transformer(cfg).apply({"params": p}, batch["inputs"], taps)
+        assert type(records[0].dispatch).__name__ == "EPRows"   # the expert-parallel path ran
+        return next_token_loss(logits, batch["targets"], batch["loss_mask"])[0]
+
+    with sh.activation_rules(mesh):
+        taps = step_taps(cfg, 8, 7)
+        forward = dot_shapes(loss, params, taps)
+        surprise = dot_shapes(jax.grad(loss, argnums=1), params, taps)
+    assert len(forward) > 0 and len(surprise) == len(forward) + 1, (forward, surprise)
