@@ -10,12 +10,19 @@ expert inside the MoE layer) by wrapping moe's expert/combine functions; `--size
 a tiny model (with XLA_FLAGS=--xla_force_host_platform_device_count=8 on CPU) to check the
 script. Needs no orbax.
 
-`--mode smk|plain`, `--dispatch dense|sparse|dropless`, `--pair-budget` and `--force-avg-k E/8`
-pick the router and the MoE dispatch as onn-bench does (bench.bench.mode_config; the thresholds
+`--mode smk|plain`, `--dispatch dense|sparse|dropless`, `--pair-budget`, `--gemm` and
+`--force-avg-k E/8` pick the router and the MoE dispatch as onn-bench does (bench.bench.mode_config; the thresholds
 are forced on the batch so about k experts pass per token). Each record carries the compiled
 step's memory per device (XLA's memory_analysis: arguments + temporaries + outputs - aliased) and,
 with `--check`, the relative error of the mesh step against the same step on one device (same
 init, same global batch): main loss and updated parameters.
+
+A layout with expert > 1 and `--dispatch dropless` runs the expert-parallel layer
+(onn_jax.expert_parallel: each GPU holds E / expert experts, pairs travel by all_to_all);
+`--ep-budget` sets model.moe.ep_budget (rows per token sent to each peer; default
+min(pair budget, E / expert), which adds no drop). Its records carry `ep_send_rows` (S per
+peer per device). `--per-device-batch` takes a comma list (one run each, one process). A
+layout that fails prints a JSON record with `error` and the run goes on.
 """
 from __future__ import annotations
 
@@ -66,8 +73,13 @@ def install_moe_hook() -> None:
 
 def step_memory_bytes(step, state, batch) -> int | None:
     """Device memory of one compiled step per device (arguments + temporaries + outputs - aliased)."""
+    return compiled_memory_bytes(step.lower(state, batch).compile())
+
+
+def compiled_memory_bytes(compiled) -> int | None:
+    """step_memory_bytes of an already compiled step."""
     try:
-        mem = step.lower(state, batch).compile().memory_analysis()
+        mem = compiled.memory_analysis()
         return int(mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
                    - mem.alias_size_in_bytes)
     except Exception:  # a backend without memory_analysis
@@ -120,10 +132,10 @@ def measure(cfg: ModelConfig, data: int, expert: int, per_device_batch: int, seq
     b = per_device_batch * n
     host_batch = make_batch(cfg, b, seq)
     state = init_on_mesh(cfg, tx, mesh, host_batch, k)
-    step = sh.make_sharded_train_step(cfg, tx, mesh)
     batch = sh.shard_batch(host_batch, mesh)
-    mem = step_memory_bytes(step, state, batch)
     t0 = time.perf_counter()
+    step = sh.make_sharded_train_step(cfg, tx, mesh).lower(state, batch).compile()  # compiled once
+    mem = compiled_memory_bytes(step)
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t0
@@ -137,6 +149,9 @@ def measure(cfg: ModelConfig, data: int, expert: int, per_device_batch: int, seq
     dt = time.perf_counter() - t0
     loss = float(metrics["train/main_loss"])
     extra = {key: round(float(metrics[key]), 4) for key in ("moe/avg_k", "moe/dropped_frac") if key in metrics}
+    if expert > 1 and cfg.moe.dispatch == "dropless":
+        from onn_jax.expert_parallel import send_rows
+        extra["ep_send_rows"] = send_rows(b * seq // n, cfg.moe, expert)
     del state
     return {"devices": n, "data": data, "expert": expert, "global_batch": b, "seq": seq,
             "step_ms": round(1e3 * dt / steps, 2), "tokens_per_s": round(b * seq * steps / dt),
@@ -148,7 +163,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="gpu_large")
     ap.add_argument("--layouts", default="1x1,2x1,4x1,2x2,1x4", help="comma list of DATAxEXPERT")
-    ap.add_argument("--per-device-batch", type=int, default=8)
+    ap.add_argument("--per-device-batch", default="8", help="sequences per device; a comma list runs each")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
@@ -159,6 +174,10 @@ def main(argv=None) -> None:
                     help="smk: the surprise gate (default); plain: top-k router with load balancing")
     ap.add_argument("--dispatch", choices=("dense", "sparse", "dropless"), default="dense")
     ap.add_argument("--pair-budget", type=float, default=None, help="dropless rows per token")
+    ap.add_argument("--ep-budget", type=float, default=None,
+                    help="model.moe.ep_budget: rows per token sent to each expert-parallel peer")
+    ap.add_argument("--gemm", choices=("auto", "ragged_dot", "mosaic_gpu", "padded"), default=None,
+                    help="model.moe.gemm of the dropless experts (default: the config's, auto)")
     ap.add_argument("--capacity-rel", type=float, default=1.25, help="sparse capacity, as onn-bench")
     ap.add_argument("--force-avg-k", default=None, metavar="K|E/n",
                     help="force about K active experts per token (smk: thresholds; plain: top_k)")
@@ -168,35 +187,51 @@ def main(argv=None) -> None:
     cfg = SIZES[args.size]
     k = parse_k(args.force_avg_k, cfg.moe.num_experts)
     cfg = mode_config(cfg, args.mode, k, args.capacity_rel, None,
-                      None if args.dispatch == "dense" else args.dispatch, None, args.pair_budget)
-    cfg = dataclasses.replace(cfg, attention=args.attention)
+                      None if args.dispatch == "dense" else args.dispatch, args.gemm, args.pair_budget)
+    cfg = dataclasses.replace(cfg, attention=args.attention,
+                              moe=dataclasses.replace(cfg.moe, ep_budget=args.ep_budget))
+    try:
+        batches = [int(v) for v in args.per_device_batch.split(",")]
+    except ValueError:
+        ap.error(f"--per-device-batch: {args.per_device_batch!r} is not a comma list of integers")
     if args.moe_hook:
         install_moe_hook()
+    for per_device in batches:
+        run_layouts(cfg, args, per_device, k)
+
+
+def run_layouts(cfg: ModelConfig, args, per_device: int, k: int | None) -> None:
+    """One JSON line per layout at `per_device` sequences per device."""
     base = None
     for layout in args.layouts.split(","):
         try:
             data, expert = (int(v) for v in layout.lower().split("x"))
         except ValueError:
-            ap.error(f"--layouts: {layout!r} is not DATAxEXPERT (e.g. 2x2)")
+            raise SystemExit(f"--layouts: {layout!r} is not DATAxEXPERT (e.g. 2x2)")
+        common = dict(layout=layout, size=args.size, mode=args.mode, dispatch=cfg.moe.dispatch,
+                      per_device_batch=per_device, pair_budget=cfg.moe.pair_budget,
+                      ep_budget=cfg.moe.ep_budget, gemm=cfg.moe.gemm, force_avg_k=args.force_avg_k,
+                      moe_hook=args.moe_hook, attention=args.attention,
+                      device_kind=jax.devices()[0].device_kind, jax=jax.__version__)
         if data * expert > jax.device_count():
             print(json.dumps({"layout": layout, "skipped": f"needs {data * expert} devices, "
                               f"have {jax.device_count()}"}), flush=True)
             continue
-        rec = measure(cfg, data, expert, args.per_device_batch, args.seq, args.steps, args.warmup, k)
-        if args.check and rec["devices"] > 1:
-            rec.update({key: float(f"{v:.3g}") for key, v in check_against_one_device(
-                cfg, data, expert, make_batch(cfg, args.per_device_batch * rec["devices"], args.seq), k).items()})
+        try:
+            rec = measure(cfg, data, expert, per_device, args.seq, args.steps, args.warmup, k)
+            if args.check and rec["devices"] > 1:
+                rec.update({key: float(f"{v:.3g}") for key, v in check_against_one_device(
+                    cfg, data, expert, make_batch(cfg, per_device * rec["devices"], args.seq), k).items()})
+        except Exception as e:  # one failing layout (compile error, out of memory) ends only itself
+            print(json.dumps({**common, "error": f"{type(e).__name__}: {str(e)[:400]}"}), flush=True)
+            continue
         if base is None and rec["devices"] == 1:
             base = rec["tokens_per_s"]
         if base:
             rec["speedup"] = round(rec["tokens_per_s"] / base, 3)
             rec["efficiency"] = round(rec["tokens_per_s"] / base / rec["devices"], 3)
-        rec.update(layout=layout, size=args.size, mode=args.mode, dispatch=cfg.moe.dispatch,
-                   pair_budget=cfg.moe.pair_budget, force_avg_k=args.force_avg_k,
-                   moe_hook=args.moe_hook, attention=args.attention,
-                   device_kind=jax.devices()[0].device_kind, jax=jax.__version__)
+        rec.update(common)
         print(json.dumps(rec), flush=True)
-
 
 if __name__ == "__main__":
     main()
