@@ -540,8 +540,9 @@ class DataConfig:
     eval_fraction: share of records held out for the evaluation split.
     pack: pack several records of one domain per row (else one record per row, padded).
     seed: corpus generation and shuffling seed.
-    strict: a record longer than seq_len + 1 tokens is an error naming its file and line
-      (default: it is cut to its first seq_len + 1 tokens).
+    strict: a chat record longer than seq_len + 1 tokens is an error naming its file and
+      line (default: it is cut to its first seq_len + 1 tokens). Long text records are
+      always split into several rows, nothing lost (onn_jax.records.fit_record).
     """
 
     source: str = "builtin"

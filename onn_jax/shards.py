@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from onn_jax.records import DataError, encode_record, iter_records, record_hash
+from onn_jax.records import DataError, encode_record, fit_record, iter_records, record_hash
 from onn_jax.tokenizer import Tokenizer
 
 META_FILE, FORMAT = "meta.json", 1
@@ -93,18 +93,12 @@ def _write_pass(paths, tok, out, width, threshold, pack, strict, chunk_chars, ro
         h = record_hash(r)
         min_hash = h if min_hash is None else min(min_hash, h)
         split = "eval" if h < threshold else "train"
-        ids, trained = encode_record(tok, r)
-        if len(ids) > width:
-            if strict:
-                path, _, line = r["source"].rpartition(":")
-                raise DataError(path, int(line), f"record has {len(ids)} tokens, more than "
-                                                 f"seq_len + 1 = {width}")
-            ids, trained = ids[:width], trained[:width]
         d = seen.setdefault(r["domain"], len(seen))
         key = (split, r["domain"])
         if key not in writers:
             writers[key] = _RowWriter(out, split, d, width, tok.pad_id, pack, rows_per_shard)
-        writers[key].add(ids, trained)
+        for ids, trained in fit_record(*encode_record(tok, r), width, r, strict):
+            writers[key].add(ids, trained)
     return seen, writers, min_hash
 
 
