@@ -340,6 +340,9 @@ class ModelConfig:
     remat: rematerialisation of each block in the backward pass (jax.checkpoint via nn.remat):
       `none` (default: keep every activation), `block` (keep only each block's input) or
       `dots` (keep matmul outputs without batch dims: jax.checkpoint_policies.dots_with_no_batch_dims_saveable).
+    scan_layers: the blocks as one nn.scan over stacked parameters (params["blocks"], leaves
+      [L, ...]; onn_jax.layer_stack converts to / from the per-layer block_i layout). Same values,
+      one compiled block. Refused with gated heads and the router-state options.
     """
 
     vocab_size: int = 256
@@ -357,10 +360,12 @@ class ModelConfig:
     remat: str = "none"
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    scan_layers: bool = False
 
     def __post_init__(self):
         p = "model."
         _choice(self.remat, REMATS, p + "remat")
+        _check_scan_layers(self)
         for name in ("vocab_size", "hidden", "num_layers", "num_heads", "max_len"):
             _positive_int(getattr(self, name), p + name)
         _check(self.hidden % self.num_heads == 0, p + "num_heads",
@@ -663,6 +668,9 @@ class Config:
         _check(self.optim.accum_steps == 1 or not per_batch, "optim.accum_steps",
                f"accumulation (k = {self.optim.accum_steps}) is not exact with {', '.join(per_batch)} "
                "(their updates or token shares need the whole batch at once); use accum_steps=1")
+        _check(not (self.model.scan_layers and self.optim.grad_filter.scope == "per_layer"),
+               "optim.grad_filter.scope", "'per_layer' is not supported with model.scan_layers=true "
+               "(the stacked expert leaves hold every layer); use 'pooled'")
         from onn_jax.limits import check_values  # ranges of every field: int32, finite, UTF-8
         check_values(self)
 
@@ -701,3 +709,14 @@ def _check_recipe_train(c: "TrainConfig") -> None:
     if c.peak_tflops is not None:
         _nonneg_float(c.peak_tflops, p + "peak_tflops")
         _check(c.peak_tflops > 0, p + "peak_tflops", f"must be > 0, got {c.peak_tflops}")
+
+
+def _check_scan_layers(c: "ModelConfig") -> None:
+    """model.scan_layers: a bool; the options that key per-layer state by block_i are refused."""
+    _check(isinstance(c.scan_layers, bool), "model.scan_layers", f"must be a bool, got {c.scan_layers!r}")
+    if not c.scan_layers:
+        return
+    why = "is not supported with model.scan_layers=true (it keys per-layer state by block_i); "
+    _check(c.heads.router == "dense", "model.heads.router", f"{c.heads.router!r} " + why + "use 'dense'")
+    _check(c.moe.aux_free_rate == 0, "model.moe.aux_free_rate", why + "use 0")
+    _check(not c.moe.adaptive_experts, "model.moe.adaptive_experts", why + "use false")

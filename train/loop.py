@@ -27,6 +27,7 @@ from onn_jax.config import Config, ConfigError, MeshConfig, to_dict
 from onn_jax.corpus import build_corpus
 from onn_jax.data import DataError, Dataset, load_records
 from onn_jax.guard import SKIPPED, make_guarded_step
+from onn_jax.layer_stack import layer_params
 from onn_jax.limits import memory_problem
 from onn_jax.model import attention_impl
 from onn_jax.routing_metrics import dead_experts
@@ -398,7 +399,7 @@ class Run:
         p = self.state.params
         if self.cfg.model.moe.router != "surprise":
             return {}
-        theta = [p[f"block_{i}"]["moe"]["thresholds"] for i in range(self.cfg.model.num_layers)]
+        theta = [layer_params(p, i)["moe"]["thresholds"] for i in range(self.cfg.model.num_layers)]
         return {"moe/thresholds": np.asarray(jax.device_get(jax.nn.sigmoid(jnp.stack(theta))))}
 
     def _account(self, step: int, flag: Any) -> None:
