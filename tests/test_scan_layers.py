@@ -16,7 +16,7 @@ from onn_jax.layer_stack import layer_params, stack_layers, to_layout, unstack_l
 from onn_jax.losses import next_token_loss
 from onn_jax.model import Transformer, init_cache, init_params
 from onn_jax.moe import layer_surprise
-from onn_jax.step import init_state, make_optimizer, step_taps, train_step
+from onn_jax.step import compute_grads, init_state, make_optimizer, step_taps, train_step
 from onn_jax.surprise import get_surprise_fn
 
 CFG = tiny_config(num_layers=2)
@@ -36,24 +36,29 @@ def surprises(cfg, params, batch):
     return [layer_surprise(get_surprise_fn(cfg.moe.surprise), r, d) for r, d in zip(records, d_taps)]
 
 
-def step_and_surprises(cfg):
-    """The jitted train step plus every layer's S (one compile)."""
-    return jax.jit(lambda st: (train_step(st, BATCH, cfg, TX), surprises(cfg, st.params, BATCH)))
+def step_and_checks(st, batch, cfg, tx=TX, surprise_fn=None):
+    """The train step, its metrics plus every layer's S and the gradients (per-layer layout)."""
+    new, metrics = train_step(st, batch, cfg, tx, surprise_fn)
+    grads = compute_grads(st.params, batch, cfg)[0]
+    return new, {**metrics, "test/S": jnp.stack(surprises(cfg, st.params, batch)),
+                 "test/grads": to_layout(grads, False)}
 
 
 @pytest.fixture(scope="module")
 def unrolled():
     state = init_state(CFG, TX, jax.random.key(0))
-    (new, metrics), s = step_and_surprises(CFG)(state)
-    return state, new, metrics, s
+    new, metrics = jax.jit(lambda st: step_and_checks(st, BATCH, CFG))(state)
+    return state, new, metrics
 
 
-def check_step(new, metrics, s, ref_new, ref_metrics, ref_s):
+def check_step(new, metrics, ref_new, ref_metrics):
+    ref_grads, grads = ref_metrics.pop("test/grads"), metrics.pop("test/grads")
+    assert rel_err(grads, ref_grads) < 1e-5  # every gradient, stacked tree mapped to per-layer
     for key, v in ref_metrics.items():
-        assert np.allclose(metrics[key], v, rtol=1e-5, atol=1e-7), key  # loss, gate losses, ...
-    assert metrics["moe/expert_load"].shape == (2, 8)  # per-layer metrics stay per layer
-    for s_l, ref in zip(s, ref_s):
+        assert np.allclose(metrics[key], v, rtol=1e-5, atol=1e-7), key  # loss, S, gate losses, ...
+    for s_l, ref in zip(metrics["test/S"], ref_metrics["test/S"]):
         assert rel_err(s_l, ref) < 1e-6  # S of every layer
+    assert metrics["moe/expert_load"].shape == (2, 8)  # per-layer metrics stay per layer
     assert rel_err(unstack_layers(new.params), ref_new.params) < 1e-5
     counts = new.opt_state[-1].counts["blocks"]["moe"]["experts"]["w1"]
     ref = np.stack([ref_new.opt_state[-1].counts[f"block_{i}"]["moe"]["experts"]["w1"] for i in range(2)])
@@ -63,7 +68,8 @@ def check_step(new, metrics, s, ref_new, ref_metrics, ref_s):
 def test_sharded_scanned_remat_step_equals_the_unrolled_step(unrolled):
     """scan + remat + an 8-device (data, expert, fsdp) mesh against the unrolled one-device step."""
     from onn_jax import sharding
-    state, ref_new, ref_metrics, ref_s = unrolled
+    state, ref_new, ref_metrics = unrolled
+    ref_metrics = dict(ref_metrics)
     scfg = dataclasses.replace(SCFG, remat="block")
     assert rel_err(unstack_layers(init_params(scfg, jax.random.key(0))), state.params) == 0.0  # same init
     mesh = sharding.make_mesh(MeshConfig(data=2, expert=2, fsdp=2), jax.devices()[:8])
@@ -72,14 +78,9 @@ def test_sharded_scanned_remat_step_equals_the_unrolled_step(unrolled):
     w1 = sstate.params["blocks"]["moe"]["experts"]["w1"]
     assert w1.shape == (2, 8, 16, 16)
     assert w1.sharding.spec == jax.sharding.PartitionSpec(None, "expert", "fsdp")  # layer axis replicated
-
-    def step_fn(st, batch, cfg, tx, surprise_fn):
-        new, metrics = train_step(st, batch, cfg, tx, surprise_fn)
-        return new, {**metrics, "test/S": jnp.stack(surprises(cfg, st.params, batch))}
-    step = sharding.make_sharded_train_step(scfg, TX, mesh, donate=False, step_fn=step_fn)
+    step = sharding.make_sharded_train_step(scfg, TX, mesh, donate=False, step_fn=step_and_checks)
     new, metrics = step(sstate, sharding.shard_batch(BATCH, mesh))
-    s = metrics.pop("test/S")
-    check_step(new, metrics, s, ref_new, ref_metrics, ref_s)
+    check_step(new, metrics, ref_new, ref_metrics)
 
 
 TOKEN_SIZES = {3, 7, 21}  # B, T, N: no model dimension has these sizes
