@@ -46,6 +46,7 @@ def onn_eval(capsys, *argv):
     return rc, out, err
 
 
+@pytest.mark.slow
 def test_eval_equals_the_runs_own_eval_and_writes_nothing_in_the_workdir(workdir, tmp_path, capsys):
     before = tree_hash(workdir)
     # the training run evaluated train.eval_batches (2) held-out batches at its last step
@@ -66,6 +67,7 @@ def test_eval_equals_the_runs_own_eval_and_writes_nothing_in_the_workdir(workdir
     assert np.asarray(m["eval/domain_expert_load"]).shape == (4, 2, 4)
 
 
+@pytest.mark.slow
 def test_older_step_export_and_user_data(workdir, tmp_path, capsys):
     from train.export import main as export_main
     rc, out, err = onn_eval(capsys, "--workdir", str(workdir), "--step", "2", "--batches", "1")

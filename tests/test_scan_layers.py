@@ -65,6 +65,7 @@ def check_step(new, metrics, ref_new, ref_metrics):
     assert counts.shape == (2, 8) and np.array_equal(counts, ref)  # AdamW counter per (layer, expert)
 
 
+@pytest.mark.slow
 def test_sharded_scanned_remat_step_equals_the_unrolled_step(unrolled):
     """scan + remat + an 8-device (data, expert, fsdp) mesh against the unrolled one-device step."""
     from onn_jax import sharding
@@ -86,6 +87,7 @@ def test_sharded_scanned_remat_step_equals_the_unrolled_step(unrolled):
 TOKEN_SIZES = {3, 7, 21}  # B, T, N: no model dimension has these sizes
 
 
+@pytest.mark.slow
 def test_surprise_backward_under_scan_has_no_parameter_gradient():
     """What holds of the cheap Surprise backward under scan: no parameter gradient is computed
     (the scan's dead weight-gradient accumulators are removed). What does not: the backward scan
@@ -106,6 +108,7 @@ def test_surprise_backward_under_scan_has_no_parameter_gradient():
     assert not all(TOKEN_SIZES & set(s) for s in full)  # the check can fail: weight grads lack them
 
 
+@pytest.mark.slow
 def test_decoding_dropless_and_deep_embed_under_scan():
     cfg = tiny_config(num_layers=2, dispatch="dropless", pair_budget=2.0)
     cfg = dataclasses.replace(cfg, embed=dataclasses.replace(cfg.embed, deep=True))
@@ -150,14 +153,14 @@ def test_layouts_convert_both_ways_through_checkpoints_and_export(tmp_path):
         restored, _ = ck.restore(abstract_like(init_state, SCFG, TX, jax.random.key(0)))
     assert rel_err(restored, state) == 0.0
     # onn-export converts: stacked -> per_layer and per_layer -> stacked; the config follows
-    tokens = BATCH["inputs"]
+    apply = jax.jit(lambda p, c: Transformer(c).apply({"params": p}, BATCH["inputs"])[0], static_argnums=1)
+    ref = apply(params, CFG)
     for name, layout, want in (("scan", "per_layer", params), ("plain", "stacked", sparams)):
         write_export(tmp_path / name, tmp_path / f"{name}_out", fmt="npz", layout=layout)
         ex = load_export(tmp_path / f"{name}_out")
         assert ex.model_cfg.scan_layers == (layout == "stacked")
         assert rel_err(ex.params, want) == 0.0
-        ref = Transformer(CFG).apply({"params": params}, tokens)[0]
-        assert rel_err(Transformer(ex.model_cfg).apply({"params": ex.params}, tokens)[0], ref) < 1e-6
+        assert rel_err(apply(ex.params, ex.model_cfg), ref) < 1e-6
 
 
 @pytest.mark.parametrize("overrides,field", [
