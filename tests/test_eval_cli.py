@@ -115,3 +115,37 @@ def test_bad_input_is_one_line_and_exit_2(workdir, tmp_path, capsys, argv, needl
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("onn-eval: error: ") and needle in lines[0], err
     assert tree_hash(workdir) == before
+
+
+@pytest.mark.slow
+def test_router_state_is_restored_and_used(tmp_path, capsys):
+    """A stateful-routing checkpoint (model.moe.aux_free_rate): onn-eval routes with its saved
+    router bias (restored without the optimizer state), as train.evaluate does with it."""
+    import dataclasses
+    import itertools
+
+    import jax
+    import jax.numpy as jnp
+
+    from onn_jax.checkpoint import Checkpointer, make_meta
+    from onn_jax.config import to_dict
+    from onn_jax.router_state import forward_params
+    from onn_jax.step import init_state, make_optimizer
+    from train.config_loader import load
+    from train.evaluate import evaluate, make_eval_step
+    from train.loop import build_dataset
+    cfg = load("configs/tiny.py", [("model.moe.router", "topk"), ("model.moe.top_k", "2"),
+                                   ("model.moe.aux_free_rate", "0.01")])
+    state = init_state(cfg.model, make_optimizer(cfg.optim), jax.random.key(0))
+    bias = jax.tree.map(lambda x: x + jnp.arange(x.shape[-1]) * 0.5, state.router_state)
+    state = dataclasses.replace(state, router_state=bias)
+    (tmp_path / "config.json").write_text(json.dumps(to_dict(cfg)))
+    with Checkpointer(tmp_path / "checkpoints", save_every=1) as ck:
+        ck.save(1, state, make_meta(config=to_dict(cfg)))
+    rc, out, err = onn_eval(capsys, "--workdir", str(tmp_path), "--batches", "1")
+    assert rc == 0, err
+    load_E = json.loads(out)["metrics"]["eval/expert_load"]
+    ds = build_dataset(cfg)
+    ref = evaluate(make_eval_step(cfg.model, len(ds.domains)), forward_params(state.params, bias),
+                   itertools.islice(ds.eval_batches(cfg.data.batch_size), 1))
+    assert np.allclose(load_E, ref["eval/expert_load"]) and np.ptp(load_E) > 0.5  # the bias shifts the load
