@@ -342,7 +342,7 @@ class ModelConfig:
       `dots` (keep matmul outputs without batch dims: jax.checkpoint_policies.dots_with_no_batch_dims_saveable).
     scan_layers: the blocks as one nn.scan over stacked parameters (params["blocks"], leaves
       [L, ...]; onn_jax.layer_stack converts to / from the per-layer block_i layout). Same values,
-      one compiled block. Refused with gated heads and the router-state options.
+      one compiled block. Refused with the router-state options (aux_free_rate, adaptive_experts).
     """
 
     vocab_size: int = 256
@@ -717,6 +717,5 @@ def _check_scan_layers(c: "ModelConfig") -> None:
     if not c.scan_layers:
         return
     why = "is not supported with model.scan_layers=true (it keys per-layer state by block_i); "
-    _check(c.heads.router == "dense", "model.heads.router", f"{c.heads.router!r} " + why + "use 'dense'")
     _check(c.moe.aux_free_rate == 0, "model.moe.aux_free_rate", why + "use 0")
     _check(not c.moe.adaptive_experts, "model.moe.adaptive_experts", why + "use false")

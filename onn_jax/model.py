@@ -332,20 +332,24 @@ class ScanBlock(Block):
 
 
 def scanned_blocks(cfg: ModelConfig, x, positions_BxT, taps, cache, kv_valid_BxS, index_positions,
-                   tokens_BxT):
+                   tokens_BxT, head_taps=None):
     """model.scan_layers: the blocks as one nn.scan named `blocks` (parameters [L, ...], one
     compiled block). Per-layer taps / caches are stacked in, per-layer records / caches are
-    unstacked out, so the caller sees the tuples of the unrolled loop. Call inside a compact method."""
+    unstacked out, so the caller sees the tuples of the unrolled loop; gated heads' records are
+    sown stacked (gated/blocks/attn/heads, read by onn_jax.units.unit_records). Call inside a
+    compact method."""
     from onn_jax.layer_stack import stack_tree, unstack_records
     decode = cache is not None
     cls = ScanBlock if decode else remat_block(cfg.remat, ScanBlock)
     b, bc = nn.broadcast, (0 if decode else nn.broadcast)
-    scan = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                   in_axes=(b, 0 if taps is not None else b, bc, b, b, b, b), length=cfg.num_layers)
+    scan = nn.scan(cls, variable_axes={"params": 0, "gated": 0}, split_rngs={"params": True},
+                   in_axes=(b, 0 if taps is not None else b, bc, b, b, 0 if head_taps is not None else b, b),
+                   length=cfg.num_layers)
     layer_taps = None if taps is None else stack_tree(taps)
+    layer_head_taps = None if head_taps is None else stack_tree(head_taps)
     layer_cache = stack_tree(cache.layers) if decode else None
     x, outs = scan(cfg, name="blocks")(x, positions_BxT, layer_taps, layer_cache, kv_valid_BxS,
-                                       index_positions, None, tokens_BxT)
+                                       index_positions, layer_head_taps, tokens_BxT)
     per_layer = unstack_records(outs, cfg.num_layers)
     records = [o[0] for o in per_layer]
     new_layers = [o[1] for o in per_layer] if decode else []
@@ -394,8 +398,9 @@ class Transformer(nn.Module):
         records = []
         block_cls = remat_block(cfg.remat) if cache is None else Block
         if cfg.scan_layers:  # one nn.scan over stacked parameters (params["blocks"], [L, ...])
+            all_head_taps = None if unit_taps is None else unit_taps.heads
             x, records, new_layers = scanned_blocks(cfg, x, positions_BxT, taps, cache, kv_valid_BxS,
-                                                    index_positions, tokens_BxT)
+                                                    index_positions, tokens_BxT, all_head_taps)
         for i in range(0 if cfg.scan_layers else cfg.num_layers):
             block = block_cls(cfg, name=f"block_{i}")
             layer_taps = None if taps is None else taps[i]
