@@ -561,6 +561,9 @@ class DataConfig:
                f"must be an integer, got {self.seed!r}")
 
 
+SAMPLE_FORMATS = ("auto", "chat", "text")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The training loop: length, logging, evaluation and sample generation.
@@ -571,6 +574,10 @@ class TrainConfig:
     eval_every: steps between held-out evaluations (0 = only at the end); eval_batches per eval.
     sample_every: steps between sample generations (0 = only at the end).
     sample_prompt, sample_tokens: the prompt of the greedy sample and its length in new tokens.
+    sample_format: how the sample's prompt is encoded: `chat` (a user turn, then the
+      assistant marker: the reply a chat-trained model gives), `text` (BOS + the prompt, as
+      plain-text records are trained: the model continues it), `auto` (default: `text` when
+      data.source is only plain-text files, else `chat`).
     progress: show the tqdm progress bar.
     max_skipped_in_a_row: a step whose loss or gradients are not finite is skipped (state
       unchanged, counted in train/skipped_steps); this many skipped in a row stop the run
@@ -589,6 +596,7 @@ class TrainConfig:
     sample_every: int = 0
     sample_prompt: str = "What is 12 + 7?"
     sample_tokens: int = 48
+    sample_format: str = "auto"
     progress: bool = True
     max_skipped_in_a_row: int = 10
     profile_steps: tuple[int, int] | None = None
@@ -606,6 +614,8 @@ class TrainConfig:
             _check(v >= 0 or name == "seed", p + name, f"must be >= 0, got {v}")
         _check(isinstance(self.sample_prompt, str), p + "sample_prompt",
                f"must be a string, got {self.sample_prompt!r}")
+        _check(self.sample_format in SAMPLE_FORMATS, p + "sample_format",
+               f"must be one of {list(SAMPLE_FORMATS)}, got {self.sample_format!r}")
         _check(isinstance(self.progress, bool), p + "progress", f"must be a bool, got {self.progress!r}")
 
 
