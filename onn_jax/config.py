@@ -535,8 +535,9 @@ class DataConfig:
     eval_fraction: share of records held out for the evaluation split.
     pack: pack several records of one domain per row (else one record per row, padded).
     seed: corpus generation and shuffling seed.
-    strict: a record longer than seq_len + 1 tokens is an error naming its file and line
-      (default: it is cut to its first seq_len + 1 tokens).
+    strict: a chat record longer than seq_len + 1 tokens is an error naming its file and
+      line (default: it is cut to its first seq_len + 1 tokens). Long text records are
+      always split into several rows, nothing lost (onn_jax.records.fit_record).
     """
 
     source: str = "builtin"
@@ -565,6 +566,9 @@ class DataConfig:
                f"must be an integer, got {self.seed!r}")
 
 
+SAMPLE_FORMATS = ("auto", "chat", "text")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The training loop: length, logging, evaluation and sample generation.
@@ -575,6 +579,10 @@ class TrainConfig:
     eval_every: steps between held-out evaluations (0 = only at the end); eval_batches per eval.
     sample_every: steps between sample generations (0 = only at the end).
     sample_prompt, sample_tokens: the prompt of the greedy sample and its length in new tokens.
+    sample_format: how the sample's prompt is encoded: `chat` (a user turn, then the
+      assistant marker: the reply a chat-trained model gives), `text` (BOS + the prompt, as
+      plain-text records are trained: the model continues it), `auto` (default: `text` when
+      data.source is only plain-text files, else `chat`).
     progress: show the tqdm progress bar.
     max_skipped_in_a_row: a step whose loss or gradients are not finite is skipped (state
       unchanged, counted in train/skipped_steps); this many skipped in a row stop the run
@@ -593,6 +601,7 @@ class TrainConfig:
     sample_every: int = 0
     sample_prompt: str = "What is 12 + 7?"
     sample_tokens: int = 48
+    sample_format: str = "auto"
     progress: bool = True
     max_skipped_in_a_row: int = 10
     profile_steps: tuple[int, int] | None = None
@@ -610,6 +619,8 @@ class TrainConfig:
             _check(v >= 0 or name == "seed", p + name, f"must be >= 0, got {v}")
         _check(isinstance(self.sample_prompt, str), p + "sample_prompt",
                f"must be a string, got {self.sample_prompt!r}")
+        _check(self.sample_format in SAMPLE_FORMATS, p + "sample_format",
+               f"must be one of {list(SAMPLE_FORMATS)}, got {self.sample_format!r}")
         _check(isinstance(self.progress, bool), p + "progress", f"must be a bool, got {self.progress!r}")
 
 

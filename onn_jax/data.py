@@ -20,8 +20,9 @@ with BOS) into rows of seq_len + 1 tokens, a record never split across rows, the
 tail padded with PAD (masked). So every row holds one domain and `domain` is exact.
 Attention is not blocked between records of a row (the model has no segment ids), as in
 the usual packed LM training. pack=False puts one record per row instead. A record longer
-than seq_len + 1 tokens is cut to its first seq_len + 1 tokens, or raises DataError in
-strict mode.
+than seq_len + 1 tokens first becomes several pieces (onn_jax.records.fit_record: a text
+record is split into rows that overlap by one token, nothing lost; a chat record is cut to
+its start, or raises DataError in strict mode).
 """
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from onn_jax.records import (DataError, encode_record, iter_chat_jsonl, iter_records, iter_text,
-                              record_hash)
+from onn_jax.records import (DataError, encode_record, fit_record, iter_chat_jsonl,  # noqa: F401
+                              iter_records, iter_text, record_hash)  # DataError: re-exported
 from onn_jax.tokenizer import Tokenizer
 
 
@@ -94,14 +95,7 @@ def make_examples(records: Sequence[dict], tok: Tokenizer, seq_len: int, domains
     width = seq_len + 1
     by_domain: dict[str, list[tuple[list[int], list[bool]]]] = {d: [] for d in domains}
     for r in records:
-        ids, trained = encode_record(tok, r)
-        if len(ids) > width:
-            if strict:
-                path, _, line = r.get("source", "<records>:").rpartition(":")
-                raise DataError(path or "<records>", int(line) if line.isdigit() else None,
-                                f"record has {len(ids)} tokens, more than seq_len + 1 = {width}")
-            ids, trained = ids[:width], trained[:width]
-        by_domain[r["domain"]].append((ids, trained))
+        by_domain[r["domain"]].extend(fit_record(*encode_record(tok, r), width, r, strict))
     rows, flags, row_domain = [], [], []
     for d_id, d in enumerate(domains):
         cur_ids, cur_flags = [], []
@@ -199,14 +193,17 @@ class TrainIterator:
 
 
 def eval_batches(examples: Examples, global_batch: int, pad_id: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                 process_count: int = 1, batch_fn=None) -> Iterator[dict[str, np.ndarray]]:
     """One pass over every row in order; the last global batch is filled with PAD rows
-    whose loss_mask is 0 and domain -1, so shapes stay static and each row counts once."""
+    whose loss_mask is 0 and domain -1, so shapes stay static and each row counts once.
+    `batch_fn(examples, idx)` builds a batch of rows idx (default: in-memory Examples;
+    onn_jax.shards passes its own for rows on disk)."""
+    batch_fn = batch_fn or _batch
     rows = _local_rows(global_batch, process_index, process_count)
     n = len(examples)
     for start in range(0, n, global_batch):
         idx = np.arange(start, start + global_batch)[rows]
-        batch = _batch(examples, np.minimum(idx, n - 1))
+        batch = batch_fn(examples, np.minimum(idx, n - 1))
         pad = idx >= n
         batch["inputs"][pad] = pad_id
         batch["targets"][pad] = pad_id

@@ -10,6 +10,10 @@ Two kinds of record:
   no chat markers and every token after BOS trained on, so `onn-generate --raw` (BOS +
   prompt) continues text exactly as it was trained.
 
+A record longer than a row (seq_len + 1 tokens; see fit_record): a text record is split into
+consecutive rows that overlap by one token, so every one of its tokens is still trained on
+exactly once; a chat record is cut to its start (or, with strict, refused naming file:line).
+
 A record's domain is its own (chat), else the file name without extension. `source` is
 `path:line` for error messages. Bad data raises DataError naming the file and line.
 """
@@ -133,6 +137,11 @@ def iter_text(path: str | os.PathLike, chunk_chars: int = 1000,
     yield {"domain": domain, "text": chunk[1], "source": f"{path}:{chunk[0]}"}
 
 
+def is_chat_file(path: str | os.PathLike) -> bool:
+    """`.jsonl` files hold chat records; any other file is plain text."""
+    return os.fspath(path).endswith(".jsonl")
+
+
 def iter_records(paths: Sequence[str | os.PathLike], chunk_chars: int = 1000) -> Iterator[dict]:
     """Records of several files in order: `.jsonl` files are chat, anything else plain text."""
     for p in paths:
@@ -140,7 +149,7 @@ def iter_records(paths: Sequence[str | os.PathLike], chunk_chars: int = 1000) ->
             raise DataError(os.fspath(p), None, "is a directory; expected a .jsonl or text file")
         if not os.path.isfile(p):
             raise DataError(os.fspath(p), None, "file not found")
-        is_chat = os.fspath(p).endswith(".jsonl")
+        is_chat = is_chat_file(p)
         try:
             yield from iter_chat_jsonl(p) if is_chat else iter_text(p, chunk_chars)
         except OSError as e:
@@ -152,6 +161,27 @@ def record_hash(record: dict) -> int:
     body = {"text": record["text"]} if "text" in record else {"messages": record["messages"]}
     key = json.dumps({"domain": record["domain"], **body}, sort_keys=True)
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+
+
+def fit_record(ids: list[int], trained: list[bool], width: int, record: dict,
+               strict: bool = False) -> list[tuple[list[int], list[bool]]]:
+    """A record's encoding as pieces of at most `width` tokens (rows before packing).
+
+    Text: pieces start every width - 1 tokens; a piece's first token is the previous piece's
+    last (the context of its first target) and is not trained again, so the pieces train on
+    exactly the tokens the whole record would. Chat: cut to `width` tokens (a later turn would
+    lose its prompt), or with `strict` a DataError naming the record's file and line."""
+    if len(ids) <= width:
+        return [(ids, trained)]
+    if "text" in record:
+        step = width - 1
+        return [(ids[i:i + width], [i == 0 and trained[0]] + trained[i + 1:i + width])
+                for i in range(0, len(ids) - 1, step)]
+    if strict:
+        path, _, line = record.get("source", "<records>:").rpartition(":")
+        raise DataError(path or "<records>", int(line) if line.isdigit() else None,
+                        f"record has {len(ids)} tokens, more than seq_len + 1 = {width}")
+    return [(ids[:width], trained[:width])]
 
 
 def encode_record(tok: Tokenizer, record: dict) -> tuple[list[int], list[bool]]:

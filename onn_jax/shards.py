@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from onn_jax.records import DataError, encode_record, iter_records, record_hash
+from onn_jax.records import DataError, encode_record, fit_record, iter_records, record_hash
 from onn_jax.tokenizer import Tokenizer
 
 META_FILE, FORMAT = "meta.json", 1
@@ -93,18 +93,12 @@ def _write_pass(paths, tok, out, width, threshold, pack, strict, chunk_chars, ro
         h = record_hash(r)
         min_hash = h if min_hash is None else min(min_hash, h)
         split = "eval" if h < threshold else "train"
-        ids, trained = encode_record(tok, r)
-        if len(ids) > width:
-            if strict:
-                path, _, line = r["source"].rpartition(":")
-                raise DataError(path, int(line), f"record has {len(ids)} tokens, more than "
-                                                 f"seq_len + 1 = {width}")
-            ids, trained = ids[:width], trained[:width]
         d = seen.setdefault(r["domain"], len(seen))
         key = (split, r["domain"])
         if key not in writers:
             writers[key] = _RowWriter(out, split, d, width, tok.pad_id, pack, rows_per_shard)
-        writers[key].add(ids, trained)
+        for ids, trained in fit_record(*encode_record(tok, r), width, r, strict):
+            writers[key].add(ids, trained)
     return seen, writers, min_hash
 
 
@@ -297,16 +291,7 @@ class ShardDataset:
 
     def eval_batches(self, global_batch: int, process_index: int = 0,
                      process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-        """One pass in order, the last batch padded as onn_jax.data.eval_batches does."""
-        from onn_jax.data import _local_rows
-        rows = _local_rows(global_batch, process_index, process_count)
-        n, pad_id = len(self.eval), self.tokenizer.pad_id
-        for start in range(0, n, global_batch):
-            idx = np.arange(start, start + global_batch)[rows]
-            batch = _batch(self.eval, np.minimum(idx, n - 1))
-            pad = idx >= n
-            batch["inputs"][pad] = pad_id
-            batch["targets"][pad] = pad_id
-            batch["loss_mask"][pad] = 0.0
-            batch["domain"][pad] = -1
-            yield batch
+        """One pass in order, the last batch padded (onn_jax.data.eval_batches over rows on disk)."""
+        from onn_jax.data import eval_batches
+        return eval_batches(self.eval, global_batch, self.tokenizer.pad_id, process_index, process_count,
+                            batch_fn=_batch)

@@ -61,6 +61,24 @@ def test_truncation_and_strict_mode(tmp_path):
         make_examples(recs, TOK, seq_len=10, domains=["long"], strict=True)
 
 
+@pytest.mark.parametrize("pack", [True, False])
+def test_long_text_record_is_split_into_rows_each_token_trained_once(pack):
+    """A text record longer than a row is not cut: its rows overlap by one token (a row's first
+    token is the previous row's last, the context of its first target), and the trained targets,
+    read row by row, are the record's tokens after BOS exactly once, in order; strict changes nothing."""
+    text = "".join(chr(ord("a") + i % 26) for i in range(30))
+    record = {"domain": "book", "text": text}
+    want = [ord(c) for c in text] + [B.EOS]  # every token after BOS is a target once
+    for strict in (False, True):
+        ex = make_examples([record], TOK, seq_len=10, domains=["book"], pack=pack, strict=strict)
+        assert ex.tokens.shape == (4, 11)  # 32 tokens, rows start every 10: 0, 10, 20, 30
+        targets = [int(ex.tokens[n, t + 1]) for n in range(len(ex.tokens)) for t in range(10) if ex.loss_mask[n, t]]
+        assert targets == want
+        for n in range(1, 4):
+            assert ex.tokens[n, 0] == ex.tokens[n - 1, 10]  # one token of overlap
+        assert ex.tokens[0, 0] == B.BOS and ex.tokens[3, 1] == B.EOS and (ex.tokens[3, 2:] == B.PAD).all()
+
+
 # ------------------------------------------------------------------ eval split
 
 def test_eval_split_disjoint_deterministic_order_free():

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from cpu_flags import cpu_xla_flags
 from onn_jax.config import ModelConfig, MoEConfig, OptimConfig
 from onn_jax.step import init_state, make_optimizer, make_train_step
 
@@ -72,7 +73,7 @@ def test_two_processes_match_one(tmp_path):
     procs = []
     for pid in range(2):
         env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-                   XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                   XLA_FLAGS=cpu_xla_flags(2),
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                    JAX_PROCESS_ID=str(pid))
         procs.append(subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(tmp_path),

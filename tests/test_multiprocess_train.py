@@ -11,6 +11,8 @@ import sys
 import numpy as np
 import pytest
 
+from cpu_flags import cpu_xla_flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ["--config", "configs/tiny.py", "--config.mesh.data=4", "--config.train.steps=10",
         "--config.train.log_every=5", "--config.train.eval_every=5", "--config.checkpoint.every=5"]
@@ -24,7 +26,7 @@ def free_port() -> int:
 
 def launch(workdir, devices, env_extra):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **env_extra)
+               XLA_FLAGS=cpu_xla_flags(devices), **env_extra)
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         if name not in env_extra:
             env.pop(name, None)

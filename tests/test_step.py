@@ -58,6 +58,12 @@ def naive_grads(cfg, params, batch, surprise_from="main"):
     return jax.tree.map(lambda a, b: a + cfg.moe.w_aux * b, g_main, g_gate)
 
 
+def jitted(fn, cfg, params, batch, **kw):
+    """fn(cfg, params, batch) as one compiled program: the same math, without the op-by-op
+    dispatch of an eager transformer (minutes on CPU)."""
+    return jax.jit(lambda p: fn(cfg, p, batch, **kw))(params)
+
+
 @pytest.mark.parametrize("num_layers,moe_kwargs", [
     (2, {}),
     (3, {"w_ce": 0.7, "w_kl": 1.9, "w_aux": 0.5, "fallback_k": 3}),
@@ -68,7 +74,7 @@ def test_unified_gradient_equals_naive_two_pass(num_layers, moe_kwargs):
     params = init_params(cfg, jax.random.key(7))
     batch = random_batch(3)
     grads, metrics = jax.jit(lambda p: compute_grads(p, batch, cfg))(params)
-    expected = naive_grads(cfg, params, batch)
+    expected = jitted(naive_grads, cfg, params, batch)
     err = rel_err(grads, expected)
     assert err < 1e-5, err
     for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
@@ -85,9 +91,9 @@ def test_surprise_comes_from_the_main_loss_alone():
     cfg = tiny_config(num_layers=2)
     params = init_params(cfg, jax.random.key(8))
     batch = random_batch(4)
-    grads, _ = compute_grads(params, batch, cfg)
-    right = naive_grads(cfg, params, batch, surprise_from="main")
-    wrong = naive_grads(cfg, params, batch, surprise_from="total")
+    grads, _ = jax.jit(lambda p: compute_grads(p, batch, cfg))(params)
+    right = jitted(naive_grads, cfg, params, batch, surprise_from="main")
+    wrong = jitted(naive_grads, cfg, params, batch, surprise_from="total")
     assert rel_err(grads, right) < 1e-5
     lower_gate = lambda g: (g["block_0"]["moe"]["prototypes"], g["block_0"]["moe"]["thresholds"])
     assert rel_err(lower_gate(grads), lower_gate(right)) < 1e-5
@@ -99,8 +105,8 @@ def test_baseline_routers_gradients(router):
     cfg = tiny_config(num_layers=2, router=router)
     params = init_params(cfg, jax.random.key(9))
     batch = random_batch(5)
-    grads, metrics = compute_grads(params, batch, cfg)
-    assert rel_err(grads, naive_grads(cfg, params, batch)) < 1e-5
+    grads, metrics = jax.jit(lambda p: compute_grads(p, batch, cfg))(params)
+    assert rel_err(grads, jitted(naive_grads, cfg, params, batch)) < 1e-5
     assert ("moe/gate_lb" in metrics) == (router == "topk")
 
 
@@ -147,7 +153,7 @@ def test_train_step_is_filter_then_adamw_on_the_unified_gradient():
     step = make_train_step(cfg, tx, donate=False)
     grads_per_step = []
     for batch in (random_batch(6), random_batch(16)):
-        g, frac = filtered(naive_grads(cfg, state.params, batch))
+        g, frac = filtered(jitted(naive_grads, cfg, state.params, batch))
         assert frac > 0
         grads_per_step.append(g)
         state, metrics = step(state, batch)
