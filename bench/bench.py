@@ -152,12 +152,16 @@ def force_thresholds(params, cfg: ModelConfig, inputs: jax.Array, k: int, rounds
     so that about k experts pass per token (layer by layer; repeated as routing feeds forward)."""
     e = cfg.moe.num_experts
     apply = jax.jit(lambda p: [r.router.logits for r in Transformer(cfg).apply({"params": p}, inputs)[1]])
+    from onn_jax.layer_stack import to_layout
     for _ in range(rounds):
-        for i, logits_NxE in enumerate(apply(params)):
+        logits = apply(params)
+        params = to_layout(params, False)  # model.scan_layers: edit per layer, then stack again
+        for i, logits_NxE in enumerate(logits):
             q_E = jnp.clip(jnp.quantile(logits_NxE, 1.0 - k / e, axis=0), 1e-4, 1 - 1e-4)
             block = dict(params[f"block_{i}"])
             block["moe"] = {**block["moe"], "thresholds": jnp.log(q_E / (1 - q_E))}
             params = {**params, f"block_{i}": block}
+        params = to_layout(params, cfg.scan_layers)
     return params
 
 

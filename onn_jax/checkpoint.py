@@ -315,7 +315,6 @@ class Checkpointer:
     def restore_params(self, target_params: Any = None, step: int | None = None) -> tuple[Any, dict]:
         """(params, meta) alone, without the optimizer state. `target_params`: abstract params
         (shape-checked); None = as saved, on the first local device."""
-        ocp = _ocp()
         step = self.resolve_step(step)
         saved = self.saved_shapes(step)
         where = f"{self.directory} step {step}"
@@ -324,12 +323,19 @@ class Checkpointer:
                                               if k.startswith("params/")})
             if not target_params:
                 raise CheckpointError(f"{where}: the checkpoint holds no params")
-        target = {"params": target_params}
-        check_shapes(saved, target, where, partial=True)
+        state, meta = self.restore_partial({"params": target_params}, step)
+        return state["params"], meta
+
+    def restore_partial(self, target: dict, step: int | None = None) -> tuple[dict, dict]:
+        """(the state's items named in `target`, e.g. {"params": ..., "router_state": ...}, meta);
+        `target`'s leaves are abstract arrays (shape-checked), the other items are not read."""
+        ocp = _ocp()
+        step = self.resolve_step(step)
+        check_shapes(self.saved_shapes(step), target, f"{self.directory} step {step}", partial=True)
         with self._reading(step):
             out = self._mgr.restore(step, args=ocp.args.Composite(
                 **{STATE: _restore_args(target, partial=True), META: ocp.args.JsonRestore()}))
-        return out[STATE]["params"], out[META]
+        return out[STATE], out[META]
 
     def wait(self, timeout: float | None = None) -> bool:
         """Blocks until pending asynchronous saves are on disk (SaveError if one failed).

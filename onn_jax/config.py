@@ -350,6 +350,9 @@ class ModelConfig:
     remat: rematerialisation of each block in the backward pass (jax.checkpoint via nn.remat):
       `none` (default: keep every activation), `block` (keep only each block's input) or
       `dots` (keep matmul outputs without batch dims: jax.checkpoint_policies.dots_with_no_batch_dims_saveable).
+    scan_layers: the blocks as one nn.scan over stacked parameters (params["blocks"], leaves
+      [L, ...]; onn_jax.layer_stack converts to / from the per-layer block_i layout). Same values,
+      one compiled block. Refused with the router-state options (aux_free_rate, adaptive_experts).
     """
 
     vocab_size: int = 256
@@ -367,10 +370,12 @@ class ModelConfig:
     remat: str = "none"
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    scan_layers: bool = False
 
     def __post_init__(self):
         p = "model."
         _choice(self.remat, REMATS, p + "remat")
+        _check_scan_layers(self)
         for name in ("vocab_size", "hidden", "num_layers", "num_heads", "max_len"):
             _positive_int(getattr(self, name), p + name)
         _check(self.hidden % self.num_heads == 0, p + "num_heads",
@@ -571,6 +576,9 @@ class DataConfig:
                f"must be an integer, got {self.seed!r}")
 
 
+SAMPLE_FORMATS = ("auto", "chat", "text")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The training loop: length, logging, evaluation and sample generation.
@@ -581,6 +589,10 @@ class TrainConfig:
     eval_every: steps between held-out evaluations (0 = only at the end); eval_batches per eval.
     sample_every: steps between sample generations (0 = only at the end).
     sample_prompt, sample_tokens: the prompt of the greedy sample and its length in new tokens.
+    sample_format: how the sample's prompt is encoded: `chat` (a user turn, then the
+      assistant marker: the reply a chat-trained model gives), `text` (BOS + the prompt, as
+      plain-text records are trained: the model continues it), `auto` (default: `text` when
+      data.source is only plain-text files, else `chat`).
     progress: show the tqdm progress bar.
     max_skipped_in_a_row: a step whose loss or gradients are not finite is skipped (state
       unchanged, counted in train/skipped_steps); this many skipped in a row stop the run
@@ -599,6 +611,7 @@ class TrainConfig:
     sample_every: int = 0
     sample_prompt: str = "What is 12 + 7?"
     sample_tokens: int = 48
+    sample_format: str = "auto"
     progress: bool = True
     max_skipped_in_a_row: int = 10
     profile_steps: tuple[int, int] | None = None
@@ -616,6 +629,8 @@ class TrainConfig:
             _check(v >= 0 or name == "seed", p + name, f"must be >= 0, got {v}")
         _check(isinstance(self.sample_prompt, str), p + "sample_prompt",
                f"must be a string, got {self.sample_prompt!r}")
+        _check(self.sample_format in SAMPLE_FORMATS, p + "sample_format",
+               f"must be one of {list(SAMPLE_FORMATS)}, got {self.sample_format!r}")
         _check(isinstance(self.progress, bool), p + "progress", f"must be a bool, got {self.progress!r}")
 
 
@@ -670,6 +685,9 @@ class Config:
         _check(self.optim.accum_steps == 1 or not per_batch, "optim.accum_steps",
                f"accumulation (k = {self.optim.accum_steps}) is not exact with {', '.join(per_batch)} "
                "(their updates or token shares need the whole batch at once); use accum_steps=1")
+        _check(not (self.model.scan_layers and self.optim.grad_filter.scope == "per_layer"),
+               "optim.grad_filter.scope", "'per_layer' is not supported with model.scan_layers=true "
+               "(the stacked expert leaves hold every layer); use 'pooled'")
         from onn_jax.limits import check_values  # ranges of every field: int32, finite, UTF-8
         check_values(self)
 
@@ -708,3 +726,13 @@ def _check_recipe_train(c: "TrainConfig") -> None:
     if c.peak_tflops is not None:
         _nonneg_float(c.peak_tflops, p + "peak_tflops")
         _check(c.peak_tflops > 0, p + "peak_tflops", f"must be > 0, got {c.peak_tflops}")
+
+
+def _check_scan_layers(c: "ModelConfig") -> None:
+    """model.scan_layers: a bool; the options that key per-layer state by block_i are refused."""
+    _check(isinstance(c.scan_layers, bool), "model.scan_layers", f"must be a bool, got {c.scan_layers!r}")
+    if not c.scan_layers:
+        return
+    why = "is not supported with model.scan_layers=true (it keys per-layer state by block_i); "
+    _check(c.moe.aux_free_rate == 0, "model.moe.aux_free_rate", why + "use 0")
+    _check(not c.moe.adaptive_experts, "model.moe.adaptive_experts", why + "use false")

@@ -193,14 +193,17 @@ class TrainIterator:
 
 
 def eval_batches(examples: Examples, global_batch: int, pad_id: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                 process_count: int = 1, batch_fn=None) -> Iterator[dict[str, np.ndarray]]:
     """One pass over every row in order; the last global batch is filled with PAD rows
-    whose loss_mask is 0 and domain -1, so shapes stay static and each row counts once."""
+    whose loss_mask is 0 and domain -1, so shapes stay static and each row counts once.
+    `batch_fn(examples, idx)` builds a batch of rows idx (default: in-memory Examples;
+    onn_jax.shards passes its own for rows on disk)."""
+    batch_fn = batch_fn or _batch
     rows = _local_rows(global_batch, process_index, process_count)
     n = len(examples)
     for start in range(0, n, global_batch):
         idx = np.arange(start, start + global_batch)[rows]
-        batch = _batch(examples, np.minimum(idx, n - 1))
+        batch = batch_fn(examples, np.minimum(idx, n - 1))
         pad = idx >= n
         batch["inputs"][pad] = pad_id
         batch["targets"][pad] = pad_id

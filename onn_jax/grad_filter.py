@@ -47,10 +47,26 @@ def layer_index(path) -> int | None:
     return int(name.split("_", 1)[1]) if name.startswith("block_") else None
 
 
+def is_stacked_path(path) -> bool:
+    """True for leaves of the stacked blocks (model.scan_layers: leading layer axis [L, ...])."""
+    return any(_key_name(entry) == "blocks" for entry in path)
+
+
+def expert_axes(path) -> int:
+    """How many leading axes index experts: 1 ([E, ...]), 2 when stacked ([L, E, ...]), 0 if none."""
+    return 0 if not is_expert_path(path) else 2 if is_stacked_path(path) else 1
+
+
 def leaf_active(path, leaf, expert_active_LxE: jax.Array | None) -> jax.Array | None:
-    """[E] bool of the experts of this expert leaf that received a token (None: all did)."""
+    """[E] bool of the experts of this expert leaf that received a token (None: all did);
+    [L, E] for a stacked expert leaf [L, E, ...] (model.scan_layers)."""
     if expert_active_LxE is None or not is_expert_path(path):
         return None
+    if is_stacked_path(path):
+        if leaf.shape[:2] != expert_active_LxE.shape:
+            raise ValueError(f"expert_active {expert_active_LxE.shape} does not fit stacked expert leaf "
+                             f"{jax.tree_util.keystr(path)} of shape {leaf.shape}")
+        return expert_active_LxE
     layer = layer_index(path)
     if layer is None or layer >= expert_active_LxE.shape[0] or leaf.shape[:1] != expert_active_LxE.shape[1:]:
         raise ValueError(f"expert_active {expert_active_LxE.shape} does not fit expert leaf "
@@ -119,5 +135,5 @@ def sigma_filter(mode: str = "one_sided", scope: str = "pooled", sigma: float = 
 
 
 def _broadcast_rows(active_E: jax.Array, v: jax.Array) -> jax.Array:
-    """An [E] mask broadcast over an [E, ...] leaf."""
-    return jnp.broadcast_to(active_E.reshape(active_E.shape + (1,) * (v.ndim - 1)), v.shape)
+    """An [E] ([L, E] when stacked) mask broadcast over an [E, ...] ([L, E, ...]) leaf."""
+    return jnp.broadcast_to(active_E.reshape(active_E.shape + (1,) * (v.ndim - active_E.ndim)), v.shape)

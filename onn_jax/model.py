@@ -15,6 +15,7 @@ Parameter layout (what onn_jax.sharding and the expert filter key on):
   lm_head/kernel [C, V]
   model.embed options: embed/{codes, slot_prototypes, slot_thresholds, slots} (slots),
   ngram/{tables, key, value, norm_key, norm_query}, block_i/deep_embed [V, C]
+  model.scan_layers: every block_i/... leaf stacked as blocks/... [L, ...] (onn_jax.layer_stack)
 
 Decoding (onn_jax.generate) passes a `DecodeCache` (keys/values of every layer at absolute
 positions, static shape [B, S, H, D], and a [B, S] mask of the slots holding real tokens);
@@ -310,14 +311,49 @@ class Block(nn.Module):
 REMAT_POLICIES = {"block": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
-def remat_block(remat: str):
+def remat_block(remat: str, cls=Block):
     """Block, or Block under nn.remat (jax.checkpoint) for model.remat = `block` (keep only the
     block's input) or `dots` (keep matmul outputs without batch dims). Same values, same
     parameter tree; the backward recomputes what was not kept."""
     if remat == "none":
-        return Block
+        return cls
     # argnums count the module as 0: (self, x, positions, taps, cache, kv_valid, index_positions)
-    return nn.remat(Block, policy=REMAT_POLICIES[remat], static_argnums=(6,))
+    return nn.remat(cls, policy=REMAT_POLICIES[remat], static_argnums=(6,))
+
+
+class ScanBlock(Block):
+    """Block in nn.scan's form (carry, per-layer outputs): (x, (record,)) or (x, (record, cache))."""
+
+    def __call__(self, x_BxTxC, positions_BxT, taps=None, cache=None, kv_valid_BxS=None,
+                 index_positions=False, head_taps=None, tokens_BxT=None):
+        out = Block.__call__(self, x_BxTxC, positions_BxT, taps, cache, kv_valid_BxS, index_positions,
+                             head_taps, tokens_BxT)
+        return out[0], out[1:]
+
+
+def scanned_blocks(cfg: ModelConfig, x, positions_BxT, taps, cache, kv_valid_BxS, index_positions,
+                   tokens_BxT, head_taps=None):
+    """model.scan_layers: the blocks as one nn.scan named `blocks` (parameters [L, ...], one
+    compiled block). Per-layer taps / caches are stacked in, per-layer records / caches are
+    unstacked out, so the caller sees the tuples of the unrolled loop; gated heads' records are
+    sown stacked (gated/blocks/attn/heads, read by onn_jax.units.unit_records). Call inside a
+    compact method."""
+    from onn_jax.layer_stack import stack_tree, unstack_records
+    decode = cache is not None
+    cls = ScanBlock if decode else remat_block(cfg.remat, ScanBlock)
+    b, bc = nn.broadcast, (0 if decode else nn.broadcast)
+    scan = nn.scan(cls, variable_axes={"params": 0, "gated": 0}, split_rngs={"params": True},
+                   in_axes=(b, 0 if taps is not None else b, bc, b, b, 0 if head_taps is not None else b, b),
+                   length=cfg.num_layers)
+    layer_taps = None if taps is None else stack_tree(taps)
+    layer_head_taps = None if head_taps is None else stack_tree(head_taps)
+    layer_cache = stack_tree(cache.layers) if decode else None
+    x, outs = scan(cfg, name="blocks")(x, positions_BxT, layer_taps, layer_cache, kv_valid_BxS,
+                                       index_positions, layer_head_taps, tokens_BxT)
+    per_layer = unstack_records(outs, cfg.num_layers)
+    records = [o[0] for o in per_layer]
+    new_layers = [o[1] for o in per_layer] if decode else []
+    return x, records, new_layers
 
 
 class Transformer(nn.Module):
@@ -361,7 +397,11 @@ class Transformer(nn.Module):
         x = x.astype(compute_dtype(cfg))
         records = []
         block_cls = remat_block(cfg.remat) if cache is None else Block
-        for i in range(cfg.num_layers):
+        if cfg.scan_layers:  # one nn.scan over stacked parameters (params["blocks"], [L, ...])
+            all_head_taps = None if unit_taps is None else unit_taps.heads
+            x, records, new_layers = scanned_blocks(cfg, x, positions_BxT, taps, cache, kv_valid_BxS,
+                                                    index_positions, tokens_BxT, all_head_taps)
+        for i in range(0 if cfg.scan_layers else cfg.num_layers):
             block = block_cls(cfg, name=f"block_{i}")
             layer_taps = None if taps is None else taps[i]
             head_taps = None if unit_taps is None or unit_taps.heads is None else unit_taps.heads[i]
@@ -394,4 +434,8 @@ def model_taps(cfg: ModelConfig, batch_size: int, seq_len: int) -> tuple[MoETaps
 def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int | None = None) -> dict:
     """Initial parameters (a plain nested dict of float32 arrays)."""
     tokens = jnp.zeros((1, seq_len or min(cfg.max_len, 8)), jnp.int32)
+    if cfg.scan_layers:  # the per-layer init, stacked: the same numbers as scan_layers = false
+        from onn_jax.layer_stack import stack_layers
+        import dataclasses
+        return stack_layers(Transformer(dataclasses.replace(cfg, scan_layers=False)).init(rng, tokens)["params"])
     return Transformer(cfg).init(rng, tokens)["params"]

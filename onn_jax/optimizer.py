@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from onn_jax.config import OptimConfig
-from onn_jax.grad_filter import is_expert_path, leaf_active, sigma_filter
+from onn_jax.grad_filter import expert_axes, is_expert_path, leaf_active, sigma_filter  # noqa: F401
 
 ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
 
@@ -39,7 +39,8 @@ class PerExpertAdamState(NamedTuple):
 
     count: global number of updates (drives a learning-rate schedule).
     counts: per leaf, the number of updates that leaf took: [E] int32 for an expert leaf
-      (one counter per expert), [] int32 for every other leaf.
+      (one counter per expert; [L, E] for a stacked leaf of model.scan_layers), [] int32 for
+      every other leaf.
     mu, nu: first and second moments, float32, shaped like the parameters.
     """
 
@@ -64,7 +65,7 @@ def per_expert_adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float
 
     def init(params):
         def counts(path, p):
-            return jnp.zeros(p.shape[:1] if is_expert_path(path) and p.ndim else (), jnp.int32)
+            return jnp.zeros(p.shape[:expert_axes(path)] if p.ndim else (), jnp.int32)
         zeros = lambda p: jnp.zeros(p.shape, jnp.float32)
         return PerExpertAdamState(count=jnp.zeros([], jnp.int32),
                                   counts=jax.tree_util.tree_map_with_path(counts, params),
@@ -81,7 +82,7 @@ def per_expert_adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float
             step = jnp.ones_like(t) if active is None else active.astype(jnp.int32)
             t_new = t + step
             a = jnp.ones(g.shape, bool) if active is None else jnp.broadcast_to(
-                active.reshape(active.shape + (1,) * (g.ndim - 1)), g.shape)
+                active.reshape(active.shape + (1,) * (g.ndim - active.ndim)), g.shape)
             g32 = g.astype(jnp.float32)
             m_new = jnp.where(a, b1 * m + (1 - b1) * g32, m)
             v_new = jnp.where(a, b2 * v + (1 - b2) * jnp.square(g32), v)

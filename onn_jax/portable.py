@@ -181,13 +181,21 @@ def model_card(model: dict, step: int, flat: dict, tok_desc: dict, fmt: str) -> 
     return "\n".join(lines)
 
 
+LAYOUTS = ("as_trained", "per_layer", "stacked")
+
+
 def write_export(ckpt_dir: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
-                 fmt: str = "orbax", tokenizer: str | None = None) -> int:
+                 fmt: str = "orbax", tokenizer: str | None = None, layout: str = "as_trained") -> int:
     """Exports checkpoint `step` (default: latest) of `ckpt_dir` to the new folder `out`; returns the step.
 
-    tokenizer: the tokenizer.json to copy in (default: the one the checkpoint records)."""
+    tokenizer: the tokenizer.json to copy in (default: the one the checkpoint records).
+    layout: the blocks' parameter layout in the export (onn_jax.layer_stack): `as_trained`,
+    `per_layer` (block_i/..., model.scan_layers = false) or `stacked` (blocks/... [L, ...],
+    model.scan_layers = true); the exported config's model.scan_layers says which."""
     if fmt not in FORMATS:
         raise ckpt_lib.CheckpointError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
+    if layout not in LAYOUTS:
+        raise ckpt_lib.CheckpointError(f"unknown layout {layout!r}; expected one of {list(LAYOUTS)}")
     out = os.path.abspath(os.fspath(out))
     if is_export(out):
         raise ckpt_lib.CheckpointError(f"{out} already holds an export; choose a new directory")
@@ -200,6 +208,10 @@ def write_export(ckpt_dir: str | os.PathLike, out: str | os.PathLike, step: int 
     config = meta.get("config") or {}
     if not isinstance(config.get("model"), dict):
         raise ckpt_lib.CheckpointError(f"{ckpt_dir}/{step}: the checkpoint records no model config")
+    if layout != "as_trained":
+        from onn_jax.layer_stack import to_layout
+        params = to_layout(params, layout == "stacked")
+        config = {**config, "model": {**config["model"], "scan_layers": layout == "stacked"}}
     flat = flatten(params)
     tok_name, tok, tok_info = _resolve_tokenizer(meta.get("tokenizer"), tokenizer)
     desc = tokenizer_description(tok, "byte" if tok_name == "byte" else "hf")

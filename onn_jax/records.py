@@ -137,6 +137,11 @@ def iter_text(path: str | os.PathLike, chunk_chars: int = 1000,
     yield {"domain": domain, "text": chunk[1], "source": f"{path}:{chunk[0]}"}
 
 
+def is_chat_file(path: str | os.PathLike) -> bool:
+    """`.jsonl` files hold chat records; any other file is plain text."""
+    return os.fspath(path).endswith(".jsonl")
+
+
 def iter_records(paths: Sequence[str | os.PathLike], chunk_chars: int = 1000) -> Iterator[dict]:
     """Records of several files in order: `.jsonl` files are chat, anything else plain text."""
     for p in paths:
@@ -144,7 +149,7 @@ def iter_records(paths: Sequence[str | os.PathLike], chunk_chars: int = 1000) ->
             raise DataError(os.fspath(p), None, "is a directory; expected a .jsonl or text file")
         if not os.path.isfile(p):
             raise DataError(os.fspath(p), None, "file not found")
-        is_chat = os.fspath(p).endswith(".jsonl")
+        is_chat = is_chat_file(p)
         try:
             yield from iter_chat_jsonl(p) if is_chat else iter_text(p, chunk_chars)
         except OSError as e:

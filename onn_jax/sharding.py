@@ -16,6 +16,7 @@ Every parameter gets logical axis names from its path in the Linen tree (model.p
   embed/slot_thresholds [M] (slot,); embed/slots [M, C] (slot, embed)
   ngram/tables [K, B, d] (ngram, vocab, code); ngram/{key,value} [K*d, C] (code, embed)
   block_i/deep_embed [V, C]                    (vocab, embed)
+  blocks/... (model.scan_layers)               (layers, *the block_i leaf's names); layers replicated
 
 RULES maps logical names to the mesh axes `data`, `expert` and `fsdp`: experts are split
 along `expert`, every weight's `embed` dimension along `fsdp` (ZeRO-3 style; norms stay
@@ -47,7 +48,7 @@ from onn_jax.config import ConfigError, MeshConfig, ModelConfig
 
 MESH_AXES = ("data", "expert", "fsdp")
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "expert", "vocab", "norm",
-                "moe_batch", "code", "slot", "ngram")
+                "moe_batch", "code", "slot", "ngram", "layers")
 
 Rules = Sequence[tuple[str, Any]]
 
@@ -67,6 +68,7 @@ RULES: Rules = (
     ("code", None),   # model.embed: slot codes, n-gram rows
     ("slot", None),
     ("ngram", None),
+    ("layers", None),  # model.scan_layers: the stacked blocks' leading layer axis (replicated)
 )
 
 # (path suffix, logical names); "*" matches any key. First match wins.
@@ -113,9 +115,11 @@ def _dict_keys(path) -> tuple[str, ...]:
 def param_logical_axes(names: Sequence[str], ndim: int | None = None) -> tuple[str, ...] | None:
     """Logical axis names of the parameter at dict-key path `names`, or None if unknown."""
     names = tuple(names)
+    stacked = "blocks" in names  # model.scan_layers: a leading layer axis before the table's axes
     for suffix, axes in _PARAM_AXES:
         tail = names[-len(suffix):]
         if len(tail) == len(suffix) and all(s in ("*", n) for s, n in zip(suffix, tail)):
+            axes = ("layers", *axes) if stacked else axes
             if ndim is not None and ndim != len(axes):
                 return None
             return axes

@@ -291,16 +291,7 @@ class ShardDataset:
 
     def eval_batches(self, global_batch: int, process_index: int = 0,
                      process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-        """One pass in order, the last batch padded as onn_jax.data.eval_batches does."""
-        from onn_jax.data import _local_rows
-        rows = _local_rows(global_batch, process_index, process_count)
-        n, pad_id = len(self.eval), self.tokenizer.pad_id
-        for start in range(0, n, global_batch):
-            idx = np.arange(start, start + global_batch)[rows]
-            batch = _batch(self.eval, np.minimum(idx, n - 1))
-            pad = idx >= n
-            batch["inputs"][pad] = pad_id
-            batch["targets"][pad] = pad_id
-            batch["loss_mask"][pad] = 0.0
-            batch["domain"][pad] = -1
-            yield batch
+        """One pass in order, the last batch padded (onn_jax.data.eval_batches over rows on disk)."""
+        from onn_jax.data import eval_batches
+        return eval_batches(self.eval, global_batch, self.tokenizer.pad_id, process_index, process_count,
+                            batch_fn=_batch)

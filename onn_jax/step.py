@@ -25,6 +25,7 @@ from onn_jax.analysis import gate_accuracy
 from onn_jax.grad_filter import SigmaFilterState
 from onn_jax.losses import hybrid_gate_loss, load_balancing_loss, next_token_loss, router_z_loss
 from onn_jax.dispatch import dropped_fraction
+from onn_jax.layer_stack import layer_params
 from onn_jax.model import Transformer, init_params, model_taps
 from onn_jax.moe import MoERecord, expert_received_tokens, layer_surprise, layer_taps
 from onn_jax.optimizer import make_optimizer  # noqa: F401 (re-exported: it lived here)
@@ -226,7 +227,7 @@ def moe_metrics(cfg: ModelConfig, params, records, surprises, parts,
                                              for r, s in zip(records, surprises)])
         live_mean = lambda s: jnp.sum(jnp.where(s < DEAD_SURPRISE, s, 0.0)) / jnp.sum(s < DEAD_SURPRISE)
         out["moe/surprise_mean"] = mean([live_mean(s) for s in surprises])
-        out["moe/threshold_mean"] = mean([jnp.mean(jax.nn.sigmoid(params[f"block_{i}"]["moe"]["thresholds"]))
+        out["moe/threshold_mean"] = mean([jnp.mean(jax.nn.sigmoid(layer_params(params, i)["moe"]["thresholds"]))
                                           for i in range(cfg.num_layers)])
     return out
 

@@ -180,3 +180,11 @@ def encode_chat(tok: Tokenizer, messages: Sequence[dict],
         ids += marker
         trained += [False] * len(marker)
     return ids, trained
+
+
+def prompt_ids(tok: Tokenizer, text: str, raw: bool) -> list[int]:
+    """Token ids of a generation prompt: BOS + text (raw: as plain-text records are trained),
+    else a user turn + the assistant marker (as chat records are trained)."""
+    if raw:
+        return [tok.bos_id] + tok.encode(text)
+    return encode_chat(tok, [{"role": "user", "content": text}], add_generation_prompt=True)[0]

@@ -55,7 +55,11 @@ def unit_records(cfg: ModelConfig, gated: dict) -> UnitRecords:
     """The records sown into the "gated" collection by model.apply(..., mutable=["gated"])."""
     heads = None
     if cfg.heads.gated:
-        heads = tuple(gated[f"block_{i}"]["attn"]["heads"][0] for i in range(cfg.num_layers))
+        if "blocks" in gated:  # model.scan_layers: one record stacked over the layers
+            from onn_jax.layer_stack import unstack_records
+            heads = unstack_records(gated["blocks"]["attn"]["heads"][0], cfg.num_layers)
+        else:
+            heads = tuple(gated[f"block_{i}"]["attn"]["heads"][0] for i in range(cfg.num_layers))
     embed = gated["embed"]["embed"][0] if cfg.embed.gated else None
     return UnitRecords(heads=heads, embed=embed)
 
@@ -155,7 +159,8 @@ def unit_metrics(cfg: ModelConfig, params, records: UnitRecords, surprises: Unit
     out = {}
     if records.heads:
         loss, parts = per_kind["attn"]
-        thr = [params[f"block_{i}"]["attn"]["head_thresholds"] for i in range(cfg.num_layers)
+        from onn_jax.layer_stack import layer_params
+        thr = [layer_params(params, i)["attn"]["head_thresholds"] for i in range(cfg.num_layers)
                ] if cfg.heads.router == "surprise" else None
         out.update(gated_layer_metrics("attn", "head_load", cfg.heads, records.heads, surprises.heads,
                                        loss, parts, loss_mask_N, thr))

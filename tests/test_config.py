@@ -1,7 +1,8 @@
 """Config validation: every error names its field."""
 import pytest
 
-from onn_jax.config import ConfigError, FilterConfig, ModelConfig, MoEConfig, OptimConfig, from_dict
+from onn_jax.config import (ConfigError, FilterConfig, ModelConfig, MoEConfig, OptimConfig, TrainConfig,
+                            from_dict)
 
 
 @pytest.mark.parametrize("build,field", [
@@ -17,6 +18,7 @@ from onn_jax.config import ConfigError, FilterConfig, ModelConfig, MoEConfig, Op
     (lambda: OptimConfig(lr=0.0), "optim.lr"),
     (lambda: OptimConfig(b2=1.0), "optim.b2"),
     (lambda: FilterConfig(mode="three_sided"), "optim.grad_filter.mode"),
+    (lambda: TrainConfig(sample_format="raw"), "train.sample_format"),
 ])
 def test_invalid_values_name_the_field(build, field):
     with pytest.raises(ConfigError) as err:
@@ -51,3 +53,14 @@ def test_nonpositive_lr_says_must_be_positive(lr):
     assert err.value.field == "optim.lr"
     with pytest.raises(ConfigError, match="optim.lr: must be a number"):
         OptimConfig(lr="1e-3")
+
+
+def test_sample_format_auto_follows_the_corpus():
+    """auto: a text prompt (BOS + prompt) only when every source file is plain text."""
+    from onn_jax.config import Config, DataConfig
+    from train.loop import sample_as_text
+    as_text = lambda source, fmt="auto": sample_as_text(Config(data=DataConfig(source=source),
+                                                               train=TrainConfig(sample_format=fmt)))
+    assert as_text("book.txt") and as_text("a.txt, b.md")
+    assert not as_text("builtin") and not as_text("a.txt,chat.jsonl") and not as_text("shards:DIR")
+    assert as_text("builtin", "text") and not as_text("book.txt", "chat")

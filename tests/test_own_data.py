@@ -42,9 +42,12 @@ def test_text_corpus_generates_as_trained(tmp_path, capsys):
                        f"--config.data.source={book}", f"--config.data.tokenizer={tmp_path / 'tok.json'}",
                        "--config.data.eval_fraction=0", "--config.train.steps=120", "--config.optim.lr=1e-2",
                        "--config.train.eval_every=0", "--config.checkpoint.every=1000",
-                       "--config.train.sample_tokens=2"]) == 0
+                       "--config.train.sample_prompt=Call me", "--config.train.sample_tokens=6"]) == 0
     assert json.loads((workdir / "config.json").read_text())["model"]["vocab_size"] == 300  # from the tokenizer
-    capsys.readouterr()
+    # The run's own sample of a text corpus is a text continuation too (train.sample_format=auto).
+    summary = capsys.readouterr().out
+    sample = summary.split("sample (greedy): 'Call me' -> ")[1].splitlines()[0]
+    assert len(sample) > 2 and TEXT.startswith("Call me" + eval(sample)), summary[-500:]
     assert generate_main(["--workdir", str(workdir), "--raw", "--prompt", "Call me",
                           "--max-new-tokens", "50"]) == 0
     out = capsys.readouterr().out

@@ -19,6 +19,7 @@ from onn_jax.adaptive_experts import gate_surprise
 from onn_jax.analysis import gate_accuracy
 from onn_jax.routing_metrics import dead_experts, routing_metrics
 from onn_jax.config import ModelConfig
+from onn_jax.layer_stack import layer_params
 from onn_jax.losses import next_token_loss
 from onn_jax.model import Transformer
 from onn_jax.step import step_taps
@@ -69,7 +70,7 @@ def eval_forward(cfg: ModelConfig, params: Any, batch: dict) -> EvalForward:
         if cfg.moe.router == "surprise" and records:
             surprise_fn = get_surprise_fn(cfg.moe.surprise)
             surprises = [layer_surprise(surprise_fn, r, d) for r, d in zip(records, d_taps)]
-            lives = [params[f"block_{i}"]["moe"].get("live") for i in range(cfg.num_layers)]
+            lives = [layer_params(params, i)["moe"].get("live") for i in range(cfg.num_layers)]
             surprises = [s if live is None else gate_surprise(s, live) for s, live in zip(surprises, lives)]
         usurprises = unit_surprises(cfg, units, d_utaps)
     return EvalForward(main, acc, count, ce_BxT, records, surprises, units, usurprises)

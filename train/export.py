@@ -1,11 +1,13 @@
 """`onn-export`: write a self-contained model folder of a training run, for inference.
 
     onn-export DIR OUT [--step K]   (or --workdir DIR --out OUT) [--format orbax|safetensors|npz] [--tokenizer PATH]
+               [--layout as_trained|per_layer|stacked]
 
 DIR is a training workdir (its checkpoints/ folder is used) or a checkpoint folder itself;
 the latest step is exported unless --step. OUT (new or empty) receives the parameters
 (params/ orbax, model.safetensors or params.npz), config.json, the tokenizer (tokenizer.json
-copied in, and tokenizer_config.json with its special ids and templates), a model card
+copied in, and tokenizer_config.json with its special ids and templates; --layout converts the
+blocks between the per-layer and the stacked (model.scan_layers) layout), a model card
 README.md and export.json (see onn_jax.portable). --tokenizer names the tokenizer.json to
 copy when the one the run used has moved. `onn-generate --workdir OUT` and
 onn_jax.load_export read it from any path. Errors exit with code 2 (bad input, checked
@@ -33,6 +35,9 @@ def parse_args(argv: Sequence[str]):
     parser.add_argument("--step", type=int, default=None, metavar="K", help="checkpoint step (default: latest)")
     parser.add_argument("--format", default="orbax", choices=("orbax", "safetensors", "npz"),
                         help="parameter file format (default orbax)")
+    parser.add_argument("--layout", default="as_trained", choices=("as_trained", "per_layer", "stacked"),
+                        help="the blocks' parameter layout: as trained (default), per_layer (block_i/...) "
+                             "or stacked (blocks/... with a layer axis, model.scan_layers=true)")
     parser.add_argument("--tokenizer", default=None, metavar="PATH",
                         help="tokenizer.json to copy in (default: the one the run was trained with)")
     args = parser.parse_args(argv)
@@ -69,7 +74,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     before = set(os.listdir(out)) if out.is_dir() else None
     try:
-        step = write_export(src, args.out, args.step, fmt=args.format, tokenizer=args.tokenizer)
+        step = write_export(src, args.out, args.step, fmt=args.format, tokenizer=args.tokenizer,
+                            layout=args.layout)
     except CheckpointError as e:
         print(f"onn-export: error: {e}", file=sys.stderr)
         return 2

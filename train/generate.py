@@ -119,17 +119,9 @@ def checkpoint_config(ckpt, step: int, workdir: Path):
     return _config_sections(_read_json(workdir / CONFIG_FILE), str(workdir / CONFIG_FILE))
 
 
-def prompt_ids(tok, text: str, raw: bool) -> list[int]:
-    """Token ids of the prompt: a user turn + the assistant marker, or BOS + text."""
-    from onn_jax.tokenizer import encode_chat
-    if raw:
-        return [tok.bos_id] + tok.encode(text)
-    return encode_chat(tok, [{"role": "user", "content": text}], add_generation_prompt=True)[0]
-
-
 def run(args) -> str:
     from onn_jax.generate import generate
-    from onn_jax.tokenizer import load_tokenizer
+    from onn_jax.tokenizer import load_tokenizer, prompt_ids
     params, model_cfg, tok_name, _ = load_model(args.workdir, args.step)
     tok_name = getattr(args, "tokenizer", None) or tok_name
     try:

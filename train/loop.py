@@ -27,12 +27,14 @@ from onn_jax.config import Config, ConfigError, MeshConfig, to_dict
 from onn_jax.corpus import build_corpus
 from onn_jax.data import DataError, Dataset, load_records
 from onn_jax.guard import SKIPPED, make_guarded_step
+from onn_jax.layer_stack import layer_params
 from onn_jax.limits import memory_problem
 from onn_jax.model import attention_impl
 from onn_jax.routing_metrics import dead_experts
 from onn_jax.schedules import last_lr, make_schedule
 from onn_jax.step import make_optimizer
-from onn_jax.tokenizer import encode_chat, load_tokenizer
+from onn_jax.records import is_chat_file
+from onn_jax.tokenizer import load_tokenizer, prompt_ids
 from onn_jax.workdir import WorkdirBusy, WorkdirLock
 from train.compat import config_diff, tokenizer_info, tokenizer_mismatch
 from train.evaluate import evaluate, make_eval_step
@@ -164,11 +166,23 @@ def make_mesh(cfg: MeshConfig):
         raise TrainError(str(e)) from e
 
 
+def sample_as_text(cfg: Config) -> bool:
+    """Whether the run's sample prompt is plain text (BOS + prompt) rather than a user turn:
+    train.sample_format, where `auto` means the corpus is only plain-text files."""
+    fmt = cfg.train.sample_format
+    if fmt != "auto":
+        return fmt == "text"
+    source = cfg.data.source
+    if source == "builtin" or source.startswith("shards:"):
+        return False
+    return not any(is_chat_file(p.strip()) for p in source.split(","))
+
+
 def sample(params: Any, cfg: Config, tok, prompt: str, max_new_tokens: int) -> str:
-    """Greedy continuation of `prompt` as a user turn (the reply the model would give); the new
-    tokens are clamped to the room model.max_len leaves after the prompt (as onn-generate does)."""
+    """Greedy continuation of `prompt`, encoded as the corpus was trained (sample_as_text); the
+    new tokens are clamped to the room model.max_len leaves after the prompt (as onn-generate does)."""
     from onn_jax.generate import generate
-    ids, _ = encode_chat(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+    ids = prompt_ids(tok, prompt, raw=sample_as_text(cfg))
     room = cfg.model.max_len - len(ids)
     if room < 1:
         return f"(prompt of {len(ids)} tokens does not fit model.max_len {cfg.model.max_len})"
@@ -398,7 +412,7 @@ class Run:
         p = self.state.params
         if self.cfg.model.moe.router != "surprise":
             return {}
-        theta = [p[f"block_{i}"]["moe"]["thresholds"] for i in range(self.cfg.model.num_layers)]
+        theta = [layer_params(p, i)["moe"]["thresholds"] for i in range(self.cfg.model.num_layers)]
         return {"moe/thresholds": np.asarray(jax.device_get(jax.nn.sigmoid(jnp.stack(theta))))}
 
     def _account(self, step: int, flag: Any) -> None:

@@ -1,0 +1,30 @@
+"""research_gpu: the rows of research.py at a size where routing matters (issue 16's GPU grid).
+
+configs/gpu_small.py (C256, 4 layers of 32 GELU experts of width 256, bf16) on the builtin
+4-domain corpus with the byte tokenizer (vocab cut to 512: ids above 261 are never used),
+3000 steps of 32 x 512 tokens, seeds that vary the initialisation AND the data. Run it a few
+rows and one seed per device call (finished cells are skipped, so a grid spreads over calls):
+
+    onn-experiment configs/experiments/research_gpu.py --only smk_faithful,topk_lb,topk_auxfree,v_combined --seeds 0
+
+The rows, and why each is tried, are research.py's (docs/RESEARCH.md); only the size differs.
+"""
+from pathlib import Path
+
+from train.config_loader import exec_python_file
+
+
+def get_experiment():
+    cpu = exec_python_file(Path(__file__).with_name("research.py"), "_onn_experiment_research").get_experiment()
+    return {
+        "name": "research_gpu",
+        "base": "../gpu_small.py",
+        "overrides": {
+            "model.vocab_size": 512, "model.moe.top_k": 2,
+            "train.steps": 3000, "train.log_every": 100, "train.eval_every": 1000, "train.eval_batches": 8,
+            "train.sample_every": 0, "checkpoint.enabled": False,
+        },
+        "runs": cpu["runs"],
+        "seeds": [0, 1, 2],
+        "vary_data": True,
+    }
