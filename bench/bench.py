@@ -261,6 +261,8 @@ def measure(name: str, cfg: Config, mode: str, args) -> dict[str, Any]:
                         args.gemm, args.pair_budget)
     if args.attention:
         model = dataclasses.replace(model, attention=args.attention)
+    if args.scan_layers:
+        model = dataclasses.replace(model, scan_layers=True)
     b, t = cfg.data.batch_size, cfg.data.seq_len
     tx = make_optimizer(cfg.optim)
     state = init_state(model, tx, jax.random.key(args.seed))
@@ -309,7 +311,7 @@ def measure(name: str, cfg: Config, mode: str, args) -> dict[str, Any]:
     record = {
         "config": name, "mode": mode, "device_kind": dev.device_kind, "backend": jax.default_backend(),
         "batch": b, "seq": t, "router": model.moe.router, "dispatch": model.moe.dispatch,
-        "attention": attention_impl(model),
+        "attention": attention_impl(model), "scan_layers": model.scan_layers,
         "surprise": model.moe.surprise if model.moe.router == "surprise" else None,
         "capacity_factor": model.moe.capacity_factor if model.moe.dispatch == "sparse" else None,
         **dropless_fields(model, b * t),
@@ -361,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dropless: pair rows per token (model.moe.pair_budget)")
     ap.add_argument("--attention", choices=("xla", "cudnn", "auto"), default=None,
                     help="override model.attention (training attention: einsums or cuDNN flash)")
+    ap.add_argument("--scan-layers", action="store_true",
+                    help="model.scan_layers=true: the blocks as one scan (each grouped-GEMM kernel compiled once)")
     ap.add_argument("--evolve", action="store_true",
                     help="carry the state from step to step (donated; routing drifts); default: every "
                          "timed step starts from the same state, so avg_k stays where it was forced")
