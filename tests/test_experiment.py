@@ -185,3 +185,23 @@ def test_config_overrides_and_dry_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("onn-experiment: error: ") and "--config.data.nope: unknown key" in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_paired_table_differences_dead_experts_and_imbalance_by_hand():
+    """Paired differences are taken seed by seed (the seed's data is shared); SE uses ddof=1."""
+    from train.experiment_report import paired_table
+    share = lambda e0: [[[e0, 1 - e0 - 0.005, 0.005, 0.0]] * 2]  # 1 layer, 2 domains, 4 experts
+    rows = [{"label": "base", "seed": s, "analysis/loss": 2.0 + s, "analysis/avg_k": 2.0,
+             "analysis/nmi": [0.1], "analysis/domain_expert_share": share(0.5)} for s in range(3)]
+    rows += [{"label": "new", "seed": s, "analysis/loss": 2.0 + s - d, "analysis/avg_k": 1.5,
+              "analysis/nmi": [0.3], "analysis/domain_expert_share": share(0.25)}
+             for s, d in enumerate([0.10, 0.12, 0.14])]
+    lines = paired_table(rows, ["base"]).splitlines()
+    assert lines[0].split(" | ")[2] == "Δ vs base"
+    new = [c.strip() for c in lines[3].strip("|").split("|")]
+    # loss 1.90, 2.88, 3.86: mean 2.88, std (ddof 1) 0.98, SE 0.98 / sqrt(3)
+    assert new[1] == "2.880 ± 0.566"
+    assert new[2] == "-0.120 ± 0.012*"  # differences 0.10, 0.12, 0.14: SE 0.02 / sqrt(3)
+    assert new[3] == "1.50" and new[4] == "2.0" and new[5] == "2.98" and new[6] == "0.30"
+    base = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert base[2] == "-" and base[4] == "2.0" and base[5] == "2.00"

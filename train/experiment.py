@@ -12,6 +12,8 @@ An experiment file defines `get_experiment()` returning a dict:
   seeds      [int]: each run is repeated with train.seed = seed (same data, new init)
   vary_data  (default False) True: each seed also sets data.seed = seed, so the seeds vary the
              data order, the builtin corpus sample and its held-out split, not only the init
+  baselines  (routing, optional) [labels]: results.md adds a table of each row's held-out loss
+             difference to these rows, paired by seed (mean ± standard error)
   kind       "routing" (default) or "forgetting"
   phases     (forgetting) {"first": [domains], "second": [domains], "first_steps": int,
              "second_steps": int}: train on the first domains, then continue (parameters and
@@ -70,9 +72,12 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
     exp.setdefault("seeds", [0])
     where = lambda key: f"{path}: {key}"
     exp.setdefault("vary_data", False)
-    unknown = set(exp) - {"name", "base", "overrides", "runs", "seeds", "kind", "phases", "vary_data"}
+    exp.setdefault("baselines", [])
+    unknown = set(exp) - {"name", "base", "overrides", "runs", "seeds", "kind", "phases", "vary_data", "baselines"}
     if unknown:
         raise ExperimentError(where(f"unknown keys {sorted(unknown)}"))
+    if not isinstance(exp["baselines"], list) or not set(exp["baselines"]) <= set(exp.get("runs") or {}):
+        raise ExperimentError(where(f"baselines must be a list of run labels, got {exp['baselines']!r}"))
     if not isinstance(exp["vary_data"], bool):
         raise ExperimentError(where(f"vary_data must be a bool, got {exp['vary_data']!r}"))
     if exp["kind"] not in KINDS:

@@ -49,6 +49,61 @@ def markdown_table(exp: dict, rows: list[dict]) -> str:
             mine = [r for r in rows if r["label"] == label]
             lines.append(f"| {label} | " + " | ".join(
                 _mean_std([r["analysis/domain_loss"][i] for r in mine]) for i in range(len(doms))) + " |")
+    if exp.get("baselines") and exp["kind"] == "routing":
+        lines += ["", "Paired by seed (mean ± standard error; * beyond two standard errors):", "",
+                  paired_table(rows, exp["baselines"])]
+    return "\n".join(lines)
+
+
+DEAD_SHARE = 0.01  # an expert with less than 1% of a layer's pairs counts as dead
+
+
+def expert_shares(row: dict) -> np.ndarray | None:
+    """[L, E] share of each expert in a layer's pairs (domain shares averaged over domains)."""
+    share = row.get("analysis/domain_expert_share")
+    return None if share is None else np.asarray(share, float).mean(axis=1)
+
+
+def _se(values) -> tuple[float, float]:
+    """(mean, standard error) over seeds (SE 0 for a single seed)."""
+    v = np.asarray(values, float)
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
+def paired_table(rows: list[dict], baselines: list[str]) -> str:
+    """The comparison table: held-out loss (mean ± standard error over seeds), its paired
+    difference to each baseline (same seed = same data and held-out split, so the difference is
+    taken seed by seed; `*` marks a difference beyond two standard errors), avg_k, dead experts
+    (share < 1% of a layer's pairs) and load imbalance (max / mean expert share) per layer, and
+    the best layer's expert-domain NMI."""
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    by = {(r["label"], r["seed"]): r for r in rows}
+    head = ["run", "held-out loss", *[f"Δ vs {b}" for b in baselines], "avg_k", "dead experts / layer",
+            "imbalance / layer", "max NMI"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for label in labels:
+        seeds = sorted(s for (lab, s) in by if lab == label)
+        loss_mean, loss_se = _se([by[label, s]["analysis/loss"] for s in seeds])
+        cells = [label, f"{loss_mean:.3f} ± {loss_se:.3f}"]
+        for b in baselines:
+            common = [s for s in seeds if (b, s) in by]
+            if label == b or not common:
+                cells.append("-")
+                continue
+            d_mean, d_se = _se([by[label, s]["analysis/loss"] - by[b, s]["analysis/loss"] for s in common])
+            cells.append(f"{d_mean:+.3f} ± {d_se:.3f}" + ("*" if abs(d_mean) > 2 * d_se > 0 else ""))
+        ks = [by[label, s].get("analysis/avg_k") for s in seeds]
+        cells.append(f"{np.mean(ks):.2f}" if all(k is not None for k in ks) else "-")
+        shares = [expert_shares(by[label, s]) for s in seeds]
+        if all(x is not None for x in shares):
+            dead = np.mean([(x < DEAD_SHARE).sum(axis=1) for x in shares], axis=0)
+            imb = np.mean([x.max(axis=1) / x.mean(axis=1) for x in shares], axis=0)
+            cells += [" / ".join(f"{v:.1f}" for v in dead), " / ".join(f"{v:.2f}" for v in imb)]
+        else:
+            cells += ["-", "-"]
+        nmi = [by[label, s].get("analysis/nmi") for s in seeds]
+        cells.append(f"{np.mean([max(n) for n in nmi]):.2f}" if all(n for n in nmi) else "-")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

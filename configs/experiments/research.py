@@ -54,4 +54,5 @@ def get_experiment():
         },
         "seeds": [0, 1, 2],
         "vary_data": True,
+        "baselines": ["topk_lb", "topk_auxfree"],
     }
