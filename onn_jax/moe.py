@@ -164,17 +164,14 @@ def _dropless_layer(params, x_NxC, cfg: MoEConfig, taps: MoETaps | None, router:
     if found is not None:
         out_NxC, y_RxC, d = ep_dropless_layer(params, x_NxC, cfg, None if taps is None else taps.expert_out,
                                               router, *found)
+    else:
+        d = make_dropless(router.mask, pair_rows(x_NxC.shape[0], cfg))
+        y_RxC = row_expert_outputs(params["experts"], dispatch_rows(x_NxC, d), d.sizes_E,
+                                   cfg.expert_kind, resolve_gemm(cfg.gemm, x_NxC.dtype))
+        y_RxC = y_RxC.astype(jnp.float32)
         if taps is not None:
-            out_NxC = out_NxC + taps.moe_out
-        return out_NxC, MoERecord(router=router, expert_out=y_RxC, dispatch=d, expert_in=x_NxC,
-                                  expert_params=params["experts"])
-    d = make_dropless(router.mask, pair_rows(x_NxC.shape[0], cfg))
-    y_RxC = row_expert_outputs(params["experts"], dispatch_rows(x_NxC, d), d.sizes_E,
-                               cfg.expert_kind, resolve_gemm(cfg.gemm, x_NxC.dtype))
-    y_RxC = y_RxC.astype(jnp.float32)
-    if taps is not None:
-        y_RxC = y_RxC + taps.expert_out
-    out_NxC = combine_rows(router.weights, y_RxC, d)
+            y_RxC = y_RxC + taps.expert_out
+        out_NxC = combine_rows(router.weights, y_RxC, d)
     if taps is not None:
         out_NxC = out_NxC + taps.moe_out
     return out_NxC, MoERecord(router=router, expert_out=y_RxC, dispatch=d, expert_in=x_NxC,
