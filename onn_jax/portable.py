@@ -143,7 +143,9 @@ def _resolve_tokenizer(info: dict, override: str | None):
 # ---------------------------------------------------------------- writing
 
 
-def _write_json(path: str, obj: Any) -> None:
+def write_json(path: str, obj: Any) -> None:
+    """Writes `obj` as indented JSON to `path` atomically (a temporary file, synced, renamed
+    over it): a kill never leaves a half-written file."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
@@ -218,9 +220,9 @@ def write_export(ckpt_dir: str | os.PathLike, out: str | os.PathLike, step: int 
     os.makedirs(out, exist_ok=True)  # all checks done: from here on only writing
     if tok_name != "byte":
         shutil.copyfile(tok_name, os.path.join(out, TOKENIZER))
-    _write_json(os.path.join(out, TOKENIZER_CONFIG), desc)
+    write_json(os.path.join(out, TOKENIZER_CONFIG), desc)
     n_params = sum(int(np.prod(a.shape)) for a in flat.values())
-    _write_json(os.path.join(out, CONFIG), {
+    write_json(os.path.join(out, CONFIG), {
         "model_type": MODEL_TYPE, "format": fmt, "params_file": PARAM_FILES[fmt], "step": int(step),
         "vocab_size": config["model"].get("vocab_size"), "num_parameters": n_params,
         "model": config["model"], "tokenizer": tok_info["name"]})
@@ -235,7 +237,7 @@ def write_export(ckpt_dir: str | os.PathLike, out: str | os.PathLike, step: int 
     else:
         with open(os.path.join(out, PARAM_FILES[fmt]), "wb") as f:
             np.savez(f, **flat)
-    _write_json(os.path.join(out, ckpt_lib.EXPORT_META),
+    write_json(os.path.join(out, ckpt_lib.EXPORT_META),
                 {"step": int(step), "config": config, "tokenizer": tok_info, "format": fmt})
     return int(step)
 

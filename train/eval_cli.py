@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -188,15 +187,6 @@ def run(args, overrides) -> dict:
             "domains": list(ds.domains), "metrics": plain(metrics)}
 
 
-def write_json(path: str, obj: dict) -> None:
-    """Writes FILE atomically (a temporary file renamed over it)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from train.signals import run_program
     return run_program(_main, argv)
@@ -209,6 +199,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         quiet_orbax()
         result = run(args, overrides)
         if args.out is not None:
+            from onn_jax.portable import write_json
             try:
                 write_json(args.out, result)
             except OSError as e:
