@@ -1,5 +1,6 @@
 """Your own corpus: onn-tokenizer trains a tokenizer.json, onn-train takes its vocab size, and a
 text corpus generates as trained (greedy --raw continuation of a training prefix reproduces it)."""
+import ast
 import json
 
 import pytest
@@ -47,7 +48,7 @@ def test_text_corpus_generates_as_trained(tmp_path, capsys):
     # The run's own sample of a text corpus is a text continuation too (train.sample_format=auto).
     summary = capsys.readouterr().out
     sample = summary.split("sample (greedy): 'Call me' -> ")[1].splitlines()[0]
-    assert len(sample) > 2 and TEXT.startswith("Call me" + eval(sample)), summary[-500:]
+    assert len(sample) > 2 and TEXT.startswith("Call me" + ast.literal_eval(sample)), summary[-500:]
     assert generate_main(["--workdir", str(workdir), "--raw", "--prompt", "Call me",
                           "--max-new-tokens", "50"]) == 0
     out = capsys.readouterr().out
