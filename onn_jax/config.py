@@ -339,6 +339,62 @@ class EmbedConfig:
         return self.kind == "slots"
 
 
+# --- Phase 2: sparse output, adaptive softmax (docs/FULL_STACK.md, onn_jax/output.py) ----------
+
+OUTPUT_KINDS = ("dense", "adaptive")
+
+
+def _int_tuple(cfg, name: str, p: str) -> tuple:
+    """cfg.name as a tuple of ints (lists from config files / JSON become tuples)."""
+    v = getattr(cfg, name)
+    _check(isinstance(v, (tuple, list)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+           p + name, f"must be a list of integers, got {v!r}")
+    object.__setattr__(cfg, name, tuple(v))
+    return tuple(v)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """The output layer (off by default: `kind = dense` is the LM head lm_head/kernel [C, V]).
+
+    kind: `dense` or `adaptive` (adaptive softmax, Grave et al. 2017; onn_jax.output): a head
+      softmax over the ids of frequency rank < cutoffs[0] plus one logit per tail cluster; tail
+      cluster i = 1..len(cutoffs) holds ranks [cutoffs[i-1], cutoffs[i]) (the last up to vocab_size)
+      behind a projection C -> max(1, C // div**i).
+    cutoffs: increasing ranks, each in (0, model.vocab_size); () is one cluster: a dense softmax.
+    div: the tail width divisor (an integer >= 1).
+    order: the ids by falling frequency of the training split's trained-on labels (rank r is id
+      order[r]; ties by id); a permutation of range(vocab_size). onn-train fills it in from the
+      training split when it is empty and stores it with the config (config.json, checkpoint
+      metadata, export), so resume, onn-eval, onn-generate and onn-export use the same clusters.
+      Empty outside onn-train: the identity (rank = id).
+    """
+
+    kind: str = "dense"
+    cutoffs: tuple[int, ...] = ()
+    div: int = 4
+    order: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        p = "model.output."
+        _choice(self.kind, OUTPUT_KINDS, p + "kind")
+        cutoffs = _int_tuple(self, "cutoffs", p)
+        _check(all(c > 0 for c in cutoffs), p + "cutoffs", f"must be > 0, got {list(cutoffs)}")
+        _check(all(a < b for a, b in zip(cutoffs, cutoffs[1:])), p + "cutoffs",
+               f"must be strictly increasing, got {list(cutoffs)}")
+        _positive_int(self.div, p + "div")
+        _int_tuple(self, "order", p)
+
+    def check_against(self, vocab_size: int) -> None:
+        p = "model.output."
+        _check(all(c < vocab_size for c in self.cutoffs), p + "cutoffs",
+               f"must be < model.vocab_size ({vocab_size}), got {list(self.cutoffs)}")
+        if self.order:
+            _check(sorted(self.order) == list(range(vocab_size)), p + "order",
+                   f"must be a permutation of the ids 0..{vocab_size - 1} (model.vocab_size), "
+                   f"got {len(self.order)} ids")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The transformer around the MoE layer (faithful PoC numerics by default).
@@ -353,6 +409,7 @@ class ModelConfig:
     scan_layers: the blocks as one nn.scan over stacked parameters (params["blocks"], leaves
       [L, ...]; onn_jax.layer_stack converts to / from the per-layer block_i layout). Same values,
       one compiled block. Refused with the router-state options (aux_free_rate, adaptive_experts).
+    output: the output layer, `dense` LM head (default) or adaptive softmax (OutputConfig).
     """
 
     vocab_size: int = 256
@@ -371,6 +428,7 @@ class ModelConfig:
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     scan_layers: bool = False
+    output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self):
         p = "model."
@@ -401,6 +459,8 @@ class ModelConfig:
         _check(isinstance(self.heads, HeadsConfig), p + "heads", "must be a HeadsConfig")
         self.heads.check_against(self.num_heads)
         _check(isinstance(self.embed, EmbedConfig), p + "embed", "must be an EmbedConfig")
+        _check(isinstance(self.output, OutputConfig), p + "output", "must be an OutputConfig")
+        self.output.check_against(self.vocab_size)
 
     @property
     def head_dim(self) -> int:

@@ -12,7 +12,8 @@ Parameter layout (what onn_jax.sharding and the expert filter key on):
   block_i/moe/{prototypes [C, E], thresholds [E]} or router [C, E]
   block_i/moe/experts/{w1 [E, C, I], w2 [E, I, C], w3 [E, C, I] for SwiGLU}
   block_i/moe/ffn/{w1, w2, w3} for the dense baseline
-  lm_head/kernel [C, V]
+  lm_head/kernel [C, V]; model.output.kind = adaptive instead: output/head [C, c_1 + n],
+  output/tail_i/{proj [C, d_i], out [d_i, V_i]} (onn_jax.output)
   model.embed options: embed/{codes, slot_prototypes, slot_thresholds, slots} (slots),
   ngram/{tables, key, value, norm_key, norm_query}, block_i/deep_embed [V, C]
   model.scan_layers: every block_i/... leaf stacked as blocks/... [L, ...] (onn_jax.layer_stack)
@@ -35,6 +36,7 @@ from onn_jax.embed import deep_scale
 from onn_jax.embed_layers import NgramMemory, SlotEmbed, deep_embed_table
 from onn_jax.heads import HeadGradNorms, head_layer
 from onn_jax.moe import MoETaps, moe_layer, zero_taps
+from onn_jax.output import AdaptiveOutput
 
 # PyTorch nn.Linear's default init (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)).
 torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -367,14 +369,21 @@ class Transformer(nn.Module):
     `unit_taps` (onn_jax.units.UnitTaps) are the zero taps of the gated units beyond the MoE
     (attention heads, slot embedding); their records are sown in the "gated" collection (apply with
     mutable=["gated"] to get them; onn_jax.units.unit_records reads them).
+
+    model.output.kind = adaptive: the first output is log p(v) [B, T, V] (onn_jax.output), which
+    are valid logits. `return_hidden`: return the final hidden states [B, T, C] instead of logits
+    (the training loss applies the output layer itself, onn_jax.output.output_loss).
     """
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, tokens_BxT, taps: Sequence[MoETaps] | None = None, positions_BxT=None,
-                 cache: DecodeCache | None = None, tokens_valid_BxT=None, unit_taps=None):
+                 cache: DecodeCache | None = None, tokens_valid_BxT=None, unit_taps=None,
+                 return_hidden: bool = False):
         cfg = self.cfg
+        if return_hidden and cache is not None:
+            raise ValueError("return_hidden is for the forward without a decode cache")
         index_positions = positions_BxT is None and cache is None
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
@@ -415,8 +424,13 @@ class Transformer(nn.Module):
             records.append(record)
         if cfg.final_norm:
             x = Norm(cfg, name="final_norm")(x)
-        logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=compute_dtype(cfg),
-                          kernel_init=torch_linear_init, name="lm_head")(x)
+        if return_hidden:  # the loss applies the head itself (onn_jax.output.output_loss)
+            return x, tuple(records)
+        if cfg.output.kind == "adaptive":  # log-probabilities: valid logits for CE, sampling, argmax
+            logits = AdaptiveOutput(cfg, name="output")(x)
+        else:
+            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=compute_dtype(cfg),
+                              kernel_init=torch_linear_init, name="lm_head")(x)
         if cache is None:
             return logits.astype(jnp.float32), tuple(records)
         return logits.astype(jnp.float32), tuple(records), DecodeCache(tuple(new_layers), kv_valid_BxS,

@@ -16,6 +16,8 @@ Every parameter gets logical axis names from its path in the Linen tree (model.p
   embed/slot_thresholds [M] (slot,); embed/slots [M, C] (slot, embed)
   ngram/tables [K, B, d] (ngram, vocab, code); ngram/{key,value} [K*d, C] (code, embed)
   block_i/deep_embed [V, C]                    (vocab, embed)
+  output/head [C, c_1 + n] (embed, vocab); output/tail_i/proj [C, d_i] (embed, tail);
+  output/tail_i/out [d_i, V_i] (tail, vocab)   (model.output.kind = adaptive)
   blocks/... (model.scan_layers)               (layers, *the block_i leaf's names); layers replicated
 
 RULES maps logical names to the mesh axes `data`, `expert` and `fsdp`: experts are split
@@ -48,7 +50,7 @@ from onn_jax.config import ConfigError, MeshConfig, ModelConfig
 
 MESH_AXES = ("data", "expert", "fsdp")
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "expert", "vocab", "norm",
-                "moe_batch", "code", "slot", "ngram", "layers")
+                "moe_batch", "code", "slot", "ngram", "tail", "layers")
 
 Rules = Sequence[tuple[str, Any]]
 
@@ -68,6 +70,7 @@ RULES: Rules = (
     ("code", None),   # model.embed: slot codes, n-gram rows
     ("slot", None),
     ("ngram", None),
+    ("tail", None),    # model.output: an adaptive softmax tail's reduced width
     ("layers", None),  # model.scan_layers: the stacked blocks' leading layer axis (replicated)
 )
 
@@ -102,6 +105,9 @@ _PARAM_AXES: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("ngram", "key"), ("code", "embed")),
     (("ngram", "value"), ("code", "embed")),
     (("*", "deep_embed"), ("vocab", "embed")),           # DeepEmbed (model.embed.deep)
+    (("output", "head"), ("embed", "vocab")),            # adaptive softmax (model.output)
+    (("output", "*", "proj"), ("embed", "tail")),
+    (("output", "*", "out"), ("tail", "vocab")),
     (("*", "scale"), ("norm",)),
     (("*", "bias"), ("norm",)),
 )

@@ -28,6 +28,7 @@ from onn_jax.dispatch import dropped_fraction
 from onn_jax.layer_stack import layer_params
 from onn_jax.model import Transformer, init_params, model_taps
 from onn_jax.moe import MoERecord, expert_received_tokens, layer_surprise, layer_taps
+from onn_jax.output import output_loss
 from onn_jax.optimizer import make_optimizer  # noqa: F401 (re-exported: it lived here)
 from onn_jax.routing_metrics import routing_metrics
 from onn_jax import gate_targets
@@ -140,15 +141,21 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig,
     utaps = unit_taps(cfg, b, t)  # gated units beyond the MoE (heads); None when there are none
     loss_mask_N = batch["loss_mask"].reshape(-1)
 
+    head = {"return_hidden": True} if cfg.output.kind == "adaptive" else {}  # the loss applies it
+
     def forward(params, taps, utaps):
         params = forward_params(params, router_state)
         if utaps is None:
-            (logits, records), urecords = model.apply({"params": params}, batch["inputs"], taps), UnitRecords()
+            (logits, records), urecords = model.apply({"params": params}, batch["inputs"], taps,
+                                                      **head), UnitRecords()
         else:
             (logits, records), state = model.apply({"params": params}, batch["inputs"], taps,
-                                                   unit_taps=utaps, mutable=["gated"])
+                                                   unit_taps=utaps, mutable=["gated"], **head)
             urecords = unit_records(cfg, state["gated"])
-        main, acc, count = next_token_loss(logits, batch["targets"], batch["loss_mask"])
+        if head:  # adaptive softmax: `logits` are the hidden states (onn_jax.output)
+            main, acc, count, _ = output_loss(cfg, params, logits, batch["targets"], batch["loss_mask"])
+        else:
+            main, acc, count = next_token_loss(logits, batch["targets"], batch["loss_mask"])
         gate_inputs = (tuple(r.router.pre for r in records if r is not None), unit_gate_inputs(urecords))
         scaled = main if main_share is None else main * main_share
         return (scaled, gate_inputs), (main, acc, count, records, urecords)

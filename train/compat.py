@@ -25,4 +25,12 @@ def config_diff(saved: Any, now: Any, prefix: str) -> list[str]:
     if isinstance(saved, dict) and isinstance(now, dict):
         return [d for k in sorted(set(saved) | set(now))
                 for d in config_diff(saved.get(k), now.get(k), f"{prefix}.{k}")]
-    return [] if saved == now else [f"{prefix} {saved!r} -> {now!r}"]
+    return [] if saved == now else [f"{prefix} {_short(saved)} -> {_short(now)}"]
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr of a config value, a long list (e.g. model.output.order) cut to its start and length."""
+    text = repr(value)
+    if len(text) <= limit or not isinstance(value, (list, tuple)):
+        return text
+    return text[:limit - 10].rsplit(",", 1)[0] + f", ... ({len(value)} items)]"

@@ -22,6 +22,7 @@ from onn_jax.config import ModelConfig
 from onn_jax.layer_stack import layer_params
 from onn_jax.losses import next_token_loss
 from onn_jax.model import Transformer
+from onn_jax.output import output_loss
 from onn_jax.step import step_taps
 from onn_jax.moe import layer_surprise
 from onn_jax.surprise import get_surprise_fn
@@ -50,15 +51,21 @@ def eval_forward(cfg: ModelConfig, params: Any, batch: dict) -> EvalForward:
     model = Transformer(cfg)
     b, t = batch["inputs"].shape
 
+    head = {"return_hidden": True} if cfg.output.kind == "adaptive" else {}  # as the train step
+
     def forward(taps, utaps):
         if utaps is None:
-            (logits, records), units = model.apply({"params": params}, batch["inputs"], taps), UnitRecords()
+            (logits, records), units = model.apply({"params": params}, batch["inputs"], taps,
+                                                   **head), UnitRecords()
         else:
             (logits, records), state = model.apply({"params": params}, batch["inputs"], taps,
-                                                   unit_taps=utaps, mutable=["gated"])
+                                                   unit_taps=utaps, mutable=["gated"], **head)
             units = unit_records(cfg, state["gated"])
-        main, acc, count = next_token_loss(logits, batch["targets"], batch["loss_mask"])
-        ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        if head:  # adaptive softmax: `logits` are the hidden states (onn_jax.output)
+            main, acc, count, ce_BxT = output_loss(cfg, params, logits, batch["targets"], batch["loss_mask"])
+        else:
+            main, acc, count = next_token_loss(logits, batch["targets"], batch["loss_mask"])
+            ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
         return main, (acc, count, records, ce_BxT, units)
 
     main, pullback, (acc, count, records, ce_BxT, units) = jax.vjp(

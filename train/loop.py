@@ -40,6 +40,7 @@ from train.compat import config_diff, tokenizer_info, tokenizer_mismatch
 from train.evaluate import evaluate, make_eval_step
 from train.faults import Faults
 from train.logging import MetricsWriter, NullWriter, Progress, mean_metrics
+from train.output_order import with_output_order
 from train.perf import perf_metrics
 from train.plot import PlotError, make_dashboards
 from train.signals import StopOnSignal, name as signal_name
@@ -217,6 +218,7 @@ class Run:
         except ConfigError as e:
             raise TrainError(str(e)) from e
         self.ds = build_dataset(cfg)
+        self.cfg = cfg = with_output_order(cfg, self.ds)  # adaptive softmax: ranks from the training split
         self.tok = self.ds.tokenizer
         self.mesh = make_mesh(cfg.mesh)
         too_big = memory_problem(cfg, list(self.mesh.devices.flat))
