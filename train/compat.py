@@ -25,7 +25,12 @@ def config_diff(saved: Any, now: Any, prefix: str) -> list[str]:
     if isinstance(saved, dict) and isinstance(now, dict):
         return [d for k in sorted(set(saved) | set(now))
                 for d in config_diff(saved.get(k), now.get(k), f"{prefix}.{k}")]
+    saved, now = _lists(saved), _lists(now)  # a tuple of to_dict is the list of the JSON it was saved as
     return [] if saved == now else [f"{prefix} {_short(saved)} -> {_short(now)}"]
+
+
+def _lists(value: Any) -> Any:
+    return [_lists(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def _short(value: Any, limit: int = 80) -> str:
