@@ -46,6 +46,8 @@ MEANINGS = {
     "w2": "expert FFN output weight [experts, intermediate, hidden]",
     "w3": "expert FFN gate weight (SwiGLU) [experts, hidden, intermediate]",
     "ffn_w1": "dense FFN input weight", "ffn_w2": "dense FFN output weight", "ffn_w3": "dense FFN gate weight",
+    "head": "adaptive softmax head [hidden, cutoffs[0] + tail clusters] (model.output; ids by config order)",
+    "proj": "adaptive softmax tail projection [hidden, d_i]", "out": "adaptive softmax tail output [d_i, cluster ids]",
 }
 
 

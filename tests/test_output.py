@@ -175,6 +175,8 @@ ADAPTIVE = ("--config.model.output.kind=adaptive", "--config.model.output.cutoff
 
 
 def test_onn_train_counts_the_training_split_trains_and_resume_generate_use_the_same_clusters(tmp_path, capsys):
+    from onn_jax.portable import load_export
+    from train.export import main as export_main
     from train.generate import load_model
     from train.config_loader import load
     from train.logging import read_metrics
@@ -200,6 +202,10 @@ def test_onn_train_counts_the_training_split_trains_and_resume_generate_use_the_
     ckpt.close()
     params, model_cfg, _, step = load_model(w)
     assert step == 20 and list(model_cfg.output.order) == want and "output" in params
+    assert export_main([str(w), str(tmp_path / "export"), "--format", "safetensors"]) == 0
+    ex = load_export(tmp_path / "export")
+    assert list(ex.model_cfg.output.order) == want
+    assert rel_err(ex.params, jax.tree.map(np.asarray, params)) == 0.0
 
     # a resume whose clusters differ from the checkpoint's is refused, naming the field
     saved = json.loads((w / "config.json").read_text())
