@@ -1,4 +1,5 @@
-"""Phase-2 gated units on a mesh: the sharded step equals one device's (test_sharding pattern)."""
+"""Phase-2 gated units (and the adaptive softmax output) on a mesh: the sharded step equals one
+device's (test_sharding pattern)."""
 import dataclasses
 import functools
 
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 
 from onn_jax import sharding as sh
-from onn_jax.config import EmbedConfig, HeadsConfig, MeshConfig, ModelConfig, MoEConfig, OptimConfig
+from onn_jax.config import (EmbedConfig, HeadsConfig, MeshConfig, ModelConfig, MoEConfig, OptimConfig,
+                            OutputConfig)
 from onn_jax.step import init_state, make_optimizer, make_train_step
 
 BASE = ModelConfig(vocab_size=64, hidden=16, num_layers=1, num_heads=4, max_len=16,
@@ -16,7 +18,9 @@ TX = make_optimizer(OptimConfig())
 CONFIGS = {
     "heads_and_slots": dataclasses.replace(BASE, heads=HeadsConfig(router="surprise", surprise="advantage"),
                                            embed=EmbedConfig(kind="slots", num_slots=16, code_dim=8)),
-    "heads_topk": dataclasses.replace(BASE, heads=HeadsConfig(router="topk")),
+    "heads_topk": dataclasses.replace(BASE, heads=HeadsConfig(router="topk"),  # + adaptive softmax
+                                      output=OutputConfig(kind="adaptive", cutoffs=(8, 24),
+                                                          order=tuple(range(63, -1, -1)))),
 }
 
 
@@ -47,3 +51,7 @@ def test_sharded_step_with_gated_units_equals_one_device(name):
     attn = new_state.params["block_0"]["attn"]
     gate_key = "head_prototypes" if "head_prototypes" in attn else "head_router"
     assert attn[gate_key].sharding.spec == jax.sharding.PartitionSpec("fsdp")  # ('embed', 'heads')
+    if "output" in new_state.params:  # adaptive softmax: ('embed', 'vocab'), ('embed', 'tail'), ('tail', 'vocab')
+        out = new_state.params["output"]
+        assert out["head"].sharding.spec == out["tail_1"]["proj"].sharding.spec == jax.sharding.PartitionSpec("fsdp")
+        assert out["tail_2"]["out"].sharding.spec == jax.sharding.PartitionSpec()
