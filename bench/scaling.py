@@ -180,6 +180,8 @@ def main(argv=None) -> None:
                     help="model.moe.ep_budget: rows per token sent to each expert-parallel peer")
     ap.add_argument("--gemm", choices=("auto", "ragged_dot", "mosaic_gpu", "padded"), default=None,
                     help="model.moe.gemm of the dropless experts (default: the config's, auto)")
+    ap.add_argument("--token-sum", choices=("auto", "loop", "pallas"), default=None,
+                    help="model.moe.token_sum of the dropless per-token sums (default: the config's, auto)")
     ap.add_argument("--capacity-rel", type=float, default=1.25, help="sparse capacity, as onn-bench")
     ap.add_argument("--force-avg-k", default=None, metavar="K|E/n",
                     help="force about K active experts per token (smk: thresholds; plain: top_k)")
@@ -194,7 +196,8 @@ def main(argv=None) -> None:
     cfg = mode_config(cfg, args.mode, k, args.capacity_rel, None,
                       None if args.dispatch == "dense" else args.dispatch, args.gemm, args.pair_budget)
     cfg = dataclasses.replace(cfg, attention=args.attention,
-                              moe=dataclasses.replace(cfg.moe, ep_budget=args.ep_budget))
+                              moe=dataclasses.replace(cfg.moe, ep_budget=args.ep_budget,
+                                                      token_sum=args.token_sum or cfg.moe.token_sum))
     if args.scan_layers:
         cfg = dataclasses.replace(cfg, scan_layers=True)
     if args.remat:
@@ -219,7 +222,8 @@ def run_layouts(cfg: ModelConfig, args, per_device: int, k: int | None) -> None:
             raise SystemExit(f"--layouts: {layout!r} is not DATAxEXPERT (e.g. 2x2)")
         common = dict(layout=layout, size=args.size, mode=args.mode, dispatch=cfg.moe.dispatch,
                       per_device_batch=per_device, pair_budget=cfg.moe.pair_budget,
-                      ep_budget=cfg.moe.ep_budget, gemm=cfg.moe.gemm, force_avg_k=args.force_avg_k,
+                      ep_budget=cfg.moe.ep_budget, gemm=cfg.moe.gemm, token_sum=cfg.moe.token_sum,
+                      force_avg_k=args.force_avg_k,
                       moe_hook=args.moe_hook, attention=args.attention,
                       scan_layers=cfg.scan_layers, remat=cfg.remat,
                       device_kind=jax.devices()[0].device_kind, jax=jax.__version__)
