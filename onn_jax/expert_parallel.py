@@ -63,14 +63,17 @@ def shard_map(f, mesh: Mesh, in_specs, out_specs):
 
 
 def expert_mesh() -> tuple[Mesh, tuple[str, ...]] | None:
-    """(mesh, batch axes) of the enclosing sharded step when it splits experts, else None."""
+    """(mesh, batch axes) of the enclosing sharded step when it has more than one device, else
+    None. The dropless layer then runs per device in a shard_map on every mesh (ep = 1 is plain
+    data parallelism): its custom kernels (Mosaic GPU GEMM, the Pallas per-token sums) cannot
+    be partitioned by XLA's SPMD partitioner."""
     from onn_jax.sharding import _rule, active_rules
     active = active_rules()
-    if active is None or active[0].shape.get("expert", 1) <= 1:
+    if active is None or active[0].size <= 1:
         return None
     mesh, rules = active
     axes = _rule("batch", rules)
-    if "expert" not in axes:
+    if mesh.shape.get("expert", 1) > 1 and "expert" not in axes:
         raise ValueError("expert parallelism (mesh.expert > 1, dispatch='dropless') needs the "
                          f"`batch` rule to split tokens along `expert`; it is {axes}")
     return mesh, axes
