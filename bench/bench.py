@@ -246,12 +246,14 @@ def dropless_fields(model: ModelConfig, num_tokens: int) -> dict[str, Any]:
     """pair_budget, pair_rows and the resolved gemm backend of a dropless run (else None)."""
     m = model.moe
     if m.dispatch != "dropless" or m.router == "dense":
-        return {"pair_budget": None, "pair_rows": None, "gemm": None}
+        return {"pair_budget": None, "pair_rows": None, "gemm": None, "token_sum": None}
     from onn_jax.dropless import pair_rows
     from onn_jax.grouped_gemm import resolve_gemm
+    from onn_jax.token_sums import resolve_token_sum
     rows = pair_rows(num_tokens, m)
     return {"pair_budget": round(rows / num_tokens, 4), "pair_rows": rows,
-            "gemm": resolve_gemm(m.gemm, jnp.dtype(model.dtype))}
+            "gemm": resolve_gemm(m.gemm, jnp.dtype(model.dtype)),
+            "token_sum": resolve_token_sum(m.token_sum, model.hidden)}
 
 
 def measure(name: str, cfg: Config, mode: str, args) -> dict[str, Any]:
@@ -263,6 +265,8 @@ def measure(name: str, cfg: Config, mode: str, args) -> dict[str, Any]:
         model = dataclasses.replace(model, attention=args.attention)
     if args.scan_layers:
         model = dataclasses.replace(model, scan_layers=True)
+    if args.token_sum:
+        model = dataclasses.replace(model, moe=dataclasses.replace(model.moe, token_sum=args.token_sum))
     b, t = cfg.data.batch_size, cfg.data.seq_len
     tx = make_optimizer(cfg.optim)
     state = init_state(model, tx, jax.random.key(args.seed))
@@ -361,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dropless: grouped-GEMM backend (model.moe.gemm)")
     ap.add_argument("--pair-budget", type=float, default=None,
                     help="dropless: pair rows per token (model.moe.pair_budget)")
+    ap.add_argument("--token-sum", choices=("auto", "loop", "pallas"), default=None,
+                    help="dropless: per-token sums (model.moe.token_sum; onn_jax.token_sums)")
     ap.add_argument("--attention", choices=("xla", "cudnn", "auto"), default=None,
                     help="override model.attention (training attention: einsums or cuDNN flash)")
     ap.add_argument("--scan-layers", action="store_true",

@@ -10,6 +10,8 @@ expert inside the MoE layer) by wrapping moe's expert/combine functions; `--size
 a tiny model (with XLA_FLAGS=--xla_force_host_platform_device_count=8 on CPU) to check the
 script. Needs no orbax.
 
+`--scan-layers` and `--remat` set model.scan_layers / model.remat (the Mosaic GPU grouped GEMM
+needs the scan to compile in reasonable time at gpu_large).
 `--mode smk|plain`, `--dispatch dense|sparse|dropless`, `--pair-budget`, `--gemm` and
 `--force-avg-k E/8` pick the router and the MoE dispatch as onn-bench does (bench.bench.mode_config; the thresholds
 are forced on the batch so about k experts pass per token). Each record carries the compiled
@@ -178,9 +180,14 @@ def main(argv=None) -> None:
                     help="model.moe.ep_budget: rows per token sent to each expert-parallel peer")
     ap.add_argument("--gemm", choices=("auto", "ragged_dot", "mosaic_gpu", "padded"), default=None,
                     help="model.moe.gemm of the dropless experts (default: the config's, auto)")
+    ap.add_argument("--token-sum", choices=("auto", "loop", "pallas"), default=None,
+                    help="model.moe.token_sum of the dropless per-token sums (default: the config's, auto)")
     ap.add_argument("--capacity-rel", type=float, default=1.25, help="sparse capacity, as onn-bench")
     ap.add_argument("--force-avg-k", default=None, metavar="K|E/n",
                     help="force about K active experts per token (smk: thresholds; plain: top_k)")
+    ap.add_argument("--scan-layers", action="store_true",
+                    help="model.scan_layers=true (the blocks as one scan: each Mosaic GPU kernel compiled once)")
+    ap.add_argument("--remat", choices=("none", "block", "dots"), default=None, help="model.remat")
     ap.add_argument("--check", action="store_true",
                     help="also report the mesh step's relative error against one device")
     args = ap.parse_args(argv)
@@ -189,7 +196,12 @@ def main(argv=None) -> None:
     cfg = mode_config(cfg, args.mode, k, args.capacity_rel, None,
                       None if args.dispatch == "dense" else args.dispatch, args.gemm, args.pair_budget)
     cfg = dataclasses.replace(cfg, attention=args.attention,
-                              moe=dataclasses.replace(cfg.moe, ep_budget=args.ep_budget))
+                              moe=dataclasses.replace(cfg.moe, ep_budget=args.ep_budget,
+                                                      token_sum=args.token_sum or cfg.moe.token_sum))
+    if args.scan_layers:
+        cfg = dataclasses.replace(cfg, scan_layers=True)
+    if args.remat:
+        cfg = dataclasses.replace(cfg, remat=args.remat)
     try:
         batches = [int(v) for v in args.per_device_batch.split(",")]
     except ValueError:
@@ -210,8 +222,10 @@ def run_layouts(cfg: ModelConfig, args, per_device: int, k: int | None) -> None:
             raise SystemExit(f"--layouts: {layout!r} is not DATAxEXPERT (e.g. 2x2)")
         common = dict(layout=layout, size=args.size, mode=args.mode, dispatch=cfg.moe.dispatch,
                       per_device_batch=per_device, pair_budget=cfg.moe.pair_budget,
-                      ep_budget=cfg.moe.ep_budget, gemm=cfg.moe.gemm, force_avg_k=args.force_avg_k,
+                      ep_budget=cfg.moe.ep_budget, gemm=cfg.moe.gemm, token_sum=cfg.moe.token_sum,
+                      force_avg_k=args.force_avg_k,
                       moe_hook=args.moe_hook, attention=args.attention,
+                      scan_layers=cfg.scan_layers, remat=cfg.remat,
                       device_kind=jax.devices()[0].device_kind, jax=jax.__version__)
         if data * expert > jax.device_count():
             print(json.dumps({"layout": layout, "skipped": f"needs {data * expert} devices, "

@@ -18,6 +18,7 @@ FILTER_MODES = ("one_sided", "two_sided", "off")
 FILTER_SCOPES = ("pooled", "per_layer")
 DISPATCHES = ("dense", "sparse", "dropless")
 GEMMS = ("auto", "ragged_dot", "mosaic_gpu", "padded")
+TOKEN_SUMS = ("auto", "loop", "pallas")  # onn_jax.token_sums
 GATE_TOKENS = ("all", "unmasked")
 MOE_GATE_TOKENS = GATE_TOKENS + ("nonconstant",)  # `nonconstant`: MoE gate only (issue 16)
 GATE_TIE_BREAKS = ("low_index", "random")
@@ -86,6 +87,10 @@ class MoEConfig:
       (jax.lax.ragged_dot, portable), `mosaic_gpu` (the Pallas Mosaic GPU kernels in jax,
       Hopper only), `padded` (a masked einsum per expert: a slow exact reference) or `auto`
       (mosaic_gpu on a Hopper GPU, else ragged_dot).
+    token_sum: the dropless layer's deterministic per-token sums (combine, and the dispatch's
+      backward; onn_jax.token_sums): `loop` (one pass over an [N, C] accumulator per j < max k,
+      portable), `pallas` (one Pallas Triton kernel reading each row once, NVIDIA GPUs) or
+      `auto` (pallas on an NVIDIA GPU, else loop). Same sums in the same order either way.
     ep_budget: dropless dispatch with mesh.expert = ep > 1 (onn_jax.expert_parallel): each device
       sends at most ceil(ep_budget * n) rows to each expert-parallel peer (n = its tokens); a
       peer's pairs beyond that are dropped (the device's last tokens first) and counted in
@@ -127,6 +132,7 @@ class MoEConfig:
     gate_tokens: str = "all"
     pair_budget: float | None = None
     gemm: str = "auto"
+    token_sum: str = "auto"
     ep_budget: float | None = None
     # --- research options (issue 16; docs/RESEARCH.md). Defaults leave the faithful model unchanged.
     aux_free_rate: float = 0.0
@@ -147,6 +153,7 @@ class MoEConfig:
                "`advantage` needs every expert's output; it cannot run with "
                f"dispatch={self.dispatch!r}")
         _choice(self.gemm, GEMMS, p + "gemm")
+        _choice(self.token_sum, TOKEN_SUMS, p + "token_sum")
         if self.capacity_factor is not None:
             _nonneg_float(self.capacity_factor, p + "capacity_factor")
             _check(self.capacity_factor > 0, p + "capacity_factor",

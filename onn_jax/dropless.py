@@ -15,12 +15,14 @@ R = N * E (pair_budget = E) nothing can drop. Unlike a per-expert capacity, an u
 across experts costs nothing.
 
 The per-token sums (combine, and the dispatch's backward) are deterministic without atomics:
-a loop over j < max_t k_t adds the j-th kept pair of every token (a gather of N rows per
-step), in a fixed order, so a GPU gives the same bits run to run. Their backwards are gathers.
-Every other index step is a gather or a unique-index scatter.
+each token's kept rows are added in a fixed (expert) order, by a loop over j < max_t k_t or by
+one Pallas kernel that reads each row once (`model.moe.token_sum`, onn_jax.token_sums), so a
+GPU gives the same bits run to run. Their backwards are gathers. Every other index step is a
+gather or a unique-index scatter.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 from onn_jax.config import MoEConfig
 from onn_jax.experts import gelu_exact
 from onn_jax.grouped_gemm import grouped_matmul
+from onn_jax.token_sums import token_sums
 
 
 class Dropless(NamedTuple):
@@ -42,7 +45,6 @@ class Dropless(NamedTuple):
     order_R: jax.Array     # int32 row of the p-th kept pair in token-major order; R for the tail
     start_N: jax.Array     # int32 token-major position of token t's first kept pair
     count_N: jax.Array     # int32 kept pairs of token t
-    max_count: jax.Array   # int32 scalar: max_t count_N (the per-token sums' trip count)
 
 
 def pair_rows(num_tokens: int, cfg: MoEConfig) -> int:
@@ -91,8 +93,7 @@ def layout_of_rows(kept_NxE: jax.Array, row_NxE: jax.Array, rows: int, sizes_E: 
     count_N = jnp.sum(kept, axis=1).astype(jnp.int32)
     start_N = (jnp.cumsum(count_N) - count_N).astype(jnp.int32)
     return Dropless(token_R=token_R, row_NxE=row_NxE, kept_NxE=kept_NxE, sizes_E=sizes_E,
-                    order_R=order_R, start_N=start_N, count_N=count_N,
-                    max_count=jnp.max(count_N, initial=0))
+                    order_R=order_R, start_N=start_N, count_N=count_N)
 
 
 def row_expert_outputs(params: dict, x_RxC: jax.Array, sizes_E: jax.Array, kind: str = "gelu",
@@ -108,53 +109,32 @@ def row_expert_outputs(params: dict, x_RxC: jax.Array, sizes_E: jax.Array, kind:
     return grouped_matmul(a_RxI, params["w2"], sizes_E, backend)
 
 
-def dispatch_rows(x_NxC: jax.Array, d: Dropless) -> jax.Array:
+def dispatch_rows(x_NxC: jax.Array, d: Dropless, token_sum: str = "loop") -> jax.Array:
     """x_RxC[r] = x[token_R[r]], zero for padding rows. Backward: dx[t] = the float32 sum of
     t's row cotangents (`sum_rows_to_tokens`), rounded once to x's dtype."""
-    return _dispatch(x_NxC, d)
+    return _dispatch(x_NxC, d, token_sum)
 
 
-@jax.custom_vjp
-def _dispatch(x_NxC, d):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dispatch(x_NxC, d, token_sum):
     return x_NxC.at[d.token_R].get(mode="fill", fill_value=0)
 
 
-def _dispatch_fwd(x_NxC, d):
-    return _dispatch(x_NxC, d), d
+def _dispatch_fwd(x_NxC, d, token_sum):
+    return _dispatch(x_NxC, d, token_sum), d
 
 
-def _dispatch_bwd(d, g_RxC):
-    return sum_rows_to_tokens(g_RxC.astype(jnp.float32), d).astype(g_RxC.dtype), None
+def _dispatch_bwd(token_sum, d, g_RxC):
+    return sum_rows_to_tokens(g_RxC, d, token_sum).astype(g_RxC.dtype), None
 
 
 _dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
 
 
-@jax.custom_vjp
-def sum_rows_to_tokens(a_RxC: jax.Array, d: Dropless) -> jax.Array:
-    """out[t] = sum of a over t's kept rows, added in expert order; [N, C].
-
-    Step j of a loop of max_count steps adds every token's j-th kept row (a gather of N rows
-    through order_R): a fixed order, no atomics. Backward: da[r] = g[token_R[r]]."""
-    n, c = d.start_N.shape[0], a_RxC.shape[-1]
-
-    def add_jth(j, out_NxC):
-        pos_N = jnp.where(j < d.count_N, d.start_N + j, a_RxC.shape[0])
-        row_N = d.order_R.at[pos_N].get(mode="fill", fill_value=a_RxC.shape[0])
-        return out_NxC + a_RxC.at[row_N].get(mode="fill", fill_value=0)
-
-    return jax.lax.fori_loop(0, d.max_count, add_jth, jnp.zeros((n, c), a_RxC.dtype))
-
-
-def _sum_fwd(a_RxC, d):
-    return sum_rows_to_tokens(a_RxC, d), d
-
-
-def _sum_bwd(d, g_NxC):
-    return g_NxC.at[d.token_R].get(mode="fill", fill_value=0), None
-
-
-sum_rows_to_tokens.defvjp(_sum_fwd, _sum_bwd)
+def sum_rows_to_tokens(a_RxC: jax.Array, d: Dropless, token_sum: str = "loop") -> jax.Array:
+    """out[t] = sum of a over t's kept rows, added in expert order, float32 [N, C]
+    (onn_jax.token_sums: a fixed order, no atomics). Backward: da[r] = g[token_R[r]]."""
+    return token_sums(a_RxC, None, d.order_R, d.start_N, d.count_N, d.token_R, token_sum)
 
 
 def row_weights(weights_NxE: jax.Array, d: Dropless) -> jax.Array:
@@ -163,10 +143,11 @@ def row_weights(weights_NxE: jax.Array, d: Dropless) -> jax.Array:
     return jnp.zeros((rows,), weights_NxE.dtype).at[d.row_NxE].set(weights_NxE, mode="drop")
 
 
-def combine_rows(weights_NxE: jax.Array, y_RxC: jax.Array, d: Dropless) -> jax.Array:
-    """out[t] = sum_e w[t, e] * y[row(t, e)] over kept pairs, in float32, [N, C]."""
+def combine_rows(weights_NxE: jax.Array, y_RxC: jax.Array, d: Dropless, token_sum: str = "loop") -> jax.Array:
+    """out[t] = sum_e w[t, e] * y[row(t, e)] over kept pairs, in float32, [N, C]; each row is
+    read once in the `pallas` implementation (onn_jax.token_sums)."""
     w_R = row_weights(weights_NxE.astype(jnp.float32), d)
-    return sum_rows_to_tokens(w_R[:, None] * y_RxC.astype(jnp.float32), d)
+    return token_sums(y_RxC, w_R, d.order_R, d.start_N, d.count_N, d.token_R, token_sum)
 
 
 def rows_to_pairs(a_RxX: jax.Array, d: Dropless) -> jax.Array:

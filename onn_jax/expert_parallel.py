@@ -41,6 +41,7 @@ from onn_jax.dropless import (Dropless, combine_rows, dispatch_rows, layout_of_r
                               pair_budget, pair_rows, row_expert_outputs)
 from onn_jax.gate import RouterOutput
 from onn_jax.grouped_gemm import resolve_gemm
+from onn_jax.token_sums import resolve_token_sum
 
 
 class EPRows(NamedTuple):
@@ -62,14 +63,17 @@ def shard_map(f, mesh: Mesh, in_specs, out_specs):
 
 
 def expert_mesh() -> tuple[Mesh, tuple[str, ...]] | None:
-    """(mesh, batch axes) of the enclosing sharded step when it splits experts, else None."""
+    """(mesh, batch axes) of the enclosing sharded step when it has more than one device, else
+    None. The dropless layer then runs per device in a shard_map on every mesh (ep = 1 is plain
+    data parallelism): its custom kernels (Mosaic GPU GEMM, the Pallas per-token sums) cannot
+    be partitioned by XLA's SPMD partitioner."""
     from onn_jax.sharding import _rule, active_rules
     active = active_rules()
-    if active is None or active[0].shape.get("expert", 1) <= 1:
+    if active is None or active[0].size <= 1:
         return None
     mesh, rules = active
     axes = _rule("batch", rules)
-    if "expert" not in axes:
+    if mesh.shape.get("expert", 1) > 1 and "expert" not in axes:
         raise ValueError("expert parallelism (mesh.expert > 1, dispatch='dropless') needs the "
                          f"`batch` rule to split tokens along `expert`; it is {axes}")
     return mesh, axes
@@ -146,12 +150,13 @@ def ep_dropless_layer(params: dict, x_NxC: jax.Array, cfg: MoEConfig, tap_RxC: j
     s = send_rows(n_glob // mesh.size, cfg, ep)
     rows_glob = pair_rows(n_glob, cfg)
     backend = resolve_gemm(cfg.gemm, x_NxC.dtype)
+    token_sum = resolve_token_sum(cfg.token_sum, c)
     tok, exp = P(axes), P("expert")
 
     def body(x_nxC, mask_nxE, weights_nxE, experts, tap=None):
         kept_nxE = _global_kept(mask_nxE, rows_glob, axes)
         d, counts_DxL = _send_layout(kept_nxE, ep, s)
-        x_DxSxC = dispatch_rows(x_nxC, d).reshape(ep, s, c)
+        x_DxSxC = dispatch_rows(x_nxC, d, token_sum).reshape(ep, s, c)
         x_DxSxC = jax.lax.all_to_all(x_DxSxC, "expert", 0, 0, tiled=True)
         counts_DxL = jax.lax.all_to_all(counts_DxL, "expert", 0, 0, tiled=True)
         pos_R, sizes_L = _receive_order(counts_DxL, s)
@@ -163,7 +168,7 @@ def ep_dropless_layer(params: dict, x_NxC: jax.Array, cfg: MoEConfig, tap_RxC: j
         y_RxC = y_RxC.astype(jnp.float32)
         if tap is not None:
             y_RxC = y_RxC + tap
-        return combine_rows(weights_nxE, y_RxC, d), y_RxC, d.row_NxE, d.kept_NxE
+        return combine_rows(weights_nxE, y_RxC, d, token_sum), y_RxC, d.row_NxE, d.kept_NxE
 
     args = [x_NxC, router.mask, router.weights, params["experts"]]
     in_specs = [tok, tok, tok, jax.tree.map(lambda _: exp, params["experts"])]

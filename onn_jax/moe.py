@@ -27,6 +27,7 @@ from onn_jax.dropless import (Dropless, combine_rows, dispatch_rows, make_drople
                               row_expert_outputs, rows_to_pairs)
 from onn_jax.expert_parallel import EPRows, ep_dropless_layer, ep_rows_to_pairs, ep_tap_rows, expert_mesh
 from onn_jax.grouped_gemm import resolve_gemm
+from onn_jax.token_sums import resolve_token_sum
 from onn_jax.experts import combine, expert_outputs
 from onn_jax.gate import RouterOutput, top_any_gate, topk_gate
 from onn_jax.surprise import SurpriseFn, SurpriseInputs, output_grad_surprise
@@ -166,12 +167,13 @@ def _dropless_layer(params, x_NxC, cfg: MoEConfig, taps: MoETaps | None, router:
                                               router, *found)
     else:
         d = make_dropless(router.mask, pair_rows(x_NxC.shape[0], cfg))
-        y_RxC = row_expert_outputs(params["experts"], dispatch_rows(x_NxC, d), d.sizes_E,
+        token_sum = resolve_token_sum(cfg.token_sum, x_NxC.shape[-1])
+        y_RxC = row_expert_outputs(params["experts"], dispatch_rows(x_NxC, d, token_sum), d.sizes_E,
                                    cfg.expert_kind, resolve_gemm(cfg.gemm, x_NxC.dtype))
         y_RxC = y_RxC.astype(jnp.float32)
         if taps is not None:
             y_RxC = y_RxC + taps.expert_out
-        out_NxC = combine_rows(router.weights, y_RxC, d)
+        out_NxC = combine_rows(router.weights, y_RxC, d, token_sum)
     if taps is not None:
         out_NxC = out_NxC + taps.moe_out
     return out_NxC, MoERecord(router=router, expert_out=y_RxC, dispatch=d, expert_in=x_NxC,

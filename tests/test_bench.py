@@ -47,7 +47,8 @@ def test_modes_change_only_router_and_dispatch():
     assert (smk.moe.dispatch, smk.moe.pair_budget, smk.moe.gemm) == ("dropless", 2.5, "ragged_dot")
     plain = mode_config(cfg, "plain", 2, 1.25, None, "dropless")
     assert (plain.moe.pair_budget, plain.moe.top_k) == (None, 2)  # top_k rows per token
-    assert dropless_fields(plain, 64) == {"pair_budget": 2.0, "pair_rows": 128, "gemm": "ragged_dot"}
+    assert dropless_fields(plain, 64) == {"pair_budget": 2.0, "pair_rows": 128, "gemm": "ragged_dot",
+                                           "token_sum": "loop"}
     assert dropless_fields(cfg, 64)["pair_rows"] is None
 
 

@@ -1,6 +1,8 @@
-"""The dropless step on 8 forced CPU devices equals the one-device step: data parallel (8,1)
-through XLA's SPMD partitioning. Expert meshes ((4,2), (2,4), (1,8): the shard_map + all-to-all
-expert parallelism of onn_jax.expert_parallel) are tests/test_expert_parallel.py's."""
+"""The dropless step on 8 forced CPU devices equals the one-device step: data parallel (8,1),
+which runs the layer per device in onn_jax.expert_parallel's shard_map with ep = 1 (its custom
+kernels cannot be partitioned by XLA). ep_budget = E: no device's buffer overflows, so the
+global pair budget alone drops pairs, as on one device. Expert meshes ((4,2), (2,4), (1,8))
+and the per-device overflow rule are tests/test_expert_parallel.py's."""
 import dataclasses
 import functools
 
@@ -13,7 +15,7 @@ from onn_jax.step import init_state, make_train_step
 from test_sharding import CFG, TX, assert_tree_close, make_batch, mesh_of
 
 DL = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, dispatch="dropless", pair_budget=3.0,
-                                                     gemm="padded"))
+                                                     gemm="padded", ep_budget=float(CFG.moe.num_experts)))
 
 
 @pytest.fixture(scope="module")

@@ -108,18 +108,21 @@ def test_expert_parallel_step_equals_one_device(shape, reference):
     assert max(sizes) < n * e * c, max(sizes)
 
 
-def test_peer_budget_overflow_drops_the_documented_pairs():
-    """ep_budget 0.75 on mesh 2x4: each device (8 tokens) sends at most 6 rows to each peer
-    (2 experts each); the rest of the pairs for that peer, last tokens first, are dropped."""
+@pytest.mark.parametrize("data,ep", [(2, 4), (8, 1)], ids=["2x4", "8x1"])
+def test_peer_budget_overflow_drops_the_documented_pairs(data, ep):
+    """ep_budget 0.75: each device (8 tokens) sends at most 6 rows to each peer (8 / ep experts
+    each; ep = 1 is data parallelism: the device's own buffer); the rest of the pairs for that
+    peer, last tokens first, are dropped."""
     cfg = MoEConfig(num_experts=8, intermediate=12, dispatch="dropless", gemm="ragged_dot",
                     pair_budget=8.0, ep_budget=0.75, fallback_k=2)
-    mesh = sh.make_mesh(MeshConfig(data=2, expert=4))
+    mesh = sh.make_mesh(MeshConfig(data=data, expert=ep))
+    local = 8 // ep
     params = layer_params(7)
     x = jax.random.normal(jax.random.key(8), (64, 16))
     r = jax.random.normal(jax.random.key(9), (64, 16))
     tok = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "expert", "fsdp")))
     x = jax.device_put(x, tok)
-    taps = MoETaps(jnp.zeros((8 * 4 * send_rows(8, cfg, 4), 16)), jnp.zeros((64, 16)))
+    taps = MoETaps(jnp.zeros((8 * ep * send_rows(8, cfg, ep), 16)), jnp.zeros((64, 16)))
 
     def run(params, x, taps):  # the EP layer: output, gradients, S; mask and weights for the check
         def loss(params, x, taps):
@@ -133,9 +136,9 @@ def test_peer_budget_overflow_drops_the_documented_pairs():
         out, grads, s, kept_ep, mask, w = jax.device_get(jax.jit(run)(params, x, taps))
     kept = np.zeros_like(mask)
     for dev in range(8):
-        for peer in range(4):
-            pairs = [(t, x_) for t in range(dev * 8, dev * 8 + 8) for x_ in range(2 * peer, 2 * peer + 2)
-                     if mask[t, x_]]
+        for peer in range(ep):
+            pairs = [(t, x_) for t in range(dev * 8, dev * 8 + 8)
+                     for x_ in range(local * peer, local * peer + local) if mask[t, x_]]
             for t, x_ in pairs[:6]:
                 kept[t, x_] = True
     assert (mask & ~kept).any()
