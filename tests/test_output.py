@@ -215,3 +215,19 @@ def test_onn_train_counts_the_training_split_trains_and_resume_generate_use_the_
     assert main(["--workdir", str(w)]) == 2
     err = capsys.readouterr().err
     assert "model.output.order" in err and "(262 items)" in err and len(err) < 1000
+
+
+def test_cutoffs_beyond_the_tokenizer_vocabulary_are_a_config_error(tmp_path, capsys):
+    """onn-train sets model.vocab_size from a tokenizer.json after loading the config; cutoffs that
+    no longer fit are one config-error line, exit 2."""
+    from train.main import main
+    from train.tokenizer_cli import train_tokenizer
+    (tmp_path / "t.txt").write_text("hello world, hello tokens. " * 20)
+    train_tokenizer([str(tmp_path / "t.txt")], 300).save(str(tmp_path / "tok.json"))
+    args = ["--config", "configs/gpu_small.py", "--workdir", str(tmp_path / "w"),
+            f"--config.data.tokenizer={tmp_path / 'tok.json'}", "--config.model.output.kind=adaptive",
+            "--config.model.output.cutoffs=[16, 1000]"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("onn-train: config error: model.output.cutoffs: must be < model.vocab_size") and "\n" not in err
+    assert not (tmp_path / "w").exists()

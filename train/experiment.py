@@ -202,7 +202,7 @@ def _analysis_run_class():
         def __init__(self, cfg, workdir, full_ds, init_state=None):
             super().__init__(cfg, workdir)
             self.full_ds = full_ds
-            self.analysis_step = make_analysis_step(cfg.model, len(full_ds.domains))
+            self.analysis_step = make_analysis_step(self.cfg.model, len(full_ds.domains))  # with output.order
             if init_state is not None:  # continue another run (the forgetting experiment)
                 self.state = init_state
 
@@ -314,7 +314,9 @@ def run_cell(exp: dict, label: str, seed: int, out: Path, full_ds, phase_paths=N
         run_a = Run(cfg_a, workdir / "first", full_ds)
         run_a.run()
         after_a = run_a.analyse()
-        run_b = Run(cfg_b, workdir / "second", full_ds, init_state=run_a.state)
+        same_clusters = dataclasses.replace(cfg_b.model.output, order=run_a.cfg.model.output.order)
+        cfg_b = dataclasses.replace(cfg_b, model=dataclasses.replace(cfg_b.model, output=same_clusters))
+        run_b = Run(cfg_b, workdir / "second", full_ds, init_state=run_a.state)  # run_a's frequency ranks
         run_b.run()
         after_b = run_b.analyse()
         row.update({k.replace("analysis/", "analysis/first_"): v for k, v in after_a.items()})

@@ -87,7 +87,13 @@ def _main(argv: Sequence[str] | None = None) -> int:
     from train.signals import StopOnSignal
     quiet_orbax_errors()
     if "model.vocab_size" not in {key for key, _ in overrides}:
-        cfg = vocab_from_tokenizer(cfg)  # a tokenizer.json sets the vocabulary size
+        from onn_jax.config import ConfigError
+        try:
+            cfg = vocab_from_tokenizer(cfg)  # a tokenizer.json sets the vocabulary size
+        except ConfigError as e:  # a field checked against vocab_size (model.output.cutoffs)
+            print(printable(f"onn-train: config error: {e} (model.vocab_size is the tokenizer's "
+                            f"{cfg.data.tokenizer})"), file=sys.stderr)
+            return 2
     try:
         initialize_distributed()  # no-op for one process; joins a multi-host launch otherwise
     except ValueError as e:
