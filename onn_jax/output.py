@@ -2,7 +2,7 @@
 approximation for GPUs").
 
 Ids are ranked by training frequency (`frequency_order`; rank r is id order[r]). With cutoffs
-c_1 < ... < c_n (c_0 = 0 .. c_1 is the head's share, c_{n+1} = V):
+c_1 < ... < c_n (the head holds ranks [0, c_1), tail i ranks [c_i, c_{i+1}), c_{n+1} = V):
 
     head:    z_0 = h W_head                        W_head [C, c_1 + n]: c_1 frequent ids + n cluster logits
     tail i:  z_i = (h P_i) O_i                     P_i [C, d_i], d_i = max(1, C // div**i); O_i [d_i, c_{i+1} - c_i]
