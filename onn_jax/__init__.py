@@ -41,5 +41,7 @@ from onn_jax.config import EmbedConfig, HeadsConfig
 from onn_jax.embed import SlotRecord, slot_embed, slot_surprise
 from onn_jax.heads import HeadGradNorms, gated_heads, head_layer, route_heads
 from onn_jax.units import UnitRecords, UnitTaps, unit_records, unit_taps
+from onn_jax.config import OutputConfig
+from onn_jax.output import adaptive_ce, adaptive_log_probs, count_labels, frequency_order
 
 __version__ = "0.1.0"
