@@ -178,7 +178,8 @@ def test_onn_train_counts_the_training_split_trains_and_resume_generate_use_the_
     from onn_jax.portable import load_export
     from train.export import main as export_main
     from train.generate import load_model
-    from train.config_loader import load
+    from train.config_loader import build_config, load
+    from train.eval_cli import saved_config
     from train.logging import read_metrics
     from train.loop import build_dataset
     from train.main import main
@@ -202,6 +203,8 @@ def test_onn_train_counts_the_training_split_trains_and_resume_generate_use_the_
     ckpt.close()
     params, model_cfg, _, step = load_model(w)
     assert step == 20 and list(model_cfg.output.order) == want and "output" in params
+    raw, _ = saved_config(w, 20)  # what onn-eval builds its config from
+    assert list(build_config(raw).model.output.order) == want
     assert export_main([str(w), str(tmp_path / "export"), "--format", "safetensors"]) == 0
     ex = load_export(tmp_path / "export")
     assert list(ex.model_cfg.output.order) == want
