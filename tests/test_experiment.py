@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from train import experiment
@@ -13,7 +14,8 @@ TINY = {"model.moe.num_experts": 4, "data.records_per_domain": 40, "data.batch_s
 
 def _write(tmp_path, kind="routing", runs=None, **extra):
     exp = {"name": "t", "base": str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py"), "kind": kind, "overrides": TINY, "seeds": [0],
-           "runs": runs or {"smk": {}, "dense": {"model.moe.router": "dense"}}, **extra}
+           "runs": runs or {"smk": {}, "dense": {"model.moe.router": "dense", "model.heads.router": "surprise"}},
+           **extra}
     path = tmp_path / "exp.py"
     path.write_text(f"def get_experiment():\n    return {exp!r}\n")
     return path
@@ -29,8 +31,19 @@ def test_routing_grid_writes_results_table_and_plots(tmp_path, capsys):
     assert len(smk["analysis/nmi"]) == 1 and 0 <= smk["analysis/nmi"][0] <= 1
     assert 1 <= smk["analysis/avg_k"] <= 4 and 0 <= smk["analysis/gate_acc_unmasked"][0] <= 1
     assert len(smk["analysis/domain_loss"]) == 4 and "analysis/avg_k" not in dense
+    # gated heads (the dense-MoE row): avg_k per layer in [1, H], NMI in [0, 1], fallback share;
+    # the domain means weighted by the domains' tokens give back the overall avg_k
+    assert "analysis/head_avg_k" not in smk and len(dense["analysis/head_nmi"]) == 1
+    assert 1 <= dense["analysis/head_avg_k"] <= 4 and 0 <= dense["analysis/head_nmi"][0] <= 1
+    assert 0 <= dense["analysis/head_fallback_frac"][0] <= 1 and 0 <= dense["analysis/head_gate_acc_unmasked"][0] <= 1
+    import jax
+    from onn_jax.model import init_params
+    cfg = experiment.run_config(experiment.load_experiment(_write(tmp_path)), "dense", 0)
+    shapes = jax.eval_shape(lambda: init_params(cfg.model, jax.random.PRNGKey(0)))
+    assert dense["params"] == sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
     table = (out / "results.md").read_text()
     assert "| smk |" in table and "| dense |" in table and "Eval loss per domain" in table
+    assert "head NMI per layer" in table and "slot NMI" not in table  # unit columns only where present
     for name in ("metrics.png", "curves.png", "domain_expert.png"):
         assert (out / "plots" / name).stat().st_size > 0
     metrics = [json.loads(l) for l in (out / "runs/smk/seed_0/metrics.jsonl").read_text().splitlines()]
@@ -205,3 +218,44 @@ def test_paired_table_differences_dead_experts_and_imbalance_by_hand():
     assert new[3] == "1.50" and new[4] == "2.0" and new[5] == "2.98" and new[6] == "0.30"
     base = [c.strip() for c in lines[2].strip("|").split("|")]
     assert base[2] == "-" and base[4] == "2.0" and base[5] == "2.00"
+
+
+def test_unit_metrics_avg_k_and_nmi_by_hand():
+    """Heads/slots analysis from summed counts: a layer that sends each domain to its own unit
+    has NMI 1 and avg_k 1; a layer that uses every unit for every domain has NMI 0, avg_k 2."""
+    counts = np.array([[[10, 0], [0, 30]], [[10, 10], [30, 30]]], float)  # [L=2, D=2, U=2]
+    sums = {"head_counts": counts, "head_gate_hits": np.array([4.0, 6.0]), "head_gate_count": np.array([8.0, 8.0]),
+            "head_target_inactive": np.array([2.0, 0.0]), "head_fallback": np.array([40.0, 0.0])}
+    m = experiment.unit_metrics("head", sums, np.array([10.0, 30.0]))
+    np.testing.assert_allclose(m["analysis/head_layer_avg_k"], [1.0, 2.0])
+    assert m["analysis/head_avg_k"] == 1.5
+    np.testing.assert_allclose(m["analysis/head_domain_avg_k"], [1.5, 1.5])
+    np.testing.assert_allclose(m["analysis/head_nmi"], [1.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(m["analysis/head_gate_acc_unmasked"], [0.5, 0.75])
+    np.testing.assert_allclose(m["analysis/head_target_inactive_frac"], [0.25, 0.0])
+    np.testing.assert_allclose(m["analysis/head_fallback_frac"], [1.0, 0.0])
+    slot = experiment.unit_metrics("slot", {"slot_counts": counts[:1]}, np.array([10.0, 30.0]))
+    assert slot["analysis/slot_avg_k"] == 1.0 and "analysis/slot_gate_acc_unmasked" not in slot
+
+
+def test_paired_table_shows_unit_columns_only_when_present():
+    from train.experiment_report import paired_table
+    row = lambda label, **kw: {"label": label, "seed": 0, "analysis/loss": 2.0, **kw}
+    plain = paired_table([row("a"), row("b")], ["a"]).splitlines()[0]
+    assert "active heads" not in plain and "params" not in plain
+    lines = paired_table([row("a", params=1000), row("b", params=1200, **{"analysis/head_avg_k": 1.25,
+                          "analysis/head_nmi": [0.1, 0.4]})], ["a"]).splitlines()
+    assert lines[0].endswith("| active heads | max head NMI | params |")
+    assert lines[2].endswith("| - | - | 1,000 |") and lines[3].endswith("| 1.25 | 0.40 | 1,200 |")
+
+
+def test_paired_domain_table_by_hand():
+    from train.experiment_report import paired_domain_table
+    rows = [{"label": "base", "seed": s, "domains": ["a", "b"], "analysis/domain_loss": [1.0 + s, 2.0]}
+            for s in range(3)]
+    rows += [{"label": "new", "seed": s, "domains": ["a", "b"], "analysis/domain_loss": [1.0 + s - d, 2.0 + d]}
+             for s, d in enumerate([0.1, 0.2, 0.3])]
+    lines = paired_domain_table(rows, "base").splitlines()
+    assert lines[0] == "| run | a | b |"
+    assert lines[2] == "| base | 2.000 ± 0.577 | 2.000 ± 0.000 |"  # 1, 2, 3: SE 1 / sqrt(3)
+    assert lines[3] == "| new | -0.200 ± 0.058* | +0.200 ± 0.058* |"  # 0.1 / sqrt(3)

@@ -31,9 +31,22 @@ def table_columns(kind: str) -> list[tuple[str, str]]:
             ("NMI per layer", "analysis/nmi"), ("time (s)", "time_s")]
 
 
+# Columns shown only when some row has them: gated heads and the slot embedding (phase 2).
+UNIT_COLUMNS = [("heads avg_k per layer", "analysis/head_layer_avg_k"), ("head NMI per layer", "analysis/head_nmi"),
+                ("head gate acc (unmasked)", "analysis/head_gate_acc_unmasked"),
+                ("head target inactive", "analysis/head_target_inactive_frac"),
+                ("head fallback tokens", "analysis/head_fallback_frac"),
+                ("slots avg_k", "analysis/slot_avg_k"), ("slot NMI", "analysis/slot_nmi"),
+                ("slot fallback tokens", "analysis/slot_fallback_frac"), ("params", "params")]
+
+
+def present_columns(cols: list[tuple[str, str]], rows: list[dict]) -> list[tuple[str, str]]:
+    return [c for c in cols if any(r.get(c[1]) is not None for r in rows)]
+
+
 def markdown_table(exp: dict, rows: list[dict]) -> str:
     """Mean ± std over seeds of each label (a `-` where a metric does not apply)."""
-    cols = table_columns(exp["kind"])
+    cols = table_columns(exp["kind"]) + present_columns(UNIT_COLUMNS, rows)
     labels = list(dict.fromkeys(r["label"] for r in rows))
     seeds = sorted({r["seed"] for r in rows})
     lines = [f"`{exp['name']}`: mean ± std over seeds {seeds}; per-layer columns: seed means "
@@ -41,7 +54,9 @@ def markdown_table(exp: dict, rows: list[dict]) -> str:
              "| run | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for label in labels:
         mine = [r for r in rows if r["label"] == label]
-        lines.append(f"| {label} | " + " | ".join(_mean_std([r.get(k) for r in mine]) for _, k in cols) + " |")
+        cell = lambda k: (f"{np.mean([r[k] for r in mine]):,.0f}" if k == "params" and all(k in r for r in mine)
+                          else _mean_std([r.get(k) for r in mine]))
+        lines.append(f"| {label} | " + " | ".join(cell(k) for _, k in cols) + " |")
     if exp["kind"] == "routing" and rows and "analysis/domain_loss" in rows[0]:
         doms = rows[0]["domains"]
         lines += ["", "Eval loss per domain:", "", "| run | " + " | ".join(doms) + " |", "|---" * (len(doms) + 1) + "|"]
@@ -52,6 +67,10 @@ def markdown_table(exp: dict, rows: list[dict]) -> str:
     if exp.get("baselines") and exp["kind"] == "routing":
         lines += ["", "Paired by seed (mean ± standard error; * beyond two standard errors):", "",
                   paired_table(rows, exp["baselines"])]
+        if "analysis/domain_loss" in rows[0]:
+            for b in exp["baselines"]:
+                lines += ["", f"Held-out loss per domain, Δ vs {b} paired by seed (mean ± standard error):", "",
+                          paired_domain_table(rows, b)]
     return "\n".join(lines)
 
 
@@ -78,8 +97,10 @@ def paired_table(rows: list[dict], baselines: list[str]) -> str:
     the best layer's expert-domain NMI."""
     labels = list(dict.fromkeys(r["label"] for r in rows))
     by = {(r["label"], r["seed"]): r for r in rows}
+    extra = present_columns([("active heads", "analysis/head_avg_k"), ("max head NMI", "analysis/head_nmi"),
+                             ("params", "params")], rows)
     head = ["run", "held-out loss", *[f"Δ vs {b}" for b in baselines], "avg_k", "dead experts / layer",
-            "imbalance / layer", "max NMI"]
+            "imbalance / layer", "max NMI", *[c for c, _ in extra]]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for label in labels:
         seeds = sorted(s for (lab, s) in by if lab == label)
@@ -103,7 +124,39 @@ def paired_table(rows: list[dict], baselines: list[str]) -> str:
             cells += ["-", "-"]
         nmi = [by[label, s].get("analysis/nmi") for s in seeds]
         cells.append(f"{np.mean([max(n) for n in nmi]):.2f}" if all(n for n in nmi) else "-")
+        for _, key in extra:
+            v = [by[label, s].get(key) for s in seeds]
+            if not all(x is not None for x in v):
+                cells.append("-")
+            elif key == "params":
+                cells.append(f"{np.mean(v):,.0f}")
+            else:
+                cells.append(f"{np.mean([np.max(x) for x in v]):.2f}")
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_domain_table(rows: list[dict], baseline: str) -> str:
+    """Per domain: each row's held-out loss minus the baseline's, seed by seed (mean ± standard
+    error, `*` beyond two standard errors); the baseline's own line gives its loss (mean ± SE)."""
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    by = {(r["label"], r["seed"]): r for r in rows}
+    doms = rows[0]["domains"]
+    lines = ["| run | " + " | ".join(doms) + " |", "|---" * (len(doms) + 1) + "|"]
+    for label in labels:
+        seeds = sorted(s for (lab, s) in by if lab == label and (baseline, s) in by)
+        if not seeds:
+            continue
+        cells = []
+        for i in range(len(doms)):
+            own = [by[label, s]["analysis/domain_loss"][i] for s in seeds]
+            if label == baseline:
+                m, se = _se(own)
+                cells.append(f"{m:.3f} ± {se:.3f}")
+                continue
+            m, se = _se([o - by[baseline, s]["analysis/domain_loss"][i] for o, s in zip(own, seeds)])
+            cells.append(f"{m:+.3f} ± {se:.3f}" + ("*" if abs(m) > 2 * se > 0 else ""))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
