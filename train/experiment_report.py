@@ -170,7 +170,7 @@ def make_plots(exp: dict, rows: list[dict], out: Path) -> list[Path]:
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     labels = list(dict.fromkeys(r["label"] for r in rows))
-    cols = [c for c in table_columns(exp["kind"]) if c[1] != "time_s"]
+    cols = [c for c in present_columns(table_columns(exp["kind"]) + UNIT_COLUMNS, rows) if c[1] != "time_s"]
     fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.6), squeeze=False)
     for ax, (title, key) in zip(axes[0], cols):
         lows = []

@@ -47,5 +47,5 @@ def get_experiment():
         },
         "seeds": [0, 1, 2],
         "vary_data": True,
-        "baselines": ["base"],
+        "baselines": ["base", "heads_dense2"],
     }
