@@ -26,7 +26,8 @@ from onn_jax.output import output_loss
 from onn_jax.step import step_taps
 from onn_jax.moe import layer_surprise
 from onn_jax.surprise import get_surprise_fn
-from onn_jax.units import UnitRecords, unit_records, unit_surprises, unit_taps, varying_rows
+from onn_jax.units import (UnitRecords, unit_gate_inputs, unit_gate_loss, unit_metrics, unit_records,
+                           unit_surprises, unit_taps)
 
 # 40 log-spaced bins from 1e-9 to 10; values outside are counted in the end bins.
 SURPRISE_EDGES = np.logspace(-9, 1, 41)
@@ -41,8 +42,8 @@ class EvalForward(NamedTuple):
     ce_BxT: jax.Array      # per-position CE (masked positions included)
     records: tuple         # MoE records of the layers that have a router
     surprises: list | None  # S [N, E] per layer (surprise router only)
-    units: UnitRecords = UnitRecords()            # gated heads' records (model.heads)
-    unit_surprises: UnitRecords = UnitRecords()   # their S (surprise router only)
+    units: UnitRecords = UnitRecords()            # gated heads' and slot embedding's records
+    unit_surprises: UnitRecords = UnitRecords()   # their S (surprise routers only)
 
 
 def eval_forward(cfg: ModelConfig, params: Any, batch: dict) -> EvalForward:
@@ -72,7 +73,7 @@ def eval_forward(cfg: ModelConfig, params: Any, batch: dict) -> EvalForward:
         forward, step_taps(cfg, b, t), unit_taps(cfg, b, t), has_aux=True)
     records = tuple(r for r in records if r is not None)
     surprises, usurprises = None, UnitRecords()
-    if (cfg.moe.router == "surprise" and records) or cfg.heads.gated:
+    if (cfg.moe.router == "surprise" and records) or cfg.heads.gated or cfg.embed.gated:
         d_taps, d_utaps = pullback(jnp.ones_like(main))
         if cfg.moe.router == "surprise" and records:
             surprise_fn = get_surprise_fn(cfg.moe.surprise)
@@ -81,6 +82,33 @@ def eval_forward(cfg: ModelConfig, params: Any, batch: dict) -> EvalForward:
             surprises = [s if live is None else gate_surprise(s, live) for s, live in zip(surprises, lives)]
         usurprises = unit_surprises(cfg, units, d_utaps)
     return EvalForward(main, acc, count, ce_BxT, records, surprises, units, usurprises)
+
+
+# Train-step unit metrics that eval leaves out: `threshold_mean` is a parameter, not a held-out
+# measurement (the train rows have it); `slots_used` is recounted over the whole eval set.
+UNIT_EVAL_SKIPPED = ("threshold_mean", "slots_used")
+
+
+def unit_eval_sums(cfg: ModelConfig, params: Any, f: EvalForward, loss_mask_N: jax.Array,
+                   onehot_BxD: jax.Array) -> dict[str, jax.Array]:
+    """The train step's `attn/*` and `embed/*` metrics (onn_jax.units.unit_metrics) of one eval
+    batch, as `attn_*` / `embed_*` (all but UNIT_EVAL_SKIPPED; the gate losses are their values
+    on the batch, no gradient), and each domain's head / slot assignments."""
+    _, per_kind = unit_gate_loss(cfg, unit_gate_inputs(f.units), f.units, f.unit_surprises, loss_mask_N)
+    metrics = unit_metrics(cfg, params, f.units, f.unit_surprises, per_kind, loss_mask_N)
+    out = {k.replace("/", "_", 1): v for k, v in metrics.items() if k.split("/", 1)[1] not in UNIT_EVAL_SKIPPED}
+    b, num_domains = onehot_BxD.shape
+    positions_D = onehot_BxD.sum(0) * (loss_mask_N.shape[0] // b)
+    if f.units.heads:  # [D, L, H] active heads summed over each domain's positions
+        load_LxBxH = jnp.stack([r.router.mask.astype(jnp.float32).reshape(b, -1, r.router.mask.shape[-1]).sum(1)
+                                for r in f.units.heads])
+        out["domain_head_assign"] = jnp.einsum("bd,lbh->dlh", onehot_BxD, load_LxBxH)
+        out["domain_head_positions"] = positions_D
+    if f.units.embed is not None:  # [D, M] active slots summed over each domain's positions
+        mask_NxM = f.units.embed.router.mask.astype(jnp.float32)
+        out["domain_slot_assign"] = onehot_BxD.T @ mask_NxM.reshape(b, -1, mask_NxM.shape[-1]).sum(1)
+        out["domain_slot_positions"] = positions_D
+    return out
 
 
 def make_eval_step(cfg: ModelConfig, num_domains: int, edges: np.ndarray = SURPRISE_EDGES) -> Callable:
@@ -99,16 +127,8 @@ def make_eval_step(cfg: ModelConfig, num_domains: int, edges: np.ndarray = SURPR
         mask_BxT = batch["loss_mask"].astype(jnp.float32)
         out["domain_tokens"] = onehot_BxD.T @ jnp.sum(mask_BxT, -1)
         out["domain_loss"] = onehot_BxD.T @ jnp.sum(f.ce_BxT * mask_BxT, -1)
-        if f.units.heads:  # gated attention heads: active heads per token, by domain, gate accuracy
-            heads = f.units.heads
-            head_load_LxBxH = jnp.stack([r.router.mask.astype(jnp.float32).reshape(b, t, -1).sum(1) for r in heads])
-            out["domain_head_assign"] = jnp.einsum("bd,lbh->dlh", onehot_BxD, head_load_LxBxH)
-            out["domain_head_positions"] = onehot_BxD.sum(0) * t
-            out["attn_avg_k"] = jnp.mean(jnp.stack([jnp.mean(jnp.sum(r.router.mask, -1).astype(jnp.float32))
-                                                    for r in heads]))
-            if f.unit_surprises.heads is not None:
-                out["attn_gate_acc"] = jnp.mean(jnp.stack([gate_accuracy(r.router.pre, s, varying_rows(s))
-                                                           for r, s in zip(heads, f.unit_surprises.heads)]))
+        if f.units.heads or f.units.embed is not None:
+            out.update(unit_eval_sums(cfg, params, f, batch["loss_mask"].reshape(-1), onehot_BxD))
         records = f.records
         if not records:
             return out
@@ -165,6 +185,9 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict[str, np.nd
     if "domain_head_assign" in sums:  # [D, L, H] share of each domain's positions using each head
         positions = sums.pop("domain_head_positions")
         metrics["eval/domain_head_load"] = sums.pop("domain_head_assign") / np.maximum(positions, 1)[:, None, None]
+    if "domain_slot_assign" in sums:  # [D, M] share of each domain's positions using each slot
+        positions = sums.pop("domain_slot_positions")
+        metrics["eval/domain_slot_load"] = sums.pop("domain_slot_assign") / np.maximum(positions, 1)[:, None]
     if "surprise_hist" in sums:
         metrics["eval/surprise_hist"] = sums.pop("surprise_hist")
         metrics["eval/surprise_edges"] = np.asarray(edges, np.float64)
@@ -172,4 +195,6 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict[str, np.nd
         metrics[f"eval/{k}"] = v / n
     if "eval/expert_load" in metrics:  # experts below the load floor over the eval batches
         metrics["eval/dead_experts"] = dead_experts(metrics["eval/expert_load"])
+    if "eval/embed_slot_load" in metrics:  # slots active for some token of some eval batch
+        metrics["eval/embed_slots_used"] = float(np.sum(metrics["eval/embed_slot_load"] > 0))
     return metrics
