@@ -16,6 +16,7 @@ from onn_jax.model import Transformer, init_params, model_taps
 from onn_jax.step import compute_grads
 from onn_jax.surprise import SurpriseInputs, advantage_surprise, output_grad_surprise
 from onn_jax.units import unit_records, unit_taps
+from train.logging import progress_fields
 
 
 def embed_config(**embed):
@@ -145,3 +146,9 @@ def test_unified_gradient_with_moe_heads_and_slot_embedding_gated_equals_naive_t
     assert metrics["embed/slot_load"].shape == (12,) and float(metrics["embed/slots_used"]) >= 1
     for key in ("embed/avg_k", "embed/gate_acc", "embed/fallback_frac", "embed/target_inactive", "attn/avg_k"):
         assert np.isfinite(float(metrics[key])), key
+    # The progress bar shows the gated heads' and slots' headline numbers (absent without them:
+    # test_routing_metrics.test_bar_fields_and_plain_log_line, test_train_cli).
+    post = progress_fields(jax.device_get(metrics))
+    for label, key in (("attn_k", "attn/avg_k"), ("attn_acc_inf", "attn/gate_acc_informative"),
+                       ("emb_k", "embed/avg_k"), ("emb_acc_inf", "embed/gate_acc_informative")):
+        assert post[label] == f"{float(metrics[key]):.3f}", label
