@@ -15,6 +15,8 @@ from onn_jax.model import Transformer, init_params, model_taps
 from onn_jax.step import compute_grads
 from onn_jax.units import unit_records, unit_taps
 from train.evaluate import UNIT_EVAL_SKIPPED, evaluate, make_eval_step
+from train.logging import MetricsWriter
+from train.plot import make_dashboards
 
 
 def _batch(seed):
@@ -67,11 +69,11 @@ def _embed_restated(cfg, params, batch):
 
 
 @pytest.mark.parametrize("routers", [("surprise", "surprise"), ("topk", "dense")], ids=["all_gated", "embed_only"])
-def test_eval_reports_the_train_steps_attn_and_embed_metrics(routers):
+def test_eval_reports_the_train_steps_attn_and_embed_metrics(routers, tmp_path):
     """eval/attn_* and eval/embed_* are the train step's attn/* and embed/* (same params, same
     batches, mean over batches), and the slot gate's numbers equal a NumPy re-statement from its
     mask, pre and S. In `embed_only` (top-k MoE, dense heads) only the slot gate asks for the
-    Surprise pass."""
+    Surprise pass. onn-plot draws the units' figures from these rows, those of the gated kinds only."""
     moe_router, head_router = routers
     cfg = dataclasses.replace(tiny_config(num_layers=1, router=moe_router), num_heads=4,
                               heads=HeadsConfig(router=head_router, top_k=2),
@@ -113,3 +115,11 @@ def test_eval_reports_the_train_steps_attn_and_embed_metrics(routers):
     want = np.stack([np.concatenate([k.reshape(2, t, -1)[d] for k in masks]).mean(0) for d in range(2)])
     np.testing.assert_allclose(m["eval/domain_slot_load"], want, rtol=1e-6)
     assert ("eval/domain_head_load" in m) == (head_router != "dense")
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    w.write(1, train[0])
+    w.write(2, {**train[1], **m})
+    w.close()
+    unit_plots = {p.name for p in make_dashboards(tmp_path)} - {
+        "loss.png", "gate.png", "expert_load.png", "surprise.png", "domain_routing.png"}
+    heads = {"attn_gate.png", "head_load.png", "domain_heads.png"} if head_router != "dense" else set()
+    assert unit_plots == {"embed_gate.png", "slot_load.png", "domain_slots.png"} | heads
