@@ -5,6 +5,8 @@ taps (as the train step does, without any parameter gradient), so the histogram 
 very S the gate is trained on. The histogram counts active (token, expert) pairs with S > 0
 (the faithful S is exactly 0 on inactive pairs); `eval/surprise_zero_frac` is the share of
 active pairs with S == 0 (e.g. positions whose loss is masked, in the last layer).
+Gated attention heads and the slot embedding get the train step's `attn/*` and `embed/*`
+metrics as `eval/attn_*` and `eval/embed_*` (unit_eval_sums; docs/FULL_STACK.md, Metrics).
 """
 from __future__ import annotations
 
