@@ -594,8 +594,17 @@ def from_dict(cls, data: Mapping[str, Any], path: str = ""):
 
 
 def to_dict(config) -> dict[str, Any]:
-    """The config as a plain nested dict (for logging and checkpoint metadata)."""
-    return dataclasses.asdict(config)
+    """The config as a plain nested dict of JSON types (tuples as lists), as it reads back from
+    config.json and checkpoint metadata (for logging, metadata and comparisons)."""
+    return _json_shaped(dataclasses.asdict(config))
+
+
+def _json_shaped(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_shaped(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_shaped(v) for v in value]
+    return value
 
 
 # --- The training program: data, loop, checkpoints, and the top-level Config -------------------
