@@ -99,7 +99,7 @@ def unit_eval_sums(cfg: ModelConfig, params: Any, f: EvalForward, loss_mask_N: j
     _, per_kind = unit_gate_loss(cfg, unit_gate_inputs(f.units), f.units, f.unit_surprises, loss_mask_N)
     metrics = unit_metrics(cfg, params, f.units, f.unit_surprises, per_kind, loss_mask_N)
     out = {k.replace("/", "_", 1): v for k, v in metrics.items() if k.split("/", 1)[1] not in UNIT_EVAL_SKIPPED}
-    b, num_domains = onehot_BxD.shape
+    b = onehot_BxD.shape[0]
     positions_D = onehot_BxD.sum(0) * (loss_mask_N.shape[0] // b)
     if f.units.heads:  # [D, L, H] active heads summed over each domain's positions
         load_LxBxH = jnp.stack([r.router.mask.astype(jnp.float32).reshape(b, -1, r.router.mask.shape[-1]).sum(1)
@@ -113,15 +113,27 @@ def unit_eval_sums(cfg: ModelConfig, params: Any, f: EvalForward, loss_mask_N: j
     return out
 
 
-def make_eval_step(cfg: ModelConfig, num_domains: int, edges: np.ndarray = SURPRISE_EDGES) -> Callable:
+def make_eval_step(cfg: ModelConfig, num_domains: int, edges: np.ndarray = SURPRISE_EDGES,
+                   mesh=None) -> Callable:
     """Jitted `(params, batch) -> sums` of one eval batch (`evaluate` turns them into means).
 
     Per domain d (batch["domain"] == d; -1 rows are padding) it also sums the loss, the
     counted tokens and each layer's expert assignments, for routing analysis by domain.
+    With `mesh`, the step is the sharded train step's twin: batch rows split along the batch
+    axes, traced under the mesh's activation rules (so a dropless layer runs per device in its
+    shard_map, as in training) and the sums replicated; feed it global batches
+    (`evaluate(..., place=...)`).
     """
     edges = jnp.asarray(edges, jnp.float32)
 
     def eval_step(params, batch):
+        if mesh is None:
+            return eval_sums(params, batch)
+        from onn_jax.sharding import activation_rules
+        with activation_rules(mesh):
+            return eval_sums(params, batch)
+
+    def eval_sums(params, batch):
         b, t = batch["inputs"].shape
         f = eval_forward(cfg, params, batch)
         out = {"main_loss": f.main * f.count, "main_acc": f.acc * f.count, "tokens": f.count}
@@ -154,21 +166,31 @@ def make_eval_step(cfg: ModelConfig, num_domains: int, edges: np.ndarray = SURPR
                        gate_acc=jnp.mean(jnp.stack(accs)))
         return out
 
-    return jax.jit(eval_step)
+    if mesh is None:
+        return jax.jit(eval_step)
+    from jax.sharding import NamedSharding, PartitionSpec
+    from onn_jax.sharding import batch_sharding
+    return jax.jit(eval_step, in_shardings=(None, batch_sharding(mesh)),
+                   out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
 def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict[str, np.ndarray]],
-             edges: np.ndarray = SURPRISE_EDGES) -> dict[str, Any]:
+             edges: np.ndarray = SURPRISE_EDGES, place: Callable | None = None) -> dict[str, Any]:
     """Runs eval_step over `batches`; returns `eval/...` metrics (token-weighted means,
-    summed histogram counts, per-batch means of the routing metrics)."""
+    summed histogram counts, per-batch means of the routing metrics).
+
+    place: host batch -> global device batch (a mesh eval step's input; in a multi-process run
+    each process holds its rows and the sums come back global). Without it each process
+    evaluates its own rows and the sums are added up across processes here."""
     sums: dict[str, np.ndarray] = {}
     n = 0
     for batch in batches:
-        out = jax.device_get(eval_step(params, {k: batch[k] for k in ("inputs", "targets", "loss_mask", "domain")}))
+        batch = {k: batch[k] for k in ("inputs", "targets", "loss_mask", "domain")}
+        out = jax.device_get(eval_step(params, batch if place is None else place(batch)))
         for k, v in out.items():
             sums[k] = sums.get(k, 0) + np.asarray(v, np.float64)
         n += 1
-    if jax.process_count() > 1:  # every process saw its rows of each eval batch: add them up
+    if jax.process_count() > 1 and place is None:  # each process saw its rows: add them up
         from jax.experimental import multihost_utils
         gathered = multihost_utils.process_allgather({k: np.asarray(v) for k, v in sorted(sums.items())})
         sums = {k: np.asarray(v, np.float64).sum(0) for k, v in gathered.items()}
