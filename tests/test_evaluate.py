@@ -55,7 +55,7 @@ def test_eval_reports_the_train_steps_embed_metrics_when_only_the_slots_are_gate
                               embed=EmbedConfig(kind="slots", num_slots=12, code_dim=6, gate_tokens="unmasked"))
     params = init_params(cfg, jax.random.key(5))
     batches = [_batch(4), _batch(5)]
-    m = evaluate(make_eval_step(cfg, num_domains=2), params, batches)
+    m = evaluate(make_eval_step(cfg, num_domains=3), params, batches)  # domain 2 has no rows
     step = jax.jit(lambda p, b: compute_grads(p, b, cfg)[1])
     train = [step(params, {k: jnp.asarray(b[k]) for k in ("inputs", "targets", "loss_mask")}) for b in batches]
     keys = [k for k in train[0] if k.startswith(("attn/", "embed/"))]
@@ -71,4 +71,6 @@ def test_eval_reports_the_train_steps_embed_metrics_when_only_the_slots_are_gate
         np.testing.assert_allclose(m[name], want, rtol=1e-5, atol=1e-6, err_msg=k)
     # slots used in some eval batch: the union over the batches; [D, M] per domain (rows 0, 1)
     assert m["eval/embed_slots_used"] == np.sum(np.max([r["embed/slot_load"] for r in train], 0) > 0)
-    np.testing.assert_allclose(m["eval/domain_slot_load"].mean(0), m["eval/embed_slot_load"], rtol=1e-6)
+    np.testing.assert_allclose(m["eval/domain_slot_load"][:2].mean(0), m["eval/embed_slot_load"], rtol=1e-6)
+    assert np.all(np.isnan(m["eval/domain_slot_load"][2])) and np.all(np.isnan(m["eval/domain_expert_load"][2]))
+    assert np.all(np.isfinite(m["eval/domain_expert_load"][:2]))

@@ -35,7 +35,7 @@ def synthetic_rows(n_steps=6, layers=2, experts=4, domains=3, units=False):
             if i % 2:
                 row.update({"eval/attn_avg_k": 2.0, "eval/embed_avg_k": 7.5,
                             "eval/domain_head_load": rng.random((domains, layers, 4)),
-                            "eval/domain_slot_load": rng.random((domains, 16))})
+                            "eval/domain_slot_load": rng.random((domains, 16)) * [[1], [1], [np.nan]]})
         if i % 2:
             row.update({"eval/main_loss": 5.0 - 0.4 * i, "eval/main_acc": 0.1 * i,
                         "eval/surprise_hist": rng.integers(0, 50, (layers, 40)),

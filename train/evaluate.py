@@ -203,15 +203,15 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict[str, np.nd
                "eval/tokens": tokens, "eval/batches": n}
     d_tokens = sums.pop("domain_tokens")
     metrics["eval/domain_loss"] = np.where(d_tokens > 0, sums.pop("domain_loss") / np.maximum(d_tokens, 1), np.nan)
-    if "domain_assign" in sums:  # [D, L, E] share of each domain's positions routed to each expert
-        positions = sums.pop("domain_positions")
-        metrics["eval/domain_expert_load"] = sums.pop("domain_assign") / np.maximum(positions, 1)[:, None, None]
-    if "domain_head_assign" in sums:  # [D, L, H] share of each domain's positions using each head
-        positions = sums.pop("domain_head_positions")
-        metrics["eval/domain_head_load"] = sums.pop("domain_head_assign") / np.maximum(positions, 1)[:, None, None]
-    if "domain_slot_assign" in sums:  # [D, M] share of each domain's positions using each slot
-        positions = sums.pop("domain_slot_positions")
-        metrics["eval/domain_slot_load"] = sums.pop("domain_slot_assign") / np.maximum(positions, 1)[:, None]
+    # [D, L, E|H] / [D, M]: share of each domain's positions routed to each expert / using each
+    # head / slot; NaN for a domain without eval positions (no measurement, not a load of 0)
+    for assign, positions, name in (("domain_assign", "domain_positions", "domain_expert_load"),
+                                    ("domain_head_assign", "domain_head_positions", "domain_head_load"),
+                                    ("domain_slot_assign", "domain_slot_positions", "domain_slot_load")):
+        if assign in sums:
+            count_D, load = sums.pop(positions), sums.pop(assign)
+            count = count_D.reshape(-1, *[1] * (load.ndim - 1))
+            metrics[f"eval/{name}"] = np.where(count > 0, load / np.maximum(count, 1), np.nan)
     if "surprise_hist" in sums:
         metrics["eval/surprise_hist"] = sums.pop("surprise_hist")
         metrics["eval/surprise_edges"] = np.asarray(edges, np.float64)

@@ -163,6 +163,8 @@ def domain_heatmap(rows, path: Path, plt, key: str, unit: str, what: str):
     load_DxLxE = np.asarray(last[key], np.float64)
     load_DxLxE = load_DxLxE[:, None] if load_DxLxE.ndim == 2 else load_DxLxE
     names = last.get("eval/domain_names") or [str(d) for d in range(len(load_DxLxE))]
+    empty_D = np.all(np.isnan(load_DxLxE.reshape(len(load_DxLxE), -1)), -1)  # no eval positions
+    names = [f"{n} (none)" if e else n for n, e in zip(names, empty_D)]
     n_layers = load_DxLxE.shape[1]
     fig, axes = plt.subplots(1, n_layers, figsize=(2 + 4 * n_layers, 1.5 + 0.5 * len(names)), squeeze=False)
     for layer, ax in enumerate(axes[0]):
