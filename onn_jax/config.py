@@ -91,11 +91,14 @@ class MoEConfig:
       backward; onn_jax.token_sums): `loop` (one pass over an [N, C] accumulator per j < max k,
       portable), `pallas` (one Pallas Triton kernel reading each row once, NVIDIA GPUs) or
       `auto` (pallas on an NVIDIA GPU, else loop). Same sums in the same order either way.
-    ep_budget: dropless dispatch with mesh.expert = ep > 1 (onn_jax.expert_parallel): each device
-      sends at most ceil(ep_budget * n) rows to each expert-parallel peer (n = its tokens); a
-      peer's pairs beyond that are dropped (the device's last tokens first) and counted in
-      moe/dropped_frac. None means min(pair budget, num_experts / ep), which adds no drop when
-      pair_budget is its default (top_k, or fallback_k for the surprise gate).
+    ep_budget: dropless dispatch on a mesh of several devices (onn_jax.expert_parallel; ep =
+      mesh.expert, 1 for data parallelism): each device sends at most ceil(ep_budget * n) rows
+      to each expert-parallel peer (n = its tokens; at ep = 1 its own row buffer); a peer's
+      pairs beyond that are dropped (the device's last tokens first) and counted in
+      moe/dropped_frac. None means min(pair budget, num_experts / ep), which adds no drop for
+      ep > 1 when pair_budget is its default (top_k, or fallback_k for the surprise gate); at
+      ep = 1 a device whose tokens need more than pair_budget rows each on average overflows
+      (num_experts never does).
 
     Research options (issue 16, docs/RESEARCH.md; the defaults are the faithful model):
     aux_free_rate: aux-loss-free balancing of the top-k router (0 = off): a per-expert bias, added
@@ -594,8 +597,17 @@ def from_dict(cls, data: Mapping[str, Any], path: str = ""):
 
 
 def to_dict(config) -> dict[str, Any]:
-    """The config as a plain nested dict (for logging and checkpoint metadata)."""
-    return dataclasses.asdict(config)
+    """The config as a plain nested dict of JSON types (tuples as lists), as it reads back from
+    config.json and checkpoint metadata (for logging, metadata and comparisons)."""
+    return _json_shaped(dataclasses.asdict(config))
+
+
+def _json_shaped(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_shaped(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_shaped(v) for v in value]
+    return value
 
 
 # --- The training program: data, loop, checkpoints, and the top-level Config -------------------

@@ -153,8 +153,8 @@ def ep_dropless_layer(params: dict, x_NxC: jax.Array, cfg: MoEConfig, tap_RxC: j
     token_sum = resolve_token_sum(cfg.token_sum, c)
     tok, exp = P(axes), P("expert")
 
-    def body(x_nxC, mask_nxE, weights_nxE, experts, tap=None):
-        kept_nxE = _global_kept(mask_nxE, rows_glob, axes)
+    def exchanged_rows(x_nxC, kept_nxE, experts):
+        """Expert parallelism: send each peer its pairs' rows, run the local experts, send back."""
         d, counts_DxL = _send_layout(kept_nxE, ep, s)
         x_DxSxC = dispatch_rows(x_nxC, d, token_sum).reshape(ep, s, c)
         x_DxSxC = jax.lax.all_to_all(x_DxSxC, "expert", 0, 0, tiled=True)
@@ -164,7 +164,18 @@ def ep_dropless_layer(params: dict, x_NxC: jax.Array, cfg: MoEConfig, tap_RxC: j
                                                                    unique_indices=True)
         y_RxC = row_expert_outputs(experts, x_RxC, sizes_L, cfg.expert_kind, backend)
         y_DxSxC = y_RxC[pos_R].reshape(ep, s, c)
-        y_RxC = jax.lax.all_to_all(y_DxSxC, "expert", 0, 0, tiled=True).reshape(ep * s, c)
+        return jax.lax.all_to_all(y_DxSxC, "expert", 0, 0, tiled=True).reshape(ep * s, c), d
+
+    def own_rows(x_nxC, kept_nxE, experts):
+        """Data parallelism (ep = 1): the one-device layout of the device's own S rows (the same
+        drop rule as a single peer's send block), no exchange and no permutation."""
+        d = make_dropless(kept_nxE, s)
+        x_RxC = dispatch_rows(x_nxC, d, token_sum)
+        return row_expert_outputs(experts, x_RxC, d.sizes_E, cfg.expert_kind, backend), d
+
+    def body(x_nxC, mask_nxE, weights_nxE, experts, tap=None):
+        kept_nxE = _global_kept(mask_nxE, rows_glob, axes)
+        y_RxC, d = (own_rows if ep == 1 else exchanged_rows)(x_nxC, kept_nxE, experts)
         y_RxC = y_RxC.astype(jnp.float32)
         if tap is not None:
             y_RxC = y_RxC + tap

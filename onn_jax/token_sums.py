@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-TOKEN_SUMS = ("auto", "loop", "pallas")
+from onn_jax.config import TOKEN_SUMS
+
 MIN_BLOCK_C = 32   # auto's smallest column block for the kernel
 MAX_BLOCK_C = 1024
 

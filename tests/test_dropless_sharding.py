@@ -39,3 +39,23 @@ def test_sharded_dropless_step_equals_one_device(shape, gemm, reference):
     for key in ("train/main_loss", "moe/gate_loss", "moe/avg_k", "moe/dropped_frac", "train/grad_norm"):
         np.testing.assert_allclose(metrics[key], metrics_ref[key], rtol=1e-5, err_msg=key)
     assert_tree_close(new_state, state1_ref)
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1)], ids=["8x1", "2x4"])
+def test_mesh_eval_equals_one_device_eval(shape, reference):
+    """onn-train's eval on a mesh (make_eval_step(mesh=...), global batches) runs the dropless
+    layer per device as training does and gives the one-device eval's metrics."""
+    from train.evaluate import evaluate, make_eval_step
+    state0_ref = reference[0]
+    batch = {**make_batch(seed=3), "domain": np.arange(len(make_batch()["inputs"])) % 2}
+    batch["domain"][-1] = -1                      # a padding row
+    want = evaluate(make_eval_step(DL, 2), state0_ref.params, [batch])
+    mesh = mesh_of(shape)
+    params = jax.device_put(state0_ref.params, sh.state_shardings(state0_ref, mesh).params)
+    step = make_eval_step(DL, 2, mesh=mesh)
+    got = evaluate(step, params, [batch], place=lambda b: sh.shard_batch(b, mesh))
+    assert set(got) == set(want)
+    if shape[1] > 1:  # the expert-parallel layer (its all-to-all), not XLA's partitioning of it
+        assert "all_to_all" in step.lower(params, sh.shard_batch(batch, mesh)).as_text()
+    for key, value in want.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-7, err_msg=key)

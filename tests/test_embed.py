@@ -16,6 +16,9 @@ from onn_jax.model import Transformer, init_params, model_taps
 from onn_jax.step import compute_grads
 from onn_jax.surprise import SurpriseInputs, advantage_surprise, output_grad_surprise
 from onn_jax.units import unit_records, unit_taps
+from train.evaluate import evaluate, make_eval_step
+from train.logging import MetricsWriter, progress_fields
+from train.plot import make_dashboards
 
 
 def embed_config(**embed):
@@ -102,7 +105,8 @@ def test_ngram_hash_is_a_pure_function_and_the_memory_is_causal_with_exact_kv_de
     assert new == np.asarray(jnp.argmax(logits[0, 4:-1], -1)).tolist()
 
 
-def test_unified_gradient_with_moe_heads_and_slot_embedding_gated_equals_naive_two_pass():
+def test_unified_gradient_with_moe_heads_and_slot_embedding_gated_equals_naive_two_pass(tmp_path):
+    """Also: the eval step, the progress bar and onn-plot on this step's attn/* and embed/*."""
     cfg = dataclasses.replace(tiny_config(num_layers=1), num_heads=4,
                               heads=HeadsConfig(router="surprise", surprise="output_grad_closed", w_aux=0.5),
                               embed=EmbedConfig(kind="slots", num_slots=12, code_dim=6, w_aux=0.3,
@@ -133,10 +137,10 @@ def test_unified_gradient_with_moe_heads_and_slot_embedding_gated_equals_naive_t
             return (main + sum(hybrid_gate_loss(r.router.pre, s)[0] for r, s in zip(moe, sm))
                     + 0.5 * sum(hybrid_gate_loss(r.router.pre, s)[0] for r, s in zip(units.heads, sh))
                     + 0.3 * hybrid_gate_loss(units.embed.router.pre, se, token_mask_N=batch["loss_mask"].reshape(-1))[0])
-        return jax.grad(total)(p)
+        return jax.grad(total)(p), (units.embed.router.mask, units.embed.router.pre, s_emb)
 
     grads, metrics = jax.jit(lambda p: compute_grads(p, batch, cfg))(params)
-    expected = jax.jit(naive)(params)
+    expected, slot_gate = jax.jit(naive)(params)
     assert rel_err(grads, expected) < 1e-5, rel_err(grads, expected)
     assert rel_err(grads["embed"], expected["embed"]) < 1e-5
     # Only the batch's ids get code gradients.
@@ -145,3 +149,36 @@ def test_unified_gradient_with_moe_heads_and_slot_embedding_gated_equals_naive_t
     assert metrics["embed/slot_load"].shape == (12,) and float(metrics["embed/slots_used"]) >= 1
     for key in ("embed/avg_k", "embed/gate_acc", "embed/fallback_frac", "embed/target_inactive", "attn/avg_k"):
         assert np.isfinite(float(metrics[key])), key
+    # The progress bar shows the gated heads' and slots' headline numbers (absent without them:
+    # test_routing_metrics.test_bar_fields_and_plain_log_line, test_train_cli).
+    post = progress_fields(jax.device_get(metrics))
+    for label, key in (("attn_k", "attn/avg_k"), ("attn_acc_inf", "attn/gate_acc_informative"),
+                       ("emb_k", "embed/avg_k"), ("emb_acc_inf", "embed/gate_acc_informative")):
+        assert post[label] == f"{float(metrics[key]):.3f}", label
+
+    # The eval step reports the train step's attn/* and embed/* on the same batch (all but
+    # threshold_mean), and the slot gate's numbers equal a NumPy re-statement from its mask, pre
+    # and the advantage S written out in `naive`.
+    eval_batch = {k: np.asarray(v) for k, v in batch.items()} | {"domain": np.array([1, 0], np.int32)}
+    m = evaluate(make_eval_step(cfg, num_domains=2), params, [eval_batch])
+    keys = [k for k in metrics if k.startswith(("attn/", "embed/")) and not k.endswith("threshold_mean")]
+    assert {"attn/head_load", "attn/gate_acc", "attn/gate_loss", "embed/gate_ce", "embed/slots_used"} <= set(keys)
+    for k in keys:
+        np.testing.assert_allclose(m["eval/" + k.replace("/", "_", 1)], metrics[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    mask, pre, s = (np.asarray(a, np.float64) for a in slot_gate)
+    varying = s.max(-1) > s.min(-1)
+    assert varying.sum() >= 4  # the unmasked labels' rows at least
+    restated = {"avg_k": mask.sum(-1).mean(), "slot_load": mask.mean(0), "fallback_frac": (pre <= 0).all(-1).mean(),
+                "gate_acc": (pre.argmax(-1) == s.argmin(-1))[varying].mean(),
+                "target_inactive": 1 - mask[np.arange(len(s)), s.argmin(-1)].mean(),
+                "slots_used": (mask.sum(0) > 0).sum()}
+    for k, want in restated.items():
+        np.testing.assert_allclose(m[f"eval/embed_{k}"], want, rtol=1e-6, err_msg=k)
+    np.testing.assert_allclose(m["eval/domain_slot_load"], mask.reshape(b, t, -1).mean(1)[::-1], rtol=1e-6)
+    # onn-plot draws the units' figures from these rows
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    w.write(1, jax.device_get(metrics))
+    w.write(2, {**jax.device_get(metrics), **m})
+    w.close()
+    assert {p.name for p in make_dashboards(tmp_path)} >= {
+        "attn_gate.png", "head_load.png", "domain_heads.png", "embed_gate.png", "slot_load.png", "domain_slots.png"}

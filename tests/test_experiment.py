@@ -93,6 +93,12 @@ def test_shipped_experiment_files_load():
     assert forgetting["kind"] == "forgetting" and forgetting["runs"] == routing["runs"]
     assert set(forgetting["phases"]["first"]).isdisjoint(forgetting["phases"]["second"])
     assert Path(routing["base"]).resolve() == (root.parent / "tiny.py").resolve()
+    phase2, bpe = (experiment.load_experiment(root / f) for f in ("phase2.py", "phase2_bpe.py"))
+    assert phase2["vary_data"] and bpe["seeds"] == phase2["seeds"] == [0, 1, 2]
+    assert {"base", "heads_og", "heads_adv", "heads_topk", "embed_ngram2"} <= set(phase2["runs"])
+    cfg = experiment.run_config(bpe, "bpe_adaptive", 0)  # the committed 2048-id BPE, its vocabulary
+    from onn_jax.tokenizer import load_tokenizer
+    assert load_tokenizer(cfg.data.tokenizer).vocab_size == cfg.model.vocab_size == 2048
 
 
 class _FakeCells:

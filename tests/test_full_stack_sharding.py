@@ -1,5 +1,5 @@
-"""Phase-2 gated units (and the adaptive softmax output) on a mesh: the sharded step equals one
-device's (test_sharding pattern)."""
+"""Phase-2 gated units (and the adaptive softmax output) on a mesh: the sharded step (and, for the
+heads and slots, onn-train's mesh eval) equals one device's (test_sharding pattern)."""
 import dataclasses
 import functools
 
@@ -55,3 +55,13 @@ def test_sharded_step_with_gated_units_equals_one_device(name):
         out = new_state.params["output"]
         assert out["head"].sharding.spec == out["tail_1"]["proj"].sharding.spec == jax.sharding.PartitionSpec("fsdp")
         assert out["tail_2"]["out"].sharding.spec == jax.sharding.PartitionSpec()
+    if name == "heads_and_slots":  # onn-train's eval on the mesh: the same eval/attn_*, eval/embed_*
+        from train.evaluate import evaluate, make_eval_step
+        eval_batch = {**batch, "domain": np.arange(len(batch["inputs"])) % 2}
+        want = evaluate(make_eval_step(cfg, 2), state0.params, [eval_batch])
+        params = jax.device_put(state0.params, sh.state_shardings(state0, mesh).params)  # `state` was donated
+        got = evaluate(make_eval_step(cfg, 2, mesh=mesh), params, [eval_batch],
+                       place=lambda b: sh.shard_batch(b, mesh))
+        assert set(got) == set(want) and {"eval/attn_head_load", "eval/embed_slot_load"} <= set(want)
+        for key, value in want.items():
+            np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=key)

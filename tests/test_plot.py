@@ -19,7 +19,8 @@ def png_size(path):
     return struct.unpack(">II", data[16:24])
 
 
-def synthetic_rows(n_steps=6, layers=2, experts=4, domains=3):
+def synthetic_rows(n_steps=6, layers=2, experts=4, domains=3, units=False):
+    """units: also gated heads' (attn/*, 4 heads) and slot embedding's (embed/*, 16 slots) metrics."""
     rng = np.random.default_rng(0)
     edges = np.logspace(-9, 1, 41)
     for i in range(n_steps):
@@ -27,6 +28,14 @@ def synthetic_rows(n_steps=6, layers=2, experts=4, domains=3):
         row = {"train/main_loss": 5.0 - 0.5 * i, "train/main_acc": 0.1 * i, "moe/gate_acc": 0.1 * i,
                "moe/avg_k": 2.0 - 0.1 * i, "moe/gate_loss": 1.0, "moe/threshold_mean": 0.5,
                "moe/expert_load": rng.random((layers, experts))}
+        if units:
+            row.update({"attn/avg_k": 2.0, "attn/gate_acc_informative": 0.3, "attn/gate_loss": 1.0,
+                        "attn/head_load": rng.random((layers, 4)), "embed/avg_k": 8.0, "embed/gate_ce": 0.5,
+                        "embed/slot_load": rng.random(16), "embed/slots_used": 16.0})
+            if i % 2:
+                row.update({"eval/attn_avg_k": 2.0, "eval/embed_avg_k": 7.5,
+                            "eval/domain_head_load": rng.random((domains, layers, 4)),
+                            "eval/domain_slot_load": rng.random((domains, 16)) * [[1], [1], [np.nan]]})
         if i % 2:
             row.update({"eval/main_loss": 5.0 - 0.4 * i, "eval/main_acc": 0.1 * i,
                         "eval/surprise_hist": rng.integers(0, 50, (layers, 40)),
@@ -83,6 +92,21 @@ def test_dashboards_are_valid_pngs(tmp_path):
         width, height = png_size(p)
         assert width >= 400 and height >= 250
     assert png_size(tmp_path / "plots" / "expert_load.png")[1] > 300  # two layers stacked
+
+
+UNIT_PLOTS = ["attn_gate.png", "head_load.png", "domain_heads.png", "embed_gate.png", "slot_load.png",
+              "domain_slots.png"]
+
+
+def test_gated_heads_and_slots_add_their_dashboards(tmp_path):
+    """attn/* and embed/* rows add the unit figures (the run without them: the test above)."""
+    w = MetricsWriter(tmp_path, tensorboard=True)  # head_load image, slot_load image + histogram
+    for step, row in synthetic_rows(units=True):
+        w.write(step, row)
+    w.close()
+    names = [p.name for p in make_dashboards(tmp_path)]
+    assert names == ["loss.png", "gate.png", "expert_load.png", "surprise.png", "domain_routing.png", *UNIT_PLOTS]
+    assert png_size(tmp_path / "plots" / "head_load.png")[1] > png_size(tmp_path / "plots" / "slot_load.png")[1]
 
 
 def test_dense_baseline_draws_only_loss(tmp_path):

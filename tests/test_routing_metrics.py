@@ -68,3 +68,10 @@ def test_bar_fields_and_plain_log_line(capsys):
     bar.show(row)  # the latest eval loss stays on later rows
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["step 20: loss=2.500 eval=2.600 gate_acc_inf=0.000 dead=0/3 lr=3.0e-03 tok/s=1234"] * 2
+    # gated heads and slot embedding: their avg_k and informative gate accuracy, after the MoE's
+    unit_row = {**row, "attn/avg_k": 1.5, "attn/gate_acc_informative": 0.25, "embed/avg_k": 6.0,
+                "embed/gate_acc_informative": 0.125, "attn/gate_acc": 0.9}
+    assert list(progress_fields(unit_row, latest_eval=2.75).items()) == [
+        ("loss", "2.500"), ("eval", "2.750"), ("gate_acc_inf", "0.000"), ("dead", "0/3"), ("attn_k", "1.500"),
+        ("attn_acc_inf", "0.250"), ("emb_k", "6.000"), ("emb_acc_inf", "0.125"), ("lr", "3.0e-03"),
+        ("tok/s", "1234")]

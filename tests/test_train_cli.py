@@ -12,7 +12,7 @@ from onn_jax.config import Config, from_dict
 from onn_jax.model import Transformer
 from onn_jax.tokenizer import ByteTokenizer, encode_chat
 from train.config_loader import load
-from train.logging import read_metrics
+from train.logging import progress_fields, read_metrics
 from train.loop import sample
 from train.main import main
 
@@ -68,6 +68,9 @@ def test_metrics_rows_and_keys(run30):
     hist = np.asarray(last["eval/surprise_hist"])
     assert hist.shape == (1, 40) and hist.sum() > 0
     assert 1.0 <= last["moe/avg_k"] <= 4.0
+    # no gated heads or slot embedding: no attn/embed metrics, bar fields or plots (test_workdir_layout)
+    assert not [k for r in rows for k in r if k.startswith(("attn/", "embed/", "eval/attn_", "eval/embed_"))]
+    assert not {"attn_k", "attn_acc_inf", "emb_k", "emb_acc_inf"} & set(progress_fields(last))
 
 
 def test_loss_falls(run30):

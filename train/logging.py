@@ -18,6 +18,11 @@ import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
+# Gated heads (model.heads) and slot embedding (model.embed.kind=slots): active units per token and
+# the gate accuracy over tokens with a non-constant S row (pooled over layers; absent under top-k).
+# A run without them has no attn/* or embed/* metrics, so its bar is unchanged.
+UNIT_PROGRESS_KEYS = (("attn/avg_k", "attn_k"), ("attn/gate_acc_informative", "attn_acc_inf"),
+                      ("embed/avg_k", "emb_k"), ("embed/gate_acc_informative", "emb_acc_inf"))
 # Keys shown in the progress bar (and the plain log line), with their short labels. The routing
 # numbers are the ones a collapse does not inflate (onn_jax.routing_metrics); the
 # original's `moe/gate_acc` stays in metrics.jsonl only. `eval` is the latest eval loss.
@@ -25,6 +30,7 @@ PROGRESS_KEYS = (("train/main_loss", "loss"), ("eval/main_loss", "eval"),
                  ("moe/gate_acc_informative", "gate_acc_inf"), ("moe/dead_experts", "dead"),
                  ("moe/load_cv", "load_cv"), ("moe/router_entropy", "H"), ("moe/fallback_share", "fallback"),
                  ("moe/target_inactive", "tgt_inactive"), ("moe/avg_k", "avg_k"),
+                 *UNIT_PROGRESS_KEYS,
                  ("train/grad_norm", "gnorm"), ("train/lr", "lr"), ("perf/tokens_per_sec", "tok/s"),
                  ("perf/mfu", "mfu"))
 
@@ -137,12 +143,16 @@ class MetricsWriter:
             arr = np.asarray(value)
             if arr.ndim == 0 and np.issubdtype(arr.dtype, np.number):
                 self._tb.add_scalar(key, float(arr), step)
-            elif key.endswith("expert_load") and arr.ndim == 2:  # [L, E]: scalars, image, histogram
+            elif key.endswith(("expert_load", "head_load")) and arr.ndim == 2:  # [L, E|H]: scalars, image, histogram
+                unit = "expert" if key.endswith("expert_load") else "head"
                 for layer, row in enumerate(arr):
                     self._tb.add_histogram(f"{key}/layer_{layer}", row, step)
-                    self._tb.add_scalars(f"{key}/layer_{layer}", {f"expert_{e}": float(v) for e, v in enumerate(row)},
+                    self._tb.add_scalars(f"{key}/layer_{layer}", {f"{unit}_{e}": float(v) for e, v in enumerate(row)},
                                          step)
                 self._tb.add_image(key, load_image(arr), step, dataformats="HW")
+            elif key.endswith("slot_load") and arr.ndim == 1:  # [M] slots (often 256): image and histogram
+                self._tb.add_histogram(key, arr, step)
+                self._tb.add_image(key, load_image(arr[None]), step, dataformats="HW")
             elif arr.ndim == 1 and np.issubdtype(arr.dtype, np.number) and arr.size <= 256:
                 names = metrics.get("eval/domain_names") if key.startswith("eval/domain_") else None
                 names = names if isinstance(names, (list, tuple)) and len(names) == arr.size else None

@@ -278,7 +278,7 @@ class Run:
             raise TrainError(f"optim.accum_steps: microbatches of {cfg.data.batch_size // k} rows: "
                              f"{e.message}") from e
         self.step_fn = make_guarded_step(cfg.model, self.tx, self.mesh, accum_steps=k)
-        self.eval_fn = make_eval_step(cfg.model, len(self.ds.domains))
+        self.eval_fn = make_eval_step(cfg.model, len(self.ds.domains), mesh=self.mesh)
         if cfg.checkpoint.enabled:
             try:
                 self.ckpt = ckpt_lib.Checkpointer(self.workdir / CHECKPOINT_DIR, save_every=cfg.checkpoint.every,
@@ -391,7 +391,10 @@ class Run:
 
     def _batch(self):
         host = next(self.data_iter)
-        host = {k: host[k] for k in ("inputs", "targets", "loss_mask")}
+        return self._place({k: host[k] for k in ("inputs", "targets", "loss_mask")})
+
+    def _place(self, host: dict) -> dict:
+        """A host batch (this process's rows of a global batch) as a global array on the mesh."""
         if jax.process_count() == 1:
             return sharding.shard_batch(host, self.mesh)
         from onn_jax.distributed import global_batch  # multi-process: this process's rows only
@@ -400,7 +403,7 @@ class Run:
     def evaluate(self) -> dict[str, Any]:
         batches = self.ds.eval_batches(self.cfg.data.batch_size, jax.process_index(), jax.process_count())
         limited = self._eval_hooked(b for b, _ in zip(batches, range(self.cfg.train.eval_batches)))
-        metrics = evaluate(self.eval_fn, self.state.model_params, limited)
+        metrics = evaluate(self.eval_fn, self.state.model_params, limited, place=self._place)
         metrics["eval/domain_names"] = list(self.ds.domains)
         return metrics
 

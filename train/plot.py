@@ -8,6 +8,11 @@
     surprise.png     per-layer histogram of Surprise on active (token, expert) pairs, latest eval
     domain_routing.png  per-layer heatmap: domain x expert, share of positions routed, latest eval
 
+Gated attention heads (`attn/*`) and slot embedding (`embed/*`), train/plot_units.py:
+    attn_gate.png, embed_gate.png   their routing health, avg_k, gate loss, thresholds
+    head_load.png, slot_load.png    per-layer heatmap: head (slot) x step, share of tokens using it
+    domain_heads.png, domain_slots.png  domain x head (slot), share of positions, latest eval
+
 Each figure is drawn only when its metrics exist (a dense baseline has no gate). Uses the
 Agg backend, so it works without a display. Works on a live or killed run too: a half-written
 last line of metrics.jsonl is ignored.
@@ -100,8 +105,13 @@ def plot_gate(rows, out: Path, plt) -> Path | None:
 
 
 def plot_expert_load(rows, out: Path, plt) -> Path | None:
-    pts = [(r["step"], np.asarray(r["moe/expert_load"], np.float64)) for r in rows
-           if isinstance(r.get("moe/expert_load"), list)]
+    return load_heatmap(rows, out / "expert_load.png", plt, "moe/expert_load", "expert",
+                        "expert load: fraction of tokens routed to each expert")
+
+
+def load_heatmap(rows, path: Path, plt, key: str, unit: str, title: str):
+    """Per-layer heatmap unit x step of `key` ([L, U] per row, or [U] for one layer)."""
+    pts = [(r["step"], np.asarray(r[key], np.float64)) for r in rows if isinstance(r.get(key), list)]
     if not pts:
         return None
     steps = np.asarray([s for s, _ in pts])
@@ -115,11 +125,11 @@ def plot_expert_load(rows, out: Path, plt) -> Path | None:
     y_edges = np.arange(n_experts + 1) - 0.5
     for layer, ax in enumerate(axes[:, 0]):
         im = ax.pcolormesh(x_edges, y_edges, load_SxLxE[:, layer, :].T, cmap="viridis", vmin=0.0, vmax=vmax)
-        ax.set_ylabel(f"layer {layer}\nexpert")
+        ax.set_ylabel(unit if pts[0][1].ndim == 1 else f"layer {layer}\n{unit}")
         fig.colorbar(im, ax=ax, label="share of tokens")
     axes[-1, 0].set_xlabel("step")
-    axes[0, 0].set_title("expert load: fraction of tokens routed to each expert")
-    return _save(fig, out / "expert_load.png", plt, True)
+    axes[0, 0].set_title(title)
+    return _save(fig, path, plt, True)
 
 
 def plot_surprise(rows, out: Path, plt) -> Path | None:
@@ -141,21 +151,31 @@ def plot_surprise(rows, out: Path, plt) -> Path | None:
 
 
 def plot_domain_routing(rows, out: Path, plt) -> Path | None:
-    last = next((r for r in reversed(rows) if isinstance(r.get("eval/domain_expert_load"), list)), None)
+    return domain_heatmap(rows, out / "domain_routing.png", plt, "eval/domain_expert_load", "expert",
+                          "share of positions routed")
+
+
+def domain_heatmap(rows, path: Path, plt, key: str, unit: str, what: str):
+    """Per-layer heatmap domain x unit of the latest eval's `key` ([D, L, U], or [D, U])."""
+    last = next((r for r in reversed(rows) if isinstance(r.get(key), list)), None)
     if last is None:
         return None
-    load_DxLxE = np.asarray(last["eval/domain_expert_load"], np.float64)
+    load_DxLxE = np.asarray(last[key], np.float64)
+    load_DxLxE = load_DxLxE[:, None] if load_DxLxE.ndim == 2 else load_DxLxE
     names = last.get("eval/domain_names") or [str(d) for d in range(len(load_DxLxE))]
+    empty_D = np.all(np.isnan(load_DxLxE.reshape(len(load_DxLxE), -1)), -1)  # no eval positions
+    names = [f"{n} (none)" if e else n for n, e in zip(names, empty_D)]
     n_layers = load_DxLxE.shape[1]
     fig, axes = plt.subplots(1, n_layers, figsize=(2 + 4 * n_layers, 1.5 + 0.5 * len(names)), squeeze=False)
     for layer, ax in enumerate(axes[0]):
         im = ax.imshow(load_DxLxE[:, layer, :], aspect="auto", cmap="viridis", vmin=0.0,
                        interpolation="nearest")
         ax.set_yticks(range(len(names)), names)
-        ax.set_xlabel("expert")
-        ax.set_title(f"layer {layer}: share of positions routed (eval, step {last['step']})", fontsize=9)
+        ax.set_xlabel(unit)
+        where = f"layer {layer}: " if np.asarray(last[key]).ndim == 3 else ""
+        ax.set_title(f"{where}{what} (eval, step {last['step']})", fontsize=9)
         fig.colorbar(im, ax=ax)
-    return _save(fig, out / "domain_routing.png", plt, True)
+    return _save(fig, path, plt, True)
 
 
 def _save(fig, path: Path, plt, drawn: bool):
@@ -207,7 +227,8 @@ def make_dashboards(workdir: str | Path) -> list[Path]:
     out = workdir / PLOTS_DIR
     drawn = []
     try:
-        for fn in (plot_loss, plot_gate, plot_expert_load, plot_surprise, plot_domain_routing):
+        from train.plot_units import UNIT_PLOTS
+        for fn in (plot_loss, plot_gate, plot_expert_load, plot_surprise, plot_domain_routing, *UNIT_PLOTS):
             try:
                 figure = fn(rows, out, plt)
             except (ValueError, TypeError, KeyError, IndexError) as e:
