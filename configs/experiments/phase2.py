@@ -16,7 +16,7 @@ Controls:
   heads_dense2     dense attention with 2 heads of width 16 (same attention parameters): 2 heads
                    per token without a router, the compute the routed rows' avg_k ~ 2 spends
   heads_og_unmasked  heads_og with the gate loss over unmasked tokens only
-  embed_ngram2_small the bigram memory at 512 buckets x 8 (+17 k parameters): is it the
+  embed_ngram2_small the bigram memory at 512 buckets x 8 (+9 k parameters): is it the
                    lookup or the parameter count?
 """
 
