@@ -12,6 +12,9 @@ Modes (same model size, same batch):
 `--gemm` and `--pair-budget` (default: top_k for plain, 1.25 k for smk with a forced k, else
 the config's); the JSON line reports the budget, the buffer rows and the resolved backend.
 
+`--component none,heads_surprise,...` times each phase-2 component (gated heads, sparse
+embeddings, adaptive softmax; bench/components.py) against the same mode without it.
+
 Each line: step time (median over --steps >= 20 timed steps after compilation and warm-up,
 each step waited for, none of them synchronising inside; `pipelined_step_ms`: the mean of
 --steps steps enqueued back to back, as a training loop runs them), tokens/s, model TFLOP/s
@@ -35,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.components import COMPONENTS, parse_components
 from onn_jax.config import Config, ModelConfig, MoEConfig
 from onn_jax.model import Transformer, attention_impl
 from onn_jax.losses import next_token_loss
@@ -256,11 +260,13 @@ def dropless_fields(model: ModelConfig, num_tokens: int) -> dict[str, Any]:
             "token_sum": resolve_token_sum(m.token_sum, model.hidden)}
 
 
-def measure(name: str, cfg: Config, mode: str, args) -> dict[str, Any]:
-    """Compiles and times one mode; returns its JSON record."""
+def measure(name: str, cfg: Config, mode: str, args, component: str = "none") -> dict[str, Any]:
+    """Compiles and times one mode (with one phase-2 component, bench/components.py); returns
+    its JSON record."""
     k = parse_k(args.force_avg_k, cfg.model.moe.num_experts)
     model = mode_config(cfg.model, mode, k, args.capacity_rel, args.surprise, args.dispatch,
                         args.gemm, args.pair_budget)
+    model = COMPONENTS[component](model)
     if args.attention:
         model = dataclasses.replace(model, attention=args.attention)
     if args.scan_layers:
@@ -313,7 +319,7 @@ def measure(name: str, cfg: Config, mode: str, args) -> dict[str, Any]:
     peak = device_peak_tflops(dev.device_kind, args.peak_tflops)
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     record = {
-        "config": name, "mode": mode, "device_kind": dev.device_kind, "backend": jax.default_backend(),
+        "config": name, "mode": mode, "component": component, "device_kind": dev.device_kind, "backend": jax.default_backend(),
         "batch": b, "seq": t, "router": model.moe.router, "dispatch": model.moe.dispatch,
         "attention": attention_impl(model), "scan_layers": model.scan_layers,
         "surprise": model.moe.surprise if model.moe.router == "surprise" else None,
@@ -365,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dropless: grouped-GEMM backend (model.moe.gemm)")
     ap.add_argument("--pair-budget", type=float, default=None,
                     help="dropless: pair rows per token (model.moe.pair_budget)")
+    ap.add_argument("--component", default="none",
+                    help="comma list of phase-2 components to time against `none` (bench/components.py)")
     ap.add_argument("--token-sum", choices=("auto", "loop", "pallas"), default=None,
                     help="dropless: per-token sums (model.moe.token_sum; onn_jax.token_sums)")
     ap.add_argument("--attention", choices=("xla", "cudnn", "auto"), default=None,
@@ -410,6 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise BenchError(f"--steps: must be >= {MIN_STEPS}, got {args.steps}")
         name, cfg = load_config(args)
         parse_k(args.force_avg_k, cfg.model.moe.num_experts)
+        components = parse_components(args.component)
     except (BenchError, ValueError) as e:
         print(f"onn-bench: {e}", file=sys.stderr)
         return 2
@@ -426,11 +435,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return rc
     rc = 0
     for m in modes:
-        try:
-            record = measure(name, cfg, m, args)
-        except Exception as e:  # e.g. out of memory: report it and go on with the next mode
-            record, rc = {"config": name, "mode": m, "error": f"{type(e).__name__}: {str(e)[:500]}"}, 1
-        print(json.dumps(record), flush=True)
+        for c in components:
+            try:
+                record = measure(name, cfg, m, args, c)
+            except Exception as e:  # e.g. out of memory: report it and go on with the next one
+                record, rc = {"config": name, "mode": m, "component": c,
+                              "error": f"{type(e).__name__}: {str(e)[:500]}"}, 1
+            print(json.dumps(record), flush=True)
     return rc
 
 

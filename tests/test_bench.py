@@ -70,7 +70,7 @@ def test_bench_prints_one_json_line_per_mode(capsys):
     lines = [json.loads(s) for s in capsys.readouterr().out.splitlines() if s.startswith("{")]
     assert rc == 0 and [r["mode"] for r in lines] == ["smk", "sparse"]
     for r in lines:
-        assert r["config"] == "tiny" and r["device_kind"] and r["steps"] == 20
+        assert r["config"] == "tiny" and r["component"] == "none" and r["device_kind"] and r["steps"] == 20
         assert 0 < r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"]
         assert r["tokens_per_s"] == pytest.approx(8 * 64 / (r["step_ms"] / 1e3), rel=1e-3)
         assert 1.0 <= r["avg_k"] <= 4.0 and r["compile_s"] > 0 and r["host_callbacks"] == 0
@@ -81,9 +81,31 @@ def test_bench_prints_one_json_line_per_mode(capsys):
     assert lines[0]["main_loss"] == pytest.approx(lines[1]["main_loss"], rel=1e-4)  # same model, same step
 
 
+def test_every_component_changes_the_model():
+    """Each phase-2 component of bench/components.py adds parameters to the tiny model (its
+    gate, slots, memory, scales or tail clusters), so a row never times `none` twice."""
+    from bench.components import COMPONENTS
+    base = tiny_config()
+    count = lambda m: len(jax.tree.leaves(jax.eval_shape(lambda: init_params(m, jax.random.key(0)))))
+    n0 = count(base)
+    for name, change in COMPONENTS.items():
+        assert (count(change(base)) > n0) == (name != "none"), name
+
+
+@pytest.mark.slow
+def test_components_time_each_one_against_none(capsys):
+    rc = main(["--preset", "tiny", "--mode", "plain", "--component", "none,heads_surprise", "--steps", "20",
+               "--warmup", "1", "--no-isolate"])
+    lines = [json.loads(s) for s in capsys.readouterr().out.splitlines() if s.startswith("{")]
+    assert rc == 0 and [r["component"] for r in lines] == ["none", "heads_surprise"]
+    assert all(np.isfinite(r["main_loss"]) and r["step_ms"] > 0 for r in lines)
+    assert lines[1]["main_loss"] != pytest.approx(lines[0]["main_loss"], rel=1e-6)  # another model
+
+
 @pytest.mark.parametrize("argv,flag", [(["--mode", "fast"], "--mode"), (["--steps", "5"], "--steps"),
                                        (["--force-avg-k", "E/0"], "--force-avg-k"),
-                                       (["--force-avg-k", "9"], "--force-avg-k")])
+                                       (["--force-avg-k", "9"], "--force-avg-k"),
+                                       (["--component", "none,bogus"], "--component")])
 def test_bad_flags_name_the_flag(argv, flag, capsys):
     assert main(["--preset", "tiny", *argv]) == 2
     assert flag in capsys.readouterr().err
