@@ -19,3 +19,18 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 import jax  # noqa: E402  (after the environment on purpose)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import file_order  # noqa: E402
+
+
+def pytest_configure(config):
+    """Longest files first under `--dist loadfile` (tests/file_order.py says why); xdist's own
+    reordering by test count is turned off so that this order is the queue's."""
+    if getattr(config.option, "dist", None) == "loadfile" and hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+    if not hasattr(config, "workerinput"):  # the controller (or a run without xdist) records
+        config.pluginmanager.register(file_order.Recorder(config), "onn-file-seconds")
+
+
+def pytest_collection_modifyitems(config, items):
+    file_order.longest_files_first(config, items)
