@@ -2,6 +2,7 @@
 checked in the compiled HLO."""
 import dataclasses
 import json
+import math
 import re
 
 import jax
@@ -102,10 +103,22 @@ def test_components_time_each_one_against_none(capsys):
     assert lines[1]["main_loss"] != pytest.approx(lines[0]["main_loss"], rel=1e-6)  # another model
 
 
+def test_train_steps_times_a_trained_gate(capsys):
+    # Real routing: the unforced smk model is trained on the builtin corpus before timing; its
+    # loss falls below the uniform prediction's ln(262) (byte tokens) and the record says so.
+    rc = main(["--preset", "tiny", "--mode", "smk", "--train-steps", "30", "--steps", "20",
+               "--warmup", "1", "--no-isolate"])
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and rec["routing"] == "trained 30 steps on the builtin corpus"
+    assert rec["trained_main_loss"] < math.log(262) - 0.1 and rec["main_loss"] < math.log(262) - 0.1
+    assert 0 < rec["avg_k"] <= 4
+
+
 @pytest.mark.parametrize("argv,flag", [(["--mode", "fast"], "--mode"), (["--steps", "5"], "--steps"),
                                        (["--force-avg-k", "E/0"], "--force-avg-k"),
                                        (["--force-avg-k", "9"], "--force-avg-k"),
-                                       (["--component", "none,bogus"], "--component")])
+                                       (["--component", "none,bogus"], "--component"),
+                                       (["--train-steps", "5", "--force-avg-k", "2"], "--train-steps")])
 def test_bad_flags_name_the_flag(argv, flag, capsys):
     assert main(["--preset", "tiny", *argv]) == 2
     assert flag in capsys.readouterr().err
