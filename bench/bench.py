@@ -224,8 +224,10 @@ def breakdown(model: ModelConfig, params, batch) -> dict[str, float]:
             "grads_ms": time_fn(jax.jit(lambda p: compute_grads(p, batch, model)), params)}
 
 
-def profile_ops(run, top: int, steps: int = 3) -> dict:
-    """Device time per step (ms) of the costliest XLA ops and op kinds, from a jax.profiler trace."""
+def profile_ops(run, top: int, steps: int = 3, devices: int = 1) -> dict:
+    """Device time per step (ms) of the costliest XLA ops and op kinds, from a jax.profiler trace;
+    with `devices` > 1 (a mesh) the times summed over the devices' planes are divided by it, so
+    the figures are per device."""
     import glob
     import re
     import tempfile
@@ -246,8 +248,8 @@ def profile_ops(run, top: int, steps: int = 3) -> dict:
                 for ev in line.events:
                     ops[ev.name] += ev.duration_ns
                     kinds[re.sub(r"[._]\d+$", "", ev.name)] += ev.duration_ns
-    per_step = lambda c: [[n, round(ns / steps / 1e6, 3)] for n, ns in c.most_common(top)]
-    return {"total_ms": round(sum(ops.values()) / steps / 1e6, 3), "kinds": per_step(kinds),
+    per_step = lambda c: [[n, round(ns / steps / devices / 1e6, 3)] for n, ns in c.most_common(top)]
+    return {"total_ms": round(sum(ops.values()) / steps / devices / 1e6, 3), "kinds": per_step(kinds),
             "ops": per_step(ops), "lines": sorted(set(seen))} if ops else {"lines": seen}
 
 

@@ -16,7 +16,7 @@ needs the scan to compile in reasonable time at gpu_large).
 `--force-avg-k E/8` pick the router and the MoE dispatch as onn-bench does (bench.bench.mode_config; the thresholds
 are forced on the batch so about k experts pass per token). Each record carries the compiled
 step's memory per device (XLA's memory_analysis: arguments + temporaries + outputs - aliased) and,
-with `--check`, the relative error of the mesh step against the same step on one device (same
+with `--profile`, the costliest XLA ops per step and device; with `--check`, the relative error of the mesh step against the same step on one device (same
 init, same global batch): main loss and updated parameters.
 
 A layout with expert > 1 and `--dispatch dropless` runs the expert-parallel layer
@@ -46,7 +46,7 @@ from onn_jax import sharding as sh
 from onn_jax.config import MeshConfig, ModelConfig, MoEConfig, OptimConfig
 from onn_jax.step import make_optimizer
 
-from bench.bench import force_thresholds, mode_config, parse_k
+from bench.bench import force_thresholds, mode_config, parse_k, profile_ops
 
 SIZES = {  # as configs/gpu_small.py and configs/gpu_large.py (model part)
     "smoke": ModelConfig(vocab_size=256, hidden=32, num_layers=1, num_heads=4, max_len=64,
@@ -127,7 +127,7 @@ def check_against_one_device(cfg: ModelConfig, data: int, expert: int, batch: di
 
 
 def measure(cfg: ModelConfig, data: int, expert: int, per_device_batch: int, seq: int,
-            steps: int, warmup: int, k: int | None = None) -> dict:
+            steps: int, warmup: int, k: int | None = None, profile_top: int = 0) -> dict:
     n = data * expert
     mesh = sh.make_mesh(MeshConfig(data=data, expert=expert), jax.devices()[:n])
     tx = make_optimizer(OptimConfig())
@@ -151,6 +151,12 @@ def measure(cfg: ModelConfig, data: int, expert: int, per_device_batch: int, seq
     dt = time.perf_counter() - t0
     loss = float(metrics["train/main_loss"])
     extra = {key: round(float(metrics[key]), 4) for key in ("moe/avg_k", "moe/dropped_frac") if key in metrics}
+    if profile_top:  # the costliest ops per step and device, from a trace of 3 more steps
+        def run(_):
+            nonlocal state, metrics
+            state, metrics = step(state, batch)
+            return metrics
+        extra["profile_ms_per_step"] = profile_ops(run, profile_top, devices=n)
     if expert > 1 and cfg.moe.dispatch == "dropless":
         from onn_jax.expert_parallel import send_rows
         extra["ep_send_rows"] = send_rows(b * seq // n, cfg.moe, expert)
@@ -188,6 +194,9 @@ def main(argv=None) -> None:
     ap.add_argument("--scan-layers", action="store_true",
                     help="model.scan_layers=true (the blocks as one scan: each Mosaic GPU kernel compiled once)")
     ap.add_argument("--remat", choices=("none", "block", "dots"), default=None, help="model.remat")
+    ap.add_argument("--profile", action="store_true",
+                    help="add the costliest XLA ops per step and device (jax.profiler; 3 more steps)")
+    ap.add_argument("--profile-top", type=int, default=16)
     ap.add_argument("--check", action="store_true",
                     help="also report the mesh step's relative error against one device")
     args = ap.parse_args(argv)
@@ -232,7 +241,8 @@ def run_layouts(cfg: ModelConfig, args, per_device: int, k: int | None) -> None:
                               f"have {jax.device_count()}"}), flush=True)
             continue
         try:
-            rec = measure(cfg, data, expert, per_device, args.seq, args.steps, args.warmup, k)
+            rec = measure(cfg, data, expert, per_device, args.seq, args.steps, args.warmup, k,
+                          args.profile_top if args.profile else 0)
             if args.check and rec["devices"] > 1:
                 rec.update({key: float(f"{v:.3g}") for key, v in check_against_one_device(
                     cfg, data, expert, make_batch(cfg, per_device * rec["devices"], args.seq), k).items()})
