@@ -95,12 +95,21 @@ def make_batch(cfg: ModelConfig, global_batch: int, seq: int) -> dict:
             "loss_mask": np.ones((global_batch, seq), np.float32)}
 
 
+_FORCED: dict = {}  # (cfg, k, rows) -> host params with forced thresholds (a mesh's init equals one device's)
+_REFERENCE: dict = {}  # (cfg, k, global batch) -> the one-device step of --check, shared by the layouts
+
+
 def init_on_mesh(cfg: ModelConfig, tx, mesh, batch: dict, k: int | None):
-    """The sharded initial state; with k, thresholds forced so about k experts pass per token."""
+    """The sharded initial state; with k, thresholds forced so about k experts pass per token
+    (forced once per config and batch in a process: the sharded init is the one-device init)."""
     state = sh.sharded_init(cfg, tx, jax.random.key(0), mesh)
     if k is not None and cfg.moe.router == "surprise":
-        forced = force_thresholds(jax.device_get(state.params), cfg, jax.numpy.asarray(batch["inputs"][:64]), k)
-        params = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), forced, state.params)
+        rows = np.asarray(batch["inputs"][:64])
+        key = (cfg, k, rows.tobytes())
+        if key not in _FORCED:
+            _FORCED[key] = jax.device_get(  # on the host: the donated step must not delete it
+                force_thresholds(jax.device_get(state.params), cfg, jax.numpy.asarray(rows), k))
+        params = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), _FORCED[key], state.params)
         state = state.replace(params=params)
     return state
 
@@ -116,8 +125,12 @@ def one_step(cfg: ModelConfig, data: int, expert: int, batch: dict, k: int | Non
 
 
 def check_against_one_device(cfg: ModelConfig, data: int, expert: int, batch: dict, k: int | None) -> dict:
-    """Relative errors of one mesh step against the same step on the first device."""
-    loss_1, params_1 = one_step(cfg, 1, 1, batch, k)
+    """Relative errors of one mesh step against the same step on the first device (computed
+    once per config and global batch in a process, then shared by the layouts checked)."""
+    key = (cfg, k, batch["inputs"].shape)
+    if key not in _REFERENCE:
+        _REFERENCE[key] = one_step(cfg, 1, 1, batch, k)
+    loss_1, params_1 = _REFERENCE[key]
     loss_n, params_n = one_step(cfg, data, expert, batch, k)
     num = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
               for a, b in zip(jax.tree.leaves(params_n), jax.tree.leaves(params_1)))

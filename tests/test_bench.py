@@ -180,3 +180,18 @@ def test_kernel_variants_agree_with_their_reference(capsys):
         assert "error" not in r and r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0, r
         if "out_err" in r:
             assert r["out_err"] < 1e-5 and r["grad_err"] < 1e-5, r
+
+
+def test_scaling_check_compares_a_mesh_step_with_one_device(capsys):
+    # bench/scaling.py's --check (the numerics row of the multi-GPU runs): the expert-parallel
+    # dropless step on 2 devices equals the one-device step (float32 on CPU: rounding only), and
+    # the forced thresholds (forced once, kept on the host) survive the donated timed steps.
+    from bench.scaling import main as scaling_main
+    scaling_main(["--size", "smoke", "--layouts", "1x2", "--mode", "smk", "--dispatch", "dropless",
+                  "--pair-budget", "4", "--force-avg-k", "E/4", "--steps", "2", "--warmup", "1",
+                  "--per-device-batch", "2", "--seq", "16", "--check"])
+    recs = [json.loads(s) for s in capsys.readouterr().out.splitlines() if s.startswith("{")]
+    assert [r["layout"] for r in recs] == ["1x2"] and not any("error" in r for r in recs), recs
+    for r in recs:
+        assert r["check_loss_rel_err"] < 1e-5 and r["check_params_rel_err"] < 1e-5
+        assert 1.0 < r["moe/avg_k"] < 4.0  # forced to about E/4 = 2 (the fallback would be E/2 = 4)
