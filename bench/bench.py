@@ -12,6 +12,9 @@ Modes (same model size, same batch):
 `--gemm` and `--pair-budget` (default: top_k for plain, 1.25 k for smk with a forced k, else
 the config's); the JSON line reports the budget, the buffer rows and the resolved backend.
 
+`--train-steps N` times real routing instead of forced routing: the unforced model is trained
+N steps on the builtin corpus first (bench/real_routing.py), then timed on corpus batches.
+
 `--component none,heads_surprise,...` times each phase-2 component (gated heads, sparse
 embeddings, adaptive softmax; bench/components.py) against the same mode without it.
 
@@ -39,10 +42,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.components import COMPONENTS, parse_components
+from bench.real_routing import corpus_batches, train_for
 from onn_jax.config import Config, ModelConfig, MoEConfig
 from onn_jax.model import Transformer, attention_impl
 from onn_jax.losses import next_token_loss
 from onn_jax.step import compute_grads, init_state, make_optimizer, make_train_step
+from onn_jax.tokenizer import ByteTokenizer
 
 MODES = ("smk", "plain", "dense", "sparse")
 MIN_STEPS = 20
@@ -219,8 +224,10 @@ def breakdown(model: ModelConfig, params, batch) -> dict[str, float]:
             "grads_ms": time_fn(jax.jit(lambda p: compute_grads(p, batch, model)), params)}
 
 
-def profile_ops(run, top: int, steps: int = 3) -> dict:
-    """Device time per step (ms) of the costliest XLA ops and op kinds, from a jax.profiler trace."""
+def profile_ops(run, top: int, steps: int = 3, devices: int = 1) -> dict:
+    """Device time per step (ms) of the costliest XLA ops and op kinds, from a jax.profiler trace;
+    with `devices` > 1 (a mesh) the times summed over the devices' planes are divided by it, so
+    the figures are per device."""
     import glob
     import re
     import tempfile
@@ -241,8 +248,8 @@ def profile_ops(run, top: int, steps: int = 3) -> dict:
                 for ev in line.events:
                     ops[ev.name] += ev.duration_ns
                     kinds[re.sub(r"[._]\d+$", "", ev.name)] += ev.duration_ns
-    per_step = lambda c: [[n, round(ns / steps / 1e6, 3)] for n, ns in c.most_common(top)]
-    return {"total_ms": round(sum(ops.values()) / steps / 1e6, 3), "kinds": per_step(kinds),
+    per_step = lambda c: [[n, round(ns / steps / devices / 1e6, 3)] for n, ns in c.most_common(top)]
+    return {"total_ms": round(sum(ops.values()) / steps / devices / 1e6, 3), "kinds": per_step(kinds),
             "ops": per_step(ops), "lines": sorted(set(seen))} if ops else {"lines": seen}
 
 
@@ -277,7 +284,11 @@ def measure(name: str, cfg: Config, mode: str, args, component: str = "none") ->
     tx = make_optimizer(cfg.optim)
     state = init_state(model, tx, jax.random.key(args.seed))
     rng = np.random.default_rng(args.seed)
-    batches = [random_batch(rng, b, t, model.vocab_size) for _ in range(4)]
+    if args.train_steps:  # real routing: corpus batches, the gate trained below (not forced)
+        corpus = corpus_batches(b, t, count=min(args.train_steps, 64) + 4, seed=args.seed)
+        train_batches, batches = corpus[:-4], corpus[-4:]
+    else:
+        batches = [random_batch(rng, b, t, model.vocab_size) for _ in range(4)]
     if k is not None and model.moe.router == "surprise":
         state = state.replace(params=force_thresholds(state.params, model, batches[0]["inputs"], k))
     parts = breakdown(model, state.params, batches[0]) if args.breakdown else {}
@@ -285,6 +296,11 @@ def measure(name: str, cfg: Config, mode: str, args, component: str = "none") ->
     t0 = time.perf_counter()
     compiled = step.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t0
+    trained = {}
+    if args.train_steps:
+        t0 = time.perf_counter()
+        state, trained = train_for(compiled, state, train_batches, args.train_steps)
+        trained["train_s"] = time.perf_counter() - t0
     state0 = state
 
     def run(i):  # --evolve carries the state (routing drifts); else every step starts from state0
@@ -339,7 +355,13 @@ def measure(name: str, cfg: Config, mode: str, args, component: str = "none") ->
         "peak_mem_gib": round(stats["peak_bytes_in_use"] / 2**30, 3) if stats and "peak_bytes_in_use" in stats else None,
         "compile_s": round(compile_s, 2),
         "main_loss": float(metrics["train/main_loss"]),
+        "routing": (f"trained {args.train_steps} steps on the builtin corpus" if args.train_steps
+                    else f"forced avg_k {k}" if k is not None and model.moe.router == "surprise" else "as initialised"),
     }
+    if args.train_steps:
+        record["train_steps"] = args.train_steps
+        record["train_s"] = round(trained["train_s"], 2)
+        record["trained_main_loss"] = trained.get("train/main_loss")
     record.update(parts)
     if args.profile:
         record["profile_ms_per_step"] = profile_ops(lambda i: run(i), args.profile_top)
@@ -382,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--evolve", action="store_true",
                     help="carry the state from step to step (donated; routing drifts); default: every "
                          "timed step starts from the same state, so avg_k stays where it was forced")
+    ap.add_argument("--train-steps", type=int, default=0, metavar="N",
+                    help="real routing: train the unforced model N steps on the builtin corpus, then time "
+                         "it on corpus batches (bench/real_routing.py); not with --force-avg-k")
     ap.add_argument("--profile", action="store_true", help="add the costliest XLA ops per step (jax.profiler)")
     ap.add_argument("--profile-top", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0)
@@ -418,6 +443,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise BenchError(f"--steps: must be >= {MIN_STEPS}, got {args.steps}")
         name, cfg = load_config(args)
         parse_k(args.force_avg_k, cfg.model.moe.num_experts)
+        if args.train_steps < 0:
+            raise BenchError(f"--train-steps: must be >= 0, got {args.train_steps}")
+        if args.train_steps and args.force_avg_k is not None:
+            raise BenchError("--train-steps: real routing is trained, not forced; drop --force-avg-k")
+        if args.train_steps and cfg.model.vocab_size < ByteTokenizer().vocab_size:
+            raise BenchError(f"--train-steps: the builtin corpus needs model.vocab_size >= "
+                             f"{ByteTokenizer().vocab_size} (byte tokens), got {cfg.model.vocab_size}")
         components = parse_components(args.component)
     except (BenchError, ValueError) as e:
         print(f"onn-bench: {e}", file=sys.stderr)

@@ -16,7 +16,7 @@ needs the scan to compile in reasonable time at gpu_large).
 `--force-avg-k E/8` pick the router and the MoE dispatch as onn-bench does (bench.bench.mode_config; the thresholds
 are forced on the batch so about k experts pass per token). Each record carries the compiled
 step's memory per device (XLA's memory_analysis: arguments + temporaries + outputs - aliased) and,
-with `--check`, the relative error of the mesh step against the same step on one device (same
+with `--profile`, the costliest XLA ops per step and device; with `--check`, the relative error of the mesh step against the same step on one device (same
 init, same global batch): main loss and updated parameters.
 
 A layout with expert > 1 and `--dispatch dropless` runs the expert-parallel layer
@@ -46,7 +46,7 @@ from onn_jax import sharding as sh
 from onn_jax.config import MeshConfig, ModelConfig, MoEConfig, OptimConfig
 from onn_jax.step import make_optimizer
 
-from bench.bench import force_thresholds, mode_config, parse_k
+from bench.bench import force_thresholds, mode_config, parse_k, profile_ops
 
 SIZES = {  # as configs/gpu_small.py and configs/gpu_large.py (model part)
     "smoke": ModelConfig(vocab_size=256, hidden=32, num_layers=1, num_heads=4, max_len=64,
@@ -95,12 +95,21 @@ def make_batch(cfg: ModelConfig, global_batch: int, seq: int) -> dict:
             "loss_mask": np.ones((global_batch, seq), np.float32)}
 
 
+_FORCED: dict = {}  # (cfg, k, rows) -> host params with forced thresholds (a mesh's init equals one device's)
+_REFERENCE: dict = {}  # (cfg, k, global batch) -> the one-device step of --check, shared by the layouts
+
+
 def init_on_mesh(cfg: ModelConfig, tx, mesh, batch: dict, k: int | None):
-    """The sharded initial state; with k, thresholds forced so about k experts pass per token."""
+    """The sharded initial state; with k, thresholds forced so about k experts pass per token
+    (forced once per config and batch in a process: the sharded init is the one-device init)."""
     state = sh.sharded_init(cfg, tx, jax.random.key(0), mesh)
     if k is not None and cfg.moe.router == "surprise":
-        forced = force_thresholds(jax.device_get(state.params), cfg, jax.numpy.asarray(batch["inputs"][:64]), k)
-        params = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), forced, state.params)
+        rows = np.asarray(batch["inputs"][:64])
+        key = (cfg, k, rows.tobytes())
+        if key not in _FORCED:
+            _FORCED[key] = jax.device_get(  # on the host: the donated step must not delete it
+                force_thresholds(jax.device_get(state.params), cfg, jax.numpy.asarray(rows), k))
+        params = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), _FORCED[key], state.params)
         state = state.replace(params=params)
     return state
 
@@ -116,8 +125,12 @@ def one_step(cfg: ModelConfig, data: int, expert: int, batch: dict, k: int | Non
 
 
 def check_against_one_device(cfg: ModelConfig, data: int, expert: int, batch: dict, k: int | None) -> dict:
-    """Relative errors of one mesh step against the same step on the first device."""
-    loss_1, params_1 = one_step(cfg, 1, 1, batch, k)
+    """Relative errors of one mesh step against the same step on the first device (computed
+    once per config and global batch in a process, then shared by the layouts checked)."""
+    key = (cfg, k, batch["inputs"].shape)
+    if key not in _REFERENCE:
+        _REFERENCE[key] = one_step(cfg, 1, 1, batch, k)
+    loss_1, params_1 = _REFERENCE[key]
     loss_n, params_n = one_step(cfg, data, expert, batch, k)
     num = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
               for a, b in zip(jax.tree.leaves(params_n), jax.tree.leaves(params_1)))
@@ -127,7 +140,7 @@ def check_against_one_device(cfg: ModelConfig, data: int, expert: int, batch: di
 
 
 def measure(cfg: ModelConfig, data: int, expert: int, per_device_batch: int, seq: int,
-            steps: int, warmup: int, k: int | None = None) -> dict:
+            steps: int, warmup: int, k: int | None = None, profile_top: int = 0) -> dict:
     n = data * expert
     mesh = sh.make_mesh(MeshConfig(data=data, expert=expert), jax.devices()[:n])
     tx = make_optimizer(OptimConfig())
@@ -151,6 +164,12 @@ def measure(cfg: ModelConfig, data: int, expert: int, per_device_batch: int, seq
     dt = time.perf_counter() - t0
     loss = float(metrics["train/main_loss"])
     extra = {key: round(float(metrics[key]), 4) for key in ("moe/avg_k", "moe/dropped_frac") if key in metrics}
+    if profile_top:  # the costliest ops per step and device, from a trace of 3 more steps
+        def run(_):
+            nonlocal state, metrics
+            state, metrics = step(state, batch)
+            return metrics
+        extra["profile_ms_per_step"] = profile_ops(run, profile_top, devices=n)
     if expert > 1 and cfg.moe.dispatch == "dropless":
         from onn_jax.expert_parallel import send_rows
         extra["ep_send_rows"] = send_rows(b * seq // n, cfg.moe, expert)
@@ -188,6 +207,9 @@ def main(argv=None) -> None:
     ap.add_argument("--scan-layers", action="store_true",
                     help="model.scan_layers=true (the blocks as one scan: each Mosaic GPU kernel compiled once)")
     ap.add_argument("--remat", choices=("none", "block", "dots"), default=None, help="model.remat")
+    ap.add_argument("--profile", action="store_true",
+                    help="add the costliest XLA ops per step and device (jax.profiler; 3 more steps)")
+    ap.add_argument("--profile-top", type=int, default=16)
     ap.add_argument("--check", action="store_true",
                     help="also report the mesh step's relative error against one device")
     args = ap.parse_args(argv)
@@ -232,7 +254,8 @@ def run_layouts(cfg: ModelConfig, args, per_device: int, k: int | None) -> None:
                               f"have {jax.device_count()}"}), flush=True)
             continue
         try:
-            rec = measure(cfg, data, expert, per_device, args.seq, args.steps, args.warmup, k)
+            rec = measure(cfg, data, expert, per_device, args.seq, args.steps, args.warmup, k,
+                          args.profile_top if args.profile else 0)
             if args.check and rec["devices"] > 1:
                 rec.update({key: float(f"{v:.3g}") for key, v in check_against_one_device(
                     cfg, data, expert, make_batch(cfg, per_device * rec["devices"], args.seq), k).items()})

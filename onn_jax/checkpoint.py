@@ -326,6 +326,20 @@ class Checkpointer:
         state, meta = self.restore_partial({"params": target_params}, step)
         return state["params"], meta
 
+    def restore_model_params(self, model_cfg, target_params: Any = None,
+                             step: int | None = None) -> tuple[Any, dict]:
+        """(the params the forward applies, meta), without the optimizer state: the params and,
+        for a stateful-routing model (model.moe.aux_free_rate > 0, adaptive_experts), the router
+        state the forward reads (its bias / live mask, onn_jax.router_state.forward_params).
+        Generation, evaluation and exports use this, so they route as the training run did."""
+        from onn_jax.router_state import forward_params, init_router_state
+        params, meta = self.restore_params(target_params, step)
+        rs_target = abstract_like(init_router_state, model_cfg)
+        if not rs_target:
+            return params, meta
+        state, _ = self.restore_partial({"router_state": rs_target}, step)
+        return forward_params(params, state["router_state"]), meta
+
     def restore_partial(self, target: dict, step: int | None = None) -> tuple[dict, dict]:
         """(the state's items named in `target`, e.g. {"params": ..., "router_state": ...}, meta);
         `target`'s leaves are abstract arrays (shape-checked), the other items are not read."""

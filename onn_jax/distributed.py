@@ -77,6 +77,17 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     return True
 
 
+def shutdown_distributed() -> None:
+    """Leaves a multi-process run cleanly after its work is done (no-op for one process).
+
+    jax.distributed.shutdown() waits until every process has reached it, then stops the
+    coordination service; without it process 0 (the coordinator) may exit while the others
+    still talk to it, which prints gRPC CANCELLED / heartbeat errors at the end of a good run.
+    Call it on success only: after a failure the other processes may never arrive."""
+    if jax.distributed.is_initialized():
+        jax.distributed.shutdown()
+
+
 def process_batch_rows(mesh: Mesh, global_batch_size: int, rules: Rules = RULES) -> slice:
     """The contiguous rows of the global batch that this process's devices hold.
 

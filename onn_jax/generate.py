@@ -61,12 +61,22 @@ def decode_config(cfg: ModelConfig) -> ModelConfig:
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
 def generate_tokens(params, prompt_BxP: jax.Array, lengths_B: jax.Array, rng: jax.Array, *,
                     cfg: ModelConfig, max_new_tokens: int, temperature=0.0, top_p=1.0,
-                    eos_id=-1) -> jax.Array:
+                    eos_id=-1, vocab_limit=None) -> jax.Array:
     """New tokens [B, max_new_tokens] after right-padded prompts of lengths `lengths_B`.
 
-    After a row emits `eos_id` (-1: none), the rest of the row is `eos_id`. Compiled once
-    per (cfg, shapes, max_new_tokens); temperature, top_p and eos_id are traced.
+    After a row emits `eos_id` (-1: none), the rest of the row is `eos_id`. Ids >= vocab_limit
+    (None: model.vocab_size) are never produced: a model whose vocab_size exceeds its
+    tokenizer's (vocab 32000 with the byte tokenizer) cannot emit an id the tokenizer cannot
+    decode. Compiled once per (cfg, shapes, max_new_tokens); temperature, top_p, eos_id and
+    vocab_limit are traced.
     """
+    limit = cfg.vocab_size if vocab_limit is None else vocab_limit
+
+    def sample(logits_BxV, key):
+        allowed_V = jnp.arange(logits_BxV.shape[-1]) < limit
+        return sample_logits(jnp.where(allowed_V, logits_BxV.astype(jnp.float32), -jnp.inf), key,
+                             temperature, top_p)
+
     model = Transformer(decode_config(cfg))
     b, p = prompt_BxP.shape
     cache = init_cache(cfg, b, p + max_new_tokens)
@@ -75,14 +85,14 @@ def generate_tokens(params, prompt_BxP: jax.Array, lengths_B: jax.Array, rng: ja
                                          cache=cache, tokens_valid_BxT=positions_BxP < lengths_B[:, None])
     last_BxV = jnp.take_along_axis(logits_BxPxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     keys = jax.random.split(rng, max_new_tokens)
-    first_B = sample_logits(last_BxV, keys[0], temperature, top_p)
+    first_B = sample(last_BxV, keys[0])
     done_B = first_B == eos_id
 
     def step(carry, key):
         cache, token_B, pos_B, done_B = carry
         logits_Bx1xV, _, cache = model.apply({"params": params}, token_B[:, None],
                                              positions_BxT=pos_B[:, None], cache=cache)
-        nxt_B = jnp.where(done_B, eos_id, sample_logits(logits_Bx1xV[:, 0], key, temperature, top_p))
+        nxt_B = jnp.where(done_B, eos_id, sample(logits_Bx1xV[:, 0], key))
         done_B = done_B | (nxt_B == eos_id)
         return (cache, nxt_B, pos_B + 1, done_B), nxt_B
 
@@ -111,9 +121,12 @@ def _check_args(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_toke
 
 def generate_batch(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                    temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                   eos_id: int | None = None) -> list[list[int]]:
-    """New token ids for each prompt, each list cut before its first `eos_id`."""
+                   eos_id: int | None = None, vocab_limit: int | None = None) -> list[list[int]]:
+    """New token ids for each prompt, each list cut before its first `eos_id`; only ids below
+    `vocab_limit` (the tokenizer's vocab size; None: model.vocab_size) are generated."""
     _check_args(cfg, prompts, max_new_tokens, temperature, top_p)
+    if vocab_limit is not None and not 1 <= vocab_limit <= cfg.vocab_size:
+        raise ValueError(f"vocab_limit must be in [1, model.vocab_size {cfg.vocab_size}], got {vocab_limit!r}")
     longest = max(len(ids) for ids in prompts)
     width = min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, cfg.max_len - max_new_tokens)
     prompt_BxP = np.zeros((len(prompts), width), np.int32)
@@ -122,7 +135,8 @@ def generate_batch(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], m
     lengths_B = np.array([len(ids) for ids in prompts], np.int32)
     out = generate_tokens(params, jnp.asarray(prompt_BxP), jnp.asarray(lengths_B), jax.random.key(seed),
                           cfg=cfg, max_new_tokens=max_new_tokens, temperature=jnp.float32(temperature),
-                          top_p=jnp.float32(top_p), eos_id=jnp.int32(-1 if eos_id is None else eos_id))
+                          top_p=jnp.float32(top_p), eos_id=jnp.int32(-1 if eos_id is None else eos_id),
+                          vocab_limit=jnp.int32(cfg.vocab_size if vocab_limit is None else vocab_limit))
     rows = np.asarray(jax.device_get(out)).tolist()
     if eos_id is not None:
         rows = [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
@@ -131,7 +145,8 @@ def generate_batch(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], m
 
 def generate(params, cfg: ModelConfig, prompt_ids: Sequence[int], max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             eos_id: int | None = None) -> list[int]:
-    """New token ids after one prompt (cut before `eos_id`); temperature 0 is greedy."""
+             eos_id: int | None = None, vocab_limit: int | None = None) -> list[int]:
+    """New token ids after one prompt (cut before `eos_id`); temperature 0 is greedy; only ids
+    below `vocab_limit` (None: model.vocab_size)."""
     return generate_batch(params, cfg, [list(prompt_ids)], max_new_tokens, temperature, top_p, seed,
-                          eos_id)[0]
+                          eos_id, vocab_limit)[0]

@@ -188,6 +188,15 @@ def model_card(model: dict, step: int, flat: dict, tok_desc: dict, fmt: str) -> 
 LAYOUTS = ("as_trained", "per_layer", "stacked")
 
 
+def _model_config(model: dict, where: str):
+    """The ModelConfig of a saved `model` section (CheckpointError naming `where` if invalid)."""
+    from onn_jax.config import ConfigError, ModelConfig, from_dict
+    try:
+        return from_dict(ModelConfig, model, "model.")
+    except ConfigError as e:
+        raise ckpt_lib.CheckpointError(f"{where}: {e}") from e
+
+
 def write_export(ckpt_dir: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
                  fmt: str = "orbax", tokenizer: str | None = None, layout: str = "as_trained") -> int:
     """Exports checkpoint `step` (default: latest) of `ckpt_dir` to the new folder `out`; returns the step.
@@ -205,13 +214,23 @@ def write_export(ckpt_dir: str | os.PathLike, out: str | os.PathLike, step: int 
         raise ckpt_lib.CheckpointError(f"{out} already holds an export; choose a new directory")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ckpt_lib.CheckpointError(f"{out} exists and is not an empty directory; choose a new one")
+    from onn_jax.router_state import init_router_state
     src = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
-    step = src.resolve_step(step)
-    params, meta = src.restore_params(step=step)
-    src.close()
-    config = meta.get("config") or {}
-    if not isinstance(config.get("model"), dict):
-        raise ckpt_lib.CheckpointError(f"{ckpt_dir}/{step}: the checkpoint records no model config")
+    try:
+        step = src.resolve_step(step)
+        config = src.restore_meta(step).get("config") or {}
+        if not isinstance(config.get("model"), dict):
+            raise ckpt_lib.CheckpointError(f"{ckpt_dir}/{step}: the checkpoint records no model config")
+        model_cfg = _model_config(config["model"], f"{ckpt_dir}/{step}")
+        stateful = bool(init_router_state(model_cfg))
+        if stateful and layout == "stacked":
+            raise ckpt_lib.CheckpointError(
+                "--layout stacked: this model routes with router state (model.moe.aux_free_rate / "
+                "adaptive_experts), which model.scan_layers does not support; export it per_layer")
+        # The router state the forward reads (a bias, a live mask) travels inside the params.
+        params, meta = src.restore_model_params(model_cfg, step=step)
+    finally:
+        src.close()
     if layout != "as_trained":
         from onn_jax.layer_stack import to_layout
         params = to_layout(params, layout == "stacked")
@@ -252,8 +271,8 @@ def load_export(path: str | os.PathLike, tokenizer: str | None = None) -> Export
     config.json), its tokenizer (`tokenizer` overrides the folder's) and its step."""
     import jax
 
-    from onn_jax.config import ConfigError, ModelConfig, from_dict
     from onn_jax.model import init_params
+    from onn_jax.router_state import forward_params, init_router_state
     from onn_jax.tokenizer import load_tokenizer
     path = os.path.abspath(os.fspath(path))
     meta_path = os.path.join(path, ckpt_lib.EXPORT_META)
@@ -269,11 +288,9 @@ def load_export(path: str | os.PathLike, tokenizer: str | None = None) -> Export
     fmt = meta.get("format", "orbax")
     if not isinstance(model, dict) or fmt not in FORMATS:
         raise ckpt_lib.CheckpointError(f"{cfg_path}: no model config or unknown format {fmt!r}")
-    try:
-        model_cfg = from_dict(ModelConfig, model, "model.")
-    except ConfigError as e:
-        raise ckpt_lib.CheckpointError(f"{cfg_path}: {e}") from e
-    target = ckpt_lib.abstract_like(init_params, model_cfg, jax.random.key(0))
+    model_cfg = _model_config(model, cfg_path)
+    target = ckpt_lib.abstract_like(  # with the router state a stateful-routing model applies
+        lambda: forward_params(init_params(model_cfg, jax.random.key(0)), init_router_state(model_cfg)))
     file = os.path.join(path, PARAM_FILES[fmt])
     if not os.path.exists(file):
         raise ckpt_lib.CheckpointError(f"{file}: missing (the export is incomplete)")

@@ -2,6 +2,7 @@
 checked in the compiled HLO."""
 import dataclasses
 import json
+import math
 import re
 
 import jax
@@ -102,10 +103,22 @@ def test_components_time_each_one_against_none(capsys):
     assert lines[1]["main_loss"] != pytest.approx(lines[0]["main_loss"], rel=1e-6)  # another model
 
 
+def test_train_steps_times_a_trained_gate(capsys):
+    # Real routing: the unforced smk model is trained on the builtin corpus before timing; its
+    # loss falls below the uniform prediction's ln(262) (byte tokens) and the record says so.
+    rc = main(["--preset", "tiny", "--mode", "smk", "--train-steps", "30", "--steps", "20",
+               "--warmup", "1", "--no-isolate"])
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and rec["routing"] == "trained 30 steps on the builtin corpus"
+    assert rec["trained_main_loss"] < math.log(262) - 0.1 and rec["main_loss"] < math.log(262) - 0.1
+    assert 0 < rec["avg_k"] <= 4
+
+
 @pytest.mark.parametrize("argv,flag", [(["--mode", "fast"], "--mode"), (["--steps", "5"], "--steps"),
                                        (["--force-avg-k", "E/0"], "--force-avg-k"),
                                        (["--force-avg-k", "9"], "--force-avg-k"),
-                                       (["--component", "none,bogus"], "--component")])
+                                       (["--component", "none,bogus"], "--component"),
+                                       (["--train-steps", "5", "--force-avg-k", "2"], "--train-steps")])
 def test_bad_flags_name_the_flag(argv, flag, capsys):
     assert main(["--preset", "tiny", *argv]) == 2
     assert flag in capsys.readouterr().err
@@ -167,3 +180,18 @@ def test_kernel_variants_agree_with_their_reference(capsys):
         assert "error" not in r and r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0, r
         if "out_err" in r:
             assert r["out_err"] < 1e-5 and r["grad_err"] < 1e-5, r
+
+
+def test_scaling_check_compares_a_mesh_step_with_one_device(capsys):
+    # bench/scaling.py's --check (the numerics row of the multi-GPU runs): the expert-parallel
+    # dropless step on 2 devices equals the one-device step (float32 on CPU: rounding only), and
+    # the forced thresholds (forced once, kept on the host) survive the donated timed steps.
+    from bench.scaling import main as scaling_main
+    scaling_main(["--size", "smoke", "--layouts", "1x2", "--mode", "smk", "--dispatch", "dropless",
+                  "--pair-budget", "4", "--force-avg-k", "E/4", "--steps", "2", "--warmup", "1",
+                  "--per-device-batch", "2", "--seq", "16", "--check"])
+    recs = [json.loads(s) for s in capsys.readouterr().out.splitlines() if s.startswith("{")]
+    assert [r["layout"] for r in recs] == ["1x2"] and not any("error" in r for r in recs), recs
+    for r in recs:
+        assert r["check_loss_rel_err"] < 1e-5 and r["check_params_rel_err"] < 1e-5
+        assert 1.0 < r["moe/avg_k"] < 4.0  # forced to about E/4 = 2 (the fallback would be E/2 = 4)

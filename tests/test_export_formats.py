@@ -92,3 +92,35 @@ def test_moved_export_carries_its_hf_tokenizer(tmp_path, capsys):
     assert generate_main(args + ["--tokenizer", "byte"]) == 0  # the override is used (262 <= 300 ids)
     assert generate_main(args + ["--tokenizer", str(tmp_path / "nope.json")]) == 2
     assert "nope.json: tokenizer file not found" in capsys.readouterr().err
+
+
+def test_stateful_routing_travels_with_exports_and_generation(tmp_path, capsys):
+    """A model that routes with router state (the aux-loss-free bias): onn-export writes the bias
+    into the params, load_export and onn-generate (workdir or export) route with it, so the
+    export's logits equal the trained model's; --layout stacked is refused before writing."""
+    import dataclasses
+
+    from onn_jax.router_state import forward_params, init_router_state
+    cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, router="topk", top_k=2, aux_free_rate=0.01))
+    params = init_params(cfg, jax.random.key(1))
+    rs = jax.tree.map(lambda x: x + np.arange(x.shape[-1], dtype=np.float32) * 0.7, init_router_state(cfg))
+    want = logits(forward_params(params, rs), cfg)
+    assert not np.allclose(want, logits(forward_params(params, init_router_state(cfg)), cfg))  # the bias routes
+    wd = tmp_path / "wd"
+    conf = {"model": to_dict(cfg), "data": {"tokenizer": "byte"}}
+    with Checkpointer(wd / "checkpoints", save_every=1) as ck:
+        ck.save(7, {"params": params, "router_state": rs},
+                make_meta(config=conf, tokenizer=tokenizer_info("byte", ByteTokenizer())))
+    (wd / "config.json").write_text(json.dumps(conf))
+    assert export_main([str(wd), str(tmp_path / "st"), "--layout", "stacked"]) == 2
+    assert "--layout stacked: this model routes with router state" in capsys.readouterr().err
+    assert not (tmp_path / "st").exists()
+    assert write_export(wd / "checkpoints", tmp_path / "out", fmt="safetensors") == 7
+    ex = load_export(tmp_path / "out")
+    np.testing.assert_array_equal(logits(ex.params, cfg), want)
+    args = ["--prompt", "12 + 7", "--raw", "--max-new-tokens", "6"]
+    capsys.readouterr()
+    assert generate_main(["--workdir", str(wd), *args]) == 0
+    from_workdir = capsys.readouterr().out
+    assert generate_main(["--workdir", str(tmp_path / "out"), *args]) == 0
+    assert capsys.readouterr().out == from_workdir and from_workdir

@@ -68,14 +68,15 @@ def test_padding_is_invisible(params):
         np.testing.assert_allclose(logits[:, 0], want[:, t], atol=2e-5, rtol=2e-5)
 
 
-def naive_greedy(params, cfg, prompt, n):
-    """Argmax of the uncached forward, one token at a time (a fixed buffer: the model is causal)."""
+def naive_greedy(params, cfg, prompt, n, limit=None):
+    """Argmax of the uncached forward over ids < limit (default all), one token at a time (a fixed
+    buffer: the model is causal)."""
     fwd = jax.jit(lambda p, t: Transformer(cfg).apply({"params": p}, t)[0])
     seq = list(prompt)
     for _ in range(n):
         buf = np.zeros((1, len(prompt) + n), np.int32)
         buf[0, :len(seq)] = seq
-        seq.append(int(jnp.argmax(fwd(params, jnp.asarray(buf))[0, len(seq) - 1])))
+        seq.append(int(jnp.argmax(fwd(params, jnp.asarray(buf))[0, len(seq) - 1][:limit])))
     return seq[len(prompt):]
 
 
@@ -86,6 +87,13 @@ def test_greedy_equals_argmax_of_full_forward(params):
     for prompt, got in zip(prompts, out):
         assert got == naive_greedy(params, CFG, prompt, N)
     assert generate(params, CFG, prompts[1], max_new_tokens=N) == out[1]  # batch == alone
+    # A tokenizer smaller than model.vocab_size: only its ids are generated (greedy = the argmax
+    # over them), where the unrestricted greedy run does use ids beyond it.
+    limit = 24
+    assert max(max(row) for row in out) >= limit
+    limited = generate_batch(params, CFG, prompts, max_new_tokens=N, vocab_limit=limit)
+    for prompt, got in zip(prompts, limited):
+        assert got == naive_greedy(params, CFG, prompt, N, limit) and max(got) < limit
 
 
 def test_sampling_is_seeded_and_tiny_top_p_is_greedy(params):

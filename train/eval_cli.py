@@ -97,23 +97,6 @@ def saved_config(workdir: Path, step: int) -> tuple[dict, str]:
         raise EvalError(f"{path}: cannot read the run's config: {e}") from e
 
 
-def router_state(workdir: Path, model_cfg, step: int) -> dict:
-    """The router state of a stateful-routing model (model.moe.aux_free_rate / adaptive_experts),
-    restored from the checkpoint; {} for every other model."""
-    from onn_jax import checkpoint as ckpt_lib
-    from onn_jax import portable
-    from onn_jax.router_state import init_router_state
-    if not init_router_state(model_cfg):
-        return {}
-    if portable.is_export(workdir):
-        raise EvalError(f"{workdir}: this model routes with router state, which an export does not hold; "
-                        "evaluate its training workdir")
-    target = ckpt_lib.abstract_like(init_router_state, model_cfg)
-    with ckpt_lib.Checkpointer(workdir / CHECKPOINT_DIR, read_only=True) as ckpt:
-        state, _ = ckpt.restore_partial({"router_state": target}, step)
-    return state["router_state"]
-
-
 def eval_data(cfg, split: str):
     """(dataset, its eval batches) of cfg.data for `split`."""
     from onn_jax.data import eval_batches
@@ -155,7 +138,6 @@ def run(args, overrides) -> dict:
     import itertools
 
     from train.evaluate import evaluate
-    from onn_jax.router_state import forward_params
     workdir = Path(args.workdir)
     try:
         params, model_cfg, tok_name, step = load_model(workdir, args.step)
@@ -173,7 +155,7 @@ def run(args, overrides) -> dict:
     except ConfigLoadError as e:
         raise EvalError(str(e)) from e
     cfg = dataclasses.replace(cfg, model=model_cfg)
-    model_params = forward_params(params, router_state(workdir, model_cfg, step))
+    model_params = params  # with the router state of a stateful-routing model (load_model)
     ds, batches = eval_data(cfg, args.split)
     if args.batches is not None:
         batches = itertools.islice(batches, args.batches)

@@ -73,7 +73,8 @@ def _read_json(path: Path) -> Any:
 
 
 def load_model(workdir: str | Path, step: int | None = None):
-    """(params, ModelConfig, tokenizer name, step) of a training workdir or an export."""
+    """(params, ModelConfig, tokenizer name, step) of a training workdir or an export; the params
+    include the router state the forward reads (stateful-routing models), ready for model.apply."""
     import jax
 
     from onn_jax import checkpoint as ckpt_lib
@@ -99,7 +100,8 @@ def load_model(workdir: str | Path, step: int | None = None):
         ckpt = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
         step = ckpt.resolve_step(step)
         model_cfg, tok = checkpoint_config(ckpt, step, workdir)
-        params, _ = ckpt.restore_params(ckpt_lib.abstract_like(init_params, model_cfg, jax.random.key(0)), step)
+        params, _ = ckpt.restore_model_params(
+            model_cfg, ckpt_lib.abstract_like(init_params, model_cfg, jax.random.key(0)), step)
         return params, model_cfg, tok, step
     except ckpt_lib.CheckpointError as e:
         raise GenerateError(str(e)) from e
@@ -142,7 +144,8 @@ def run(args) -> str:
         n = room
     try:
         out = generate(params, model_cfg, ids, max_new_tokens=n, temperature=args.temperature,
-                       top_p=args.top_p, seed=args.seed, eos_id=tok.eos_id)
+                       top_p=args.top_p, seed=args.seed, eos_id=tok.eos_id,
+                       vocab_limit=min(tok.vocab_size, model_cfg.vocab_size))
     except ValueError as e:
         raise GenerateError(str(e)) from e
     text = tok.decode(out)

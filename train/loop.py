@@ -188,7 +188,7 @@ def sample(params: Any, cfg: Config, tok, prompt: str, max_new_tokens: int) -> s
     if room < 1:
         return f"(prompt of {len(ids)} tokens does not fit model.max_len {cfg.model.max_len})"
     out = generate(params, cfg.model, ids, max_new_tokens=min(max_new_tokens, room), temperature=0.0,
-                   eos_id=tok.eos_id)
+                   eos_id=tok.eos_id, vocab_limit=min(tok.vocab_size, cfg.model.vocab_size))
     return tok.decode(out)
 
 

@@ -81,7 +81,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         print(printable(f"onn-train: config error: {e}"), file=sys.stderr)
         return 2
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
-    from onn_jax.distributed import initialize_distributed
+    from onn_jax.distributed import initialize_distributed, shutdown_distributed
     from train.loop import (SaveFailed, StoppedBySignal, TrainError, TrainStopped, train,
                             vocab_from_tokenizer)
     from train.signals import StopOnSignal
@@ -102,6 +102,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     try:
         with StopOnSignal():
             train(cfg, workdir, allow_config_change=args.allow_config_change)
+        shutdown_distributed()  # a multi-process run: every process leaves together
     except StoppedBySignal as e:
         print(f"onn-train: {e}", file=sys.stderr, flush=True)
         if e.hard:  # a save thread is stuck: the interpreter's exit would wait for it

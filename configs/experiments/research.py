@@ -16,7 +16,10 @@ Rows and why each was tried (the diagnosis they address is in docs/RESEARCH.md):
               collapse onto expert 0), v_kl_only (no hard target), v_ce_only (no soft target),
               v_kl_temp (soft target softmax(-S/0.005): S ~ 5e-3, so the faithful target is
               nearly uniform), v_budget (avg_k pulled to 2: matched compute),
-              v_combined (random tie + nonconstant + budget + temperature)
+              v_combined (random tie + nonconstant + budget + temperature),
+              v_adv_budget (the advantage surprise over unmasked tokens, the only row without
+              dead experts and with informative targets, with the avg_k budget that pulls it
+              out of the E/2 fallback to matched compute: "What next" of the first grid)
 """
 
 
@@ -51,6 +54,8 @@ def get_experiment():
             "v_combined": {"model.moe.gate_tie_break": "random", "model.moe.gate_tokens": "nonconstant",
                            "model.moe.w_budget": 0.1, "model.moe.budget_k": 2.0,
                            "model.moe.kl_temperature": 0.005},
+            "v_adv_budget": {"model.moe.surprise": "advantage", "model.moe.gate_tokens": "unmasked",
+                             "model.moe.w_budget": 0.1, "model.moe.budget_k": 2.0},
         },
         "seeds": [0, 1, 2],
         "vary_data": True,
