@@ -20,6 +20,8 @@ Rows and why each was tried (the diagnosis they address is in docs/RESEARCH.md):
               v_adv_budget (the advantage surprise over unmasked tokens, the only row without
               dead experts and with informative targets, with the avg_k budget that pulls it
               out of the E/2 fallback to matched compute: "What next" of the first grid)
+              v_adv_budget_hi (the same with a 10x budget weight: v_adv_budget still sat at
+              avg_k 2.52 with fallback tokens, so does holding avg_k at 2 close the gap?)
 """
 
 
@@ -56,6 +58,8 @@ def get_experiment():
                            "model.moe.kl_temperature": 0.005},
             "v_adv_budget": {"model.moe.surprise": "advantage", "model.moe.gate_tokens": "unmasked",
                              "model.moe.w_budget": 0.1, "model.moe.budget_k": 2.0},
+            "v_adv_budget_hi": {"model.moe.surprise": "advantage", "model.moe.gate_tokens": "unmasked",
+                                "model.moe.w_budget": 1.0, "model.moe.budget_k": 2.0},
         },
         "seeds": [0, 1, 2],
         "vary_data": True,
