@@ -74,7 +74,8 @@ def layer_gate_loss(cfg: ModelConfig, gate_input: jax.Array, surprise: jax.Array
         loss, parts = hybrid_gate_loss(gate_input, surprise, m.w_ce, m.w_kl, token_mask_N,
                                        m.kl_temperature, target_N)
         if m.w_budget > 0:
-            budget = gate_targets.avg_k_budget(gate_input, m.budget_k)
+            budget = gate_targets.avg_k_budget(gate_input, m.budget_k, fallback_k=m.effective_fallback_k
+                                               if m.budget_fallback else None)
             loss, parts = loss + m.w_budget * budget, {**parts, "budget": budget}
         return loss, parts
     lb = load_balancing_loss(gate_input, record.router.mask)
