@@ -1,6 +1,7 @@
 """onn-experiment end to end on a tiny 2-run grid (routing and forgetting), and its errors."""
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,13 @@ def test_routing_grid_writes_results_table_and_plots(tmp_path, capsys):
         assert (out / "plots" / name).stat().st_size > 0
     metrics = [json.loads(l) for l in (out / "runs/smk/seed_0/metrics.jsonl").read_text().splitlines()]
     assert any("analysis/nmi" in m for m in metrics)  # logged at every eval
+    # --parallel: the cell as a process of its own gives the same row (CPU runs are deterministic)
+    par = tmp_path / "par"
+    assert experiment.main([str(_write(tmp_path)), "--out", str(par), "--only", "dense", "--parallel", "2",
+                            "--compile-cache", "none"]) == 0
+    (row,) = [json.loads(l) for l in (par / "results.jsonl").read_text().splitlines()]
+    assert {k: v for k, v in row.items() if k != "time_s"} == {k: v for k, v in dense.items() if k != "time_s"}
+    assert (par / "runs/dense/seed_0/metrics.jsonl").is_file() and (par / "cells/dense_seed0.log").is_file()
     assert all(len(r["config_hash"]) == 16 for r in rows)
     # Re-running skips finished cells.
     assert experiment.main([str(_write(tmp_path)), "--out", str(out), "--compile-cache", "none"]) == 0
@@ -251,6 +259,29 @@ def test_rows_made_before_a_field_existed_are_reused_only_at_its_default(tmp_pat
     older(forget("model.moe.kl_temperature"), drop_configs=True)
     (out / "runs/smk/seed_0/config.json").write_text("{oops")
     assert rerun()                                                        # unreadable: not reused
+
+
+def test_parallel_cells_report_failures_and_keep_the_finished(tmp_path, monkeypatch):
+    """--parallel's bookkeeping with stand-in cell processes: a finished cell's row is written and
+    its run directory moved into runs/; a failed one is named with its exit code and log."""
+    _FakeCells(monkeypatch)
+    exp, out, logs = experiment.load_experiment(_write(tmp_path)), tmp_path / "out", []
+    cell_script = {
+        "smk": "import json, pathlib, sys; o = pathlib.Path(sys.argv[1]); "
+               "(o / 'runs/smk/seed_0').mkdir(parents=True); (o / 'runs/smk/seed_0/metrics.jsonl').write_text('x'); "
+               "(o / 'results.jsonl').write_text(json.dumps({'label': 'smk', 'seed': 0, 'time_s': 1.0}) + chr(10))",
+        "dense": "import sys; print('boom'); sys.exit(3)",
+    }
+    monkeypatch.setattr(experiment.ParallelCells, "command",
+                        lambda self, label, seed, cell_out: [sys.executable, "-c", cell_script[label], str(cell_out)])
+    parallel = experiment.ParallelCells(str(tmp_path / "exp.py"), jobs=2)
+    with pytest.raises(experiment.ExperimentError, match=r"1 of 2 cells failed: dense seed 0 \(exit code 3; log .*dense_seed0.log\)"):
+        experiment.run_experiment(exp, out, parallel=parallel, log=logs.append)
+    (row,) = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    assert row["label"] == "smk" and len(row["config_hash"]) == 16 and row["configs"]
+    assert (out / "runs/smk/seed_0/metrics.jsonl").read_text() == "x"
+    assert "boom" in (out / "cells/dense_seed0.log").read_text()
+    assert experiment.main([str(tmp_path / "exp.py"), "--parallel", "0", "--out", str(out)]) == 2
 
 
 def test_config_hash_covers_the_settings_not_the_output_dir(tmp_path):

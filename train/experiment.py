@@ -30,7 +30,8 @@ configs differ only by fields added to the code since, left at their defaults
 the full run, while a new option does not invalidate a grid),
 results.md (the table, mean +- std over seeds), plots/*.png, runs/<label>/seed_<s>/ (the
 usual onn-train workdir of each run). --config.a.b=VALUE sets a config field in every run
-(applied last); --dry-run builds and checks every run's config and lists the grid, writing nothing.
+(applied last); --dry-run builds and checks every run's config and lists the grid, writing nothing;
+--parallel N runs up to N cells at once as processes of their own (train/experiment_parallel.py).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ import numpy as np
 from train.config_loader import (ConfigLoadError, apply_overrides, build_config, exec_python_file,
                                  load_config_file, split_overrides, with_defaults)
 from train.experiment_report import make_plots, markdown_table
+from train.experiment_parallel import ParallelCells
 from train.experiment_reuse import reusable, set_aside_stale_run, stored_configs
 
 KINDS = ("routing", "forgetting")
@@ -407,9 +409,11 @@ def enable_compile_cache(path: Path) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def run_experiment(exp: dict, out: Path, seeds=None, only=None, steps=None, log=print) -> list[dict]:
+def run_experiment(exp: dict, out: Path, seeds=None, only=None, steps=None, log=print,
+                   parallel: ParallelCells | None = None, report: bool = True) -> list[dict]:
     """Runs every (label, seed) cell without a results.jsonl row of the same config hash (a row
-    of other settings is re-run and replaced), then writes results.md and the plots."""
+    of other settings is re-run and replaced), then writes results.md and the plots (report).
+    parallel: run the cells as that many processes at once (train.experiment_parallel)."""
     out.mkdir(parents=True, exist_ok=True)
     if steps is not None:
         exp = {**exp, "overrides": {**exp["overrides"], "train.steps": steps}}
@@ -430,6 +434,22 @@ def run_experiment(exp: dict, out: Path, seeds=None, only=None, steps=None, log=
             data_cache[key] = (full_dataset(probe), write_phase_data(probe, exp["phases"], data_dir)
                                if exp["kind"] == "forgetting" else None)
         return data_cache[key]
+
+    pending: list[tuple] = []
+
+    def record(cell: tuple, row: dict, run_dir: Path | None = None) -> None:
+        """A finished cell's row into results.jsonl (replacing an old row in place, or appended);
+        run_dir: where a parallel cell's run directory is, moved to out/runs/<label>/seed_<s>."""
+        label, seed, want, dicts = cell
+        if run_dir is not None and run_dir.is_dir():
+            dest = out / "runs" / label / f"seed_{seed}"
+            if dest.exists():  # a run of this config cut before its row was written: kept aside
+                dest.rename(dest.with_name(f"{dest.name}.replaced-unfinished-{int(time.time())}"))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            run_dir.rename(dest)
+        done[(label, seed)] = row = {**row, "config_hash": want, "configs": dicts}
+        write_results(results_path, list(done.values()))
+        log(f"[{exp['name']}] {label} seed {seed}: {row['time_s']:.0f}s " + _short(row))
 
     for label in labels:
         for seed in seeds:
@@ -456,14 +476,26 @@ def run_experiment(exp: dict, out: Path, seeds=None, only=None, steps=None, log=
             if moved is not None:
                 log(f"[{exp['name']}] {label} seed {seed}: its earlier run directory (other settings) "
                     f"moved to {moved}")
-            row = {**run_cell(exp, label, seed, out, full_ds, phase_paths), "config_hash": want, "configs": dicts}
-            done[(label, seed)] = row  # replaces the old row in place, or appends
-            write_results(results_path, list(done.values()))
-            log(f"[{exp['name']}] {label} seed {seed}: {row['time_s']:.0f}s " + _short(row))
+            if parallel is None:
+                record((label, seed, want, dicts), run_cell(exp, label, seed, out, full_ds, phase_paths))
+            else:
+                pending.append((label, seed, want, dicts))
+    if pending:
+        failed = parallel.run(pending, out, _cell_row, lambda cell, row, run_dir: record(cell, row, run_dir), log)
+        if failed:
+            raise ExperimentError(f"{len(failed)} of {len(pending)} cells failed: " + "; ".join(failed))
     rows = [done[(l, s)] for l in labels for s in seeds]
+    if not report:
+        return rows
     (out / "results.md").write_text(markdown_table(exp, rows) + "\n")
     make_plots(exp, rows, out)
     return rows
+
+
+def _cell_row(cell_out: Path) -> dict | None:
+    """The one row a --cell-only process wrote to its output directory, None if none."""
+    rows = read_results(cell_out / "results.jsonl") if (cell_out / "results.jsonl").is_file() else []
+    return rows[0] if len(rows) == 1 else None
 
 
 def dry_run(exp: dict, out: Path, seeds=None, only=None, steps=None) -> str:
@@ -499,6 +531,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="JAX persistent compilation cache (default OUT/jax_cache; 'none': off)")
     p.add_argument("--dry-run", action="store_true",
                    help="check and list every run's config (label, seed, overrides); train nothing, write nothing")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="run up to N cells at once, each in a process of its own (a launch-bound small "
+                        "model shares a GPU or a many-core CPU; see train/experiment_parallel.py)")
+    p.add_argument("--cell-only", action="store_true", help=argparse.SUPPRESS)  # a --parallel child: no report
     p.epilog = ("--config.SECTION.FIELD=VALUE overrides a config field in every run (after the "
                 "experiment file's own overrides), e.g. --config.data.batch_size=4")
     try:
@@ -516,20 +552,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   f"known: {list(exp['runs'])}")
         seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else None
         out = Path(a.out or Path("runs") / "experiments" / exp["name"])
+        if a.parallel < 1:
+            raise ExperimentError(f"--parallel must be >= 1, got {a.parallel}")
         if a.dry_run:
             print(dry_run(exp, out, seeds, only, a.steps))
             return 0
-        if a.compile_cache != "none":
+        parallel = None
+        if a.parallel > 1:
+            cache = a.compile_cache or str(out / "jax_cache")  # one cache for every cell
+            parallel = ParallelCells(a.experiment, a.parallel, cli_overrides, a.steps, cache)
+        elif a.compile_cache != "none":
             enable_compile_cache(Path(a.compile_cache or out / "jax_cache"))
         from train.loop import TrainError
         try:
-            run_experiment(exp, out, seeds, only, a.steps)
+            run_experiment(exp, out, seeds, only, a.steps, parallel=parallel, report=not a.cell_only)
         except TrainError as e:
             raise ExperimentError(str(e)) from e
     except (ExperimentError, ConfigLoadError) as e:
         print(f"onn-experiment: error: {e}", file=sys.stderr)
         return 2
-    print(f"results: {out / 'results.md'}\n" + (out / "results.md").read_text())
+    if not a.cell_only:
+        print(f"results: {out / 'results.md'}\n" + (out / "results.md").read_text())
     return 0
 
 
