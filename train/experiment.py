@@ -559,6 +559,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         parallel = None
         if a.parallel > 1:
+            # this process only plans and merges: should it touch a GPU, it must not reserve its memory
+            os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
             cache = a.compile_cache or str(out / "jax_cache")  # one cache for every cell
             parallel = ParallelCells(a.experiment, a.parallel, cli_overrides, a.steps, cache)
         elif a.compile_cache != "none":
