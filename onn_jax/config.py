@@ -116,6 +116,10 @@ class MoEConfig:
     kl_temperature: the soft target is softmax(-S / kl_temperature) (faithful 1).
     w_budget, budget_k: w_budget * (mean_t sum_e sigmoid(pre[t,e] / 0.1) - budget_k)^2 added to the
       gate loss, a differentiable pull of avg_k toward budget_k (0 = off).
+    budget_fallback: the budget's count also charges a token with no expert above threshold its
+      fallback_k experts (onn_jax.gate_targets.expected_k), as the gate does. Why: without it, at
+      E = 32 the budget held the thresholded count near 2 while half the tokens took the E/2
+      fallback (avg_k 9, docs/RESEARCH.md). Needs w_budget > 0; not with adaptive_experts.
     """
 
     num_experts: int = 32
@@ -147,6 +151,7 @@ class MoEConfig:
     kl_temperature: float = 1.0
     w_budget: float = 0.0
     budget_k: float = 2.0
+    budget_fallback: bool = False
 
     def __post_init__(self):
         p = "model.moe."
@@ -194,7 +199,7 @@ class MoEConfig:
         _nonneg_float(self.aux_free_rate, p + "aux_free_rate")
         _check(self.aux_free_rate == 0 or self.router == "topk", p + "aux_free_rate",
                f"aux-loss-free balancing is for router='topk', got router={self.router!r}")
-        for name in ("shared_expert", "adaptive_experts"):
+        for name in ("shared_expert", "adaptive_experts", "budget_fallback"):
             _check(isinstance(getattr(self, name), bool), p + name, f"must be a bool, got {getattr(self, name)!r}")
         _check(not (self.shared_expert and self.router == "dense"), p + "shared_expert",
                "needs a router ('surprise' or 'topk'), got router='dense'")
@@ -212,6 +217,10 @@ class MoEConfig:
         _nonneg_float(self.budget_k, p + "budget_k")
         _check(self.w_budget == 0 or self.router == "surprise", p + "w_budget",
                f"the avg_k budget is for router='surprise', got {self.router!r}")
+        _check(not self.budget_fallback or self.w_budget > 0, p + "budget_fallback",
+               "counts the fallback in the avg_k budget: set model.moe.w_budget > 0")
+        _check(not (self.budget_fallback and self.adaptive_experts), p + "budget_fallback",
+               "is not available with adaptive_experts (the fallback size follows the live experts)")
 
     @property
     def effective_fallback_k(self) -> int:

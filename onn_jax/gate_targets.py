@@ -10,7 +10,8 @@ All pure functions of [N, E] arrays; onn_jax.step picks them by MoEConfig option
   soft target uniform: 86% of the builtin corpus's positions, which collapses the top layer.
 - `avg_k_budget`: (mean_t sum_e sigmoid(pre / tau) - k)^2, a differentiable surrogate of
   (avg_k - k)^2. Why: the top-any gate ended at k ~ 1 or in the fallback (k = E/2); matched
-  active compute with top-2 needs avg_k ~ 2.
+  active compute with top-2 needs avg_k ~ 2. `expected_k` also counts the fallback: at E = 32
+  the thresholded count alone was held near 2 while half the tokens fell into the E/2 fallback.
 The temperature of the soft target and KL-only / CE-only losses are arguments of
 onn_jax.losses.hybrid_gate_loss (kl_temperature, w_ce, w_kl).
 """
@@ -44,6 +45,18 @@ def soft_k(pre_NxE: jax.Array, tau: float = BUDGET_TAU) -> jax.Array:
     return jnp.sum(jax.nn.sigmoid(pre_NxE.astype(jnp.float32) / tau), axis=-1)
 
 
-def avg_k_budget(pre_NxE: jax.Array, budget_k: float, tau: float = BUDGET_TAU) -> jax.Array:
-    """(mean_t soft_k - budget_k)^2: pulls the gate's mean expert count toward budget_k."""
-    return jnp.square(jnp.mean(soft_k(pre_NxE, tau)) - budget_k)
+def expected_k(pre_NxE: jax.Array, fallback_k: int, tau: float = BUDGET_TAU) -> jax.Array:
+    """[N]: the expected expert count when expert e is active with probability sigmoid(pre / tau),
+    independently, and a token with none active takes fallback_k experts (as the gate does):
+    soft_k + fallback_k * prod_e (1 - sigmoid(pre / tau)), the product taken in log space."""
+    z_NxE = pre_NxE.astype(jnp.float32) / tau
+    p_none_N = jnp.exp(jnp.sum(jax.nn.log_sigmoid(-z_NxE), axis=-1))
+    return soft_k(pre_NxE, tau) + fallback_k * p_none_N
+
+
+def avg_k_budget(pre_NxE: jax.Array, budget_k: float, tau: float = BUDGET_TAU,
+                 fallback_k: int | None = None) -> jax.Array:
+    """(mean_t k_t - budget_k)^2: pulls the gate's mean expert count toward budget_k. k_t is
+    soft_k (the thresholded count), or expected_k when fallback_k is given (fallback counted)."""
+    k_N = soft_k(pre_NxE, tau) if fallback_k is None else expected_k(pre_NxE, fallback_k, tau)
+    return jnp.square(jnp.mean(k_N) - budget_k)

@@ -74,7 +74,8 @@ def layer_gate_loss(cfg: ModelConfig, gate_input: jax.Array, surprise: jax.Array
         loss, parts = hybrid_gate_loss(gate_input, surprise, m.w_ce, m.w_kl, token_mask_N,
                                        m.kl_temperature, target_N)
         if m.w_budget > 0:
-            budget = gate_targets.avg_k_budget(gate_input, m.budget_k)
+            budget = gate_targets.avg_k_budget(gate_input, m.budget_k, fallback_k=m.effective_fallback_k
+                                               if m.budget_fallback else None)
             loss, parts = loss + m.w_budget * budget, {**parts, "budget": budget}
         return loss, parts
     lb = load_balancing_loss(gate_input, record.router.mask)
@@ -111,6 +112,29 @@ def gate_loss_inputs(cfg: ModelConfig, surprises, router_state, loss_mask_N, ste
     return out
 
 
+def forward_loss(cfg: ModelConfig, model: Transformer, params, batch: Batch, taps, utaps,
+                 per_token: bool = False):
+    """The model's forward and main loss, as the train step and the eval/analysis pass take it:
+    (main, acc, count, ce_BxT (per_token only, else None), MoE records, unit records). utaps
+    None: no gated units beyond the MoE. An adaptive softmax head applies its own loss."""
+    head = {"return_hidden": True} if cfg.output.kind == "adaptive" else {}
+    if utaps is None:
+        (logits, records), urecords = model.apply({"params": params}, batch["inputs"], taps,
+                                                  **head), UnitRecords()
+    else:
+        (logits, records), state = model.apply({"params": params}, batch["inputs"], taps,
+                                               unit_taps=utaps, mutable=["gated"], **head)
+        urecords = unit_records(cfg, state["gated"])
+    ce_BxT = None
+    if head:  # adaptive softmax: `logits` are the hidden states (onn_jax.output)
+        main, acc, count, ce_BxT = output_loss(cfg, params, logits, batch["targets"], batch["loss_mask"])
+    else:
+        main, acc, count = next_token_loss(logits, batch["targets"], batch["loss_mask"])
+        if per_token:
+            ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    return main, acc, count, (ce_BxT if per_token else None), records, urecords
+
+
 def compute_grads(params, batch: Batch, cfg: ModelConfig,
                   surprise_fn: str | SurpriseFn | None = None, router_state: Any = None,
                   step: jax.Array | int = 0, return_records: bool = False,
@@ -141,21 +165,9 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig,
     utaps = unit_taps(cfg, b, t)  # gated units beyond the MoE (heads); None when there are none
     loss_mask_N = batch["loss_mask"].reshape(-1)
 
-    head = {"return_hidden": True} if cfg.output.kind == "adaptive" else {}  # the loss applies it
-
     def forward(params, taps, utaps):
-        params = forward_params(params, router_state)
-        if utaps is None:
-            (logits, records), urecords = model.apply({"params": params}, batch["inputs"], taps,
-                                                      **head), UnitRecords()
-        else:
-            (logits, records), state = model.apply({"params": params}, batch["inputs"], taps,
-                                                   unit_taps=utaps, mutable=["gated"], **head)
-            urecords = unit_records(cfg, state["gated"])
-        if head:  # adaptive softmax: `logits` are the hidden states (onn_jax.output)
-            main, acc, count, _ = output_loss(cfg, params, logits, batch["targets"], batch["loss_mask"])
-        else:
-            main, acc, count = next_token_loss(logits, batch["targets"], batch["loss_mask"])
+        main, acc, count, _, records, urecords = forward_loss(cfg, model, forward_params(params, router_state),
+                                                              batch, taps, utaps)
         gate_inputs = (tuple(r.router.pre for r in records if r is not None), unit_gate_inputs(urecords))
         scaled = main if main_share is None else main * main_share
         return (scaled, gate_inputs), (main, acc, count, records, urecords)

@@ -99,6 +99,13 @@ def test_shipped_experiment_files_load():
     cfg = experiment.run_config(bpe, "bpe_adaptive", 0)  # the committed 2048-id BPE, its vocabulary
     from onn_jax.tokenizer import load_tokenizer
     assert load_tokenizer(cfg.data.tokenizer).vocab_size == cfg.model.vocab_size == 2048
+    research, gpu, fresh = (experiment.load_experiment(root / f)
+                            for f in ("research.py", "research_gpu.py", "research_gpu_fresh.py"))
+    assert set(research["runs"]) < set(gpu["runs"]) == set(fresh["runs"])  # + the top-8/16 controls
+    assert set(gpu["baselines"]) == {"topk_lb", "topk_auxfree", "topk8_lb"} and fresh["vary_data"]
+    small, big = experiment.run_config(gpu, "topk8_lb", 1), experiment.run_config(fresh, "v_adv_budget_hi", 2)
+    assert (small.model.moe.top_k, small.model.moe.router, small.data.seed) == (8, "topk", 1)
+    assert (big.model.moe.w_budget, big.data.records_per_domain, big.train.steps, big.train.eval_every) == (1.0, 100_000, 600, 100)
 
 
 class _FakeCells:

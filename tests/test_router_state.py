@@ -186,6 +186,30 @@ def test_nonconstant_rows_and_budget_brute_force():
     np.testing.assert_allclose(float(gt.avg_k_budget(jnp.asarray(pre), 2.0)), (soft.mean() - 2) ** 2, rtol=1e-5)
 
 
+def test_budget_with_fallback_against_enumeration():
+    """expected_k == the expected count over all 2^E activation patterns (a token with none
+    active takes fallback_k experts); the budget's value and gradient agree with that sum."""
+    import itertools
+    pre = np.random.default_rng(3).normal(size=(3, 4)).astype(np.float32) * 0.15
+    patterns = np.array(list(itertools.product([0, 1], repeat=4)), np.float32)     # [16, E]
+
+    def enumerated_budget(pre_NxE):
+        p_NxE = jax.nn.sigmoid(pre_NxE / gt.BUDGET_TAU)
+        prob_NxP = jnp.prod(jnp.where(patterns[None] == 1, p_NxE[:, None], 1 - p_NxE[:, None]), -1)
+        count_P = jnp.where(patterns.sum(-1) > 0, patterns.sum(-1), 3.0)           # fallback_k = 3
+        return jnp.square(jnp.mean(prob_NxP @ count_P) - 2.0), prob_NxP @ count_P
+
+    want, want_k = enumerated_budget(jnp.asarray(pre))
+    np.testing.assert_allclose(np.asarray(gt.expected_k(jnp.asarray(pre), 3)), np.asarray(want_k), rtol=1e-5)
+    budget = lambda x: gt.avg_k_budget(x, 2.0, fallback_k=3)
+    np.testing.assert_allclose(float(budget(jnp.asarray(pre))), float(want), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(jax.grad(budget)(jnp.asarray(pre))),
+                               np.asarray(jax.grad(lambda x: enumerated_budget(x)[0])(jnp.asarray(pre))),
+                               rtol=1e-4, atol=1e-6)
+    very_negative = jnp.full((2, 32), -5.0)  # no expert active: every token costs its fallback
+    np.testing.assert_allclose(np.asarray(gt.expected_k(very_negative, 16)), [16.0, 16.0], rtol=1e-5)
+
+
 def test_kl_temperature_and_given_target_against_numpy():
     rng = np.random.default_rng(2)
     pre, s = rng.normal(size=(4, 5)).astype(np.float32), rng.uniform(size=(4, 5)).astype(np.float32) * 0.1
@@ -205,6 +229,12 @@ def test_variant_steps_run_and_budget_is_reported():
     cfg = tiny_config(gate_tie_break="random", gate_tokens="nonconstant", kl_temperature=0.1, w_budget=0.5)
     st, m = make_train_step(cfg, TX, donate=False)(init_state(cfg, TX, jax.random.key(0)), random_batch(0))
     assert np.isfinite(float(m["moe/gate_budget"])) and np.isfinite(float(m["train/total_loss"]))
+    # Counting the fallback adds fallback_k * P(none active) to each token's count; at init most
+    # tokens have no expert above threshold, so the budget term changes: the option reaches the step.
+    fb = tiny_config(gate_tie_break="random", gate_tokens="nonconstant", kl_temperature=0.1, w_budget=0.5,
+                     budget_fallback=True)
+    _, m_fb = make_train_step(fb, TX, donate=False)(init_state(fb, TX, jax.random.key(0)), random_batch(0))
+    assert abs(float(m_fb["moe/gate_budget"]) - float(m["moe/gate_budget"])) > 0.1
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -216,6 +246,9 @@ def test_variant_steps_run_and_budget_is_reported():
     (dict(kl_temperature=0.0), "model.moe.kl_temperature"),
     (dict(gate_tokens="some"), "model.moe.gate_tokens"),
     (dict(router="topk", w_budget=1.0), "model.moe.w_budget"),
+    (dict(budget_fallback=True), "model.moe.budget_fallback"),                 # w_budget 0
+    (dict(w_budget=1.0, budget_fallback=1), "model.moe.budget_fallback"),
+    (dict(w_budget=1.0, budget_fallback=True, adaptive_experts=True), "model.moe.budget_fallback"),
 ])
 def test_bad_options_name_the_field(kwargs, field):
     with pytest.raises(ConfigError) as e:

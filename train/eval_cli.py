@@ -155,11 +155,10 @@ def run(args, overrides) -> dict:
     except ConfigLoadError as e:
         raise EvalError(str(e)) from e
     cfg = dataclasses.replace(cfg, model=model_cfg)
-    model_params = params  # with the router state of a stateful-routing model (load_model)
     ds, batches = eval_data(cfg, args.split)
     if args.batches is not None:
         batches = itertools.islice(batches, args.batches)
-    metrics = evaluate(eval_step(model_cfg, len(ds.domains)), model_params, batches)
+    metrics = evaluate(eval_step(model_cfg, len(ds.domains)), params, batches)  # params: with router state
     if not metrics:
         raise EvalError(f"the {args.split} split of data.source {cfg.data.source!r} holds no records "
                         "(raise --config.data.eval_fraction, or use --split all)")

@@ -15,21 +15,18 @@ from typing import Any, Callable, Iterable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from onn_jax.adaptive_experts import gate_surprise
 from onn_jax.analysis import gate_accuracy
 from onn_jax.routing_metrics import dead_experts, routing_metrics
 from onn_jax.config import ModelConfig
 from onn_jax.layer_stack import layer_params
-from onn_jax.losses import next_token_loss
 from onn_jax.model import Transformer
-from onn_jax.output import output_loss
-from onn_jax.step import step_taps
+from onn_jax.step import forward_loss, step_taps
 from onn_jax.moe import layer_surprise
 from onn_jax.surprise import get_surprise_fn
-from onn_jax.units import (UnitRecords, unit_gate_inputs, unit_gate_loss, unit_metrics, unit_records,
-                           unit_surprises, unit_taps)
+from onn_jax.units import (UnitRecords, unit_gate_inputs, unit_gate_loss, unit_metrics, unit_surprises,
+                           unit_taps)
 
 # 40 log-spaced bins from 1e-9 to 10; values outside are counted in the end bins.
 SURPRISE_EDGES = np.logspace(-9, 1, 41)
@@ -54,21 +51,9 @@ def eval_forward(cfg: ModelConfig, params: Any, batch: dict) -> EvalForward:
     model = Transformer(cfg)
     b, t = batch["inputs"].shape
 
-    head = {"return_hidden": True} if cfg.output.kind == "adaptive" else {}  # as the train step
-
-    def forward(taps, utaps):
-        if utaps is None:
-            (logits, records), units = model.apply({"params": params}, batch["inputs"], taps,
-                                                   **head), UnitRecords()
-        else:
-            (logits, records), state = model.apply({"params": params}, batch["inputs"], taps,
-                                                   unit_taps=utaps, mutable=["gated"], **head)
-            units = unit_records(cfg, state["gated"])
-        if head:  # adaptive softmax: `logits` are the hidden states (onn_jax.output)
-            main, acc, count, ce_BxT = output_loss(cfg, params, logits, batch["targets"], batch["loss_mask"])
-        else:
-            main, acc, count = next_token_loss(logits, batch["targets"], batch["loss_mask"])
-            ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    def forward(taps, utaps):  # the train step's forward and loss (onn_jax.step.forward_loss)
+        main, acc, count, ce_BxT, records, units = forward_loss(cfg, model, params, batch, taps, utaps,
+                                                                per_token=True)
         return main, (acc, count, records, ce_BxT, units)
 
     main, pullback, (acc, count, records, ce_BxT, units) = jax.vjp(

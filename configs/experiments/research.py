@@ -22,6 +22,9 @@ Rows and why each was tried (the diagnosis they address is in docs/RESEARCH.md):
               out of the E/2 fallback to matched compute: "What next" of the first grid)
               v_adv_budget_hi (the same with a 10x budget weight: v_adv_budget still sat at
               avg_k 2.52 with fallback tokens, so does holding avg_k at 2 close the gap?)
+              v_adv_budget_fb (v_adv_budget_hi whose budget also charges the fallback: at the
+              GPU size the plain budget held the thresholded count near 2 while half the
+              tokens took the E/2 fallback, avg_k 9)
 """
 
 
@@ -60,6 +63,9 @@ def get_experiment():
                              "model.moe.w_budget": 0.1, "model.moe.budget_k": 2.0},
             "v_adv_budget_hi": {"model.moe.surprise": "advantage", "model.moe.gate_tokens": "unmasked",
                                 "model.moe.w_budget": 1.0, "model.moe.budget_k": 2.0},
+            "v_adv_budget_fb": {"model.moe.surprise": "advantage", "model.moe.gate_tokens": "unmasked",
+                                "model.moe.w_budget": 1.0, "model.moe.budget_k": 2.0,
+                                "model.moe.budget_fallback": True},
         },
         "seeds": [0, 1, 2],
         "vary_data": True,

@@ -7,11 +7,19 @@ rows and one seed per device call (finished cells are skipped, so a grid spreads
 
     onn-experiment configs/experiments/research_gpu.py --only smk_faithful,topk_lb,topk_auxfree,v_combined --seeds 0
 
-The rows, and why each is tried, are research.py's (docs/RESEARCH.md); only the size differs.
+The rows, and why each is tried, are research.py's (docs/RESEARCH.md); only the size differs,
+plus top-8 and top-16 + load balancing: the surprise rows' active compute at this size.
 """
 from pathlib import Path
 
 from train.config_loader import exec_python_file
+
+
+# Top-k + load balancing at the active compute the surprise rows reach at this size (their avg_k
+# is 7-11 of 32 for smk_faithful / v_adv_budget*, 16 for v_kl_only): the matched-compute controls.
+COMPUTE_CONTROLS = {
+    f"topk{k}_lb": {"model.moe.router": "topk", "model.moe.top_k": k, "model.moe.lb_weight": 0.01} for k in (8, 16)
+}
 
 
 def get_experiment():
@@ -24,7 +32,8 @@ def get_experiment():
             "train.steps": 3000, "train.log_every": 100, "train.eval_every": 1000, "train.eval_batches": 8,
             "train.sample_every": 0, "checkpoint.enabled": False,
         },
-        "runs": cpu["runs"],
+        "runs": {**cpu["runs"], **COMPUTE_CONTROLS},
         "seeds": [0, 1, 2],
         "vary_data": True,
+        "baselines": ["topk_lb", "topk_auxfree", "topk8_lb"],
     }
