@@ -1,5 +1,6 @@
 """onn-experiment end to end on a tiny 2-run grid (routing and forgetting), and its errors."""
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -119,9 +120,14 @@ class _FakeCells:
         monkeypatch.setattr(experiment, "make_plots", lambda exp, rows, out: [])
 
     def run_cell(self, exp, label, seed, out, full_ds, phase_paths=None):
+        from onn_jax.config import to_dict
         self.ran.append((label, seed))
-        steps = experiment.run_config(exp, label, seed).train.steps
-        return {"label": label, "seed": seed, "steps": steps, "time_s": 0.0}
+        cfg = experiment.run_config(exp, label, seed)
+        if exp["kind"] == "routing":  # the run directory a real cell leaves
+            workdir = out / "runs" / label / f"seed_{seed}"
+            workdir.mkdir(parents=True, exist_ok=True)
+            (workdir / "config.json").write_text(json.dumps(to_dict(cfg)))
+        return {"label": label, "seed": seed, "steps": cfg.train.steps, "time_s": 0.0}
 
 
 def test_rerun_skips_only_rows_of_the_same_config(tmp_path, monkeypatch):
@@ -150,6 +156,20 @@ def test_rerun_skips_only_rows_of_the_same_config(tmp_path, monkeypatch):
     experiment.run_experiment(exp, out, seeds=[1], only=["smk"], log=logs.append)
     assert cells.ran == [("smk", 1)] and [(r["label"], r["seed"]) for r in read()] == [
         ("smk", 0), ("dense", 0), ("smk", 1)]
+    # the replaced rows' run directories are set aside, not overwritten (onn-train refuses that)
+    aside = out / "runs/smk" / f"seed_0.replaced-{quick[0]['config_hash']}"
+    assert json.loads((aside / "config.json").read_text())["train"]["steps"] == 2
+    assert json.loads((out / "runs/smk/seed_0/config.json").read_text())["train"]["steps"] == 4
+    assert any(f"moved to {aside}" in l for l in logs)
+    # a run cut before its row was written: kept when it is this cell's (resumable), else set aside
+    path = out / "results.jsonl"
+    path.write_text("".join(l + "\n" for l in path.read_text().splitlines() if '"smk"' not in l))
+    logs.clear()
+    experiment.run_experiment(exp, out, only=["smk"], log=logs.append)
+    assert not any("moved" in l for l in logs) and not (out / "runs/smk/seed_0.replaced-unfinished").exists()
+    path.write_text("".join(l + "\n" for l in path.read_text().splitlines() if '"smk"' not in l))
+    experiment.run_experiment(exp, out, only=["smk"], steps=3, log=logs.append)
+    assert (out / "runs/smk/seed_0.replaced-unfinished/config.json").exists()
 
 
 def test_results_with_a_torn_last_line_or_no_hash(tmp_path, monkeypatch):
@@ -163,9 +183,10 @@ def test_results_with_a_torn_last_line_or_no_hash(tmp_path, monkeypatch):
     cells.ran.clear()
     experiment.run_experiment(exp, out, log=lambda _: None)
     assert cells.ran == []
-    # a row without a hash (older results) is re-run; the rewrite also drops the torn tail
+    # a row without a hash or configs (older results) is re-run; the rewrite also drops the torn tail
     rows = [json.loads(l) for l in good.splitlines()]
-    del rows[1]["config_hash"]
+    del rows[1]["config_hash"], rows[1]["configs"]
+    shutil.rmtree(out / "runs" / "dense")                 # nor a run directory to read them from
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"lab')
     logs = []
     experiment.run_experiment(exp, out, log=logs.append)
@@ -175,6 +196,61 @@ def test_results_with_a_torn_last_line_or_no_hash(tmp_path, monkeypatch):
     path.write_text("{oops\n" + good)
     with pytest.raises(experiment.ExperimentError, match=r"results.jsonl:1: malformed JSON line"):
         experiment.run_experiment(exp, out, log=lambda _: None)
+
+
+def test_rows_made_before_a_field_existed_are_reused_only_at_its_default(tmp_path, monkeypatch):
+    """A new option (a field the stored configs lack) at its default reuses the row; the option
+    set, a changed shared field, or a field the code no longer has re-runs the cell. Rows from
+    before configs were stored fall back to the run directory's config.json (routing)."""
+    cells = _FakeCells(monkeypatch)
+    exp, out, logs = experiment.load_experiment(_write(tmp_path)), tmp_path / "out", []
+    path = out / "results.jsonl"
+    experiment.run_experiment(exp, out, only=["smk"], log=logs.append)
+    (made,) = [json.loads(l) for l in path.read_text().splitlines()]
+    assert made["configs"][0]["model"]["moe"]["kl_temperature"] == 1.0
+
+    def older(edit, drop_configs=False):
+        row = json.loads(json.dumps(made))
+        row["config_hash"] = "0" * 16                     # made by older code: another hash
+        edit(row["configs"][0])
+        if drop_configs:                                  # older still: only the run dir has them
+            run = out / "runs/smk/seed_0"
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "config.json").write_text(json.dumps(row.pop("configs")[0]))
+        path.write_text(json.dumps(row) + "\n")
+        cells.ran.clear(), logs.clear()
+
+    def rerun(e=exp):
+        experiment.run_experiment(e, out, only=["smk"], log=logs.append)
+        return cells.ran == [("smk", 0)]
+
+    def forget(*dotted):  # the stored configs without these fields
+        def edit(config):
+            for name in dotted:
+                *parents, last = name.split(".")
+                node = config
+                for p in parents:
+                    node = node[p]
+                del node[last]
+        return edit
+
+    older(forget("model.moe.kl_temperature"))
+    assert not rerun() and "made before model.moe.kl_temperature existed; the cell leaves it at its default" in logs[0]
+    assert json.loads(path.read_text())["configs"] == made["configs"]   # the row now stores today's configs
+    older(forget("model.heads", "train.peak_tflops"))                    # a whole sub-config, and a field
+    assert not rerun() and "made before model.heads, train.peak_tflops existed" in logs[0]
+    assert "them at their defaults" in logs[0]
+    older(forget("model.moe.kl_temperature"), drop_configs=True)
+    assert not rerun()
+    older(forget("model.moe.kl_temperature"))
+    assert rerun({**exp, "overrides": {**exp["overrides"], "model.moe.kl_temperature": 0.5}})  # option set
+    older(lambda c: c["train"].update(steps=3))
+    assert rerun() and "re-running and replacing it" in logs[0]          # a shared field differs
+    older(lambda c: c["model"]["moe"].update(retired_option=1))
+    assert rerun()                                                        # a field the code lost
+    older(forget("model.moe.kl_temperature"), drop_configs=True)
+    (out / "runs/smk/seed_0/config.json").write_text("{oops")
+    assert rerun()                                                        # unreadable: not reused
 
 
 def test_config_hash_covers_the_settings_not_the_output_dir(tmp_path):

@@ -23,9 +23,11 @@ Every run is evaluated on the whole held-out split of all domains of the builtin
 (onn_jax.analysis): loss per domain, avg_k (per domain), gate accuracy on unmasked tokens
 (argmax pre == argmin S of the run's own surprise definition) and expert<->domain NMI per
 layer; these also go into each run's metrics.jsonl at every train.eval_every as `analysis/*`.
-Outputs in DIR: results.jsonl (one line per run, with `config_hash`, a hash of the run's
-resolved Config(s); a re-run skips a finished run only when its hash matches, so a quick
-`--steps 20` trial is re-run, and its row replaced, by the full run),
+Outputs in DIR: results.jsonl (one line per run, with its resolved Config(s) as `configs` and
+their hash `config_hash`; a re-run skips a finished run when its hash matches, or when its
+configs differ only by fields added to the code since, left at their defaults
+(train/experiment_reuse.py); so a quick `--steps 20` trial is re-run, and its row replaced, by
+the full run, while a new option does not invalidate a grid),
 results.md (the table, mean +- std over seeds), plots/*.png, runs/<label>/seed_<s>/ (the
 usual onn-train workdir of each run). --config.a.b=VALUE sets a config field in every run
 (applied last); --dry-run builds and checks every run's config and lists the grid, writing nothing.
@@ -47,6 +49,7 @@ import numpy as np
 from train.config_loader import (ConfigLoadError, apply_overrides, build_config, exec_python_file,
                                  load_config_file, split_overrides, with_defaults)
 from train.experiment_report import make_plots, markdown_table
+from train.experiment_reuse import reusable, set_aside_stale_run, stored_configs
 
 KINDS = ("routing", "forgetting")
 
@@ -310,16 +313,21 @@ def cell_configs(exp: dict, label: str, seed: int, phase_paths=None) -> list:
             for p in PHASES]
 
 
-def config_hash(exp: dict, configs: Sequence) -> str:
-    """Hash of a cell's resolved Config dicts (steps included): a results.jsonl row is reused
-    only for the same hash. A forgetting phase's data.source (a path under the output dir)
-    enters as its domain list, so moving the output dir does not invalidate its results."""
+def cell_dicts(exp: dict, configs: Sequence) -> list[dict]:
+    """A cell's resolved Config dicts as its row stores them. A forgetting phase's data.source (a
+    path under the output dir) enters as its domain list, so moving the output dir changes nothing."""
     from onn_jax.config import to_dict
     dicts = [to_dict(c) for c in configs]
     if exp["kind"] == "forgetting":
         for d, phase in zip(dicts, PHASES):
             d["data"]["source"] = {"phase": phase, "domains": list(exp["phases"][phase])}
-    blob = json.dumps({"kind": exp["kind"], "configs": dicts}, sort_keys=True, default=repr)
+    return dicts
+
+
+def config_hash(exp: dict, configs: Sequence) -> str:
+    """Hash of a cell's resolved Config dicts (steps included): a results.jsonl row of the same
+    hash is reused (and one that differs only by fields added since: train.experiment_reuse)."""
+    blob = json.dumps({"kind": exp["kind"], "configs": cell_dicts(exp, configs)}, sort_keys=True, default=repr)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -426,14 +434,29 @@ def run_experiment(exp: dict, out: Path, seeds=None, only=None, steps=None, log=
     for label in labels:
         for seed in seeds:
             full_ds, phase_paths = seed_data(seed)
-            want = config_hash(exp, cell_configs(exp, label, seed, phase_paths))
+            configs = cell_configs(exp, label, seed, phase_paths)
+            dicts, want = cell_dicts(exp, configs), config_hash(exp, configs)
             old = done.get((label, seed))
             if old is not None and old.get("config_hash") == want:
+                continue
+            added = None if old is None else reusable(stored_configs(old, out, exp["kind"]), dicts, configs)
+            if added is not None:
+                why = (f"made before {', '.join(added)} existed; the cell leaves "
+                       f"{'it at its default' if len(added) == 1 else 'them at their defaults'}"
+                       if added else "its configs equal the cell's")
+                log(f"[{exp['name']}] {label} seed {seed}: reusing its results.jsonl row ({why})")
+                done[(label, seed)] = {**old, "config_hash": want, "configs": dicts}
+                write_results(results_path, list(done.values()))
                 continue
             if old is not None:
                 log(f"[{exp['name']}] {label} seed {seed}: the results.jsonl row was made with other settings "
                     f"(config {old.get('config_hash') or 'unrecorded'}, now {want}); re-running and replacing it")
-            row = {**run_cell(exp, label, seed, out, full_ds, phase_paths), "config_hash": want}
+            moved = set_aside_stale_run(out / "runs" / label / f"seed_{seed}", configs,
+                                        (old or {}).get("config_hash") or "unfinished")
+            if moved is not None:
+                log(f"[{exp['name']}] {label} seed {seed}: its earlier run directory (other settings) "
+                    f"moved to {moved}")
+            row = {**run_cell(exp, label, seed, out, full_ds, phase_paths), "config_hash": want, "configs": dicts}
             done[(label, seed)] = row  # replaces the old row in place, or appends
             write_results(results_path, list(done.values()))
             log(f"[{exp['name']}] {label} seed {seed}: {row['time_s']:.0f}s " + _short(row))
