@@ -57,8 +57,10 @@ def test_modes_change_only_router_and_dispatch():
 def test_force_thresholds_sets_avg_k():
     cfg = tiny_config(num_layers=2)
     batch = random_batch(0, batch=4, length=16)
-    params = force_thresholds(init_params(cfg, jax.random.key(0)), cfg, batch["inputs"], 2)
-    _, records = Transformer(cfg).apply({"params": params}, batch["inputs"])
+    # jitted init and forward: op by op, the first calls of a process compile every op (~15 s)
+    params = force_thresholds(jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0)), cfg,
+                              batch["inputs"], 2)
+    _, records = jax.jit(Transformer(cfg).apply)({"params": params}, batch["inputs"])
     for r in records:  # each expert passes a quarter (k/E) of the tokens before the fallback
         passed_E = np.asarray(r.router.pre > 0).mean(0)
         np.testing.assert_allclose(passed_E, 2 / 8, atol=1.5 / 64)

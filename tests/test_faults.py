@@ -4,12 +4,15 @@ The subprocess runs stop at a chosen point through train.faults (ONN_TRAIN_FAULT
 killed with SIGKILL by the test, so the timing is deterministic. On CPU the resumed run's
 final parameters equal an uninterrupted run's bit for bit.
 """
+import contextlib
 import hashlib
+import io
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +42,14 @@ def cli(workdir, fault=None, **kwargs):
 
 
 def run_cli(workdir):
-    cmd, kw = cli(workdir)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, **kw)
+    """A run to the end with no fault point, in this process (train.main.main, as onn-train calls
+    it): the straight run and the resumes after a stop, which check files, exit code and stdout,
+    not the process boundary; the fault-point runs above are real onn-train processes."""
+    assert faults.ENV not in os.environ
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["--workdir", str(workdir), *ARGS])
+    return types.SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def reap(proc):

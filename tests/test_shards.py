@@ -1,5 +1,7 @@
 """Shards (onn-tokenize, onn_jax.shards): the same examples as the in-memory pipeline, a
 resumable streaming iterator, and an onn-train run killed mid-epoch that resumes bit for bit."""
+import contextlib
+import io
 import json
 import os
 import signal
@@ -17,6 +19,7 @@ from onn_jax.data import Dataset, load_records  # noqa: E402
 from onn_jax.shards import ShardDataset, write_shards  # noqa: E402
 from onn_jax.tokenizer import ByteTokenizer  # noqa: E402
 from train.compat import tokenizer_info  # noqa: E402
+from train.main import main as train_main  # noqa: E402
 from train.tokenize import main as tokenize_main  # noqa: E402
 from test_faults import assert_bitwise_equal, final_params, reap  # noqa: E402
 
@@ -118,6 +121,18 @@ def train_cmd(workdir, shards, fault=None):
     return cmd, dict(cwd=ROOT, env=env)
 
 
+def train_in_process(workdir, shards):
+    """(exit code, stdout, stderr) of a run to the end in this process (train.main.main, as
+    onn-train calls it): the straight run and the resume check files and output, not the process
+    boundary; the run killed at a fault point stays a real onn-train process."""
+    cmd, _ = train_cmd(workdir, shards)
+    assert cmd[1:3] == ["-m", "train.main"] and "ONN_TRAIN_FAULT" not in os.environ
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = train_main(cmd[3:])
+    return rc, out.getvalue(), err.getvalue()
+
+
 def kill_at_fault(cmd, kw, fault, log):
     """Runs onn-train until it halts at the fault point, then kills it with SIGKILL."""
     with open(log, "w") as err:
@@ -138,12 +153,10 @@ def test_train_on_shards_killed_mid_epoch_resumes_bit_for_bit(tmp_path):
     assert tokenize_main([*paths, "--out", str(tmp_path / "s"), "--seq-len", "32", "--eval-fraction", "0.1"]) == 0
     rows = json.loads((tmp_path / "s" / "meta.json").read_text())["rows"]["train"]
     assert 8 * 8 > rows > 3 * 8  # resumed at step 3 mid-epoch 0; the run ends in epoch 1
-    cmd, kw = train_cmd(tmp_path / "straight", tmp_path / "s")
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
-    assert out.returncode == 0, out.stderr[-2000:]
+    rc, out, err = train_in_process(tmp_path / "straight", tmp_path / "s")
+    assert rc == 0, err[-2000:]
     cmd, kw = train_cmd(tmp_path / "killed", tmp_path / "s", fault="after_step:4")
     kill_at_fault(cmd, kw, "after_step:4", tmp_path / "err.txt")
-    cmd, kw = train_cmd(tmp_path / "killed", tmp_path / "s")
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
-    assert out.returncode == 0 and "resuming from step 3" in out.stdout, out.stderr[-2000:]
+    rc, out, err = train_in_process(tmp_path / "killed", tmp_path / "s")
+    assert rc == 0 and "resuming from step 3" in out, err[-2000:]
     assert_bitwise_equal(final_params(tmp_path / "killed", 8), final_params(tmp_path / "straight", 8))
