@@ -689,6 +689,9 @@ class TrainConfig:
       WORKDIR/profile; None = no trace.
     peak_tflops: the device's peak TFLOP/s per device for perf/mfu; None = from the table in
       bench.bench.PEAK_TFLOPS by device kind (perf/mfu is null where the device is unknown).
+    plots: draw the dashboards (WORKDIR/plots/*.png) when the run ends; false skips them (a few
+      seconds of matplotlib per run: many short runs, or no matplotlib wanted on the cluster);
+      `onn-plot WORKDIR` draws them later from metrics.jsonl.
     """
 
     steps: int = 1000
@@ -704,6 +707,7 @@ class TrainConfig:
     max_skipped_in_a_row: int = 10
     profile_steps: tuple[int, int] | None = None
     peak_tflops: float | None = None
+    plots: bool = True
 
     def __post_init__(self):
         p = "train."
@@ -720,6 +724,7 @@ class TrainConfig:
         _check(self.sample_format in SAMPLE_FORMATS, p + "sample_format",
                f"must be one of {list(SAMPLE_FORMATS)}, got {self.sample_format!r}")
         _check(isinstance(self.progress, bool), p + "progress", f"must be a bool, got {self.progress!r}")
+        _check(isinstance(self.plots, bool), p + "plots", f"must be a bool, got {self.plots!r}")
 
 
 @dataclass(frozen=True)

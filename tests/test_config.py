@@ -19,6 +19,7 @@ from onn_jax.config import (ConfigError, FilterConfig, ModelConfig, MoEConfig, O
     (lambda: OptimConfig(b2=1.0), "optim.b2"),
     (lambda: FilterConfig(mode="three_sided"), "optim.grad_filter.mode"),
     (lambda: TrainConfig(sample_format="raw"), "train.sample_format"),
+    (lambda: TrainConfig(plots="no"), "train.plots"),
 ])
 def test_invalid_values_name_the_field(build, field):
     with pytest.raises(ConfigError) as err:

@@ -22,7 +22,7 @@ RUN = ("--config.train.steps=4", "--config.checkpoint.every=2", "--config.train.
 def workdir(tmp_path_factory):
     """A 4-step scanned tiny run (checkpoints at 2 and 4, the held-out eval logged at step 4)."""
     w = tmp_path_factory.mktemp("evalrun")
-    assert train_main(["--config", "configs/tiny.py", "--workdir", str(w), *RUN]) == 0
+    assert train_main(["--config", "configs/tiny.py", "--workdir", str(w), *RUN, "--config.train.plots=false"]) == 0
     return w
 
 

@@ -11,7 +11,7 @@ from train import experiment
 
 TINY = {"model.moe.num_experts": 4, "data.records_per_domain": 40, "data.batch_size": 4,
         "data.seq_len": 32, "train.steps": 4, "train.log_every": 2, "train.eval_every": 2,
-        "train.eval_batches": 1, "checkpoint.enabled": False}
+        "train.eval_batches": 1, "checkpoint.enabled": False, "train.plots": False}
 
 
 def _write(tmp_path, kind="routing", runs=None, **extra):

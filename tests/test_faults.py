@@ -29,7 +29,7 @@ from train.main import main  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--config", "configs/tiny.py", "--config.train.steps=12", "--config.checkpoint.every=4",
         "--config.train.eval_every=0", "--config.train.log_every=4", "--config.train.eval_batches=1",
-        "--config.train.sample_tokens=2"]
+        "--config.train.sample_tokens=2", "--config.train.plots=false"]
 
 
 def cli(workdir, fault=None, **kwargs):

@@ -171,7 +171,7 @@ def test_config_errors_name_the_field(kwargs, field):
 
 ADAPTIVE = ("--config.model.output.kind=adaptive", "--config.model.output.cutoffs=[16, 64]",
             "--config.checkpoint.every=10", "--config.train.eval_every=10", "--config.train.eval_batches=1",
-            "--config.train.log_every=2", "--config.train.sample_tokens=4")
+            "--config.train.log_every=2", "--config.train.sample_tokens=4", "--config.train.plots=false")
 
 
 def test_onn_train_counts_the_training_split_trains_and_resume_generate_use_the_same_clusters(tmp_path, capsys):

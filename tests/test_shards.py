@@ -117,7 +117,7 @@ def train_cmd(workdir, shards, fault=None):
     cmd = [sys.executable, "-m", "train.main", "--workdir", str(workdir), "--config", "configs/tiny.py",
            f"--config.data.source=shards:{shards}", "--config.data.seq_len=32", "--config.train.steps=8",
            "--config.checkpoint.every=3", "--config.train.eval_every=0", "--config.train.eval_batches=1",
-           "--config.train.sample_tokens=2"]
+           "--config.train.sample_tokens=2", "--config.train.plots=false"]
     return cmd, dict(cwd=ROOT, env=env)
 
 

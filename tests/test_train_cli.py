@@ -83,12 +83,15 @@ def test_loss_falls(run30):
 
 @pytest.mark.slow
 def test_resume_continues_exactly(run30, tmp_path, capsys):
-    """Drop the step-30 checkpoint, rerun: it resumes at 20 and reproduces the straight run."""
+    """Drop the step-30 checkpoint, rerun: it resumes at 20 and reproduces the straight run
+    (with train.plots=false, a setting free to change on resume: no dashboards drawn)."""
     resumed = tmp_path / "resumed"
     shutil.copytree(run30, resumed)
     shutil.rmtree(resumed / "checkpoints" / "30")
+    shutil.rmtree(resumed / "plots")
     capsys.readouterr()
-    assert onn_train(resumed, *RUN) == 0
+    assert onn_train(resumed, *RUN, "--config.train.plots=false") == 0
+    assert not (resumed / "plots").exists()
     out = capsys.readouterr()
     assert "resuming from step 20" in out.out + out.err and "trained steps 20 -> 30" in out.out
     a, b = read_metrics(resumed), read_metrics(run30)

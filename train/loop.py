@@ -555,8 +555,8 @@ class Run:
         writer.add_text("sample", text, step)
         writer.close()
         try:
-            plots = (make_dashboards(self.workdir)
-                     if self.is_chief and (self.workdir / "metrics.jsonl").exists() else [])
+            plots = (make_dashboards(self.workdir) if self.cfg.train.plots and self.is_chief
+                     and (self.workdir / "metrics.jsonl").exists() else [])
         except (PlotError, OSError) as e:  # after a whole run: say so, keep the run's exit code
             print(f"onn-train: warning: no plots drawn: {e}", file=sys.stderr, flush=True)
             plots = []
