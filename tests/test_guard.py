@@ -108,7 +108,8 @@ def test_sharded_guarded_step_matches_one_device():
 # ---------------------------------------------------------------- through onn-train
 
 TINY = ["--config", "configs/tiny.py", "--config.train.steps=8", "--config.checkpoint.every=4",
-        "--config.train.eval_every=0", "--config.train.log_every=2", "--config.train.sample_tokens=2"]
+        "--config.train.eval_every=0", "--config.train.log_every=2", "--config.train.sample_tokens=2",
+        "--config.train.plots=false"]
 
 
 def poison_steps(monkeypatch, steps):

@@ -43,7 +43,8 @@ def test_text_corpus_generates_as_trained(tmp_path, capsys):
                        f"--config.data.source={book}", f"--config.data.tokenizer={tmp_path / 'tok.json'}",
                        "--config.data.eval_fraction=0", "--config.train.steps=120", "--config.optim.lr=1e-2",
                        "--config.train.eval_every=0", "--config.checkpoint.every=1000",
-                       "--config.train.sample_prompt=Call me", "--config.train.sample_tokens=6"]) == 0
+                       "--config.train.sample_prompt=Call me", "--config.train.sample_tokens=6",
+                       "--config.train.plots=false"]) == 0
     assert json.loads((workdir / "config.json").read_text())["model"]["vocab_size"] == 300  # from the tokenizer
     # The run's own sample of a text corpus is a text continuation too (train.sample_format=auto).
     summary = capsys.readouterr().out

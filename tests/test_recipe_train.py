@@ -15,7 +15,7 @@ RUN = ("--config.train.steps=8", "--config.checkpoint.every=4", "--config.train.
        "--config.train.eval_every=0", "--config.train.eval_batches=1", "--config.train.sample_tokens=2",
        "--config.optim.schedule=warmup_cosine", "--config.optim.warmup_steps=3",
        "--config.optim.min_lr_ratio=0.1", "--config.optim.accum_steps=2",
-       "--config.train.profile_steps=[2,3]", "--config.train.progress=False")
+       "--config.train.profile_steps=[2,3]", "--config.train.progress=False", "--config.train.plots=false")
 
 
 def onn_train(workdir, *extra):
