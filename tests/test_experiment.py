@@ -284,6 +284,23 @@ def test_parallel_cells_report_failures_and_keep_the_finished(tmp_path, monkeypa
     assert experiment.main([str(tmp_path / "exp.py"), "--parallel", "0", "--out", str(out)]) == 2
 
 
+def test_parallel_cells_spread_over_gpus(tmp_path, monkeypatch):
+    """--gpus: each cell process sees one GPU (CUDA_VISIBLE_DEVICES), the least busy one."""
+    _FakeCells(monkeypatch)
+    exp, out = experiment.load_experiment(_write(tmp_path, seeds=[0, 1])), tmp_path / "out"
+    script = ("import json, os, pathlib, sys, time; o = pathlib.Path(sys.argv[1]); time.sleep(0.5); "
+              "(o / 'results.jsonl').write_text(json.dumps({'label': sys.argv[2], 'seed': int(sys.argv[3]), "
+              "'time_s': 0.0, 'gpu': os.environ.get('CUDA_VISIBLE_DEVICES')}) + chr(10))")
+    monkeypatch.setattr(experiment.ParallelCells, "command", lambda self, label, seed, cell_out: [
+        sys.executable, "-c", script, str(cell_out), label, str(seed)])
+    experiment.run_experiment(exp, out, parallel=experiment.ParallelCells("x", jobs=4, gpus=["2", "5"]),
+                              log=lambda _: None)
+    gpus = sorted(json.loads(l)["gpu"] for l in (out / "results.jsonl").read_text().splitlines())
+    assert gpus == ["2", "2", "5", "5"]  # 4 cells at once over 2 GPUs: two each
+    for bad in (["--gpus", "0,1"], ["--gpus", "a,b", "--parallel", "2"]):
+        assert experiment.main([str(tmp_path / "exp.py"), "--out", str(out), *bad]) == 2
+
+
 def test_config_hash_covers_the_settings_not_the_output_dir(tmp_path):
     routing = experiment.load_experiment(_write(tmp_path))
     h = lambda exp, label="smk", seed=0, paths=None: experiment.config_hash(

@@ -534,6 +534,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="run up to N cells at once, each in a process of its own (a launch-bound small "
                         "model shares a GPU or a many-core CPU; see train/experiment_parallel.py)")
+    p.add_argument("--gpus", default=None, metavar="IDS",
+                   help="with --parallel: comma-separated CUDA device ids; each cell sees one of them "
+                        "(CUDA_VISIBLE_DEVICES), the one running the fewest cells")
     p.add_argument("--cell-only", action="store_true", help=argparse.SUPPRESS)  # a --parallel child: no report
     p.epilog = ("--config.SECTION.FIELD=VALUE overrides a config field in every run (after the "
                 "experiment file's own overrides), e.g. --config.data.batch_size=4")
@@ -554,6 +557,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(a.out or Path("runs") / "experiments" / exp["name"])
         if a.parallel < 1:
             raise ExperimentError(f"--parallel must be >= 1, got {a.parallel}")
+        gpus = [g.strip() for g in a.gpus.split(",")] if a.gpus else []
+        if a.gpus is not None and (a.parallel < 2 or not all(g.isdigit() for g in gpus)):
+            raise ExperimentError(f"--gpus needs --parallel N >= 2 and comma-separated device ids, got "
+                                  f"--gpus {a.gpus!r} with --parallel {a.parallel}")
         if a.dry_run:
             print(dry_run(exp, out, seeds, only, a.steps))
             return 0
@@ -562,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # this process only plans and merges: should it touch a GPU, it must not reserve its memory
             os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
             cache = a.compile_cache or str(out / "jax_cache")  # one cache for every cell
-            parallel = ParallelCells(a.experiment, a.parallel, cli_overrides, a.steps, cache)
+            parallel = ParallelCells(a.experiment, a.parallel, cli_overrides, a.steps, cache, gpus)
         elif a.compile_cache != "none":
             enable_compile_cache(Path(a.compile_cache or out / "jax_cache"))
         from train.loop import TrainError

@@ -12,7 +12,9 @@ which cells run (train.experiment.run_experiment), and when a cell's process end
 run directory to OUT/runs/LABEL/seed_SEED and writes its row. A cell whose process fails is
 named with its exit code and log, the others go on; the parent then stops with an error. On a
 GPU, children get XLA_PYTHON_CLIENT_PREALLOCATE=false unless it is set: each would otherwise
-reserve 75% of the device's memory.
+reserve 75% of the device's memory. `gpus` (onn-experiment --gpus 0,1,2,3) spreads the cells
+over several GPUs of a host: each cell sees one (CUDA_VISIBLE_DEVICES), the one running the
+fewest cells when it starts.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class ParallelCells:
     cli_overrides: Sequence[tuple[str, str]] = ()
     steps: int | None = None
     compile_cache: str | None = None  # a directory, "none", or None (each cell's own default)
+    gpus: Sequence[str] = ()          # CUDA device ids to spread the cells over; () = leave as is
 
     def command(self, label: str, seed: int, cell_out: Path) -> list[str]:
         """The onn-experiment command line that runs one cell into cell_out."""
@@ -61,12 +64,14 @@ class ParallelCells:
                 cell_out.mkdir(parents=True, exist_ok=True)
                 log_path = cell_out.parent / f"{label}_seed{seed}.log"
                 log_file = open(log_path, "w")
+                gpu = min(self.gpus, key=lambda g: sum(r[4] == g for r in running.values())) if self.gpus else None
+                cell_env = env if gpu is None else {**env, "CUDA_VISIBLE_DEVICES": gpu}
                 proc = subprocess.Popen(self.command(label, seed, cell_out), stdout=log_file,
-                                        stderr=subprocess.STDOUT, env=env)
-                running[proc] = (cell, cell_out, log_file, log_path)
+                                        stderr=subprocess.STDOUT, env=cell_env)
+                running[proc] = (cell, cell_out, log_file, log_path, gpu)
             time.sleep(POLL_S)
             for proc in [p for p in running if p.poll() is not None]:
-                cell, cell_out, log_file, log_path = running.pop(proc)
+                cell, cell_out, log_file, log_path, _ = running.pop(proc)
                 log_file.close()
                 row = read_row(cell_out) if proc.returncode == 0 else None
                 if row is None:
