@@ -2,10 +2,14 @@
 
 configs/gpu_small.py (C256, 4 layers of 32 GELU experts of width 256, bf16) on the builtin
 4-domain corpus with the byte tokenizer (vocab cut to 512: ids above 261 are never used),
-3000 steps of 32 x 512 tokens, seeds that vary the initialisation AND the data. Run it a few
-rows and one seed per device call (finished cells are skipped, so a grid spreads over calls):
+3000 steps of 32 x 512 tokens, seeds that vary the initialisation AND the data. Finished cells
+are skipped, so a grid spreads over device calls; several cells share one GPU well:
 
-    onn-experiment configs/experiments/research_gpu.py --only smk_faithful,topk_lb,topk_auxfree,v_combined --seeds 0
+    onn-experiment configs/experiments/research_gpu.py --only smk_faithful,topk_lb,topk_auxfree --parallel 6
+
+Caution (docs/RESEARCH.md "The GPU grid"): 3000 steps are ~30 epochs of this small corpus, so
+every row memorises it and the held-out loss measures overfitting more than routing;
+research_gpu_fresh.py is the same grid on fresh data (under one epoch).
 
 The rows, and why each is tried, are research.py's (docs/RESEARCH.md); only the size differs,
 plus top-8 and top-16 + load balancing: the surprise rows' active compute at this size.
