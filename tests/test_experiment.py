@@ -301,6 +301,25 @@ def test_parallel_cells_spread_over_gpus(tmp_path, monkeypatch):
         assert experiment.main([str(tmp_path / "exp.py"), "--out", str(out), *bad]) == 2
 
 
+def test_interrupted_parallel_run_leaves_no_cell_process(tmp_path, monkeypatch):
+    """An error (or Ctrl-C) in the parent terminates the cell processes still running."""
+    import os
+    pid_file = tmp_path / "b.pid"
+    scripts = {"a": "import time; time.sleep(1)",
+               "b": f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(60)"}
+    monkeypatch.setattr(experiment.ParallelCells, "command",
+                        lambda self, label, seed, cell_out: [sys.executable, "-c", scripts[label]])
+
+    def on_done(cell, row, run_dir):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        experiment.ParallelCells("x", jobs=2).run([("a", 0), ("b", 0)], tmp_path, lambda _: {"ok": 1},
+                                                 on_done, lambda _: None)
+    with pytest.raises(ProcessLookupError):  # terminated and reaped
+        os.kill(int(pid_file.read_text()), 0)
+
+
 def test_config_hash_covers_the_settings_not_the_output_dir(tmp_path):
     routing = experiment.load_experiment(_write(tmp_path))
     h = lambda exp, label="smk", seed=0, paths=None: experiment.config_hash(

@@ -56,6 +56,21 @@ class ParallelCells:
         env = dict(os.environ)
         env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         queue, running, failed = list(cells), {}, []
+        try:
+            self._loop(queue, running, failed, out, env, read_row, on_done, log)
+        finally:  # an interrupted parent (Ctrl-C, an error) leaves no cell process behind
+            for proc, (_, _, log_file, _, _) in running.items():
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                log_file.close()
+        return failed
+
+    def _loop(self, queue, running, failed, out, env, read_row, on_done, log) -> None:
+        """Starts cells while there is room, and hands each ended one to on_done (or failed)."""
         while queue or running:
             while queue and len(running) < self.jobs:
                 cell = queue.pop(0)
@@ -79,4 +94,3 @@ class ParallelCells:
                     log(f"cell {failed[-1]} failed")
                     continue
                 on_done(cell, row, cell_out / "runs" / cell[0] / f"seed_{cell[1]}")
-        return failed
