@@ -8,7 +8,7 @@ Modes (same model size, same batch):
   plain   router=topk + load-balancing loss, no Surprise (top_k = the forced k if given)
   dense   router=dense: a plain FFN of width top_k * intermediate (active-FLOP matched)
   sparse  smk with dispatch=sparse (capacity = capacity_rel * N * k / E slots per expert)
-`--dispatch dropless` runs smk and plain on the dropless dispatch (onn_jax.dropless) with
+`--dispatch dropless` runs smk and plain on the dropless dispatch (onn_jax.dispatch.dropless) with
 `--gemm` and `--pair-budget` (default: top_k for plain, 1.25 k for smk with a forced k, else
 the config's); the JSON line reports the budget, the buffer rows and the resolved backend.
 
@@ -44,10 +44,13 @@ import numpy as np
 from bench.components import COMPONENTS, parse_components
 from bench.real_routing import corpus_batches, train_for
 from onn_jax.config import Config, ModelConfig, MoEConfig
-from onn_jax.model import Transformer, attention_impl
-from onn_jax.losses import next_token_loss
-from onn_jax.step import compute_grads, init_state, make_optimizer, make_train_step
-from onn_jax.tokenizer import ByteTokenizer
+from onn_jax.nn.transformer import Transformer
+from onn_jax.nn.attention import attention_impl
+from onn_jax.core.losses import next_token_loss
+from onn_jax.training.step import compute_grads, make_train_step
+from onn_jax.training.state import init_state
+from onn_jax.training.optimizer import make_optimizer
+from onn_jax.data.tokenizer import ByteTokenizer
 
 MODES = ("smk", "plain", "dense", "sparse")
 MIN_STEPS = 20
@@ -161,7 +164,7 @@ def force_thresholds(params, cfg: ModelConfig, inputs: jax.Array, k: int, rounds
     so that about k experts pass per token (layer by layer; repeated as routing feeds forward)."""
     e = cfg.moe.num_experts
     apply = jax.jit(lambda p: [r.router.logits for r in Transformer(cfg).apply({"params": p}, inputs)[1]])
-    from onn_jax.layer_stack import to_layout
+    from onn_jax.nn.layer_stack import to_layout
     for _ in range(rounds):
         logits = apply(params)
         params = to_layout(params, False)  # model.scan_layers: edit per layer, then stack again
@@ -258,9 +261,9 @@ def dropless_fields(model: ModelConfig, num_tokens: int) -> dict[str, Any]:
     m = model.moe
     if m.dispatch != "dropless" or m.router == "dense":
         return {"pair_budget": None, "pair_rows": None, "gemm": None, "token_sum": None}
-    from onn_jax.dropless import pair_rows
-    from onn_jax.grouped_gemm import resolve_gemm
-    from onn_jax.token_sums import resolve_token_sum
+    from onn_jax.dispatch.dropless import pair_rows
+    from onn_jax.dispatch.grouped_gemm import resolve_gemm
+    from onn_jax.dispatch.token_sums import resolve_token_sum
     rows = pair_rows(num_tokens, m)
     return {"pair_budget": round(rows / num_tokens, 4), "pair_rows": rows,
             "gemm": resolve_gemm(m.gemm, jnp.dtype(model.dtype)),
@@ -396,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--component", default="none",
                     help="comma list of phase-2 components to time against `none` (bench/components.py)")
     ap.add_argument("--token-sum", choices=("auto", "loop", "pallas"), default=None,
-                    help="dropless: per-token sums (model.moe.token_sum; onn_jax.token_sums)")
+                    help="dropless: per-token sums (model.moe.token_sum; onn_jax.dispatch.token_sums)")
     ap.add_argument("--attention", choices=("xla", "cudnn", "auto"), default=None,
                     help="override model.attention (training attention: einsums or cuDNN flash)")
     ap.add_argument("--scan-layers", action="store_true",

@@ -3,7 +3,7 @@
     python -m bench.gemm_tune --shapes 131072x512x256,131072x256x512 --groups 64
 
 Times y = x @ w[g(row)] forward and forward + backward (dx, dw) through
-onn_jax.grouped_gemm.grouped_matmul on uneven groups (bf16), for the XLA `ragged_dot`, an
+onn_jax.dispatch.grouped_gemm.grouped_matmul on uneven groups (bf16), for the XLA `ragged_dot`, an
 equal-group einsum (the upper bound: same FLOPs, no raggedness) and every Mosaic GPU block
 configuration in the grid (Hopper only). TF/s count 2*R*K*N per matmul (x3 with backward).
 """
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.bench import time_fn
-from onn_jax import grouped_gemm as gg
+from onn_jax.dispatch.capacity import grouped_gemm as gg
 
 FWD_GRID = dict(block_m=(64, 128), block_n=(128, 256), block_k=(64,), max_concurrent_steps=(2, 4),
                 grid_block_n=(1,))

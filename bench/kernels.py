@@ -72,7 +72,7 @@ def run_case(case: str, variants: dict[str, Callable], args: tuple, reps: int, e
 def combine_inputs(s: dict, seed: int = 0):
     """A top-any-like mask (about k of E per token, the empty tokens falling back to E/2),
     its capacity dispatch at 1.25 * N * k / E slots, float32 slot outputs and weights."""
-    from onn_jax.dispatch import make_dispatch
+    from onn_jax.dispatch.capacity import make_dispatch
     n, e, c, k = s["n"], s["e"], s["c"], s["k"]
     rng = np.random.default_rng(seed)
     mask = rng.random((n, e)) < k / e
@@ -86,7 +86,7 @@ def combine_inputs(s: dict, seed: int = 0):
 
 
 def combine_variants(d, max_k: int) -> dict[str, Callable]:
-    from onn_jax.dispatch import combine_slots, to_pairs
+    from onn_jax.dispatch.capacity import combine_slots, to_pairs
     n, e = d.slot_NxE.shape
     cap = d.token_ExK.shape[1]
     token_flat = d.token_ExK.reshape(-1)
@@ -104,7 +104,7 @@ def combine_variants(d, max_k: int) -> dict[str, Callable]:
     def pair_gather(w, y):  # gather every token's E pair entries, reduce over E (autodiff)
         return jnp.sum(w[..., None] * to_pairs(y, d), axis=1)
 
-    def shipped(w, y):  # onn_jax.dispatch.combine_slots: token order from the mask, segment sum
+    def shipped(w, y):  # onn_jax.dispatch.capacity.combine_slots: token order from the mask, segment sum
         return combine_slots(w, y, d)
 
     def scatter_add(w, y):
@@ -127,7 +127,7 @@ def combine_variants(d, max_k: int) -> dict[str, Callable]:
 # --- attention -------------------------------------------------------------------------
 
 def attention_variants() -> dict[str, Callable]:
-    from onn_jax.model import causal_attention
+    from onn_jax.nn.attention import causal_attention
 
     def naive(q, k, v):
         pos = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
@@ -143,7 +143,7 @@ def attention_variants() -> dict[str, Callable]:
 # --- LM head + cross entropy -------------------------------------------------------------
 
 def head_variants(chunks: tuple[int, ...]) -> dict[str, Callable]:
-    from onn_jax.losses import next_token_loss
+    from onn_jax.core.losses import next_token_loss
 
     def full(x, w, targets):
         logits = (x @ w).astype(jnp.float32)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from onn_jax.corpus import DOMAINS, build_corpus
-from onn_jax.data import TrainIterator, make_examples
-from onn_jax.tokenizer import ByteTokenizer
+from onn_jax.data.corpus import DOMAINS, build_corpus
+from onn_jax.data.dataset import TrainIterator, make_examples
+from onn_jax.data.tokenizer import ByteTokenizer
 
 
 def corpus_batches(batch: int, seq: int, count: int, seed: int = 0,

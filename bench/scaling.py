@@ -20,7 +20,7 @@ with `--profile`, the costliest XLA ops per step and device; with `--check`, the
 init, same global batch): main loss and updated parameters.
 
 A layout with expert > 1 and `--dispatch dropless` runs the expert-parallel layer
-(onn_jax.expert_parallel: each GPU holds E / expert experts, pairs travel by all_to_all);
+(onn_jax.dispatch.expert_parallel: each GPU holds E / expert experts, pairs travel by all_to_all);
 `--ep-budget` sets model.moe.ep_budget (rows per token sent to each peer; default
 min(pair budget, E / expert), which adds no drop). Its records carry `ep_send_rows` (S per
 peer per device). `--per-device-batch` takes a comma list (one run each, one process). A
@@ -41,10 +41,12 @@ if __package__ in (None, ""):  # run as `python bench/scaling.py`: import bench.
 import jax
 import numpy as np
 
-from onn_jax import moe as moe_module
-from onn_jax import sharding as sh
+from onn_jax.nn import moe as moe_module
+from onn_jax.parallel.constrain import constrain
+from onn_jax.parallel.mesh import make_mesh
+from onn_jax.training.sharded import make_sharded_train_step, shard_batch, sharded_init
 from onn_jax.config import MeshConfig, ModelConfig, MoEConfig, OptimConfig
-from onn_jax.step import make_optimizer
+from onn_jax.training.optimizer import make_optimizer
 
 from bench.bench import force_thresholds, mode_config, parse_k, profile_ops
 
@@ -64,11 +66,11 @@ def install_moe_hook() -> None:
     expert_outputs, combine = moe_module.expert_outputs, moe_module.combine
 
     def hooked_expert_outputs(params, x_NxC, kind="gelu"):
-        x_NxC = sh.constrain(x_NxC, ("moe_batch", "embed"))
-        return sh.constrain(expert_outputs(params, x_NxC, kind), ("moe_batch", "expert", "embed"))
+        x_NxC = constrain(x_NxC, ("moe_batch", "embed"))
+        return constrain(expert_outputs(params, x_NxC, kind), ("moe_batch", "expert", "embed"))
 
     def hooked_combine(weights_NxE, y_NxExC):
-        return sh.constrain(combine(weights_NxE, y_NxExC), ("batch", "embed"))
+        return constrain(combine(weights_NxE, y_NxExC), ("batch", "embed"))
 
     moe_module.expert_outputs, moe_module.combine = hooked_expert_outputs, hooked_combine
 
@@ -102,7 +104,7 @@ _REFERENCE: dict = {}  # (cfg, k, global batch) -> the one-device step of --chec
 def init_on_mesh(cfg: ModelConfig, tx, mesh, batch: dict, k: int | None):
     """The sharded initial state; with k, thresholds forced so about k experts pass per token
     (forced once per config and batch in a process: the sharded init is the one-device init)."""
-    state = sh.sharded_init(cfg, tx, jax.random.key(0), mesh)
+    state = sharded_init(cfg, tx, jax.random.key(0), mesh)
     if k is not None and cfg.moe.router == "surprise":
         rows = np.asarray(batch["inputs"][:64])
         key = (cfg, k, rows.tobytes())
@@ -116,11 +118,11 @@ def init_on_mesh(cfg: ModelConfig, tx, mesh, batch: dict, k: int | None):
 
 def one_step(cfg: ModelConfig, data: int, expert: int, batch: dict, k: int | None):
     """Loss and updated params (host) of one step on a data x expert mesh, not donated."""
-    mesh = sh.make_mesh(MeshConfig(data=data, expert=expert), jax.devices()[:data * expert])
+    mesh = make_mesh(MeshConfig(data=data, expert=expert), jax.devices()[:data * expert])
     tx = make_optimizer(OptimConfig())
     state = init_on_mesh(cfg, tx, mesh, batch, k)
-    step = sh.make_sharded_train_step(cfg, tx, mesh, donate=False)
-    new, metrics = step(state, sh.shard_batch(batch, mesh))
+    step = make_sharded_train_step(cfg, tx, mesh, donate=False)
+    new, metrics = step(state, shard_batch(batch, mesh))
     return float(metrics["train/main_loss"]), jax.device_get(new.params)
 
 
@@ -142,14 +144,14 @@ def check_against_one_device(cfg: ModelConfig, data: int, expert: int, batch: di
 def measure(cfg: ModelConfig, data: int, expert: int, per_device_batch: int, seq: int,
             steps: int, warmup: int, k: int | None = None, profile_top: int = 0) -> dict:
     n = data * expert
-    mesh = sh.make_mesh(MeshConfig(data=data, expert=expert), jax.devices()[:n])
+    mesh = make_mesh(MeshConfig(data=data, expert=expert), jax.devices()[:n])
     tx = make_optimizer(OptimConfig())
     b = per_device_batch * n
     host_batch = make_batch(cfg, b, seq)
     state = init_on_mesh(cfg, tx, mesh, host_batch, k)
-    batch = sh.shard_batch(host_batch, mesh)
+    batch = shard_batch(host_batch, mesh)
     t0 = time.perf_counter()
-    step = sh.make_sharded_train_step(cfg, tx, mesh).lower(state, batch).compile()  # compiled once
+    step = make_sharded_train_step(cfg, tx, mesh).lower(state, batch).compile()  # compiled once
     mem = compiled_memory_bytes(step)
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
@@ -171,7 +173,7 @@ def measure(cfg: ModelConfig, data: int, expert: int, per_device_batch: int, seq
             return metrics
         extra["profile_ms_per_step"] = profile_ops(run, profile_top, devices=n)
     if expert > 1 and cfg.moe.dispatch == "dropless":
-        from onn_jax.expert_parallel import send_rows
+        from onn_jax.dispatch.expert_parallel import send_rows
         extra["ep_send_rows"] = send_rows(b * seq // n, cfg.moe, expert)
     del state
     return {"devices": n, "data": data, "expert": expert, "global_batch": b, "seq": seq,

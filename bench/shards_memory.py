@@ -32,8 +32,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 LOAD = """
 import resource, sys, time
-from onn_jax.shards import ShardDataset
-from onn_jax.tokenizer import ByteTokenizer
+from onn_jax.data.shards import ShardDataset
+from onn_jax.data.tokenizer import ByteTokenizer
 ds = ShardDataset(sys.argv[1], ByteTokenizer())
 it = ds.train_iter(global_batch=32, seed=0)
 t = time.perf_counter()

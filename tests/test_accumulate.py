@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from helpers import random_batch, rel_err, tiny_config
-from onn_jax.accumulate import NOT_BATCH_VALUES, split_microbatches
+from onn_jax.training.accumulate import NOT_BATCH_VALUES, split_microbatches
 from onn_jax.config import OptimConfig
-from onn_jax.step import compute_grads, init_state, make_optimizer, make_train_step
+from onn_jax.training.step import compute_grads, make_train_step
+from onn_jax.training.state import init_state
+from onn_jax.training.optimizer import make_optimizer
 
 
 
@@ -31,12 +33,12 @@ def test_split_is_strided_and_covers_every_row():
 
 def one_step(cfg, tx, k):
     """Jitted (grads, metrics, updated params) of the step from k microbatches (k=0: one batch)."""
-    from onn_jax.accumulate import accumulated_grads
+    from onn_jax.training.accumulate import accumulated_grads
     import optax
 
     def fn(state, batch):
         grads, metrics = (compute_grads(state.params, batch, cfg) if k == 0
-                          else accumulated_grads(state.params, batch, cfg, k))
+                          else accumulated_grads(compute_grads, state.params, batch, cfg, k))
         active = metrics.get("moe/expert_active")  # as train_step hands it to the optimizer
         updates, _ = tx.update(grads, state.opt_state, state.params, expert_active=active)
         return grads, metrics, optax.apply_updates(state.params, updates)

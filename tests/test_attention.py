@@ -7,7 +7,8 @@ import pytest
 
 from helpers import rel_err, tiny_config
 from onn_jax.config import ConfigError
-from onn_jax.model import Transformer, attention_impl, cuda_backend, init_params
+from onn_jax.nn.transformer import Transformer, init_params
+from onn_jax.nn.attention import attention_impl, cuda_backend
 
 
 def model_cfg(**kw):

@@ -12,9 +12,9 @@ import pytest
 from bench.bench import dropless_fields, force_thresholds, main, mode_config, train_flops_per_token
 from helpers import random_batch, tiny_config
 from onn_jax.config import ModelConfig, MoEConfig
-from onn_jax.losses import next_token_loss
-from onn_jax.model import Transformer, init_params
-from onn_jax.step import compute_grads, step_taps
+from onn_jax.core.losses import next_token_loss
+from onn_jax.nn.transformer import Transformer, init_params
+from onn_jax.training.step import compute_grads, step_taps
 
 
 def test_flop_formula_counts_each_matmul():

@@ -9,10 +9,11 @@ import pytest
 
 pytest.importorskip("orbax.checkpoint")
 
-from onn_jax.checkpoint import (Checkpointer, CheckpointError, abstract_like, export_params,  # noqa: E402
-                                load_params, make_meta, rng_from_json, rng_to_json)
+from onn_jax.io.checkpoint import Checkpointer, CheckpointError, abstract_like, export_params, load_params, make_meta, rng_from_json, rng_to_json
 from onn_jax.config import ModelConfig, MoEConfig, OptimConfig, to_dict  # noqa: E402
-from onn_jax.step import init_state, make_optimizer, make_train_step  # noqa: E402
+from onn_jax.training.state import init_state  # noqa: E402
+from onn_jax.training.optimizer import make_optimizer  # noqa: E402
+from onn_jax.training.step import make_train_step  # noqa: E402
 
 CFG = ModelConfig(hidden=16, num_heads=2, max_len=16, moe=MoEConfig(num_experts=4, intermediate=8))
 TX = make_optimizer(OptimConfig())
@@ -87,7 +88,7 @@ def test_shape_mismatch_names_path_and_shapes(tmp_path, state0):
     with pytest.raises(CheckpointError, match=r"params/block_0/moe/experts/w1 has shape \(4, 16, 8\) "
                                               r"in the checkpoint but \(8, 16, 8\)"):
         ck.restore(abstract_like(init_state, other, TX, jax.random.key(0)))
-    from onn_jax.model import init_params
+    from onn_jax.nn.transformer import init_params
     with pytest.raises(CheckpointError, match=r"moe/experts/w1 has shape \(4, 16, 8\)"):
         ck.restore_params(abstract_like(init_params, other, jax.random.key(0)))
     deeper = ModelConfig(hidden=16, num_heads=2, max_len=16, num_layers=2,
@@ -152,7 +153,7 @@ def test_export_then_load_params(tmp_path, state0):
     assert not (tmp_path / "out" / "export.json.tmp").exists()  # written atomically, tmp renamed away
     with pytest.raises(CheckpointError, match="not a params export"):
         load_params(tmp_path / "ck")
-    from onn_jax.model import init_params
+    from onn_jax.nn.transformer import init_params
     small = ModelConfig(hidden=8, num_heads=2, max_len=16, moe=MoEConfig(num_experts=4, intermediate=8))
     with pytest.raises(CheckpointError, match=r"block_0/attn/key/kernel has shape \(16, 2, 8\) in the checkpoint "
                                               r"but \(8, 2, 4\)"):
@@ -161,7 +162,7 @@ def test_export_then_load_params(tmp_path, state0):
 
 def test_export_refuses_the_remains_of_an_interrupted_export(tmp_path, state0, monkeypatch):
     """A crash after params/ but before export.json: neither tool takes the folder; export names it."""
-    import onn_jax.checkpoint as checkpoint_mod
+    import onn_jax.io.checkpoint as checkpoint_mod
     with Checkpointer(tmp_path / "ck", save_every=1) as ck:
         ck.save(1, state0, make_meta(config={"model": to_dict(CFG)}))
 
@@ -235,9 +236,9 @@ def test_rng_json_roundtrip():
 def test_generate_and_export_clis(tmp_path, capsys):
     """onn-generate on a workdir, onn-export, onn-generate on the export: same greedy text."""
     from onn_jax.config import Config, DataConfig
-    from onn_jax.generate import generate
-    from onn_jax.model import init_params
-    from onn_jax.tokenizer import ByteTokenizer, encode_chat
+    from onn_jax.nn.generate import generate
+    from onn_jax.nn.transformer import init_params
+    from onn_jax.data.tokenizer import ByteTokenizer, encode_chat
     from train import export as export_cli
     from train import generate as generate_cli
 

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from onn_jax.config import ModelConfig, MoEConfig, OptimConfig
-from onn_jax.step import init_state, make_optimizer, make_train_step
+from onn_jax.training.state import init_state
+from onn_jax.training.optimizer import make_optimizer
+from onn_jax.training.step import make_train_step
 
 
 def counting_batches(vocab=16, batch=8, length=16, seed=0):

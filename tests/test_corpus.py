@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from onn_jax.corpus import DOMAINS, PROSE_MODULES, build_corpus, stdlib_docstrings
+from onn_jax.data.corpus import DOMAINS, PROSE_MODULES, build_corpus, stdlib_docstrings
 
 
 def _digest(records):

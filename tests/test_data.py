@@ -4,10 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from onn_jax.corpus import build_corpus
-from onn_jax.data import (DataError, Dataset, load_chat_jsonl, load_records, load_text,
-                          make_examples, split_eval)
-from onn_jax.tokenizer import ByteTokenizer
+from onn_jax.data.corpus import build_corpus
+from onn_jax.data.records import DataError
+from onn_jax.data.dataset import Dataset, load_chat_jsonl, load_records, load_text, make_examples, split_eval
+from onn_jax.data.tokenizer import ByteTokenizer
 
 B = ByteTokenizer
 TOK = ByteTokenizer()

@@ -8,11 +8,11 @@ import pytest
 
 from helpers import random_batch, rel_err, tiny_config
 from onn_jax.config import MoEConfig
-from onn_jax.dispatch import dropped_fraction, expert_capacity, make_dispatch
-from onn_jax.model import init_params
-from onn_jax.moe import layer_surprise, layer_taps, moe_layer, surprise_inputs
-from onn_jax.step import compute_grads
-from onn_jax.surprise import output_grad_closed_surprise, output_grad_surprise
+from onn_jax.dispatch.capacity import dropped_fraction, expert_capacity, make_dispatch
+from onn_jax.nn.transformer import init_params
+from onn_jax.nn.moe import layer_surprise, layer_taps, moe_layer, surprise_inputs
+from onn_jax.training.step import compute_grads
+from onn_jax.core.surprise import output_grad_closed_surprise, output_grad_surprise
 
 
 def with_moe(cfg, **kw):
@@ -115,7 +115,7 @@ def test_dropped_pairs_add_nothing_and_have_zero_surprise():
     ref_out, _ = moe_layer(params, x, dense_cfg)
     w = np.asarray(rec.router.weights)
     dropped_w = np.where(mask & ~d.kept_NxE, w, 0.0)
-    from onn_jax.experts import expert_outputs
+    from onn_jax.core.experts import expert_outputs
     y = np.asarray(expert_outputs(params["experts"], x))
     np.testing.assert_allclose(out, np.asarray(ref_out) - np.einsum("ne,nec->nc", dropped_w, y),
                                rtol=1e-5, atol=1e-5)

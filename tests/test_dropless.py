@@ -9,15 +9,15 @@ import pytest
 
 from helpers import random_batch, rel_err, tiny_config
 from onn_jax.config import ConfigError, MoEConfig
-from onn_jax.dispatch import dropped_fraction
-from onn_jax.dropless import make_dropless, pair_rows, sum_rows_to_tokens
-from onn_jax.token_sums import token_sums
-from onn_jax.experts import expert_outputs
-from onn_jax.grouped_gemm import GemmUnavailable, grouped_matmul, is_hopper, resolve_gemm
-from onn_jax.model import init_params
-from onn_jax.moe import layer_surprise, layer_taps, moe_layer, surprise_inputs
-from onn_jax.step import compute_grads
-from onn_jax.surprise import output_grad_closed_surprise, output_grad_surprise
+from onn_jax.dispatch.capacity import dropped_fraction
+from onn_jax.dispatch.dropless import make_dropless, pair_rows, sum_rows_to_tokens
+from onn_jax.dispatch.token_sums import token_sums
+from onn_jax.core.experts import expert_outputs
+from onn_jax.dispatch.grouped_gemm import GemmUnavailable, grouped_matmul, is_hopper, resolve_gemm
+from onn_jax.nn.transformer import init_params
+from onn_jax.nn.moe import layer_surprise, layer_taps, moe_layer, surprise_inputs
+from onn_jax.training.step import compute_grads
+from onn_jax.core.surprise import output_grad_closed_surprise, output_grad_surprise
 from test_dispatch import layer_params, with_moe
 
 TOL = 1e-5
@@ -101,7 +101,7 @@ def test_grouped_gemm_backends_equal_a_loop_and_refuse_mosaic_off_hopper():
 
 @pytest.mark.parametrize("impl", ["loop", "pallas"])
 def test_per_token_sums_are_the_weighted_row_sums_and_their_backward_gathers(impl):
-    """Both implementations of onn_jax.token_sums (the Pallas kernel in interpret mode on CPU)
+    """Both implementations of onn_jax.dispatch.token_sums (the Pallas kernel in interpret mode on CPU)
     against a NumPy per-token sum, uneven counts including a token with every expert and one
     with none; gradients against NumPy's gathers."""
     rng = np.random.default_rng(1)

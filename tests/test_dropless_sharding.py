@@ -1,5 +1,5 @@
 """The dropless step on 8 forced CPU devices equals the one-device step: data parallel (8,1),
-which runs the layer per device in onn_jax.expert_parallel's shard_map with ep = 1 (its custom
+which runs the layer per device in onn_jax.dispatch.expert_parallel's shard_map with ep = 1 (its custom
 kernels cannot be partitioned by XLA). ep_budget = E: no device's buffer overflows, so the
 global pair budget alone drops pairs, as on one device. Expert meshes ((4,2), (2,4), (1,8))
 and the per-device overflow rule are tests/test_expert_parallel.py's."""
@@ -10,8 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from onn_jax import sharding as sh
-from onn_jax.step import init_state, make_train_step
+from onn_jax.training.sharded import make_sharded_train_step, shard_batch, state_shardings
+from onn_jax.training.state import init_state
+from onn_jax.training.step import make_train_step
 from test_sharding import CFG, TX, assert_tree_close, make_batch, mesh_of
 
 DL = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, dispatch="dropless", pair_budget=3.0,
@@ -34,8 +35,8 @@ def test_sharded_dropless_step_equals_one_device(shape, gemm, reference):
     assert 0 < float(metrics_ref["moe/dropped_frac"]) < 1  # the budget binds: drops must agree too
     mesh = mesh_of(shape)
     cfg = dataclasses.replace(DL, moe=dataclasses.replace(DL.moe, gemm=gemm))
-    state = jax.device_put(state0_ref, sh.state_shardings(state0_ref, mesh))
-    new_state, metrics = sh.make_sharded_train_step(cfg, TX, mesh)(state, sh.shard_batch(make_batch(), mesh))
+    state = jax.device_put(state0_ref, state_shardings(state0_ref, mesh))
+    new_state, metrics = make_sharded_train_step(cfg, TX, mesh)(state, shard_batch(make_batch(), mesh))
     for key in ("train/main_loss", "moe/gate_loss", "moe/avg_k", "moe/dropped_frac", "train/grad_norm"):
         np.testing.assert_allclose(metrics[key], metrics_ref[key], rtol=1e-5, err_msg=key)
     assert_tree_close(new_state, state1_ref)
@@ -51,11 +52,11 @@ def test_mesh_eval_equals_one_device_eval(shape, reference):
     batch["domain"][-1] = -1                      # a padding row
     want = evaluate(make_eval_step(DL, 2), state0_ref.params, [batch])
     mesh = mesh_of(shape)
-    params = jax.device_put(state0_ref.params, sh.state_shardings(state0_ref, mesh).params)
+    params = jax.device_put(state0_ref.params, state_shardings(state0_ref, mesh).params)
     step = make_eval_step(DL, 2, mesh=mesh)
-    got = evaluate(step, params, [batch], place=lambda b: sh.shard_batch(b, mesh))
+    got = evaluate(step, params, [batch], place=lambda b: shard_batch(b, mesh))
     assert set(got) == set(want)
     if shape[1] > 1:  # the expert-parallel layer (its all-to-all), not XLA's partitioning of it
-        assert "all_to_all" in step.lower(params, sh.shard_batch(batch, mesh)).as_text()
+        assert "all_to_all" in step.lower(params, shard_batch(batch, mesh)).as_text()
     for key, value in want.items():
         np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-7, err_msg=key)

@@ -9,13 +9,14 @@ import pytest
 
 from helpers import random_batch, rel_err, tiny_config
 from onn_jax.config import ConfigError, EmbedConfig, HeadsConfig
-from onn_jax.embed import ngram_bucket_ids, previous_ids, slot_embed, slot_surprise
-from onn_jax.generate import generate
-from onn_jax.losses import hybrid_gate_loss, next_token_loss
-from onn_jax.model import Transformer, init_params, model_taps
-from onn_jax.step import compute_grads
-from onn_jax.surprise import SurpriseInputs, advantage_surprise, output_grad_surprise
-from onn_jax.units import unit_records, unit_taps
+from onn_jax.nn.embed import ngram_bucket_ids, previous_ids, slot_embed, slot_surprise
+from onn_jax.nn.generate import generate
+from onn_jax.core.losses import hybrid_gate_loss, next_token_loss
+from onn_jax.nn.transformer import Transformer, init_params, model_taps
+from onn_jax.training.step import compute_grads
+from onn_jax.core.surprise import SurpriseInputs, output_grad_surprise
+from onn_jax.core.surprise_variants import advantage_surprise
+from onn_jax.nn.units import unit_records, unit_taps
 from train.evaluate import evaluate, make_eval_step
 from train.logging import MetricsWriter, progress_fields
 from train.plot import make_dashboards

@@ -8,9 +8,9 @@ import numpy as np
 
 from helpers import random_batch, tiny_config
 from onn_jax.config import EmbedConfig
-from onn_jax.losses import next_token_loss
-from onn_jax.model import Transformer, init_params
-from onn_jax.step import compute_grads
+from onn_jax.core.losses import next_token_loss
+from onn_jax.nn.transformer import Transformer, init_params
+from onn_jax.training.step import compute_grads
 from train.evaluate import UNIT_EVAL_SKIPPED, evaluate, make_eval_step
 
 

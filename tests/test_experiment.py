@@ -39,7 +39,7 @@ def test_routing_grid_writes_results_table_and_plots(tmp_path, capsys):
     assert 1 <= dense["analysis/head_avg_k"] <= 4 and 0 <= dense["analysis/head_nmi"][0] <= 1
     assert 0 <= dense["analysis/head_fallback_frac"][0] <= 1 and 0 <= dense["analysis/head_gate_acc_unmasked"][0] <= 1
     import jax
-    from onn_jax.model import init_params
+    from onn_jax.nn.transformer import init_params
     cfg = experiment.run_config(experiment.load_experiment(_write(tmp_path)), "dense", 0)
     shapes = jax.eval_shape(lambda: init_params(cfg.model, jax.random.PRNGKey(0)))
     assert dense["params"] == sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
@@ -106,7 +106,7 @@ def test_shipped_experiment_files_load():
     assert phase2["vary_data"] and bpe["seeds"] == phase2["seeds"] == [0, 1, 2]
     assert {"base", "heads_og", "heads_adv", "heads_topk", "embed_ngram2"} <= set(phase2["runs"])
     cfg = experiment.run_config(bpe, "bpe_adaptive", 0)  # the committed 2048-id BPE, its vocabulary
-    from onn_jax.tokenizer import load_tokenizer
+    from onn_jax.data.tokenizer import load_tokenizer
     assert load_tokenizer(cfg.data.tokenizer).vocab_size == cfg.model.vocab_size == 2048
     research, gpu, fresh = (experiment.load_experiment(root / f)
                             for f in ("research.py", "research_gpu.py", "research_gpu_fresh.py"))

@@ -1,4 +1,4 @@
-"""Expert parallelism of the dropless dispatch (onn_jax.expert_parallel) on 8 forced CPU devices.
+"""Expert parallelism of the dropless dispatch (onn_jax.dispatch.expert_parallel) on 8 forced CPU devices.
 
 The sharded step (shard_map + all_to_all over `expert`) equals the one-device dropless step
 (float32, rel. 1e-5): loss, every pair's Surprise S, metrics, updated parameters and AdamW
@@ -15,15 +15,20 @@ import numpy as np
 import pytest
 
 from helpers import rel_err
-from onn_jax import sharding as sh
+from onn_jax.parallel.constrain import activation_rules
+from onn_jax.parallel.mesh import make_mesh
+from onn_jax.parallel.rules import param_shardings
+from onn_jax.training.sharded import make_sharded_train_step, shard_batch, state_shardings
 from onn_jax.config import Config, ConfigError, MeshConfig, ModelConfig, MoEConfig, OptimConfig
-from onn_jax.experts import combine, expert_outputs
-from onn_jax.expert_parallel import send_rows
-from onn_jax.losses import next_token_loss
-from onn_jax.model import Transformer
-from onn_jax.moe import MoETaps, layer_surprise, moe_layer, route
-from onn_jax.step import init_state, make_optimizer, make_train_step, step_taps, train_step
-from onn_jax.surprise import output_grad_surprise
+from onn_jax.core.experts import combine, expert_outputs
+from onn_jax.dispatch.expert_parallel import send_rows
+from onn_jax.core.losses import next_token_loss
+from onn_jax.nn.transformer import Transformer
+from onn_jax.nn.moe import MoETaps, layer_surprise, moe_layer, route
+from onn_jax.training.state import init_state
+from onn_jax.training.optimizer import make_optimizer
+from onn_jax.training.step import make_train_step, step_taps, train_step
+from onn_jax.core.surprise import output_grad_surprise
 from test_dispatch import layer_params
 from test_sharding import assert_tree_close
 
@@ -91,10 +96,10 @@ def test_reference_has_uneven_loads_an_idle_expert_fallbacks_and_drops(reference
 @pytest.mark.parametrize("shape", [(4, 2), (2, 4), (1, 8)], ids=["4x2", "2x4", "1x8"])
 def test_expert_parallel_step_equals_one_device(shape, reference):
     state0, state1_ref, metrics_ref = reference
-    mesh = sh.make_mesh(MeshConfig(data=shape[0], expert=shape[1]))
-    state = jax.device_put(state0, sh.state_shardings(state0, mesh))
-    step = sh.make_sharded_train_step(CFG, TX, mesh, donate=False, step_fn=step_with_surprise)
-    batch = sh.shard_batch(make_batch(), mesh)
+    mesh = make_mesh(MeshConfig(data=shape[0], expert=shape[1]))
+    state = jax.device_put(state0, state_shardings(state0, mesh))
+    step = make_sharded_train_step(CFG, TX, mesh, donate=False, step_fn=step_with_surprise)
+    batch = shard_batch(make_batch(), mesh)
     compiled = step.lower(state, batch).compile()
     state1, metrics = compiled(state, batch)
     for key, ref in metrics_ref.items():
@@ -115,7 +120,7 @@ def test_peer_budget_overflow_drops_the_documented_pairs(data, ep):
     peer, last tokens first, are dropped."""
     cfg = MoEConfig(num_experts=8, intermediate=12, dispatch="dropless", gemm="ragged_dot",
                     pair_budget=8.0, ep_budget=0.75, fallback_k=2)
-    mesh = sh.make_mesh(MeshConfig(data=data, expert=ep))
+    mesh = make_mesh(MeshConfig(data=data, expert=ep))
     local = 8 // ep
     params = layer_params(7)
     x = jax.random.normal(jax.random.key(8), (64, 16))
@@ -132,7 +137,7 @@ def test_peer_budget_overflow_drops_the_documented_pairs(data, ep):
         s = layer_surprise(output_grad_surprise, rec, grads[2])
         return out, grads[:2], s, rec.dispatch.kept_NxE, rec.router.mask, rec.router.weights
 
-    with sh.activation_rules(mesh):  # what the sharded step sets: moe_layer goes expert-parallel
+    with activation_rules(mesh):  # what the sharded step sets: moe_layer goes expert-parallel
         out, grads, s, kept_ep, mask, w = jax.device_get(jax.jit(run)(params, x, taps))
     kept = np.zeros_like(mask)
     for dev in range(8):
@@ -177,19 +182,19 @@ def test_surprise_pullback_stays_cheap_under_expert_parallelism():
     below the MoE layer, though the layer runs through shard_map and all_to_all."""
     from test_bench import dot_shapes
     from helpers import random_batch, tiny_config
-    from onn_jax.model import init_params
+    from onn_jax.nn.transformer import init_params
     cfg = tiny_config(num_layers=1, dispatch="dropless", gemm="ragged_dot")
     params = init_params(cfg, jax.random.key(0))
     batch = random_batch(1, batch=8, length=7)
-    mesh = sh.make_mesh(MeshConfig(data=2, expert=4))
-    params = jax.device_put(params, sh.param_shardings(params, mesh))
+    mesh = make_mesh(MeshConfig(data=2, expert=4))
+    params = jax.device_put(params, param_shardings(params, mesh))
 
     def loss(p, taps):
         logits, records = Transformer(cfg).apply({"params": p}, batch["inputs"], taps)
         assert type(records[0].dispatch).__name__ == "EPRows"   # the expert-parallel path ran
         return next_token_loss(logits, batch["targets"], batch["loss_mask"])[0]
 
-    with sh.activation_rules(mesh):
+    with activation_rules(mesh):
         taps = step_taps(cfg, 8, 7)
         forward = dot_shapes(loss, params, taps)
         surprise = dot_shapes(jax.grad(loss, argnums=1), params, taps)

@@ -11,11 +11,11 @@ import pytest
 pytest.importorskip("safetensors")
 pytest.importorskip("orbax.checkpoint")
 
-from onn_jax.checkpoint import Checkpointer, make_meta  # noqa: E402
+from onn_jax.io.checkpoint import Checkpointer, make_meta  # noqa: E402
 from onn_jax.config import to_dict  # noqa: E402
-from onn_jax.model import Transformer, init_params  # noqa: E402
-from onn_jax.portable import load_export, write_export  # noqa: E402
-from onn_jax.tokenizer import ByteTokenizer, tokenizer_info  # noqa: E402
+from onn_jax.nn.transformer import Transformer, init_params  # noqa: E402
+from onn_jax.io.portable import load_export, write_export  # noqa: E402
+from onn_jax.data.tokenizer import ByteTokenizer, tokenizer_info  # noqa: E402
 from onn_jax.config import ModelConfig, MoEConfig  # noqa: E402
 from train.export import main as export_main  # noqa: E402
 from train.generate import main as generate_main  # noqa: E402
@@ -71,7 +71,7 @@ def test_each_format_round_trips_and_reads_without_onn_jax(tmp_path, fmt):
 
 def test_moved_export_carries_its_hf_tokenizer(tmp_path, capsys):
     from train.tokenizer_cli import train_tokenizer
-    from onn_jax.tokenizer import HFTokenizer
+    from onn_jax.data.tokenizer import HFTokenizer
     text = tmp_path / "t.txt"
     text.write_text("hello world, hello tokens. " * 20)
     train_tokenizer([str(text)], 300).save(str(tmp_path / "tok.json"))
@@ -100,7 +100,7 @@ def test_stateful_routing_travels_with_exports_and_generation(tmp_path, capsys):
     export's logits equal the trained model's; --layout stacked is refused before writing."""
     import dataclasses
 
-    from onn_jax.router_state import forward_params, init_router_state
+    from onn_jax.training.options.router_state import forward_params, init_router_state
     cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, router="topk", top_k=2, aux_free_rate=0.01))
     params = init_params(cfg, jax.random.key(1))
     rs = jax.tree.map(lambda x: x + np.arange(x.shape[-1], dtype=np.float32) * 0.7, init_router_state(cfg))

@@ -20,8 +20,8 @@ import pytest
 
 pytest.importorskip("orbax.checkpoint")
 
-from onn_jax.checkpoint import TMP_MARK, Checkpointer  # noqa: E402
-from onn_jax.workdir import LOCK_FILE, WorkdirBusy, WorkdirLock  # noqa: E402
+from onn_jax.io.checkpoint import TMP_MARK, Checkpointer  # noqa: E402
+from onn_jax.io.workdir import LOCK_FILE, WorkdirBusy, WorkdirLock  # noqa: E402
 from train import faults  # noqa: E402
 from train.logging import read_metrics  # noqa: E402
 from train.main import main  # noqa: E402
@@ -188,7 +188,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 
 
 def test_lock_held_by_another_process(tmp_path, procs):
-    code = ("import sys, time; from onn_jax.workdir import WorkdirLock; WorkdirLock(sys.argv[1]).acquire(); "
+    code = ("import sys, time; from onn_jax.io.workdir import WorkdirLock; WorkdirLock(sys.argv[1]).acquire(); "
             "print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
                             text=True)

@@ -7,10 +7,14 @@ import jax
 import numpy as np
 import pytest
 
-from onn_jax import sharding as sh
+from onn_jax.parallel.mesh import make_mesh
+
+from onn_jax.training.sharded import make_sharded_train_step, shard_batch, sharded_init, state_shardings
 from onn_jax.config import (EmbedConfig, HeadsConfig, MeshConfig, ModelConfig, MoEConfig, OptimConfig,
                             OutputConfig)
-from onn_jax.step import init_state, make_optimizer, make_train_step
+from onn_jax.training.state import init_state
+from onn_jax.training.optimizer import make_optimizer
+from onn_jax.training.step import make_train_step
 
 BASE = ModelConfig(vocab_size=64, hidden=16, num_layers=1, num_heads=4, max_len=16,
                    moe=MoEConfig(num_experts=8, intermediate=16))
@@ -38,11 +42,11 @@ def test_sharded_step_with_gated_units_equals_one_device(name):
     batch = make_batch()
     ref_state, ref_metrics = make_train_step(cfg, TX, donate=False)(state0, batch)
     ref_state, ref_metrics = jax.device_get((ref_state, ref_metrics))
-    mesh = sh.make_mesh(MeshConfig(data=2, expert=2, fsdp=2))
-    state = sh.sharded_init(cfg, TX, jax.random.key(0), mesh)
+    mesh = make_mesh(MeshConfig(data=2, expert=2, fsdp=2))
+    state = sharded_init(cfg, TX, jax.random.key(0), mesh)
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(jax.device_get(state0))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    new_state, metrics = sh.make_sharded_train_step(cfg, TX, mesh)(state, sh.shard_batch(batch, mesh))
+    new_state, metrics = make_sharded_train_step(cfg, TX, mesh)(state, shard_batch(batch, mesh))
     for key in sorted(k for k in ref_metrics if k.startswith(("attn/", "embed/", "train/main_loss", "train/total"))):
         np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, atol=1e-7, err_msg=key)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(new_state), jax.tree.leaves(ref_state)):
@@ -59,9 +63,9 @@ def test_sharded_step_with_gated_units_equals_one_device(name):
         from train.evaluate import evaluate, make_eval_step
         eval_batch = {**batch, "domain": np.arange(len(batch["inputs"])) % 2}
         want = evaluate(make_eval_step(cfg, 2), state0.params, [eval_batch])
-        params = jax.device_put(state0.params, sh.state_shardings(state0, mesh).params)  # `state` was donated
+        params = jax.device_put(state0.params, state_shardings(state0, mesh).params)  # `state` was donated
         got = evaluate(make_eval_step(cfg, 2, mesh=mesh), params, [eval_batch],
-                       place=lambda b: sh.shard_batch(b, mesh))
+                       place=lambda b: shard_batch(b, mesh))
         assert set(got) == set(want) and {"eval/attn_head_load", "eval/embed_slot_load"} <= set(want)
         for key, value in want.items():
             np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=key)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from onn_jax.gate import cosine_logits, masked_softmax, top_any_gate, topk_gate
+from onn_jax.core.gate import cosine_logits, masked_softmax, top_any_gate, topk_gate
 
 
 def numpy_gate(x, protos, theta, fallback_k):

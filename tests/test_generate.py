@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from onn_jax.config import ModelConfig, MoEConfig
-from onn_jax.generate import generate, generate_batch, sample_logits, top_p_filter
-from onn_jax.model import Transformer, init_cache, init_params
+from onn_jax.nn.generate import generate, generate_batch, sample_logits, top_p_filter
+from onn_jax.nn.transformer import Transformer, init_params
+from onn_jax.nn.attention import init_cache
 
 MOE = MoEConfig(num_experts=4, intermediate=8)
 CFGS = {
@@ -144,7 +145,7 @@ def test_sparse_dispatch_generates_without_capacity_drops(params):
     generates exactly what the dense layer (no drops) does."""
     import dataclasses
 
-    from onn_jax.generate import decode_config
+    from onn_jax.nn.generate import decode_config
     sparse = dataclasses.replace(CFG, moe=dataclasses.replace(MOE, dispatch="sparse", capacity_factor=0.1))
     assert decode_config(sparse).moe.capacity_factor is None and decode_config(CFG) is CFG
     prompt = [4, 8, 15, 16, 23, 42]

@@ -8,7 +8,9 @@ import numpy as np
 
 from helpers import random_batch, tiny_config
 from onn_jax.config import OptimConfig
-from onn_jax.step import init_state, make_optimizer, make_train_step
+from onn_jax.training.state import init_state
+from onn_jax.training.optimizer import make_optimizer
+from onn_jax.training.step import make_train_step
 
 GOLDEN = [
     {"train/main_loss": 3.658820629119873, "moe/gate_loss": 4.6078643798828125, "moe/gate_ce": 4.551779747009277,

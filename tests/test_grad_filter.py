@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from onn_jax.grad_filter import sigma_filter
+from onn_jax.core.grad_filter import sigma_filter
 
 
 def grads_tree(seed=0):

@@ -6,9 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from onn_jax.config import MeshConfig, OptimConfig
-from onn_jax.guard import SKIPPED, all_finite, make_guarded_step
-from onn_jax.sharding import make_mesh, shard_batch, sharded_init
-from onn_jax.step import init_state, make_optimizer, make_train_step
+from onn_jax.training.guard import SKIPPED, all_finite, make_guarded_step
+from onn_jax.parallel.mesh import make_mesh
+from onn_jax.training.sharded import shard_batch, sharded_init
+from onn_jax.training.state import init_state
+from onn_jax.training.optimizer import make_optimizer
+from onn_jax.training.step import make_train_step
 from tests.helpers import random_batch, tiny_config
 
 CFG = tiny_config(num_layers=1)
@@ -127,7 +130,7 @@ def poison_steps(monkeypatch, steps):
 
 @pytest.mark.slow
 def test_training_skips_poisoned_batches_and_continues(monkeypatch, tmp_path, capsys):
-    from onn_jax.checkpoint import Checkpointer
+    from onn_jax.io.checkpoint import Checkpointer
     from train.logging import read_metrics
     from train.main import main
     poison_steps(monkeypatch, {3, 4, 7})
@@ -148,7 +151,7 @@ def test_training_skips_poisoned_batches_and_continues(monkeypatch, tmp_path, ca
 
 @pytest.mark.slow
 def test_too_many_skips_in_a_row_stop_with_a_checkpoint(monkeypatch, tmp_path, capsys):
-    from onn_jax.checkpoint import Checkpointer
+    from onn_jax.io.checkpoint import Checkpointer
     from train.main import main
     poison_steps(monkeypatch, {3, 4, 5, 6, 7, 8})
     assert main([*TINY, "--workdir", str(tmp_path), "--config.train.max_skipped_in_a_row=3",
@@ -166,10 +169,10 @@ def test_too_many_skips_in_a_row_stop_with_a_checkpoint(monkeypatch, tmp_path, c
 def test_sample_clamps_new_tokens_to_max_len(monkeypatch):
     """A chat prompt plus train.sample_tokens beyond model.max_len generates what fits."""
     import importlib
-    gen = importlib.import_module("onn_jax.generate")  # the module (the package re-exports a function)
+    gen = importlib.import_module("onn_jax.nn.generate")  # the module (the package re-exports a function)
     from onn_jax.config import Config, ModelConfig, MoEConfig
-    from onn_jax.model import init_params
-    from onn_jax.tokenizer import ByteTokenizer, encode_chat
+    from onn_jax.nn.transformer import init_params
+    from onn_jax.data.tokenizer import ByteTokenizer, encode_chat
     from train.loop import sample
     model = ModelConfig(vocab_size=262, hidden=16, num_heads=2, max_len=24,
                         moe=MoEConfig(num_experts=2, intermediate=8))

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onn_jax.losses import hybrid_gate_loss, load_balancing_loss, next_token_loss, router_z_loss
+from onn_jax.core.losses import hybrid_gate_loss, load_balancing_loss, next_token_loss, router_z_loss
 
 
 def test_hybrid_gate_loss_on_a_hand_computed_three_token_example():

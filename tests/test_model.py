@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from helpers import tiny_config
-from onn_jax.experts import combine, expert_outputs
-from onn_jax.model import Transformer, init_params
+from onn_jax.core.experts import combine, expert_outputs
+from onn_jax.nn.transformer import Transformer, init_params
 
 
 def test_expert_outputs_match_a_per_expert_numpy_loop_with_exact_gelu():
@@ -92,7 +92,7 @@ def test_bfloat16_compute_keeps_float32_params_and_router():
 
 def test_layernorm_is_two_pass_accurate_on_shifted_tokens():
     """Rows with a large mean and unit spread: PyTorch-like LayerNorm stays accurate."""
-    from onn_jax.model import Norm
+    from onn_jax.nn.layers import Norm
     cfg = tiny_config(num_layers=1)
     x = 300.0 + jnp.asarray(np.random.default_rng(7).normal(size=(4, 16)), jnp.float32)
     norm = Norm(cfg)

@@ -12,7 +12,9 @@ import pytest
 
 from cpu_flags import cpu_xla_flags
 from onn_jax.config import ModelConfig, MoEConfig, OptimConfig
-from onn_jax.step import init_state, make_optimizer, make_train_step
+from onn_jax.training.state import init_state
+from onn_jax.training.optimizer import make_optimizer
+from onn_jax.training.step import make_train_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS, B, T = 3, 8, 8
@@ -20,21 +22,23 @@ STEPS, B, T = 3, 8, 8
 WORKER = r'''
 import json, sys
 import numpy as np
-from onn_jax.distributed import initialize_distributed, process_batch_rows, global_batch
+from onn_jax.parallel.distributed import initialize_distributed, process_batch_rows, global_batch
 assert initialize_distributed()  # from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
 import jax
 jax.config.update("jax_default_matmul_precision", "highest")
 from jax.experimental import multihost_utils
-from onn_jax import sharding as sh
+from onn_jax.parallel.mesh import make_mesh
+from onn_jax.parallel.rules import batch_sharding
+from onn_jax.training.sharded import make_sharded_train_step, sharded_init
 from onn_jax.config import MeshConfig
 sys.path.insert(0, sys.argv[2])
 from test_multiprocess import CFG, TX, batches
 
 assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
-mesh = sh.make_mesh(MeshConfig(data=2, expert=2))
+mesh = make_mesh(MeshConfig(data=2, expert=2))
 rows = process_batch_rows(mesh, %(B)d)
-state = sh.sharded_init(CFG, TX, jax.random.key(0), mesh)
-step = sh.make_sharded_train_step(CFG, TX, mesh)
+state = sharded_init(CFG, TX, jax.random.key(0), mesh)
+step = make_sharded_train_step(CFG, TX, mesh)
 losses = []
 for batch in batches():
     local = {k: v[rows] for k, v in batch.items()}  # this process reads only its rows
@@ -105,7 +109,7 @@ def test_two_processes_match_one(tmp_path):
 
 
 def test_single_process_is_left_alone(monkeypatch):
-    from onn_jax import distributed
+    from onn_jax.parallel import distributed
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID") + distributed._CLUSTER_ENV:
         monkeypatch.delenv(name, raising=False)
     assert distributed.initialize_distributed() is False
@@ -114,7 +118,7 @@ def test_single_process_is_left_alone(monkeypatch):
 
 
 def test_incomplete_launch_names_the_missing_variables(monkeypatch):
-    from onn_jax import distributed
+    from onn_jax.parallel import distributed
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_PROCESS_ID") + distributed._CLUSTER_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
@@ -126,14 +130,16 @@ def test_incomplete_launch_names_the_missing_variables(monkeypatch):
 
 
 def test_process_batch_rows_single_process():
-    from onn_jax import sharding as sh
+    from onn_jax.parallel.mesh import make_mesh
+    from onn_jax.parallel.rules import batch_sharding
+    from onn_jax.training.sharded import make_sharded_train_step, sharded_init
     from onn_jax.config import ConfigError, MeshConfig
-    from onn_jax.distributed import global_batch, process_batch_rows
-    mesh = sh.make_mesh(MeshConfig(data=2, expert=4))
+    from onn_jax.parallel.distributed import global_batch, process_batch_rows
+    mesh = make_mesh(MeshConfig(data=2, expert=4))
     assert process_batch_rows(mesh, 16) == slice(0, 16)
     with pytest.raises(ConfigError, match="train.batch_size"):
         process_batch_rows(mesh, 12)
     x = np.arange(16 * 3).reshape(16, 3)
     arr = global_batch({"inputs": x}, mesh, 16)["inputs"]
-    assert arr.sharding.is_equivalent_to(sh.batch_sharding(mesh), 2)
+    assert arr.sharding.is_equivalent_to(batch_sharding(mesh), 2)
     np.testing.assert_array_equal(np.asarray(arr), x)

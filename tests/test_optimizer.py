@@ -12,12 +12,14 @@ import pytest
 
 from helpers import random_batch, tiny_config
 from onn_jax.config import OptimConfig
-from onn_jax.gate import RouterOutput
-from onn_jax.grad_filter import sigma_filter
-from onn_jax.model import Transformer
-from onn_jax.moe import MoERecord, expert_received_tokens
-from onn_jax.optimizer import PerExpertAdamState, make_optimizer
-from onn_jax.step import init_state, make_train_step
+from onn_jax.core.gate import RouterOutput
+from onn_jax.core.grad_filter import sigma_filter
+from onn_jax.nn.transformer import Transformer
+from onn_jax.nn.moe import MoERecord, expert_received_tokens
+from onn_jax.core.optimizer import PerExpertAdamState
+from onn_jax.training.optimizer import make_optimizer
+from onn_jax.training.state import init_state
+from onn_jax.training.step import make_train_step
 
 L, E = 2, 4
 # Which experts receive a token at each of four steps ([L, E]); the idle set changes.
@@ -196,7 +198,7 @@ def test_idle_expert_is_bitwise_unchanged(idle_run):
 
 def test_checkpoint_carries_the_per_expert_counters(idle_run, tmp_path):
     pytest.importorskip("orbax.checkpoint")
-    from onn_jax.checkpoint import Checkpointer, abstract_like
+    from onn_jax.io.checkpoint import Checkpointer, abstract_like
     cfg, tx, step, batch, _, state1, _ = idle_run
     with Checkpointer(tmp_path / "ck", save_every=1) as ck:
         assert ck.save(1, state1, {"s": 1})

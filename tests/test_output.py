@@ -11,15 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from onn_jax import sharding
-from onn_jax.checkpoint import Checkpointer
+from onn_jax.parallel.rules import logical_axes_tree
+from onn_jax.io.checkpoint import Checkpointer
 from onn_jax.config import ConfigError, ModelConfig, MoEConfig, OutputConfig
-from onn_jax.generate import generate
-from onn_jax.losses import next_token_loss
-from onn_jax.model import Transformer, init_params
-from onn_jax.output import (adaptive_ce, adaptive_log_probs, clusters, count_labels, frequency_order,
-                            output_loss)
-from onn_jax.step import compute_grads
+from onn_jax.nn.generate import generate
+from onn_jax.core.losses import next_token_loss
+from onn_jax.nn.transformer import Transformer, init_params
+from onn_jax.nn.output import adaptive_ce, adaptive_log_probs, clusters, count_labels, frequency_order, output_loss
+from onn_jax.training.step import compute_grads
 from tests.helpers import random_batch, rel_err
 from train.evaluate import eval_forward
 
@@ -132,7 +131,7 @@ def test_step_and_eval_equal_the_full_log_prob_forward():
 def test_sharding_axes_and_greedy_generation_is_the_full_forward_argmax():
     cfg = adaptive_cfg()
     params = init(cfg, jax.random.key(9))
-    axes = sharding.logical_axes_tree(params)["output"]
+    axes = logical_axes_tree(params)["output"]
     assert axes["head"] == ("embed", "vocab") and axes["tail_2"] == {"proj": ("embed", "tail"),
                                                                         "out": ("tail", "vocab")}
     prompt = [3, 1, 4, 1, 5]
@@ -175,7 +174,7 @@ ADAPTIVE = ("--config.model.output.kind=adaptive", "--config.model.output.cutoff
 
 
 def test_onn_train_counts_the_training_split_trains_and_resume_generate_use_the_same_clusters(tmp_path, capsys):
-    from onn_jax.portable import load_export
+    from onn_jax.io.portable import load_export
     from train.export import main as export_main
     from train.generate import load_model
     from train.config_loader import build_config, load

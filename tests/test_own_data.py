@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("tokenizers")
 
-from onn_jax.tokenizer import HFTokenizer  # noqa: E402
+from onn_jax.data.tokenizer import HFTokenizer  # noqa: E402
 from train.generate import main as generate_main  # noqa: E402
 from train.main import main as train_main  # noqa: E402
 from train.tokenizer_cli import main as tokenizer_main  # noqa: E402

@@ -4,7 +4,9 @@ import pytest
 
 from helpers import random_batch, rel_err, tiny_config
 from onn_jax.config import ModelConfig, OptimConfig
-from onn_jax.step import compute_grads, init_state, make_optimizer
+from onn_jax.training.step import compute_grads
+from onn_jax.training.state import init_state
+from onn_jax.training.optimizer import make_optimizer
 
 
 @pytest.mark.parametrize("remat", ["block", "dots"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from onn_jax.config import OptimConfig
-from onn_jax.schedules import make_schedule
+from onn_jax.training.schedules import make_schedule
 from train.logging import read_metrics
 from train.main import main
 from train.perf import perf_metrics

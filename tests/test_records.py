@@ -1,10 +1,10 @@
-"""Streamed user files (onn_jax.records): the same chunks as a whole-file split, text encoding."""
+"""Streamed user files (onn_jax.data.records): the same chunks as a whole-file split, text encoding."""
 import random
 
 import pytest
 
-from onn_jax import records as rec
-from onn_jax.tokenizer import ByteTokenizer
+from onn_jax.data import records as rec
+from onn_jax.data.tokenizer import ByteTokenizer
 
 
 def whole_file_chunks(text: str, chunk_chars: int) -> list[tuple[int, str]]:

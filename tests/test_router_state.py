@@ -5,15 +5,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from onn_jax import adaptive_experts as ae
-from onn_jax import gate_targets as gt
+from onn_jax.training.options import adaptive_experts as ae
+from onn_jax.core import gate_targets as gt
 from onn_jax.config import ConfigError, MoEConfig, OptimConfig
-from onn_jax.experts import dense_ffn
-from onn_jax.gate import top_any_gate, topk_gate
-from onn_jax.losses import hybrid_gate_loss
-from onn_jax.model import Transformer
-from onn_jax.router_state import aux_free_bias
-from onn_jax.step import init_state, make_optimizer, make_train_step
+from onn_jax.core.experts import dense_ffn
+from onn_jax.core.gate import top_any_gate, topk_gate
+from onn_jax.core.losses import hybrid_gate_loss
+from onn_jax.nn.transformer import Transformer
+from onn_jax.training.options.router_state import aux_free_bias
+from onn_jax.training.state import init_state
+from onn_jax.training.optimizer import make_optimizer
+from onn_jax.training.step import make_train_step
 from tests.helpers import random_batch, tiny_config
 
 TX = make_optimizer(OptimConfig(lr=3e-3))
@@ -72,7 +74,7 @@ def test_shared_expert_adds_an_always_on_ffn():
     without = {**params, "block_0": {**params["block_0"], "moe": {k: v for k, v in moe.items()
                                                                   if not k.startswith("shared_")}}}
     # The difference of the two models' logits comes only from the shared FFN: check the layer.
-    from onn_jax.model import MoEFeedForward
+    from onn_jax.nn.layers import MoEFeedForward
     x = jax.random.normal(jax.random.key(2), (2, 8, 16))
     y_with, _ = MoEFeedForward(cfg).apply({"params": moe}, x)
     y_base, _ = MoEFeedForward(base).apply({"params": without["block_0"]["moe"]}, x)
@@ -138,7 +140,7 @@ def test_dead_experts_are_never_the_gate_target():
 
 @pytest.mark.slow
 def test_adaptive_resume_across_add_remove_is_bit_exact(tmp_path):
-    from onn_jax.checkpoint import Checkpointer, abstract_like
+    from onn_jax.io.checkpoint import Checkpointer, abstract_like
     cfg = tiny_config(adaptive_experts=True, adaptive_every=2, adaptive_initial=3)
     step = make_train_step(cfg, TX, donate=False)
     state = jax.device_put(jax.jit(init_state, static_argnums=(0, 1))(cfg, TX, jax.random.key(0)),

@@ -3,10 +3,10 @@ accuracy is perfect while the honest numbers show the collapse; the bar's plain 
 import jax.numpy as jnp
 import numpy as np
 
-from onn_jax.analysis import gate_accuracy
-from onn_jax.gate import RouterOutput
-from onn_jax.moe import MoERecord
-from onn_jax.routing_metrics import dead_experts, routing_metrics
+from onn_jax.core.analysis import gate_accuracy
+from onn_jax.core.gate import RouterOutput
+from onn_jax.nn.moe import MoERecord
+from onn_jax.core.routing_metrics import dead_experts, routing_metrics
 from train.logging import Progress, progress_fields
 
 

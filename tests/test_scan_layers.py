@@ -1,6 +1,6 @@
 """model.scan_layers: the blocks as one nn.scan over stacked parameters give the unrolled
 model's step (float32): loss, every layer's S, gate losses, gradients and updated parameters,
-compared after mapping the stacked tree to the per-layer one (onn_jax.layer_stack); sharded,
+compared after mapping the stacked tree to the per-layer one (onn_jax.nn.layer_stack); sharded,
 decoding, dropless + DeepEmbed, checkpoints and the export converter both ways."""
 import dataclasses
 import re
@@ -12,12 +12,15 @@ import pytest
 
 from helpers import random_batch, rel_err, tiny_config
 from onn_jax.config import Config, ConfigError, MeshConfig, OptimConfig, from_dict, to_dict
-from onn_jax.layer_stack import layer_params, stack_layers, to_layout, unstack_layers
-from onn_jax.losses import next_token_loss
-from onn_jax.model import Transformer, init_cache, init_params
-from onn_jax.moe import layer_surprise
-from onn_jax.step import compute_grads, init_state, make_optimizer, step_taps, train_step
-from onn_jax.surprise import get_surprise_fn
+from onn_jax.nn.layer_stack import layer_params, stack_layers, to_layout, unstack_layers
+from onn_jax.core.losses import next_token_loss
+from onn_jax.nn.transformer import Transformer, init_params
+from onn_jax.nn.attention import init_cache
+from onn_jax.nn.moe import layer_surprise
+from onn_jax.training.step import compute_grads, step_taps, train_step
+from onn_jax.training.state import init_state
+from onn_jax.training.optimizer import make_optimizer
+from onn_jax.core.surprise_registry import get_surprise_fn
 
 CFG = tiny_config(num_layers=2)
 SCFG = dataclasses.replace(CFG, scan_layers=True)
@@ -68,19 +71,20 @@ def check_step(new, metrics, ref_new, ref_metrics):
 @pytest.mark.slow
 def test_sharded_scanned_remat_step_equals_the_unrolled_step(unrolled):
     """scan + remat + an 8-device (data, expert, fsdp) mesh against the unrolled one-device step."""
-    from onn_jax import sharding
+    from onn_jax.parallel.mesh import make_mesh
+    from onn_jax.training.sharded import make_sharded_train_step, shard_batch, sharded_init
     state, ref_new, ref_metrics = unrolled
     ref_metrics = dict(ref_metrics)
     scfg = dataclasses.replace(SCFG, remat="block")
     assert rel_err(unstack_layers(init_params(scfg, jax.random.key(0))), state.params) == 0.0  # same init
-    mesh = sharding.make_mesh(MeshConfig(data=2, expert=2, fsdp=2), jax.devices()[:8])
-    sstate = sharding.sharded_init(scfg, TX, jax.random.key(0), mesh)
+    mesh = make_mesh(MeshConfig(data=2, expert=2, fsdp=2), jax.devices()[:8])
+    sstate = sharded_init(scfg, TX, jax.random.key(0), mesh)
     assert set(sstate.params) == {"embed", "lm_head", "blocks"}
     w1 = sstate.params["blocks"]["moe"]["experts"]["w1"]
     assert w1.shape == (2, 8, 16, 16)
     assert w1.sharding.spec == jax.sharding.PartitionSpec(None, "expert", "fsdp")  # layer axis replicated
-    step = sharding.make_sharded_train_step(scfg, TX, mesh, donate=False, step_fn=step_and_checks)
-    new, metrics = step(sstate, sharding.shard_batch(BATCH, mesh))
+    step = make_sharded_train_step(scfg, TX, mesh, donate=False, step_fn=step_and_checks)
+    new, metrics = step(sstate, shard_batch(BATCH, mesh))
     check_step(new, metrics, ref_new, ref_metrics)
 
 
@@ -138,8 +142,8 @@ def test_decoding_dropless_gated_heads_and_deep_embed_under_scan():
 
 
 def test_layouts_convert_both_ways_through_checkpoints_and_export(tmp_path):
-    from onn_jax.checkpoint import Checkpointer, abstract_like, make_meta
-    from onn_jax.portable import load_export, write_export
+    from onn_jax.io.checkpoint import Checkpointer, abstract_like, make_meta
+    from onn_jax.io.portable import load_export, write_export
     params = init_params(CFG, jax.random.key(1))
     sparams = stack_layers(params)
     assert rel_err(unstack_layers(sparams), params) == 0.0 and rel_err(stack_layers(unstack_layers(sparams)), sparams) == 0.0

@@ -7,9 +7,17 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from onn_jax import sharding as sh
+from onn_jax.parallel.constrain import activation_rules, constrain
+
+from onn_jax.parallel.mesh import make_mesh
+
+from onn_jax.parallel.rules import LOGICAL_AXES, batch_sharding, logical_axes_tree
+
+from onn_jax.training.sharded import abstract_state, make_sharded_train_step, shard_batch, sharded_init, state_shardings
 from onn_jax.config import ConfigError, MeshConfig, ModelConfig, MoEConfig, OptimConfig
-from onn_jax.step import compute_grads, init_state, make_optimizer, make_train_step
+from onn_jax.training.step import compute_grads, make_train_step
+from onn_jax.training.state import init_state
+from onn_jax.training.optimizer import make_optimizer
 
 CFG = ModelConfig(vocab_size=64, hidden=16, num_layers=1, num_heads=2, max_len=16,
                   moe=MoEConfig(num_experts=8, intermediate=16))
@@ -27,7 +35,7 @@ def make_batch(seed=0, batch=B):
 
 def mesh_of(shape):
     data, expert, fsdp = shape
-    return sh.make_mesh(MeshConfig(data=data, expert=expert, fsdp=fsdp))
+    return make_mesh(MeshConfig(data=data, expert=expert, fsdp=fsdp))
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +84,10 @@ def test_sharded_step_equals_one_device(shape, reference):
     """Loss, gradients (via mu), updated params and optimizer state equal one device's."""
     state0_ref, _, state1_ref, metrics_ref = reference
     mesh = mesh_of(shape)
-    shardings = sh.state_shardings(state0_ref, mesh)
+    shardings = state_shardings(state0_ref, mesh)
     state = jax.device_put(state0_ref, shardings)
-    step = sh.make_sharded_train_step(CFG, TX, mesh)
-    new_state, metrics = step(state, sh.shard_batch(make_batch(), mesh))
+    step = make_sharded_train_step(CFG, TX, mesh)
+    new_state, metrics = step(state, shard_batch(make_batch(), mesh))
     assert state.params["embed"]["embedding"].is_deleted()  # donated
     for key in ("train/main_loss", "train/total_loss", "moe/gate_loss", "moe/avg_k", "moe/gate_acc",
                 "train/grad_norm", "train/filtered_frac"):
@@ -93,7 +101,7 @@ def test_sharded_step_equals_one_device(shape, reference):
 
 def test_sharded_init_and_expert_weight_specs(reference):
     mesh = mesh_of((2, 2, 2))
-    state = sh.sharded_init(CFG, TX, jax.random.key(0), mesh)
+    state = sharded_init(CFG, TX, jax.random.key(0), mesh)
     assert_tree_close(state, reference[0], rtol=0, atol=0)  # same values as the 1-device init
     p = state.params
     assert p["block_0"]["moe"]["experts"]["w1"].sharding.spec == P("expert", "fsdp")
@@ -104,13 +112,13 @@ def test_sharded_init_and_expert_weight_specs(reference):
     # each device holds E/2 experts and C/2 of the hidden rows
     assert {s.data.shape for s in p["block_0"]["moe"]["experts"]["w1"].addressable_shards} == {(4, 8, 16)}
 
-    moe = sh.abstract_state(CFG, TX, mesh_of((2, 4, 1))).params["block_0"]["moe"]
+    moe = abstract_state(CFG, TX, mesh_of((2, 4, 1))).params["block_0"]["moe"]
     assert moe["experts"]["w1"].sharding.spec == P("expert")
     assert moe["experts"]["w2"].sharding.spec == P("expert")
     assert moe["prototypes"].sharding.spec == P(None, "expert")
     assert moe["thresholds"].sharding.spec == P("expert")
-    assert sh.batch_sharding(mesh).spec == P(("data", "expert", "fsdp"))
-    assert sh.batch_sharding(mesh_of((8, 1, 1))).spec == P("data")
+    assert batch_sharding(mesh).spec == P(("data", "expert", "fsdp"))
+    assert batch_sharding(mesh_of((8, 1, 1))).spec == P("data")
 
 
 def test_logical_axes_cover_every_parameter():
@@ -119,40 +127,40 @@ def test_logical_axes_cover_every_parameter():
                 MoEConfig(num_experts=8, intermediate=16, router="dense")):
         cfg = ModelConfig(vocab_size=64, hidden=16, num_heads=2, norm="rmsnorm", final_norm=True, moe=moe)
         shapes = jax.eval_shape(functools.partial(init_state, cfg, TX), jax.random.key(0)).params
-        axes = sh.logical_axes_tree(shapes)
+        axes = logical_axes_tree(shapes)
         for a, x in zip(jax.tree.leaves(axes, is_leaf=lambda a: isinstance(a, tuple)), jax.tree.leaves(shapes)):
-            assert len(a) == x.ndim and set(a) <= set(sh.LOGICAL_AXES)
+            assert len(a) == x.ndim and set(a) <= set(LOGICAL_AXES)
     with pytest.raises(ValueError, match="block_0/mystery"):
-        sh.logical_axes_tree({"block_0": {"mystery": jnp.zeros(3)}})
+        logical_axes_tree({"block_0": {"mystery": jnp.zeros(3)}})
 
 
 def test_make_mesh_resolves_and_rejects():
-    assert dict(sh.make_mesh(MeshConfig(data=-1, expert=2)).shape) == {"data": 4, "expert": 2, "fsdp": 1}
-    assert dict(sh.make_mesh(MeshConfig(data=2, expert=-1, fsdp=2)).shape) == {"data": 2, "expert": 2, "fsdp": 2}
+    assert dict(make_mesh(MeshConfig(data=-1, expert=2)).shape) == {"data": 4, "expert": 2, "fsdp": 1}
+    assert dict(make_mesh(MeshConfig(data=2, expert=-1, fsdp=2)).shape) == {"data": 2, "expert": 2, "fsdp": 2}
     with pytest.raises(ConfigError, match="mesh: data\\*expert\\*fsdp = 2\\*2\\*1"):
-        sh.make_mesh(MeshConfig(data=2, expert=2))
+        make_mesh(MeshConfig(data=2, expert=2))
     with pytest.raises(ConfigError, match="mesh.expert"):
-        sh.make_mesh(MeshConfig(data=1, expert=-1, fsdp=3))
+        make_mesh(MeshConfig(data=1, expert=-1, fsdp=3))
 
 
 def test_indivisible_experts_and_batch_are_config_errors():
     mesh = mesh_of((1, 8, 1))
     cfg = ModelConfig(vocab_size=64, hidden=16, num_heads=2, moe=MoEConfig(num_experts=4, intermediate=16))
     with pytest.raises(ConfigError, match="mesh.expert"):
-        sh.sharded_init(cfg, TX, jax.random.key(0), mesh)
+        sharded_init(cfg, TX, jax.random.key(0), mesh)
     with pytest.raises(ConfigError, match="train.batch_size"):
-        sh.shard_batch(make_batch(batch=4), mesh)
+        shard_batch(make_batch(batch=4), mesh)
 
 
 def test_constrain_applies_only_inside_activation_rules():
     mesh = mesh_of((2, 4, 1))
     x = jnp.ones((8, 8, 4))
-    assert sh.constrain(x, ("moe_batch", "expert", "embed")) is x
+    assert constrain(x, ("moe_batch", "expert", "embed")) is x
 
     @jax.jit
     def f(x):
-        with sh.activation_rules(mesh):
-            return sh.constrain(x * 2, ("moe_batch", "expert", "embed"))
+        with activation_rules(mesh):
+            return constrain(x * 2, ("moe_batch", "expert", "embed"))
 
     y = f(x)
     assert y.sharding.is_equivalent_to(NamedSharding(mesh, P("data", "expert")), 3)
@@ -163,12 +171,12 @@ def test_checkpoint_saved_on_one_mesh_restores_on_another(tmp_path, reference):
     ocp = pytest.importorskip("orbax.checkpoint")
     mesh_a, mesh_b = mesh_of((8, 1, 1)), mesh_of((2, 4, 1))
     trained = reference[2]  # after one step: non-zero optimizer moments
-    state = jax.device_put(trained, sh.state_shardings(trained, mesh_a))
+    state = jax.device_put(trained, state_shardings(trained, mesh_a))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp_path / "ckpt", state)
         ckptr.wait_until_finished()
-        restored = ckptr.restore(tmp_path / "ckpt", sh.abstract_state(CFG, TX, mesh_b))
+        restored = ckptr.restore(tmp_path / "ckpt", abstract_state(CFG, TX, mesh_b))
     assert_tree_close(restored, trained, rtol=0, atol=0)
     assert all(jax.tree.leaves(jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim),
-                                            restored, sh.state_shardings(trained, mesh_b))))
+                                            restored, state_shardings(trained, mesh_b))))
     assert restored.params["block_0"]["moe"]["experts"]["w1"].sharding.spec == P("expert")

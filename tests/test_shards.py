@@ -1,4 +1,4 @@
-"""Shards (onn-tokenize, onn_jax.shards): the same examples as the in-memory pipeline, a
+"""Shards (onn-tokenize, onn_jax.data.shards): the same examples as the in-memory pipeline, a
 resumable streaming iterator, and an onn-train run killed mid-epoch that resumes bit for bit."""
 import contextlib
 import io
@@ -15,9 +15,9 @@ import pytest
 
 pytest.importorskip("grain")
 
-from onn_jax.data import Dataset, load_records  # noqa: E402
-from onn_jax.shards import ShardDataset, write_shards  # noqa: E402
-from onn_jax.tokenizer import ByteTokenizer  # noqa: E402
+from onn_jax.data.dataset import Dataset, load_records  # noqa: E402
+from onn_jax.data.shards import ShardDataset, write_shards  # noqa: E402
+from onn_jax.data.tokenizer import ByteTokenizer  # noqa: E402
 from train.compat import tokenizer_info  # noqa: E402
 from train.main import main as train_main  # noqa: E402
 from train.tokenize import main as tokenize_main  # noqa: E402

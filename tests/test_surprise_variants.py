@@ -6,12 +6,11 @@ import optax
 import pytest
 
 from helpers import random_batch, tiny_config
-from onn_jax.experts import combine, expert_outputs
-from onn_jax.losses import next_token_loss
-from onn_jax.model import Transformer, init_params, model_taps
-from onn_jax.surprise import SurpriseInputs
-from onn_jax.surprise_variants import (VARIANTS, advantage_surprise, expert_grad_norms, learning_cost,
-                                       learning_cost_surprise)
+from onn_jax.core.experts import combine, expert_outputs
+from onn_jax.core.losses import next_token_loss
+from onn_jax.nn.transformer import Transformer, init_params, model_taps
+from onn_jax.core.surprise import SurpriseInputs
+from onn_jax.core.surprise_variants import VARIANTS, advantage_surprise, expert_grad_norms, learning_cost, learning_cost_surprise
 
 
 def _model_setup(num_layers=1, seed=0, **moe):

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from onn_jax.tokenizer import ByteTokenizer, HFTokenizer, encode_chat, load_tokenizer
+from onn_jax.data.tokenizer import ByteTokenizer, HFTokenizer, encode_chat, load_tokenizer
 
 B = ByteTokenizer
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from onn_jax.tokenizer import tokenizer_info  # noqa: F401  (re-exported: the loop and tools use it here)
+from onn_jax.data.tokenizer import tokenizer_info  # noqa: F401  (re-exported: the loop and tools use it here)
 
 
 def tokenizer_mismatch(saved: dict | None, now: dict, where: str) -> str | None:

@@ -78,8 +78,8 @@ def check_args(args) -> None:
 def saved_config(workdir: Path, step: int) -> tuple[dict, str]:
     """The whole config dict the model was trained with (export.json's, the checkpoint's
     metadata, else the workdir's config.json) and where it came from."""
-    from onn_jax import checkpoint as ckpt_lib
-    from onn_jax import portable
+    from onn_jax.io import checkpoint as ckpt_lib
+    from onn_jax.io import portable
     if portable.is_export(workdir):
         path = workdir / ckpt_lib.EXPORT_META
         return json.loads(path.read_text()).get("config") or {}, str(path)
@@ -99,7 +99,7 @@ def saved_config(workdir: Path, step: int) -> tuple[dict, str]:
 
 def eval_data(cfg, split: str):
     """(dataset, its eval batches) of cfg.data for `split`."""
-    from onn_jax.data import eval_batches
+    from onn_jax.data.dataset import eval_batches
     from train.loop import TrainError, build_dataset
     d = cfg.data
     if split == "all":
@@ -180,7 +180,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         quiet_orbax()
         result = run(args, overrides)
         if args.out is not None:
-            from onn_jax.portable import write_json
+            from onn_jax.io.portable import write_json
             try:
                 write_json(args.out, result)
             except OSError as e:

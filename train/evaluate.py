@@ -16,17 +16,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onn_jax.adaptive_experts import gate_surprise
-from onn_jax.analysis import gate_accuracy
-from onn_jax.routing_metrics import dead_experts, routing_metrics
+from onn_jax.training.options.adaptive_experts import gate_surprise
+from onn_jax.core.analysis import gate_accuracy
+from onn_jax.core.routing_metrics import dead_experts, routing_metrics
 from onn_jax.config import ModelConfig
-from onn_jax.layer_stack import layer_params
-from onn_jax.model import Transformer
-from onn_jax.step import forward_loss, step_taps
-from onn_jax.moe import layer_surprise
-from onn_jax.surprise import get_surprise_fn
-from onn_jax.units import (UnitRecords, unit_gate_inputs, unit_gate_loss, unit_metrics, unit_surprises,
-                           unit_taps)
+from onn_jax.nn.layer_stack import layer_params
+from onn_jax.nn.transformer import Transformer
+from onn_jax.training.step import forward_loss, step_taps
+from onn_jax.nn.moe import layer_surprise
+from onn_jax.core.surprise_registry import get_surprise_fn
+from onn_jax.nn.units import UnitRecords, unit_taps
+from onn_jax.training.gate_losses import unit_gate_inputs, unit_gate_loss, unit_surprises
+from onn_jax.training.metrics import unit_metrics
 
 # 40 log-spaced bins from 1e-9 to 10; values outside are counted in the end bins.
 SURPRISE_EDGES = np.logspace(-9, 1, 41)
@@ -51,7 +52,7 @@ def eval_forward(cfg: ModelConfig, params: Any, batch: dict) -> EvalForward:
     model = Transformer(cfg)
     b, t = batch["inputs"].shape
 
-    def forward(taps, utaps):  # the train step's forward and loss (onn_jax.step.forward_loss)
+    def forward(taps, utaps):  # the train step's forward and loss (onn_jax.training.step.forward_loss)
         main, acc, count, ce_BxT, records, units = forward_loss(cfg, model, params, batch, taps, utaps,
                                                                 per_token=True)
         return main, (acc, count, records, ce_BxT, units)
@@ -78,7 +79,7 @@ UNIT_EVAL_SKIPPED = ("threshold_mean", "slots_used")
 
 def unit_eval_sums(cfg: ModelConfig, params: Any, f: EvalForward, loss_mask_N: jax.Array,
                    onehot_BxD: jax.Array) -> dict[str, jax.Array]:
-    """The train step's `attn/*` and `embed/*` metrics (onn_jax.units.unit_metrics) of one eval
+    """The train step's `attn/*` and `embed/*` metrics (onn_jax.training.metrics.unit_metrics) of one eval
     batch, as `attn_*` / `embed_*` (all but UNIT_EVAL_SKIPPED; the gate losses are their values
     on the batch, no gradient), and each domain's head / slot assignments."""
     _, per_kind = unit_gate_loss(cfg, unit_gate_inputs(f.units), f.units, f.unit_surprises, loss_mask_N)
@@ -114,7 +115,7 @@ def make_eval_step(cfg: ModelConfig, num_domains: int, edges: np.ndarray = SURPR
     def eval_step(params, batch):
         if mesh is None:
             return eval_sums(params, batch)
-        from onn_jax.sharding import activation_rules
+        from onn_jax.parallel.constrain import activation_rules
         with activation_rules(mesh):
             return eval_sums(params, batch)
 
@@ -154,7 +155,7 @@ def make_eval_step(cfg: ModelConfig, num_domains: int, edges: np.ndarray = SURPR
     if mesh is None:
         return jax.jit(eval_step)
     from jax.sharding import NamedSharding, PartitionSpec
-    from onn_jax.sharding import batch_sharding
+    from onn_jax.parallel.rules import batch_sharding
     return jax.jit(eval_step, in_shardings=(None, batch_sharding(mesh)),
                    out_shardings=NamedSharding(mesh, PartitionSpec()))
 

@@ -20,7 +20,7 @@ An experiment file defines `get_experiment()` returning a dict:
              optimizer state) on the second; the rise of the first domains' loss is forgetting.
 
 Every run is evaluated on the whole held-out split of all domains of the builtin corpus
-(onn_jax.analysis): loss per domain, avg_k (per domain), gate accuracy on unmasked tokens
+(onn_jax.core.analysis): loss per domain, avg_k (per domain), gate accuracy on unmasked tokens
 (argmax pre == argmin S of the run's own surprise definition) and expert<->domain NMI per
 layer; these also go into each run's metrics.jsonl at every train.eval_every as `analysis/*`.
 Outputs in DIR: results.jsonl (one line per run, with its resolved Config(s) as `configs` and
@@ -136,11 +136,11 @@ def run_config(exp: dict, label: str, seed: int, extra: dict | None = None):
 # ------------------------------------------------------------------------- analysis eval
 
 def make_analysis_step(model_cfg, num_domains: int):
-    """Jitted (params, batch) -> sums for onn_jax.analysis metrics over one eval batch."""
+    """Jitted (params, batch) -> sums for onn_jax.core.analysis metrics over one eval batch."""
     import jax
     import jax.numpy as jnp
 
-    from onn_jax import analysis as an
+    from onn_jax.core import analysis as an
     from train.evaluate import eval_forward
 
     def step(params, batch):
@@ -183,7 +183,7 @@ def unit_sums(prefix: str, records, surprises, dom_N, unmasked_N, num_domains: i
     pullback), gate hits on unmasked tokens and inactive hard targets."""
     import jax.numpy as jnp
 
-    from onn_jax import analysis as an
+    from onn_jax.core import analysis as an
     out = {f"{prefix}_counts": jnp.stack([an.domain_expert_counts(r.router.mask, dom_N, num_domains)
                                           for r in records])}
     if top_any:
@@ -201,7 +201,7 @@ def unit_sums(prefix: str, records, surprises, dom_N, unmasked_N, num_domains: i
 def unit_metrics(prefix: str, sums: dict, tokens_D: np.ndarray) -> dict:
     """`analysis/<prefix>_*` from unit_sums' sums: avg_k (mean over layers, per layer, per
     domain), unit<->domain NMI per layer, and fallback / gate accuracy / inactive targets."""
-    from onn_jax import analysis as an
+    from onn_jax.core import analysis as an
     counts = sums[f"{prefix}_counts"]  # [L, D, U]
     tokens = max(float(tokens_D.sum()), 1.0)
     m = {f"analysis/{prefix}_layer_avg_k": counts.sum((1, 2)) / tokens}
@@ -221,7 +221,7 @@ def analyse(step, params, batches, domains: Sequence[str]) -> dict[str, Any]:
     """Sums `step` over batches -> the `analysis/*` metrics (numpy, JSON-ready)."""
     import jax
 
-    from onn_jax import analysis as an
+    from onn_jax.core import analysis as an
     sums: dict[str, np.ndarray] = {}
     for batch in batches:
         out = jax.device_get(step(params, {k: batch[k] for k in ("inputs", "targets", "loss_mask", "domain")}))
@@ -284,7 +284,7 @@ def full_dataset(cfg):
 
 def write_phase_data(cfg, phases: dict, data_dir: Path) -> dict[str, str]:
     """Writes the builtin corpus restricted to each phase's domains as chat jsonl files."""
-    from onn_jax.corpus import DOMAINS, build_corpus
+    from onn_jax.data.corpus import DOMAINS, build_corpus
     records = build_corpus(seed=cfg.data.seed, records_per_domain=cfg.data.records_per_domain)
     data_dir.mkdir(parents=True, exist_ok=True)
     paths = {}

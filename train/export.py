@@ -8,7 +8,7 @@ the latest step is exported unless --step. OUT (new or empty) receives the param
 (params/ orbax, model.safetensors or params.npz), config.json, the tokenizer (tokenizer.json
 copied in, and tokenizer_config.json with its special ids and templates; --layout converts the
 blocks between the per-layer and the stacked (model.scan_layers) layout), a model card
-README.md and export.json (see onn_jax.portable). --tokenizer names the tokenizer.json to
+README.md and export.json (see onn_jax.io.portable). --tokenizer names the tokenizer.json to
 copy when the one the run used has moved. `onn-generate --workdir OUT` and
 onn_jax.load_export read it from any path. Errors exit with code 2 (bad input, checked
 before anything is written), 4 when writing OUT failed (disk full, I/O error; the partial
@@ -69,8 +69,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     quiet_orbax()
     if (src / CHECKPOINT_DIR).is_dir():
         src = src / CHECKPOINT_DIR
-    from onn_jax.checkpoint import CheckpointError, error_cause, os_error_in  # heavy: after the cheap checks
-    from onn_jax.portable import write_export
+    from onn_jax.io.checkpoint import CheckpointError, error_cause, os_error_in  # heavy: after the cheap checks
+    from onn_jax.io.portable import write_export
     out = Path(args.out)
     before = set(os.listdir(out)) if out.is_dir() else None
     try:

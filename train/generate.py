@@ -77,13 +77,13 @@ def load_model(workdir: str | Path, step: int | None = None):
     include the router state the forward reads (stateful-routing models), ready for model.apply."""
     import jax
 
-    from onn_jax import checkpoint as ckpt_lib
-    from onn_jax.model import init_params
+    from onn_jax.io import checkpoint as ckpt_lib
+    from onn_jax.nn.transformer import init_params
     workdir = Path(workdir)
     if not workdir.is_dir():
         raise GenerateError(f"{workdir}: no such directory")
     try:
-        from onn_jax import portable
+        from onn_jax.io import portable
         if portable.is_export(workdir):
             meta = _read_json(workdir / ckpt_lib.EXPORT_META)
             if step is not None and step != meta.get("step"):
@@ -111,7 +111,7 @@ def checkpoint_config(ckpt, step: int, workdir: Path):
     """(ModelConfig, tokenizer name) the checkpoint of `step` was trained with: the config in
     its own metadata, else (older checkpoints without one) the workdir's config.json, which
     describes the latest run and may differ from an older step's."""
-    from onn_jax import checkpoint as ckpt_lib
+    from onn_jax.io import checkpoint as ckpt_lib
     try:
         raw = ckpt.restore_meta(step).get("config")
     except ckpt_lib.CheckpointError:
@@ -122,8 +122,8 @@ def checkpoint_config(ckpt, step: int, workdir: Path):
 
 
 def run(args) -> str:
-    from onn_jax.generate import generate
-    from onn_jax.tokenizer import load_tokenizer, prompt_ids
+    from onn_jax.nn.generate import generate
+    from onn_jax.data.tokenizer import load_tokenizer, prompt_ids
     params, model_cfg, tok_name, _ = load_model(args.workdir, args.step)
     tok_name = getattr(args, "tokenizer", None) or tok_name
     try:

@@ -24,7 +24,7 @@ TB_DIR = "tb"
 UNIT_PROGRESS_KEYS = (("attn/avg_k", "attn_k"), ("attn/gate_acc_informative", "attn_acc_inf"),
                       ("embed/avg_k", "emb_k"), ("embed/gate_acc_informative", "emb_acc_inf"))
 # Keys shown in the progress bar (and the plain log line), with their short labels. The routing
-# numbers are the ones a collapse does not inflate (onn_jax.routing_metrics); the
+# numbers are the ones a collapse does not inflate (onn_jax.core.routing_metrics); the
 # original's `moe/gate_acc` stays in metrics.jsonl only. `eval` is the latest eval loss.
 PROGRESS_KEYS = (("train/main_loss", "loss"), ("eval/main_loss", "eval"),
                  ("moe/gate_acc_informative", "gate_acc_inf"), ("moe/dead_experts", "dead"),

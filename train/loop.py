@@ -3,7 +3,7 @@
     summary = train(cfg, workdir)
 
 Workdir layout: config.json (the resolved Config), checkpoints/ (orbax, see
-onn_jax.checkpoint), metrics.jsonl and tb/ (see train.logging), plots/*.png (train.plot).
+onn_jax.io.checkpoint), metrics.jsonl and tb/ (see train.logging), plots/*.png (train.plot).
 If checkpoints/ holds a checkpoint the run resumes from the latest one: TrainState and the
 data iterator position are restored, so the continuation equals an uninterrupted run.
 """
@@ -21,21 +21,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onn_jax import checkpoint as ckpt_lib
-from onn_jax import sharding
+from onn_jax.io import checkpoint as ckpt_lib
+from onn_jax.parallel import mesh as mesh_lib
+from onn_jax.parallel.rules import check_batch
+from onn_jax.training.sharded import abstract_state, shard_batch, sharded_init
 from onn_jax.config import Config, ConfigError, MeshConfig, to_dict
-from onn_jax.corpus import build_corpus
-from onn_jax.data import DataError, Dataset, load_records
-from onn_jax.guard import SKIPPED, make_guarded_step
-from onn_jax.layer_stack import layer_params
-from onn_jax.limits import memory_problem
-from onn_jax.model import attention_impl
-from onn_jax.routing_metrics import dead_experts
-from onn_jax.schedules import last_lr, make_schedule
-from onn_jax.step import make_optimizer
-from onn_jax.records import is_chat_file
-from onn_jax.tokenizer import load_tokenizer, prompt_ids
-from onn_jax.workdir import WorkdirBusy, WorkdirLock
+from onn_jax.data.corpus import build_corpus
+from onn_jax.data.records import DataError
+from onn_jax.data.dataset import Dataset, load_records
+from onn_jax.training.guard import SKIPPED, make_guarded_step
+from onn_jax.nn.layer_stack import layer_params
+from onn_jax.training.memory import memory_problem
+from onn_jax.nn.attention import attention_impl
+from onn_jax.core.routing_metrics import dead_experts
+from onn_jax.training.schedules import last_lr, make_schedule
+from onn_jax.training.optimizer import make_optimizer
+from onn_jax.data.records import is_chat_file
+from onn_jax.data.tokenizer import load_tokenizer, prompt_ids
+from onn_jax.io.workdir import WorkdirBusy, WorkdirLock
 from train.compat import config_diff, tokenizer_info, tokenizer_mismatch
 from train.evaluate import evaluate, make_eval_step
 from train.faults import Faults
@@ -137,7 +140,7 @@ def vocab_from_tokenizer(cfg: Config) -> Config:
 
 def open_shards(cfg: Config, tok):
     """The ShardDataset of data.source=shards:DIR, checked against cfg.data and the tokenizer."""
-    from onn_jax.shards import PREFIX, ShardDataset
+    from onn_jax.data.shards import PREFIX, ShardDataset
     d = cfg.data
     try:
         ds = ShardDataset(d.source[len(PREFIX):], tok)
@@ -155,14 +158,14 @@ def open_shards(cfg: Config, tok):
     return ds
 
 
-def make_mesh(cfg: MeshConfig):
+def run_mesh(cfg: MeshConfig):
     """The device mesh; a fully specified shape uses the first data*expert*fsdp devices."""
     devices = jax.devices()
     sizes = (cfg.data, cfg.expert, cfg.fsdp)
     if -1 not in sizes:
         devices = devices[:math.prod(sizes)]
     try:
-        return sharding.make_mesh(cfg, devices)
+        return mesh_lib.make_mesh(cfg, devices)
     except ConfigError as e:
         raise TrainError(str(e)) from e
 
@@ -182,7 +185,7 @@ def sample_as_text(cfg: Config) -> bool:
 def sample(params: Any, cfg: Config, tok, prompt: str, max_new_tokens: int) -> str:
     """Greedy continuation of `prompt`, encoded as the corpus was trained (sample_as_text); the
     new tokens are clamped to the room model.max_len leaves after the prompt (as onn-generate does)."""
-    from onn_jax.generate import generate
+    from onn_jax.nn.generate import generate
     ids = prompt_ids(tok, prompt, raw=sample_as_text(cfg))
     room = cfg.model.max_len - len(ids)
     if room < 1:
@@ -220,12 +223,12 @@ class Run:
         self.ds = build_dataset(cfg)
         self.cfg = cfg = with_output_order(cfg, self.ds)  # adaptive softmax: ranks from the training split
         self.tok = self.ds.tokenizer
-        self.mesh = make_mesh(cfg.mesh)
+        self.mesh = run_mesh(cfg.mesh)
         too_big = memory_problem(cfg, list(self.mesh.devices.flat))
         if too_big:
             raise TrainError(f"{too_big[0]}: {too_big[1]}")
         try:
-            sharding.check_batch(cfg.data.batch_size, self.mesh)
+            check_batch(cfg.data.batch_size, self.mesh)
         except ConfigError as e:
             raise TrainError(f"data.batch_size: {e.message}") from e
         created = self._open_workdir()
@@ -273,7 +276,7 @@ class Run:
         self.tx = make_optimizer(cfg.optim, self.lr)
         k = cfg.optim.accum_steps
         try:  # every microbatch must split over the batch mesh axes as the batch does
-            sharding.check_batch(cfg.data.batch_size // k, self.mesh)
+            check_batch(cfg.data.batch_size // k, self.mesh)
         except ConfigError as e:
             raise TrainError(f"optim.accum_steps: microbatches of {cfg.data.batch_size // k} rows: "
                              f"{e.message}") from e
@@ -293,7 +296,7 @@ class Run:
         self.start_step = int(jax.device_get(self.state.step))
         pi, pc = jax.process_index(), jax.process_count()
         if pc > 1:  # the iterator hands process i the i-th equal slice of each global batch
-            from onn_jax.distributed import process_batch_rows
+            from onn_jax.parallel.distributed import process_batch_rows
             per = cfg.data.batch_size // pc
             if process_batch_rows(self.mesh, cfg.data.batch_size) != slice(pi * per, (pi + 1) * per):
                 raise TrainError("mesh: this process's devices do not hold batch rows "
@@ -331,7 +334,7 @@ class Run:
         rng = jax.random.key(self.cfg.train.seed)
         latest = self.ckpt.latest_step() if self.ckpt is not None else None
         if latest is None:
-            return sharding.sharded_init(self.cfg.model, self.tx, rng, self.mesh), None
+            return sharded_init(self.cfg.model, self.tx, rng, self.mesh), None
         where = f"checkpoint {self.workdir / CHECKPOINT_DIR / str(latest)}"
         try:
             meta = self.ckpt.restore_meta(latest)
@@ -366,7 +369,7 @@ class Run:
                   f"metrics.jsonl and the checkpoints): {'; '.join(changes)}", flush=True)
             self.config_changes.append({"step": latest, "changes": changes})
             self.pending_change = "; ".join(changes)
-        target = sharding.abstract_state(self.cfg.model, self.tx, self.mesh)
+        target = abstract_state(self.cfg.model, self.tx, self.mesh)
         try:
             state, meta = self.ckpt.restore(target, latest)
         except ckpt_lib.CheckpointError as e:
@@ -396,8 +399,8 @@ class Run:
     def _place(self, host: dict) -> dict:
         """A host batch (this process's rows of a global batch) as a global array on the mesh."""
         if jax.process_count() == 1:
-            return sharding.shard_batch(host, self.mesh)
-        from onn_jax.distributed import global_batch  # multi-process: this process's rows only
+            return shard_batch(host, self.mesh)
+        from onn_jax.parallel.distributed import global_batch  # multi-process: this process's rows only
         return global_batch(host, self.mesh, self.cfg.data.batch_size)
 
     def evaluate(self) -> dict[str, Any]:

@@ -81,7 +81,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         print(printable(f"onn-train: config error: {e}"), file=sys.stderr)
         return 2
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
-    from onn_jax.distributed import initialize_distributed, shutdown_distributed
+    from onn_jax.parallel.distributed import initialize_distributed, shutdown_distributed
     from train.loop import (SaveFailed, StoppedBySignal, TrainError, TrainStopped, train,
                             vocab_from_tokenizer)
     from train.signals import StopOnSignal

@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from onn_jax.output import count_labels, frequency_order
+from onn_jax.nn.output import count_labels, frequency_order
 
 ROWS_PER_READ = 4096  # shard rows counted per read (bounded memory on a corpus on disk)
 

@@ -64,7 +64,7 @@ def plot_loss(rows, out: Path, plt) -> Path | None:
 
 def plot_gate(rows, out: Path, plt) -> Path | None:
     """Routing health first (numbers a collapse does not inflate), then the gate
-    loss and the thresholds, each on its own axes (onn_jax.routing_metrics defines them)."""
+    loss and the thresholds, each on its own axes (onn_jax.core.routing_metrics defines them)."""
     fig, axes = plt.subplots(2, 4, figsize=(20, 8))
     (acc, dead, cv, ent), (shares, k, loss, theta) = axes
     drawn = _line(acc, rows, [("moe/gate_acc_informative", "train, tokens with non-constant S"),
@@ -82,7 +82,7 @@ def plot_gate(rows, out: Path, plt) -> Path | None:
         loads = [r["moe/expert_load"] for r in rows if isinstance(r.get("moe/expert_load"), list)]
         n_experts = np.asarray(loads[-1]).shape[-1] if loads else int(counts_SxL.max()) + 1
         dead.set_ylim(-0.3, n_experts + 0.3)  # whole experts, out of E
-    from onn_jax.routing_metrics import DEAD_LOAD_FLOOR
+    from onn_jax.core.routing_metrics import DEAD_LOAD_FLOOR
     dead.set_xlabel("step")
     dead.set_ylabel("experts")
     dead.grid(alpha=0.3)

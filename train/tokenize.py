@@ -6,7 +6,7 @@
 FILEs are chat `.jsonl` files and plain-text files (any other extension); each file's name
 is its domain unless a chat record names its own. The corpus is streamed record by record,
 so memory does not grow with it. Rows, masks, held-out split and domains are those the
-in-memory pipeline makes from the same files (onn_jax.shards). Then train with
+in-memory pipeline makes from the same files (onn_jax.data.shards). Then train with
 `onn-train ... --config.data.source=shards:DIR` and the same data.tokenizer and
 data.seq_len. Errors (one line naming the flag or file:line) exit with code 2.
 """
@@ -50,9 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad:
         print(f"onn-tokenize: error: {bad}", file=sys.stderr)
         return 2
-    from onn_jax.records import DataError
-    from onn_jax.shards import write_shards
-    from onn_jax.tokenizer import load_tokenizer
+    from onn_jax.data.records import DataError
+    from onn_jax.data.shards import write_shards
+    from onn_jax.data.tokenizer import load_tokenizer
     from train.compat import tokenizer_info
     try:
         tok = load_tokenizer(args.tokenizer)

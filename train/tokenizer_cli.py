@@ -5,7 +5,7 @@
 Hugging Face `tokenizers` byte-level BPE: the 256 bytes are the base vocabulary, so every
 text encodes and decodes losslessly (no unknown token; the byte fallback). Specials:
 <|pad|>, <|bos|>, <|eos|> and <|im_start|> (chat role markers `<|im_start|>role\\n`, see
-onn_jax.tokenizer.HFTokenizer). Chat `.jsonl` files contribute their message contents,
+onn_jax.data.tokenizer.HFTokenizer). Chat `.jsonl` files contribute their message contents,
 other files their text. Then train with `--config.data.tokenizer=tokenizer.json`: onn-train
 sets model.vocab_size to the tokenizer's size unless --config.model.vocab_size is given.
 Errors exit with code 2 (one line naming the flag or file:line); nothing is written.
@@ -33,7 +33,7 @@ def parse_args(argv: Sequence[str]):
 
 def texts(paths: Sequence[str]) -> Iterator[str]:
     """The trainable text of the files (message contents of chat records), streamed."""
-    from onn_jax.records import iter_records
+    from onn_jax.data.records import iter_records
     for r in iter_records(paths):
         if "text" in r:
             yield r["text"]
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("onn-tokenizer: error: needs the `tokenizers` package: pip install 'onn-jax[data]'",
               file=sys.stderr)
         return 2
-    from onn_jax.records import DataError
+    from onn_jax.data.records import DataError
     try:
         tok = train_tokenizer(args.files, args.vocab)
     except DataError as e:
