@@ -22,7 +22,10 @@ install: $(STAMP)
 train: $(STAMP)
 	$(VENV)/bin/onn-train --config $(CONFIG) --workdir $(WORKDIR)
 
+# ruff and import-linter first (seconds), then the suite; pyproject.toml says what each checks.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean:

@@ -44,13 +44,13 @@ import numpy as np
 from bench.components import COMPONENTS, parse_components
 from bench.real_routing import corpus_batches, train_for
 from onn_jax.config import Config, ModelConfig, MoEConfig
-from onn_jax.nn.transformer import Transformer
-from onn_jax.nn.attention import attention_impl
 from onn_jax.core.losses import next_token_loss
-from onn_jax.training.step import compute_grads, make_train_step
-from onn_jax.training.state import init_state
-from onn_jax.training.optimizer import make_optimizer
 from onn_jax.data.tokenizer import ByteTokenizer
+from onn_jax.nn.attention import attention_impl
+from onn_jax.nn.transformer import Transformer
+from onn_jax.training.optimizer import make_optimizer
+from onn_jax.training.state import init_state
+from onn_jax.training.step import compute_grads, make_train_step
 
 MODES = ("smk", "plain", "dense", "sparse")
 MIN_STEPS = 20
@@ -338,7 +338,8 @@ def measure(name: str, cfg: Config, mode: str, args, component: str = "none") ->
     peak = device_peak_tflops(dev.device_kind, args.peak_tflops)
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     record = {
-        "config": name, "mode": mode, "component": component, "device_kind": dev.device_kind, "backend": jax.default_backend(),
+        "config": name, "mode": mode, "component": component, "device_kind": dev.device_kind,
+        "backend": jax.default_backend(),
         "batch": b, "seq": t, "router": model.moe.router, "dispatch": model.moe.dispatch,
         "attention": attention_impl(model), "scan_layers": model.scan_layers,
         "surprise": model.moe.surprise if model.moe.router == "surprise" else None,
@@ -355,7 +356,8 @@ def measure(name: str, cfg: Config, mode: str, args, component: str = "none") ->
         "pipelined_tokens_per_s": round(b * t / pipelined_s, 1),
         "mfu_pipelined": round(flops_tok * b * t / pipelined_s / (peak * 1e12), 4) if peak else None,
         "peak_tflops": peak,
-        "peak_mem_gib": round(stats["peak_bytes_in_use"] / 2**30, 3) if stats and "peak_bytes_in_use" in stats else None,
+        "peak_mem_gib": (round(stats["peak_bytes_in_use"] / 2**30, 3)
+                         if stats and "peak_bytes_in_use" in stats else None),
         "compile_s": round(compile_s, 2),
         "main_loss": float(metrics["train/main_loss"]),
         "routing": (f"trained {args.train_steps} steps on the builtin corpus" if args.train_steps

@@ -27,8 +27,8 @@ import numpy as np
 from bench.bench import PRESETS, random_batch
 from onn_jax.config import Config, from_dict
 from onn_jax.training.guard import make_guarded_step
-from onn_jax.training.state import init_state
 from onn_jax.training.optimizer import make_optimizer
+from onn_jax.training.state import init_state
 
 
 def measure(cfg: Config, layers: int, remat: str, accum: int, seed: int = 0, scan: bool = False,

@@ -13,11 +13,12 @@ script. Needs no orbax.
 `--scan-layers` and `--remat` set model.scan_layers / model.remat (the Mosaic GPU grouped GEMM
 needs the scan to compile in reasonable time at gpu_large).
 `--mode smk|plain`, `--dispatch dense|sparse|dropless`, `--pair-budget`, `--gemm` and
-`--force-avg-k E/8` pick the router and the MoE dispatch as onn-bench does (bench.bench.mode_config; the thresholds
-are forced on the batch so about k experts pass per token). Each record carries the compiled
-step's memory per device (XLA's memory_analysis: arguments + temporaries + outputs - aliased) and,
-with `--profile`, the costliest XLA ops per step and device; with `--check`, the relative error of the mesh step against the same step on one device (same
-init, same global batch): main loss and updated parameters.
+`--force-avg-k E/8` pick the router and the MoE dispatch as onn-bench does (bench.bench.mode_config;
+the thresholds are forced on the batch so about k experts pass per token). Each record carries the
+compiled step's memory per device (XLA's memory_analysis: arguments + temporaries + outputs -
+aliased) and, with `--profile`, the costliest XLA ops per step and device; with `--check`, the
+relative error of the mesh step against the same step on one device (same init, same global
+batch): main loss and updated parameters.
 
 A layout with expert > 1 and `--dispatch dropless` runs the expert-parallel layer
 (onn_jax.dispatch.expert_parallel: each GPU holds E / expert experts, pairs travel by all_to_all);
@@ -41,14 +42,13 @@ if __package__ in (None, ""):  # run as `python bench/scaling.py`: import bench.
 import jax
 import numpy as np
 
+from bench.bench import force_thresholds, mode_config, parse_k, profile_ops
+from onn_jax.config import MeshConfig, ModelConfig, MoEConfig, OptimConfig
 from onn_jax.nn import moe as moe_module
 from onn_jax.parallel.constrain import constrain
 from onn_jax.parallel.mesh import make_mesh
-from onn_jax.training.sharded import make_sharded_train_step, shard_batch, sharded_init
-from onn_jax.config import MeshConfig, ModelConfig, MoEConfig, OptimConfig
 from onn_jax.training.optimizer import make_optimizer
-
-from bench.bench import force_thresholds, mode_config, parse_k, profile_ops
+from onn_jax.training.sharded import make_sharded_train_step, shard_batch, sharded_init
 
 SIZES = {  # as configs/gpu_small.py and configs/gpu_large.py (model part)
     "smoke": ModelConfig(vocab_size=256, hidden=32, num_layers=1, num_heads=4, max_len=64,
@@ -243,7 +243,7 @@ def run_layouts(cfg: ModelConfig, args, per_device: int, k: int | None) -> None:
         try:
             data, expert = (int(v) for v in layout.lower().split("x"))
         except ValueError:
-            raise SystemExit(f"--layouts: {layout!r} is not DATAxEXPERT (e.g. 2x2)")
+            raise SystemExit(f"--layouts: {layout!r} is not DATAxEXPERT (e.g. 2x2)") from None
         common = dict(layout=layout, size=args.size, mode=args.mode, dispatch=cfg.moe.dispatch,
                       per_device_batch=per_device, pair_budget=cfg.moe.pair_budget,
                       ep_budget=cfg.moe.ep_budget, gemm=cfg.moe.gemm, token_sum=cfg.moe.token_sum,

@@ -3,8 +3,8 @@
     python -m bench.shards_memory [--mb 20 200] [--seq-len 256] [--batches 200]
 
 For each size, generates a plain-text corpus of that many MB in a temporary directory
-(deleted afterwards), then in fresh processes (peak RSS = ru_maxrss of each): tokenizes it into shards (byte tokenizer) and
-draws `batches` shuffled global batches of 32 rows plus one eval pass. Prints one JSON line
+(deleted afterwards), then in fresh processes (peak RSS = ru_maxrss of each): tokenizes it into
+shards (byte tokenizer) and draws `batches` shuffled global batches of 32 rows plus one eval pass. Prints one JSON line
 per size: corpus bytes, rows, seconds, the peak resident memory (ru_maxrss) of each process,
 and the loader's resident memory at the end split into anonymous (its own, not reclaimable)
 and file-backed (pages of the memory-mapped shards, page cache the OS may drop at any time).

@@ -5,8 +5,9 @@ number of tests, which puts one-test files that run a minute (two-process traini
 chains) at the end of the queue, where one worker runs them alone while the other idles. Here the
 files are ordered by their measured seconds from the last run (pytest's cache, written by the
 xdist controller), else by SEED_S (seconds measured on a 2-core machine, for a fresh clone), else
-by an estimate: a test marked `slow` counts SLOW_S, any other test OTHER_S. The tests within a file keep their order (module fixtures are shared in that order);
-only the order of files changes, so every test still runs exactly as before."""
+by an estimate: a test marked `slow` counts SLOW_S, any other test OTHER_S. The tests within a
+file keep their order (module fixtures are shared in that order); only the order of files changes,
+so every test still runs exactly as before."""
 import pytest
 
 CACHE_KEY = "onn/file_seconds"

@@ -4,14 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import random_batch, rel_err, tiny_config
-from onn_jax.training.accumulate import NOT_BATCH_VALUES, split_microbatches
-from onn_jax.config import OptimConfig
-from onn_jax.training.step import compute_grads, make_train_step
-from onn_jax.training.state import init_state
-from onn_jax.training.optimizer import make_optimizer
 
+from onn_jax.config import OptimConfig
+from onn_jax.training.accumulate import NOT_BATCH_VALUES, split_microbatches
+from onn_jax.training.optimizer import make_optimizer
+from onn_jax.training.state import init_state
+from onn_jax.training.step import compute_grads, make_train_step
 
 
 def uneven_batch(seed=0, b=8, t=8):
@@ -33,8 +32,9 @@ def test_split_is_strided_and_covers_every_row():
 
 def one_step(cfg, tx, k):
     """Jitted (grads, metrics, updated params) of the step from k microbatches (k=0: one batch)."""
-    from onn_jax.training.accumulate import accumulated_grads
     import optax
+
+    from onn_jax.training.accumulate import accumulated_grads
 
     def fn(state, batch):
         grads, metrics = (compute_grads(state.params, batch, cfg) if k == 0

@@ -5,7 +5,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onn_jax.core.analysis import avg_k_from_counts, domain_expert_counts, domain_loss_sums, domain_means, domain_token_counts, gate_accuracy, gate_hits, nmi_from_counts, fallback_count, surprise_target_counts
+from onn_jax.core.analysis import (
+    avg_k_from_counts,
+    domain_expert_counts,
+    domain_loss_sums,
+    domain_means,
+    domain_token_counts,
+    fallback_count,
+    gate_accuracy,
+    gate_hits,
+    nmi_from_counts,
+    surprise_target_counts,
+)
 
 
 def test_gate_accuracy_counts_only_unmasked_tokens():

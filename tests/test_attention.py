@@ -4,11 +4,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import pytest
-
 from helpers import rel_err, tiny_config
+
 from onn_jax.config import ConfigError
-from onn_jax.nn.transformer import Transformer, init_params
 from onn_jax.nn.attention import attention_impl, cuda_backend
+from onn_jax.nn.transformer import Transformer, init_params
 
 
 def model_cfg(**kw):

@@ -70,7 +70,8 @@ CHAT = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "
     ("--config.model.moe.w_kl=-1", "--config.model.moe.w_kl=-1: must be >= 0, got -1"),
     ("--config.optim.lr=0", "--config.optim.lr=0: must be > 0"),
     ("--config.data.seq_len=128", "--config.data.seq_len=128: must be <= model.max_len (64)"),
-    ("--config.model.moe.router=topany", "--config.model.moe.router=topany: must be one of ['surprise', 'topk', 'dense']"),
+    ("--config.model.moe.router=topany",
+     "--config.model.moe.router=topany: must be one of ['surprise', 'topk', 'dense']"),
     ("--config.data.pack=maybe", "--config.data.pack=maybe: expected a bool"),
     ("--config.data.eval_fraction=1.5", "--config.data.eval_fraction=1.5: must be < 1, got 1.5"),
     ("--config.train.max_skipped_in_a_row=0", "--config.train.max_skipped_in_a_row=0: must be > 0"),
@@ -168,7 +169,8 @@ def test_data_source_is_a_directory(capsys, trained, tmp_path):
      "no assistant message: nothing to train on"),
     (['{"messages": [{"role": "bot", "content": "x"}]}\n'], 1, "messages[0] has unknown role 'bot'"),
     ([CHAT, '["not", "an", "object"]\n'], 2, "expected a JSON object, got list"),
-    ([CHAT, '{"messages": [{"role": "assistant", "content": 3}]}\n'], 2, 'messages[0] must be an object with a string "content"'),
+    ([CHAT, '{"messages": [{"role": "assistant", "content": 3}]}\n'], 2,
+     'messages[0] must be an object with a string "content"'),
 ])
 def test_bad_jsonl_line(capsys, trained, tmp_path, lines, line_no, expected):
     data = write(tmp_path / "chat.jsonl", "".join(lines))

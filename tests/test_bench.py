@@ -8,9 +8,9 @@ import re
 import jax
 import numpy as np
 import pytest
+from helpers import random_batch, tiny_config
 
 from bench.bench import dropless_fields, force_thresholds, main, mode_config, train_flops_per_token
-from helpers import random_batch, tiny_config
 from onn_jax.config import ModelConfig, MoEConfig
 from onn_jax.core.losses import next_token_loss
 from onn_jax.nn.transformer import Transformer, init_params

@@ -9,10 +9,19 @@ import pytest
 
 pytest.importorskip("orbax.checkpoint")
 
-from onn_jax.io.checkpoint import Checkpointer, CheckpointError, abstract_like, export_params, load_params, make_meta, rng_from_json, rng_to_json
 from onn_jax.config import ModelConfig, MoEConfig, OptimConfig, to_dict  # noqa: E402
-from onn_jax.training.state import init_state  # noqa: E402
+from onn_jax.io.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    abstract_like,
+    export_params,
+    load_params,
+    make_meta,
+    rng_from_json,
+    rng_to_json,
+)
 from onn_jax.training.optimizer import make_optimizer  # noqa: E402
+from onn_jax.training.state import init_state  # noqa: E402
 from onn_jax.training.step import make_train_step  # noqa: E402
 
 CFG = ModelConfig(hidden=16, num_heads=2, max_len=16, moe=MoEConfig(num_experts=4, intermediate=8))
@@ -236,9 +245,9 @@ def test_rng_json_roundtrip():
 def test_generate_and_export_clis(tmp_path, capsys):
     """onn-generate on a workdir, onn-export, onn-generate on the export: same greedy text."""
     from onn_jax.config import Config, DataConfig
+    from onn_jax.data.tokenizer import ByteTokenizer, encode_chat
     from onn_jax.nn.generate import generate
     from onn_jax.nn.transformer import init_params
-    from onn_jax.data.tokenizer import ByteTokenizer, encode_chat
     from train import export as export_cli
     from train import generate as generate_cli
 

@@ -1,8 +1,7 @@
 """Config validation: every error names its field."""
 import pytest
 
-from onn_jax.config import (ConfigError, FilterConfig, ModelConfig, MoEConfig, OptimConfig, TrainConfig,
-                            from_dict)
+from onn_jax.config import ConfigError, FilterConfig, ModelConfig, MoEConfig, OptimConfig, TrainConfig, from_dict
 
 
 @pytest.mark.parametrize("build,field", [
@@ -39,7 +38,8 @@ def test_from_dict_builds_nested_and_rejects_unknown_keys():
 def test_faithful_defaults():
     m = MoEConfig()
     assert (m.num_experts, m.intermediate, m.effective_fallback_k) == (32, 128, 16)
-    assert (m.w_ce, m.w_kl, m.w_aux, m.router, m.surprise, m.dispatch) == (1.0, 1.0, 1.0, "surprise", "output_grad", "dense")
+    assert ((m.w_ce, m.w_kl, m.w_aux, m.router, m.surprise, m.dispatch)
+            == (1.0, 1.0, 1.0, "surprise", "output_grad", "dense"))
     o = OptimConfig()
     assert (o.lr, o.weight_decay, o.b1, o.b2, o.eps, o.clip_norm) == (1e-3, 0.01, 0.9, 0.999, 1e-8, None)
     assert (o.grad_filter.mode, o.grad_filter.scope, o.grad_filter.sigma) == ("one_sided", "pooled", 2.0)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from onn_jax.config import ModelConfig, MoEConfig, OptimConfig
-from onn_jax.training.state import init_state
 from onn_jax.training.optimizer import make_optimizer
+from onn_jax.training.state import init_state
 from onn_jax.training.step import make_train_step
 
 

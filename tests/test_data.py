@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from onn_jax.data.corpus import build_corpus
-from onn_jax.data.records import DataError
 from onn_jax.data.dataset import Dataset, load_chat_jsonl, load_records, load_text, make_examples, split_eval
+from onn_jax.data.records import DataError
 from onn_jax.data.tokenizer import ByteTokenizer
 
 B = ByteTokenizer
@@ -181,7 +181,7 @@ def test_eval_batches_cover_eval_rows_once_with_masked_padding(small_ds):
     assert (last["loss_mask"][pad] == 0).all() and (last["inputs"][pad] == B.PAD).all()
     halves = [list(small_ds.eval_batches(global_batch=gb * 2, process_index=p, process_count=2))
               for p in range(2)]
-    for b0, b1 in zip(*halves):
+    for b0, _ in zip(*halves):
         assert b0["inputs"].shape[0] == gb
     joined = [np.concatenate([b0["inputs"], b1["inputs"]]) for b0, b1 in zip(*halves)]
     full = list(small_ds.eval_batches(global_batch=gb * 2))

@@ -5,14 +5,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import random_batch, rel_err, tiny_config
+
 from onn_jax.config import MoEConfig
-from onn_jax.dispatch.capacity import dropped_fraction, expert_capacity, make_dispatch
-from onn_jax.nn.transformer import init_params
-from onn_jax.nn.moe import layer_surprise, layer_taps, moe_layer, surprise_inputs
-from onn_jax.training.step import compute_grads
 from onn_jax.core.surprise import output_grad_closed_surprise, output_grad_surprise
+from onn_jax.dispatch.capacity import dropped_fraction, expert_capacity, make_dispatch
+from onn_jax.nn.moe import layer_surprise, layer_taps, moe_layer, surprise_inputs
+from onn_jax.nn.transformer import init_params
+from onn_jax.training.step import compute_grads
 
 
 def with_moe(cfg, **kw):
@@ -152,5 +152,6 @@ def test_sparse_train_gradients_equal_dense(moe_kwargs):
     for key in ("train/main_loss", "moe/gate_loss", "moe/surprise_mean", "moe/gate_acc", "moe/avg_k"):
         np.testing.assert_allclose(m_s[key], m_d[key], rtol=1e-5, err_msg=key)
     assert float(m_s["moe/dropped_frac"]) == 0.0 and "moe/dropped_frac" not in m_d
-    _, m_drop = jax.jit(lambda p: compute_grads(p, batch, with_moe(cfg, dispatch="sparse", capacity_factor=0.25)))(params)
+    dropping = with_moe(cfg, dispatch="sparse", capacity_factor=0.25)
+    _, m_drop = jax.jit(lambda p: compute_grads(p, batch, dropping))(params)
     assert 0.0 < float(m_drop["moe/dropped_frac"]) < 1.0

@@ -6,19 +6,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import random_batch, rel_err, tiny_config
+from test_dispatch import layer_params, with_moe
+
 from onn_jax.config import ConfigError, MoEConfig
+from onn_jax.core.experts import expert_outputs
+from onn_jax.core.surprise import output_grad_closed_surprise, output_grad_surprise
 from onn_jax.dispatch.capacity import dropped_fraction
 from onn_jax.dispatch.dropless import make_dropless, pair_rows, sum_rows_to_tokens
-from onn_jax.dispatch.token_sums import token_sums
-from onn_jax.core.experts import expert_outputs
 from onn_jax.dispatch.grouped_gemm import GemmUnavailable, grouped_matmul, is_hopper, resolve_gemm
-from onn_jax.nn.transformer import init_params
+from onn_jax.dispatch.token_sums import token_sums
 from onn_jax.nn.moe import layer_surprise, layer_taps, moe_layer, surprise_inputs
+from onn_jax.nn.transformer import init_params
 from onn_jax.training.step import compute_grads
-from onn_jax.core.surprise import output_grad_closed_surprise, output_grad_surprise
-from test_dispatch import layer_params, with_moe
 
 TOL = 1e-5
 

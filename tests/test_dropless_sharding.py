@@ -9,11 +9,11 @@ import functools
 import jax
 import numpy as np
 import pytest
+from test_sharding import CFG, TX, assert_tree_close, make_batch, mesh_of
 
 from onn_jax.training.sharded import make_sharded_train_step, shard_batch, state_shardings
 from onn_jax.training.state import init_state
 from onn_jax.training.step import make_train_step
-from test_sharding import CFG, TX, assert_tree_close, make_batch, mesh_of
 
 DL = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, dispatch="dropless", pair_budget=3.0,
                                                      gemm="padded", ep_budget=float(CFG.moe.num_experts)))

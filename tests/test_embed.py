@@ -6,17 +6,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import random_batch, rel_err, tiny_config
+
 from onn_jax.config import ConfigError, EmbedConfig, HeadsConfig
-from onn_jax.nn.embed import ngram_bucket_ids, previous_ids, slot_embed, slot_surprise
-from onn_jax.nn.generate import generate
 from onn_jax.core.losses import hybrid_gate_loss, next_token_loss
-from onn_jax.nn.transformer import Transformer, init_params, model_taps
-from onn_jax.training.step import compute_grads
 from onn_jax.core.surprise import SurpriseInputs, output_grad_surprise
 from onn_jax.core.surprise_variants import advantage_surprise
+from onn_jax.nn.embed import ngram_bucket_ids, previous_ids, slot_embed, slot_surprise
+from onn_jax.nn.generate import generate
+from onn_jax.nn.transformer import Transformer, init_params, model_taps
 from onn_jax.nn.units import unit_records, unit_taps
+from onn_jax.training.step import compute_grads
 from train.evaluate import evaluate, make_eval_step
 from train.logging import MetricsWriter, progress_fields
 from train.plot import make_dashboards
@@ -137,7 +137,8 @@ def test_unified_gradient_with_moe_heads_and_slot_embedding_gated_equals_naive_t
             sm, sh, se = consts
             return (main + sum(hybrid_gate_loss(r.router.pre, s)[0] for r, s in zip(moe, sm))
                     + 0.5 * sum(hybrid_gate_loss(r.router.pre, s)[0] for r, s in zip(units.heads, sh))
-                    + 0.3 * hybrid_gate_loss(units.embed.router.pre, se, token_mask_N=batch["loss_mask"].reshape(-1))[0])
+                    + 0.3 * hybrid_gate_loss(units.embed.router.pre, se,
+                                             token_mask_N=batch["loss_mask"].reshape(-1))[0])
         return jax.grad(total)(p), (units.embed.router.mask, units.embed.router.pre, s_emb)
 
     grads, metrics = jax.jit(lambda p: compute_grads(p, batch, cfg))(params)

@@ -5,8 +5,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from helpers import random_batch, tiny_config
+
 from onn_jax.config import EmbedConfig
 from onn_jax.core.losses import next_token_loss
 from onn_jax.nn.transformer import Transformer, init_params

@@ -15,7 +15,8 @@ TINY = {"model.moe.num_experts": 4, "data.records_per_domain": 40, "data.batch_s
 
 
 def _write(tmp_path, kind="routing", runs=None, **extra):
-    exp = {"name": "t", "base": str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py"), "kind": kind, "overrides": TINY, "seeds": [0],
+    exp = {"name": "t", "base": str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py"), "kind": kind,
+           "overrides": TINY, "seeds": [0],
            "runs": runs or {"smk": {}, "dense": {"model.moe.router": "dense", "model.heads.router": "surprise"}},
            **extra}
     path = tmp_path / "exp.py"
@@ -39,6 +40,7 @@ def test_routing_grid_writes_results_table_and_plots(tmp_path, capsys):
     assert 1 <= dense["analysis/head_avg_k"] <= 4 and 0 <= dense["analysis/head_nmi"][0] <= 1
     assert 0 <= dense["analysis/head_fallback_frac"][0] <= 1 and 0 <= dense["analysis/head_gate_acc_unmasked"][0] <= 1
     import jax
+
     from onn_jax.nn.transformer import init_params
     cfg = experiment.run_config(experiment.load_experiment(_write(tmp_path)), "dense", 0)
     shapes = jax.eval_shape(lambda: init_params(cfg.model, jax.random.PRNGKey(0)))
@@ -88,7 +90,8 @@ def test_bad_experiment_files_name_the_file_and_key(tmp_path, capsys):
     with pytest.raises(experiment.ExperimentError, match="phases must have"):
         experiment.load_experiment(_write(tmp_path, kind="forgetting"))
     with pytest.raises(experiment.ExperimentError, match="num_experts"):
-        experiment.run_config(experiment.load_experiment(_write(tmp_path, runs={"x": {"model.moe.num_experts": 0}})), "x", 0)
+        bad_runs = {"x": {"model.moe.num_experts": 0}}
+        experiment.run_config(experiment.load_experiment(_write(tmp_path, runs=bad_runs)), "x", 0)
     assert experiment.main([str(bad), "--only", "y"]) == 2
     assert "unknown labels ['y']" in capsys.readouterr().err
 
@@ -114,7 +117,8 @@ def test_shipped_experiment_files_load():
     assert set(gpu["baselines"]) == {"topk_lb", "topk_auxfree", "topk8_lb"} and fresh["vary_data"]
     small, big = experiment.run_config(gpu, "topk8_lb", 1), experiment.run_config(fresh, "v_adv_budget_hi", 2)
     assert (small.model.moe.top_k, small.model.moe.router, small.data.seed) == (8, "topk", 1)
-    assert (big.model.moe.w_budget, big.data.records_per_domain, big.train.steps, big.train.eval_every) == (1.0, 100_000, 600, 100)
+    assert ((big.model.moe.w_budget, big.data.records_per_domain, big.train.steps, big.train.eval_every)
+            == (1.0, 100_000, 600, 100))
 
 
 class _FakeCells:
@@ -275,7 +279,8 @@ def test_parallel_cells_report_failures_and_keep_the_finished(tmp_path, monkeypa
     monkeypatch.setattr(experiment.ParallelCells, "command",
                         lambda self, label, seed, cell_out: [sys.executable, "-c", cell_script[label], str(cell_out)])
     parallel = experiment.ParallelCells(str(tmp_path / "exp.py"), jobs=2)
-    with pytest.raises(experiment.ExperimentError, match=r"1 of 2 cells failed: dense seed 0 \(exit code 3; log .*dense_seed0.log\)"):
+    failed = r"1 of 2 cells failed: dense seed 0 \(exit code 3; log .*dense_seed0.log\)"
+    with pytest.raises(experiment.ExperimentError, match=failed):
         experiment.run_experiment(exp, out, parallel=parallel, log=logs.append)
     (row,) = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
     assert row["label"] == "smk" and len(row["config_hash"]) == 16 and row["configs"]
@@ -306,7 +311,8 @@ def test_interrupted_parallel_run_leaves_no_cell_process(tmp_path, monkeypatch):
     import os
     pid_file = tmp_path / "b.pid"
     scripts = {"a": "import time; time.sleep(1)",
-               "b": f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(60)"}
+               "b": (f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); "
+                     "time.sleep(60)")}
     monkeypatch.setattr(experiment.ParallelCells, "command",
                         lambda self, label, seed, cell_out: [sys.executable, "-c", scripts[label]])
 
@@ -338,7 +344,8 @@ def test_config_hash_covers_the_settings_not_the_output_dir(tmp_path):
 def test_config_overrides_and_dry_run(tmp_path, capsys):
     """--config.* reaches every run's config; --dry-run lists the grid and writes nothing; a bad
     override is one line naming the flag, exit 2."""
-    from train.experiment import load_experiment, main as experiment_main, run_config
+    from train.experiment import load_experiment, run_config
+    from train.experiment import main as experiment_main
     exp = load_experiment("configs/experiments/routing.py")
     exp["cli_overrides"] = [("data.batch_size", "4")]
     label = next(iter(exp["runs"]))

@@ -5,7 +5,6 @@ The sharded step (shard_map + all_to_all over `expert`) equals the one-device dr
 moments (gradients), with uneven loads, an idle expert, fallback tokens and the global pair
 budget binding. The per-peer budget's overflow rule is checked against a NumPy re-statement
 and a dense reference with the dropped pairs' weights set to 0."""
-import dataclasses
 import functools
 import re
 
@@ -13,24 +12,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import rel_err
+from test_dispatch import layer_params
+from test_sharding import assert_tree_close
+
+from onn_jax.config import Config, ConfigError, MeshConfig, ModelConfig, MoEConfig, OptimConfig
+from onn_jax.core.experts import combine, expert_outputs
+from onn_jax.core.losses import next_token_loss
+from onn_jax.core.surprise import output_grad_surprise
+from onn_jax.dispatch.expert_parallel import send_rows
+from onn_jax.nn.moe import MoETaps, layer_surprise, moe_layer, route
+from onn_jax.nn.transformer import Transformer
 from onn_jax.parallel.constrain import activation_rules
 from onn_jax.parallel.mesh import make_mesh
 from onn_jax.parallel.rules import param_shardings
-from onn_jax.training.sharded import make_sharded_train_step, shard_batch, state_shardings
-from onn_jax.config import Config, ConfigError, MeshConfig, ModelConfig, MoEConfig, OptimConfig
-from onn_jax.core.experts import combine, expert_outputs
-from onn_jax.dispatch.expert_parallel import send_rows
-from onn_jax.core.losses import next_token_loss
-from onn_jax.nn.transformer import Transformer
-from onn_jax.nn.moe import MoETaps, layer_surprise, moe_layer, route
-from onn_jax.training.state import init_state
 from onn_jax.training.optimizer import make_optimizer
-from onn_jax.training.step import make_train_step, step_taps, train_step
-from onn_jax.core.surprise import output_grad_surprise
-from test_dispatch import layer_params
-from test_sharding import assert_tree_close
+from onn_jax.training.sharded import make_sharded_train_step, shard_batch, state_shardings
+from onn_jax.training.state import init_state
+from onn_jax.training.step import step_taps, train_step
 
 # pair_budget 1.25 < avg_k (1.47): the global budget drops pairs; ep_budget E/2 = E/ep at ep = 2 and more
 # than E/ep beyond, so no peer buffer overflows and the step must equal one device's.
@@ -180,8 +179,9 @@ def test_surprise_pullback_stays_cheap_under_expert_parallelism():
     """As tests/test_bench.py on one device: the tap-only pullback adds one matmul (the LM
     head's input gradient) to the forward: no parameter gradient, no expert backward, nothing
     below the MoE layer, though the layer runs through shard_map and all_to_all."""
-    from test_bench import dot_shapes
     from helpers import random_batch, tiny_config
+    from test_bench import dot_shapes
+
     from onn_jax.nn.transformer import init_params
     cfg = tiny_config(num_layers=1, dispatch="dropless", gemm="ragged_dot")
     params = init_params(cfg, jax.random.key(0))

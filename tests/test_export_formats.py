@@ -11,12 +11,15 @@ import pytest
 pytest.importorskip("safetensors")
 pytest.importorskip("orbax.checkpoint")
 
-from onn_jax.io.checkpoint import Checkpointer, make_meta  # noqa: E402
-from onn_jax.config import to_dict  # noqa: E402
-from onn_jax.nn.transformer import Transformer, init_params  # noqa: E402
-from onn_jax.io.portable import load_export, write_export  # noqa: E402
+from onn_jax.config import (  # noqa: E402
+    ModelConfig,
+    MoEConfig,
+    to_dict,  # noqa: E402
+)
 from onn_jax.data.tokenizer import ByteTokenizer, tokenizer_info  # noqa: E402
-from onn_jax.config import ModelConfig, MoEConfig  # noqa: E402
+from onn_jax.io.checkpoint import Checkpointer, make_meta  # noqa: E402
+from onn_jax.io.portable import load_export, write_export  # noqa: E402
+from onn_jax.nn.transformer import Transformer, init_params  # noqa: E402
 from train.export import main as export_main  # noqa: E402
 from train.generate import main as generate_main  # noqa: E402
 
@@ -70,8 +73,8 @@ def test_each_format_round_trips_and_reads_without_onn_jax(tmp_path, fmt):
 
 
 def test_moved_export_carries_its_hf_tokenizer(tmp_path, capsys):
-    from train.tokenizer_cli import train_tokenizer
     from onn_jax.data.tokenizer import HFTokenizer
+    from train.tokenizer_cli import train_tokenizer
     text = tmp_path / "t.txt"
     text.write_text("hello world, hello tokens. " * 20)
     train_tokenizer([str(text)], 300).save(str(tmp_path / "tok.json"))

@@ -284,7 +284,7 @@ def test_stop_signals_save_the_step_and_resume_bit_for_bit(straight, tmp_path, p
 
 @pytest.mark.slow
 def test_stuck_save_second_signal_and_full_disk(straight, tmp_path, procs):
-    w, ckpts = tmp_path / "w", tmp_path / "w" / "checkpoints"
+    w = tmp_path / "w"
     # a save that never finishes: a second signal ends the process at once, lock file removed
     w1 = tmp_path / "w1"
     rc, lines = stop_at(w1, "stall_save:4", signal.SIGTERM, tmp_path, procs, second=signal.SIGTERM)

@@ -7,13 +7,11 @@ import jax
 import numpy as np
 import pytest
 
+from onn_jax.config import EmbedConfig, HeadsConfig, MeshConfig, ModelConfig, MoEConfig, OptimConfig, OutputConfig
 from onn_jax.parallel.mesh import make_mesh
-
-from onn_jax.training.sharded import make_sharded_train_step, shard_batch, sharded_init, state_shardings
-from onn_jax.config import (EmbedConfig, HeadsConfig, MeshConfig, ModelConfig, MoEConfig, OptimConfig,
-                            OutputConfig)
-from onn_jax.training.state import init_state
 from onn_jax.training.optimizer import make_optimizer
+from onn_jax.training.sharded import make_sharded_train_step, shard_batch, sharded_init, state_shardings
+from onn_jax.training.state import init_state
 from onn_jax.training.step import make_train_step
 
 BASE = ModelConfig(vocab_size=64, hidden=16, num_layers=1, num_heads=4, max_len=16,

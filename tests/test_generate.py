@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from onn_jax.config import ModelConfig, MoEConfig
+from onn_jax.nn.attention import init_cache
 from onn_jax.nn.generate import generate, generate_batch, sample_logits, top_p_filter
 from onn_jax.nn.transformer import Transformer, init_params
-from onn_jax.nn.attention import init_cache
 
 MOE = MoEConfig(num_experts=4, intermediate=8)
 CFGS = {

@@ -5,11 +5,11 @@ The values were produced by this code on CPU (jax 0.10.2) and checked by the exa
 """
 import jax
 import numpy as np
-
 from helpers import random_batch, tiny_config
+
 from onn_jax.config import OptimConfig
-from onn_jax.training.state import init_state
 from onn_jax.training.optimizer import make_optimizer
+from onn_jax.training.state import init_state
 from onn_jax.training.step import make_train_step
 
 GOLDEN = [

@@ -1,16 +1,16 @@
 """Non-finite guard: a poisoned batch or poisoned params leave the state unchanged and are counted;
 a finite step equals the unguarded step; the sharded guarded step equals the 1-device one."""
 import jax
-import pytest
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from onn_jax.config import MeshConfig, OptimConfig
-from onn_jax.training.guard import SKIPPED, all_finite, make_guarded_step
 from onn_jax.parallel.mesh import make_mesh
+from onn_jax.training.guard import SKIPPED, all_finite, make_guarded_step
+from onn_jax.training.optimizer import make_optimizer
 from onn_jax.training.sharded import shard_batch, sharded_init
 from onn_jax.training.state import init_state
-from onn_jax.training.optimizer import make_optimizer
 from onn_jax.training.step import make_train_step
 from tests.helpers import random_batch, tiny_config
 
@@ -171,8 +171,8 @@ def test_sample_clamps_new_tokens_to_max_len(monkeypatch):
     import importlib
     gen = importlib.import_module("onn_jax.nn.generate")  # the module (the package re-exports a function)
     from onn_jax.config import Config, ModelConfig, MoEConfig
-    from onn_jax.nn.transformer import init_params
     from onn_jax.data.tokenizer import ByteTokenizer, encode_chat
+    from onn_jax.nn.transformer import init_params
     from train.loop import sample
     model = ModelConfig(vocab_size=262, hidden=16, num_heads=2, max_len=24,
                         moe=MoEConfig(num_experts=2, intermediate=8))

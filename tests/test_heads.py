@@ -5,16 +5,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import random_batch, rel_err, tiny_config
+
 from onn_jax.config import ConfigError, HeadsConfig, ModelConfig
-from onn_jax.nn.generate import generate
 from onn_jax.core.losses import hybrid_gate_loss, load_balancing_loss, next_token_loss
-from onn_jax.nn.transformer import Transformer, init_params, model_taps
-from onn_jax.training.step import compute_grads
 from onn_jax.core.surprise import SurpriseInputs
 from onn_jax.core.surprise_registry import get_surprise_fn
+from onn_jax.nn.generate import generate
+from onn_jax.nn.transformer import Transformer, init_params, model_taps
 from onn_jax.nn.units import unit_records, unit_taps
+from onn_jax.training.step import compute_grads
 
 
 def heads_config(router="surprise", num_layers=2, moe_router="surprise", **heads):

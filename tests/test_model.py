@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import tiny_config
+
 from onn_jax.core.experts import combine, expert_outputs
 from onn_jax.nn.transformer import Transformer, init_params
 

@@ -9,11 +9,11 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from cpu_flags import cpu_xla_flags
+
 from onn_jax.config import ModelConfig, MoEConfig, OptimConfig
-from onn_jax.training.state import init_state
 from onn_jax.training.optimizer import make_optimizer
+from onn_jax.training.state import init_state
 from onn_jax.training.step import make_train_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -130,11 +130,10 @@ def test_incomplete_launch_names_the_missing_variables(monkeypatch):
 
 
 def test_process_batch_rows_single_process():
-    from onn_jax.parallel.mesh import make_mesh
-    from onn_jax.parallel.rules import batch_sharding
-    from onn_jax.training.sharded import make_sharded_train_step, sharded_init
     from onn_jax.config import ConfigError, MeshConfig
     from onn_jax.parallel.distributed import global_batch, process_batch_rows
+    from onn_jax.parallel.mesh import make_mesh
+    from onn_jax.parallel.rules import batch_sharding
     mesh = make_mesh(MeshConfig(data=2, expert=4))
     assert process_batch_rows(mesh, 16) == slice(0, 16)
     with pytest.raises(ConfigError, match="train.batch_size"):

@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from cpu_flags import cpu_xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

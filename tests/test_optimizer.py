@@ -9,14 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from helpers import random_batch, tiny_config
+
 from onn_jax.config import OptimConfig
 from onn_jax.core.gate import RouterOutput
 from onn_jax.core.grad_filter import sigma_filter
-from onn_jax.nn.transformer import Transformer
-from onn_jax.nn.moe import MoERecord, expert_received_tokens
 from onn_jax.core.optimizer import PerExpertAdamState
+from onn_jax.nn.moe import MoERecord, expert_received_tokens
+from onn_jax.nn.transformer import Transformer
 from onn_jax.training.optimizer import make_optimizer
 from onn_jax.training.state import init_state
 from onn_jax.training.step import make_train_step

@@ -2,7 +2,6 @@
 special case, the label-only CE path against the full log-probabilities (values and gradients),
 the step and eval wiring, frequency ranks, config errors, and onn-train / resume / onn-generate
 sharing one cluster order."""
-import dataclasses
 import json
 from collections import Counter
 
@@ -11,13 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from onn_jax.parallel.rules import logical_axes_tree
-from onn_jax.io.checkpoint import Checkpointer
 from onn_jax.config import ConfigError, ModelConfig, MoEConfig, OutputConfig
-from onn_jax.nn.generate import generate
 from onn_jax.core.losses import next_token_loss
-from onn_jax.nn.transformer import Transformer, init_params
+from onn_jax.io.checkpoint import Checkpointer
+from onn_jax.nn.generate import generate
 from onn_jax.nn.output import adaptive_ce, adaptive_log_probs, clusters, count_labels, frequency_order, output_loss
+from onn_jax.nn.transformer import Transformer, init_params
+from onn_jax.parallel.rules import logical_axes_tree
 from onn_jax.training.step import compute_grads
 from tests.helpers import random_batch, rel_err
 from train.evaluate import eval_forward
@@ -43,7 +42,8 @@ def numpy_log_probs(params, h, cfg) -> np.ndarray:
     """float64 re-statement: log p(v) = log softmax(head)[cluster or id] + log softmax(tail)[id]."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     h = np.asarray(h, np.float64)
-    lsm = lambda z: z - np.log(np.sum(np.exp(z - z.max(-1, keepdims=True)), -1, keepdims=True)) - z.max(-1, keepdims=True)
+    lsm = lambda z: (z - np.log(np.sum(np.exp(z - z.max(-1, keepdims=True)), -1, keepdims=True))
+                     - z.max(-1, keepdims=True))
     bounds = (0,) + tuple(cfg.output.cutoffs) + (V,)
     head = lsm(h @ p["head"])
     out = np.zeros((h.shape[0], V))
@@ -175,10 +175,10 @@ ADAPTIVE = ("--config.model.output.kind=adaptive", "--config.model.output.cutoff
 
 def test_onn_train_counts_the_training_split_trains_and_resume_generate_use_the_same_clusters(tmp_path, capsys):
     from onn_jax.io.portable import load_export
-    from train.export import main as export_main
-    from train.generate import load_model
     from train.config_loader import build_config, load
     from train.eval_cli import saved_config
+    from train.export import main as export_main
+    from train.generate import load_model
     from train.logging import read_metrics
     from train.loop import build_dataset
     from train.main import main
@@ -231,5 +231,6 @@ def test_cutoffs_beyond_the_tokenizer_vocabulary_are_a_config_error(tmp_path, ca
             "--config.model.output.cutoffs=[16, 1000]"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("onn-train: config error: model.output.cutoffs: must be < model.vocab_size") and "\n" not in err
+    assert err.startswith("onn-train: config error: model.output.cutoffs: must be < model.vocab_size")
+    assert "\n" not in err
     assert not (tmp_path / "w").exists()

@@ -1,12 +1,12 @@
 """model.remat: the step's values are unchanged (float32) and the parameter tree is the same."""
 import jax
 import pytest
-
 from helpers import random_batch, rel_err, tiny_config
-from onn_jax.config import ModelConfig, OptimConfig
-from onn_jax.training.step import compute_grads
-from onn_jax.training.state import init_state
+
+from onn_jax.config import OptimConfig
 from onn_jax.training.optimizer import make_optimizer
+from onn_jax.training.state import init_state
+from onn_jax.training.step import compute_grads
 
 
 @pytest.mark.parametrize("remat", ["block", "dots"])
@@ -30,6 +30,7 @@ def test_remat_leaves_the_step_unchanged(remat):
 
 def test_recipe_bench_prints_one_json_line_per_variant(capsys):
     import json
+
     from bench.recipe import main
     assert main(["--preset", "tiny", "--layers", "1", "--remat", "block", "--accum", "1,2",
                  "--batch", "4", "--seq-len", "8"]) == 0

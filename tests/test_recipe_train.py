@@ -5,7 +5,6 @@ import shutil
 import numpy as np
 import pytest
 
-from onn_jax.config import OptimConfig
 from onn_jax.training.schedules import make_schedule
 from train.logging import read_metrics
 from train.main import main

@@ -5,16 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from onn_jax.training.options import adaptive_experts as ae
-from onn_jax.core import gate_targets as gt
 from onn_jax.config import ConfigError, MoEConfig, OptimConfig
+from onn_jax.core import gate_targets as gt
 from onn_jax.core.experts import dense_ffn
 from onn_jax.core.gate import top_any_gate, topk_gate
 from onn_jax.core.losses import hybrid_gate_loss
 from onn_jax.nn.transformer import Transformer
-from onn_jax.training.options.router_state import aux_free_bias
-from onn_jax.training.state import init_state
 from onn_jax.training.optimizer import make_optimizer
+from onn_jax.training.options import adaptive_experts as ae
+from onn_jax.training.options.aux_free import aux_free_bias
+from onn_jax.training.state import init_state
 from onn_jax.training.step import make_train_step
 from tests.helpers import random_batch, tiny_config
 

@@ -9,18 +9,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import random_batch, rel_err, tiny_config
+
 from onn_jax.config import Config, ConfigError, MeshConfig, OptimConfig, from_dict, to_dict
-from onn_jax.nn.layer_stack import layer_params, stack_layers, to_layout, unstack_layers
 from onn_jax.core.losses import next_token_loss
-from onn_jax.nn.transformer import Transformer, init_params
-from onn_jax.nn.attention import init_cache
-from onn_jax.nn.moe import layer_surprise
-from onn_jax.training.step import compute_grads, step_taps, train_step
-from onn_jax.training.state import init_state
-from onn_jax.training.optimizer import make_optimizer
 from onn_jax.core.surprise_registry import get_surprise_fn
+from onn_jax.nn.attention import init_cache
+from onn_jax.nn.layer_stack import layer_params, stack_layers, to_layout, unstack_layers
+from onn_jax.nn.moe import layer_surprise
+from onn_jax.nn.transformer import Transformer, init_params
+from onn_jax.training.optimizer import make_optimizer
+from onn_jax.training.state import init_state
+from onn_jax.training.step import compute_grads, step_taps, train_step
 
 CFG = tiny_config(num_layers=2)
 SCFG = dataclasses.replace(CFG, scan_layers=True)
@@ -146,7 +146,8 @@ def test_layouts_convert_both_ways_through_checkpoints_and_export(tmp_path):
     from onn_jax.io.portable import load_export, write_export
     params = init_params(CFG, jax.random.key(1))
     sparams = stack_layers(params)
-    assert rel_err(unstack_layers(sparams), params) == 0.0 and rel_err(stack_layers(unstack_layers(sparams)), sparams) == 0.0
+    assert rel_err(unstack_layers(sparams), params) == 0.0
+    assert rel_err(stack_layers(unstack_layers(sparams)), sparams) == 0.0
     assert to_layout(params, False) is params and rel_err(layer_params(sparams, 1), params["block_1"]) == 0.0
     with pytest.raises(ValueError, match="already stacked"):
         stack_layers(sparams)

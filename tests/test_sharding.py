@@ -5,19 +5,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from onn_jax.parallel.constrain import activation_rules, constrain
-
-from onn_jax.parallel.mesh import make_mesh
-
-from onn_jax.parallel.rules import LOGICAL_AXES, batch_sharding, logical_axes_tree
-
-from onn_jax.training.sharded import abstract_state, make_sharded_train_step, shard_batch, sharded_init, state_shardings
 from onn_jax.config import ConfigError, MeshConfig, ModelConfig, MoEConfig, OptimConfig
-from onn_jax.training.step import compute_grads, make_train_step
-from onn_jax.training.state import init_state
+from onn_jax.parallel.constrain import activation_rules, constrain
+from onn_jax.parallel.mesh import make_mesh
+from onn_jax.parallel.rules import LOGICAL_AXES, batch_sharding, logical_axes_tree
 from onn_jax.training.optimizer import make_optimizer
+from onn_jax.training.sharded import abstract_state, make_sharded_train_step, shard_batch, sharded_init, state_shardings
+from onn_jax.training.state import init_state
+from onn_jax.training.step import compute_grads, make_train_step
 
 CFG = ModelConfig(vocab_size=64, hidden=16, num_layers=1, num_heads=2, max_len=16,
                   moe=MoEConfig(num_experts=8, intermediate=16))

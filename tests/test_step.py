@@ -4,16 +4,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from helpers import random_batch, rel_err, tiny_config
+
 from onn_jax.config import OptimConfig
 from onn_jax.core.grad_filter import is_expert_path
 from onn_jax.core.losses import hybrid_gate_loss, load_balancing_loss, next_token_loss
-from onn_jax.nn.transformer import Transformer, init_params, model_taps
 from onn_jax.core.optimizer import PerExpertAdamState
-from onn_jax.training.step import compute_grads, make_train_step
-from onn_jax.training.state import init_state
+from onn_jax.nn.transformer import Transformer, init_params, model_taps
 from onn_jax.training.optimizer import make_optimizer
+from onn_jax.training.state import init_state
+from onn_jax.training.step import compute_grads, make_train_step
 
 
 def naive_grads(cfg, params, batch, surprise_from="main"):

@@ -2,11 +2,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from helpers import random_batch, tiny_config
+
 from onn_jax.core.losses import next_token_loss
-from onn_jax.nn.transformer import Transformer, init_params, model_taps
 from onn_jax.core.surprise import SurpriseInputs, output_grad_surprise
+from onn_jax.nn.transformer import Transformer, init_params, model_taps
 
 
 def _loss_of_taps(cfg, params, batch):

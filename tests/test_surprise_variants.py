@@ -4,13 +4,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from helpers import random_batch, tiny_config
+
 from onn_jax.core.experts import combine, expert_outputs
 from onn_jax.core.losses import next_token_loss
-from onn_jax.nn.transformer import Transformer, init_params, model_taps
 from onn_jax.core.surprise import SurpriseInputs
-from onn_jax.core.surprise_variants import VARIANTS, advantage_surprise, expert_grad_norms, learning_cost, learning_cost_surprise
+from onn_jax.core.surprise_variants import (
+    VARIANTS,
+    advantage_surprise,
+    expert_grad_norms,
+    learning_cost,
+    learning_cost_surprise,
+)
+from onn_jax.nn.transformer import Transformer, init_params, model_taps
 
 
 def _model_setup(num_layers=1, seed=0, **moe):
@@ -75,7 +81,8 @@ def test_advantage_matches_finite_difference_of_a_reweighted_standalone_moe():
     labels = jnp.asarray(rng.integers(0, v, n))
     w = jax.nn.softmax(jnp.asarray(rng.normal(size=(n, e)), jnp.float32), -1)
     y = expert_outputs(p, x)
-    loss = jax.jit(lambda weights: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(combine(weights, y) @ head, labels)))
+    ce = lambda logits: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    loss = jax.jit(lambda weights: ce(combine(weights, y) @ head))
     g = jax.grad(lambda o: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(o @ head, labels)))(combine(w, y))
     a = np.asarray(advantage_surprise(SurpriseInputs(w[..., None] * g[:, None], g, y, w, w > 0)))
     h = 1e-3

@@ -2,16 +2,15 @@
 import json
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax
-import jax.numpy as jnp
-
-from onn_jax.io.checkpoint import Checkpointer
 from onn_jax.config import Config, from_dict
-from onn_jax.nn.transformer import Transformer
 from onn_jax.data.tokenizer import ByteTokenizer, encode_chat
+from onn_jax.io.checkpoint import Checkpointer
+from onn_jax.nn.transformer import Transformer
 from train.config_loader import load
 from train.logging import progress_fields, read_metrics
 from train.loop import sample

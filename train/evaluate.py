@@ -16,18 +16,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onn_jax.training.options.adaptive_experts import gate_surprise
+from onn_jax.config import ModelConfig
 from onn_jax.core.analysis import gate_accuracy
 from onn_jax.core.routing_metrics import dead_experts, routing_metrics
-from onn_jax.config import ModelConfig
-from onn_jax.nn.layer_stack import layer_params
-from onn_jax.nn.transformer import Transformer
-from onn_jax.training.step import forward_loss, step_taps
-from onn_jax.nn.moe import layer_surprise
 from onn_jax.core.surprise_registry import get_surprise_fn
+from onn_jax.nn.layer_stack import layer_params
+from onn_jax.nn.moe import layer_surprise
+from onn_jax.nn.transformer import Transformer
 from onn_jax.nn.units import UnitRecords, unit_taps
 from onn_jax.training.gate_losses import unit_gate_inputs, unit_gate_loss, unit_surprises
 from onn_jax.training.metrics import unit_metrics
+from onn_jax.training.options.adaptive_experts import gate_surprise
+from onn_jax.training.step import forward_loss, step_taps
 
 # 40 log-spaced bins from 1e-9 to 10; values outside are counted in the end bins.
 SURPRISE_EDGES = np.logspace(-9, 1, 41)
@@ -155,6 +155,7 @@ def make_eval_step(cfg: ModelConfig, num_domains: int, edges: np.ndarray = SURPR
     if mesh is None:
         return jax.jit(eval_step)
     from jax.sharding import NamedSharding, PartitionSpec
+
     from onn_jax.parallel.rules import batch_sharding
     return jax.jit(eval_step, in_shardings=(None, batch_sharding(mesh)),
                    out_shardings=NamedSharding(mesh, PartitionSpec()))

@@ -47,10 +47,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from train.config_loader import (ConfigLoadError, apply_overrides, build_config, exec_python_file,
-                                 load_config_file, split_overrides, with_defaults)
-from train.experiment_report import make_plots, markdown_table
+from train.config_loader import (
+    ConfigLoadError,
+    apply_overrides,
+    build_config,
+    exec_python_file,
+    load_config_file,
+    split_overrides,
+    with_defaults,
+)
 from train.experiment_parallel import ParallelCells
+from train.experiment_report import make_plots, markdown_table
 from train.experiment_reuse import reusable, set_aside_stale_run, stored_configs
 
 KINDS = ("routing", "forgetting")

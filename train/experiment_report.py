@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 def _mean_std(values) -> str:
     """'mean ± std' over seeds; per-layer lists give 'layer0 / layer1 / ...' seed means."""
     v = [np.asarray(x, float) for x in values if x is not None and np.all(np.isfinite(np.asarray(x, float)))]

@@ -92,7 +92,8 @@ def set_aside_stale_run(workdir: Path, configs: Sequence, tag: str) -> Path | No
     from onn_jax.config import to_dict
     if not workdir.exists():
         return None
-    files = [workdir / "config.json"] if len(configs) == 1 else [workdir / p / "config.json" for p in ("first", "second")]
+    files = ([workdir / "config.json"] if len(configs) == 1
+             else [workdir / p / "config.json" for p in ("first", "second")])
     try:
         if all(json.loads(f.read_text()) == to_dict(c) for f, c in zip(files, configs)):
             return None

@@ -122,8 +122,8 @@ def checkpoint_config(ckpt, step: int, workdir: Path):
 
 
 def run(args) -> str:
-    from onn_jax.nn.generate import generate
     from onn_jax.data.tokenizer import load_tokenizer, prompt_ids
+    from onn_jax.nn.generate import generate
     params, model_cfg, tok_name, _ = load_model(args.workdir, args.step)
     tok_name = getattr(args, "tokenizer", None) or tok_name
     try:

@@ -21,24 +21,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from onn_jax.config import Config, ConfigError, MeshConfig, to_dict
+from onn_jax.core.routing_metrics import dead_experts
+from onn_jax.data.corpus import build_corpus
+from onn_jax.data.dataset import Dataset, load_records
+from onn_jax.data.records import DataError, is_chat_file
+from onn_jax.data.tokenizer import load_tokenizer, prompt_ids
 from onn_jax.io import checkpoint as ckpt_lib
+from onn_jax.io.workdir import WorkdirBusy, WorkdirLock
+from onn_jax.nn.attention import attention_impl
+from onn_jax.nn.layer_stack import layer_params
 from onn_jax.parallel import mesh as mesh_lib
 from onn_jax.parallel.rules import check_batch
-from onn_jax.training.sharded import abstract_state, shard_batch, sharded_init
-from onn_jax.config import Config, ConfigError, MeshConfig, to_dict
-from onn_jax.data.corpus import build_corpus
-from onn_jax.data.records import DataError
-from onn_jax.data.dataset import Dataset, load_records
 from onn_jax.training.guard import SKIPPED, make_guarded_step
-from onn_jax.nn.layer_stack import layer_params
 from onn_jax.training.memory import memory_problem
-from onn_jax.nn.attention import attention_impl
-from onn_jax.core.routing_metrics import dead_experts
-from onn_jax.training.schedules import last_lr, make_schedule
 from onn_jax.training.optimizer import make_optimizer
-from onn_jax.data.records import is_chat_file
-from onn_jax.data.tokenizer import load_tokenizer, prompt_ids
-from onn_jax.io.workdir import WorkdirBusy, WorkdirLock
+from onn_jax.training.schedules import last_lr, make_schedule
+from onn_jax.training.sharded import abstract_state, shard_batch, sharded_init
 from train.compat import config_diff, tokenizer_info, tokenizer_mismatch
 from train.evaluate import evaluate, make_eval_step
 from train.faults import Faults
@@ -46,7 +45,8 @@ from train.logging import MetricsWriter, NullWriter, Progress, mean_metrics
 from train.output_order import with_output_order
 from train.perf import perf_metrics
 from train.plot import PlotError, make_dashboards
-from train.signals import StopOnSignal, name as signal_name
+from train.signals import StopOnSignal
+from train.signals import name as signal_name
 from train.workdir_check import check_workdir, meta_problem
 
 CONFIG_FILE, CHECKPOINT_DIR = "config.json", "checkpoints"

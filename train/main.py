@@ -82,8 +82,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         return 2
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
     from onn_jax.parallel.distributed import initialize_distributed, shutdown_distributed
-    from train.loop import (SaveFailed, StoppedBySignal, TrainError, TrainStopped, train,
-                            vocab_from_tokenizer)
+    from train.loop import SaveFailed, StoppedBySignal, TrainError, TrainStopped, train, vocab_from_tokenizer
     from train.signals import StopOnSignal
     quiet_orbax_errors()
     if "model.vocab_size" not in {key for key, _ in overrides}:

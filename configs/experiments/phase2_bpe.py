@@ -6,7 +6,8 @@ of another seed than the runs' (so the arithmetic, brackets and strings records 
 the runs' held-out ones; the prose domain has only ~404 docstrings, shared by every sample):
 
     python -c "import json; from onn_jax.data.corpus import build_corpus; \
-      open('bpe_corpus.jsonl','w').write(''.join(json.dumps(r)+'\\n' for r in build_corpus(seed=1000, records_per_domain=2000)))"
+      records = build_corpus(seed=1000, records_per_domain=2000); \
+      open('bpe_corpus.jsonl','w').write(''.join(json.dumps(r)+'\\n' for r in records))"
     onn-tokenizer train --vocab 2048 bpe_corpus.jsonl --out configs/experiments/phase2_bpe2048.json
 
 (deterministic: the same file byte for byte). Rows:

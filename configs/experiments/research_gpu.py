@@ -18,7 +18,6 @@ from pathlib import Path
 
 from train.config_loader import exec_python_file
 
-
 # Top-k + load balancing at the active compute the surprise rows reach at this size (their avg_k
 # is 7-11 of 32 for smk_faithful / v_adv_budget*, 16 for v_kl_only): the matched-compute controls.
 COMPUTE_CONTROLS = {

@@ -16,13 +16,30 @@ the offending field by its dotted path so the training program can point at the 
 """
 from onn_jax.config.errors import ConfigError
 from onn_jax.config.model import ATTENTIONS, DTYPES, NORMS, REMATS, ModelConfig
-from onn_jax.config.moe import (DISPATCHES, EXPERT_KINDS, GATE_TIE_BREAKS, GATE_TOKENS, GEMMS, MOE_GATE_TOKENS,
-                                ROUTERS, TOKEN_SUMS, MoEConfig)
+from onn_jax.config.moe import (
+                                DISPATCHES,
+                                EXPERT_KINDS,
+                                GATE_TIE_BREAKS,
+                                GATE_TOKENS,
+                                GEMMS,
+                                MOE_GATE_TOKENS,
+                                ROUTERS,
+                                TOKEN_SUMS,
+                                MoEConfig,
+)
 from onn_jax.config.optim import FILTER_MODES, FILTER_SCOPES, IDLE_EXPERTS, SCHEDULES, FilterConfig, OptimConfig
 from onn_jax.config.run import SAMPLE_FORMATS, CheckpointConfig, Config, DataConfig, MeshConfig, TrainConfig
 from onn_jax.config.serialize import from_dict, to_dict
-from onn_jax.config.units import (EMBED_KINDS, HEAD_COMBINES, HEAD_ROUTERS, OUTPUT_KINDS, SLOT_SURPRISES,
-                                  EmbedConfig, HeadsConfig, OutputConfig)
+from onn_jax.config.units import (
+                                EMBED_KINDS,
+                                HEAD_COMBINES,
+                                HEAD_ROUTERS,
+                                OUTPUT_KINDS,
+                                SLOT_SURPRISES,
+                                EmbedConfig,
+                                HeadsConfig,
+                                OutputConfig,
+)
 
 __all__ = [
     "ATTENTIONS", "DISPATCHES", "DTYPES", "EMBED_KINDS", "EXPERT_KINDS", "FILTER_MODES", "FILTER_SCOPES",

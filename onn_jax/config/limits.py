@@ -19,8 +19,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from typing import Any
-from onn_jax.config.errors import ConfigError
 
+from onn_jax.config.errors import ConfigError
 
 INT32 = 2 ** 31
 

@@ -2,12 +2,11 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from onn_jax.config.errors import check, choice, positive_int
 from onn_jax.config.moe import MoEConfig
 from onn_jax.config.units import EmbedConfig, HeadsConfig, OutputConfig
-
-from dataclasses import dataclass, field
-
 
 NORMS = ("layernorm", "rmsnorm")
 

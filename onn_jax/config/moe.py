@@ -2,11 +2,10 @@
 """
 from __future__ import annotations
 
-from onn_jax.core.surprise_registry import SURPRISE_FNS
-from onn_jax.config.errors import check, choice, nonneg_float, positive_int
-
 from dataclasses import dataclass
 
+from onn_jax.config.errors import check, choice, nonneg_float, positive_int
+from onn_jax.core.surprise_registry import SURPRISE_FNS
 
 ROUTERS = ("surprise", "topk", "dense")
 
@@ -154,7 +153,8 @@ class MoEConfig:
         for name in ("w_ce", "w_kl", "w_aux", "lb_weight", "z_weight"):
             nonneg_float(getattr(self, name), p + name)
         check(isinstance(self.surprise, str) and self.surprise in SURPRISE_FNS, p + "surprise",
-               f"must be one of {sorted(SURPRISE_FNS)} (onn_jax.core.surprise_registry.SURPRISE_FNS), got {self.surprise!r}")
+               f"must be one of {sorted(SURPRISE_FNS)} (onn_jax.core.surprise_registry.SURPRISE_FNS), "
+               f"got {self.surprise!r}")
         if self.pair_budget is not None:
             nonneg_float(self.pair_budget, p + "pair_budget")
             check(0 < self.pair_budget <= self.num_experts, p + "pair_budget",

@@ -2,10 +2,9 @@
 """
 from __future__ import annotations
 
-from onn_jax.config.errors import check, choice, nonneg_float, positive_int
-
 from dataclasses import dataclass, field
 
+from onn_jax.config.errors import check, choice, nonneg_float, positive_int
 
 FILTER_MODES = ("one_sided", "two_sided", "off")
 

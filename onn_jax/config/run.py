@@ -2,12 +2,12 @@
 """
 from __future__ import annotations
 
-from onn_jax.config.limits import check_values  # ranges of every field: int32, finite, UTF-8
+from dataclasses import dataclass, field
+
 from onn_jax.config.errors import check, nonneg_float, positive_int
+from onn_jax.config.limits import check_values  # ranges of every field: int32, finite, UTF-8
 from onn_jax.config.model import ModelConfig
 from onn_jax.config.optim import OptimConfig
-
-from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)

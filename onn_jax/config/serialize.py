@@ -3,10 +3,10 @@
 """
 from __future__ import annotations
 
-from onn_jax.config.errors import ConfigError
-
 import dataclasses
 from typing import Any, Mapping
+
+from onn_jax.config.errors import ConfigError
 
 
 def from_dict(cls, data: Mapping[str, Any], path: str = ""):

@@ -3,12 +3,10 @@
 """
 from __future__ import annotations
 
-from onn_jax.config.moe import GATE_TOKENS
-
-from onn_jax.config.errors import check, choice, nonneg_float, positive_int
-
 from dataclasses import dataclass
 
+from onn_jax.config.errors import check, choice, nonneg_float, positive_int
+from onn_jax.config.moe import GATE_TOKENS
 
 HEAD_ROUTERS = ("dense", "surprise", "topk")
 

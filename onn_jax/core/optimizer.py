@@ -23,11 +23,12 @@ optax), not with an expert's own counter.
 from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
-from onn_jax.core.grad_filter import expert_axes, is_expert_path, leaf_active, sigma_filter  # noqa: F401
 
+from onn_jax.core.grad_filter import expert_axes, leaf_active
 
 ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
 

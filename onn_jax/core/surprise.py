@@ -12,6 +12,7 @@ so the faithful S[t,e] = w[t,e] |dL/dout[t]|, zero for every inactive expert.
 from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 

@@ -6,9 +6,7 @@ A new definition is one function of SurpriseInputs -> S [N, E], registered here 
 from __future__ import annotations
 
 from onn_jax.core.surprise import SurpriseFn, output_grad_closed_surprise, output_grad_surprise
-
 from onn_jax.core.surprise_variants import advantage_surprise, learning_cost_surprise
-
 
 SURPRISE_FNS: dict[str, SurpriseFn] = {
     "output_grad": output_grad_surprise,

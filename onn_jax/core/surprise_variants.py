@@ -32,7 +32,6 @@ import jax.numpy as jnp
 from onn_jax.core.experts import gelu_exact
 from onn_jax.core.surprise import SurpriseInputs
 
-
 HIGHEST = jax.lax.Precision.HIGHEST
 
 

@@ -33,7 +33,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from onn_jax.data.records import encode_record, fit_record, iter_chat_jsonl, iter_records, iter_text, record_hash  # DataError: re-exported
+from onn_jax.data.records import (  # DataError: re-exported
+    encode_record,
+    fit_record,
+    iter_chat_jsonl,
+    iter_records,
+    iter_text,
+    record_hash,
+)
 from onn_jax.data.tokenizer import Tokenizer
 
 

@@ -235,6 +235,7 @@ class ShardIterator:
     def __init__(self, rows: ShardRows, global_batch: int, seed: int, process_index: int,
                  process_count: int, state: dict | None):
         import grain  # optional dependency, imported only for shard data
+
         from onn_jax.data.dataset import _local_rows
         if len(rows) == 0:
             raise ValueError("no training examples")

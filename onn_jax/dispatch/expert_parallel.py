@@ -29,20 +29,29 @@ ragged-all-to-all is not supported"), where the equality tests run; all_to_all d
 """
 from __future__ import annotations
 
-from onn_jax.parallel.constrain import expert_mesh, shard_map
-
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from onn_jax.config import MoEConfig
-from onn_jax.dispatch.dropless import Dropless, combine_rows, dispatch_rows, layout_of_rows, make_dropless, pair_budget, pair_rows, row_expert_outputs
 from onn_jax.core.gate import RouterOutput
+from onn_jax.dispatch.dropless import (
+    Dropless,
+    combine_rows,
+    dispatch_rows,
+    layout_of_rows,
+    make_dropless,
+    pair_budget,
+    pair_rows,
+    row_expert_outputs,
+)
 from onn_jax.dispatch.grouped_gemm import resolve_gemm
 from onn_jax.dispatch.token_sums import resolve_token_sum
+from onn_jax.parallel.constrain import expert_mesh, shard_map
 
 
 class EPRows(NamedTuple):
@@ -126,7 +135,7 @@ def ep_dropless_layer(params: dict, x_NxC: jax.Array, cfg: MoEConfig, tap_RxC: j
                       router: RouterOutput, mesh: Mesh, axes: tuple[str, ...]):
     """(out [N, C] float32, returned rows y [devices * ep * S, C] float32 (+ tap), EPRows)."""
     n_glob, c = x_NxC.shape
-    ep, e = mesh.shape["expert"], cfg.num_experts
+    ep = mesh.shape["expert"]
     s = send_rows(n_glob // mesh.size, cfg, ep)
     rows_glob = pair_rows(n_glob, cfg)
     backend = resolve_gemm(cfg.gemm, x_NxC.dtype)

@@ -271,9 +271,9 @@ def load_export(path: str | os.PathLike, tokenizer: str | None = None) -> Export
     config.json), its tokenizer (`tokenizer` overrides the folder's) and its step."""
     import jax
 
+    from onn_jax.data.tokenizer import load_tokenizer
     from onn_jax.nn.transformer import init_params
     from onn_jax.training.options.router_state import forward_params, init_router_state
-    from onn_jax.data.tokenizer import load_tokenizer
     path = os.path.abspath(os.fspath(path))
     meta_path = os.path.join(path, ckpt_lib.EXPORT_META)
     cfg_path = meta_path if os.path.isfile(meta_path) else os.path.join(path, CONFIG)

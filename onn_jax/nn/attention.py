@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+
 from onn_jax.config import ConfigError, ModelConfig
 
 

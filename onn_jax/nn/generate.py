@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from onn_jax.config import ModelConfig
-from onn_jax.nn.transformer import Transformer
 from onn_jax.nn.attention import init_cache
+from onn_jax.nn.transformer import Transformer
 
 PROMPT_BUCKET = 16  # prompt lengths are padded up to a multiple of this (fewer recompilations)
 

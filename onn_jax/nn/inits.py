@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-
 # PyTorch nn.Linear's default init (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)).
 torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 

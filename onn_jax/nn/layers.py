@@ -7,18 +7,17 @@ onn_jax.nn.heads and onn_jax.core, so `model.apply` stays a pure function of
 """
 from __future__ import annotations
 
-from onn_jax.nn.attention import (KVCache, apply_rope, attention_impl, causal_attention, compute_dtype,
-                                  write_positions)
-from onn_jax.nn.inits import stacked_linear_init, torch_linear_init
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
 from onn_jax.config import ModelConfig
 from onn_jax.core.experts import dense_ffn
+from onn_jax.nn.attention import KVCache, apply_rope, attention_impl, causal_attention, compute_dtype, write_positions
 from onn_jax.nn.embed import deep_scale
 from onn_jax.nn.embed_layers import deep_embed_table
 from onn_jax.nn.heads import HeadGradNorms, head_layer
+from onn_jax.nn.inits import stacked_linear_init, torch_linear_init
 from onn_jax.nn.moe import MoETaps, moe_layer
 
 

@@ -21,15 +21,31 @@ import jax
 import jax.numpy as jnp
 
 from onn_jax.config import MoEConfig
-from onn_jax.dispatch.capacity import Dispatch, combine_slots, dispatch_tokens, expert_capacity, make_dispatch, slot_expert_outputs, to_pairs
-from onn_jax.dispatch.dropless import Dropless, combine_rows, dispatch_rows, make_dropless, pair_rows, row_expert_outputs, rows_to_pairs
-from onn_jax.dispatch.expert_parallel import EPRows, ep_dropless_layer, ep_rows_to_pairs, ep_tap_rows
-from onn_jax.parallel.constrain import expert_mesh
-from onn_jax.dispatch.grouped_gemm import resolve_gemm
-from onn_jax.dispatch.token_sums import resolve_token_sum
 from onn_jax.core.experts import combine, expert_outputs
 from onn_jax.core.gate import RouterOutput, top_any_gate, topk_gate
 from onn_jax.core.surprise import SurpriseFn, SurpriseInputs, output_grad_surprise
+from onn_jax.dispatch.capacity import (
+    Dispatch,
+    combine_slots,
+    dispatch_tokens,
+    expert_capacity,
+    make_dispatch,
+    slot_expert_outputs,
+    to_pairs,
+)
+from onn_jax.dispatch.dropless import (
+    Dropless,
+    combine_rows,
+    dispatch_rows,
+    make_dropless,
+    pair_rows,
+    row_expert_outputs,
+    rows_to_pairs,
+)
+from onn_jax.dispatch.expert_parallel import EPRows, ep_dropless_layer, ep_rows_to_pairs, ep_tap_rows
+from onn_jax.dispatch.grouped_gemm import resolve_gemm
+from onn_jax.dispatch.token_sums import resolve_token_sum
+from onn_jax.parallel.constrain import expert_mesh
 
 
 class MoERecord(NamedTuple):

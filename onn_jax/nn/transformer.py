@@ -24,18 +24,17 @@ the call then also returns the updated cache. Without a cache nothing changes.
 """
 from __future__ import annotations
 
-from onn_jax.nn.layers import ScanBlock
-
-from onn_jax.nn.attention import DecodeCache, compute_dtype, write_positions
-from onn_jax.nn.inits import torch_linear_init
-from onn_jax.nn.layers import Block, Norm, remat_block
-
 from typing import Sequence
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
 from onn_jax.config import ModelConfig
+from onn_jax.nn.attention import DecodeCache, compute_dtype, write_positions
 from onn_jax.nn.embed_layers import NgramMemory, SlotEmbed
+from onn_jax.nn.inits import torch_linear_init
+from onn_jax.nn.layers import Block, Norm, ScanBlock, remat_block
 from onn_jax.nn.moe import MoETaps, zero_taps
 from onn_jax.nn.output import AdaptiveOutput
 
@@ -156,7 +155,8 @@ def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int | None = None) ->
     """Initial parameters (a plain nested dict of float32 arrays)."""
     tokens = jnp.zeros((1, seq_len or min(cfg.max_len, 8)), jnp.int32)
     if cfg.scan_layers:  # the per-layer init, stacked: the same numbers as scan_layers = false
-        from onn_jax.nn.layer_stack import stack_layers
         import dataclasses
+
+        from onn_jax.nn.layer_stack import stack_layers
         return stack_layers(Transformer(dataclasses.replace(cfg, scan_layers=False)).init(rng, tokens)["params"])
     return Transformer(cfg).init(rng, tokens)["params"]

@@ -11,8 +11,10 @@ on x0 [N, C] alone; its record is an embed.SlotRecord.
 from __future__ import annotations
 
 from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+
 from onn_jax.config import ModelConfig
 from onn_jax.nn.embed import SlotRecord
 from onn_jax.nn.heads import head_taps

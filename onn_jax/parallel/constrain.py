@@ -6,16 +6,14 @@ layer may import it.
 """
 from __future__ import annotations
 
-from onn_jax.parallel.rules import RULES, Rules, logical_to_spec
-
-from onn_jax.parallel.rules import rule_axes
-
 import contextlib
 import contextvars
 from typing import Sequence
+
 import jax
 from jax.sharding import Mesh, NamedSharding
 
+from onn_jax.parallel.rules import RULES, Rules, logical_to_spec, rule_axes
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
     "onn_jax_sharding_rules", default=None)

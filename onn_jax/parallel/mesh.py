@@ -2,13 +2,14 @@
 """
 from __future__ import annotations
 
-from onn_jax.parallel.rules import MESH_AXES
-
 import math
 from typing import Sequence
+
 import jax
 from jax.sharding import AxisType, Mesh
+
 from onn_jax.config import ConfigError, MeshConfig
+from onn_jax.parallel.rules import MESH_AXES
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import math
 from typing import Any, Sequence
+
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from onn_jax.config import ConfigError
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from onn_jax.config import ConfigError
 
 MESH_AXES = ("data", "expert", "fsdp")
 

@@ -3,37 +3,32 @@ Switch load balancing (+ z-loss) for the top-k baselines, per layer.
 """
 from __future__ import annotations
 
-from onn_jax.nn.units import UnitTaps
-
 import jax
 import jax.numpy as jnp
+
 from onn_jax.config import ModelConfig
-from onn_jax.core.losses import hybrid_gate_loss, load_balancing_loss, router_z_loss
-from onn_jax.nn.moe import MoERecord, layer_surprise
-from onn_jax.training.optimizer import make_optimizer  # noqa: F401 (re-exported: it lived here)
-from onn_jax.core import gate_targets
-from onn_jax.core.surprise_registry import get_surprise_fn
-from onn_jax.nn.units import UnitRecords
-from onn_jax.nn.embed import slot_surprise
 from onn_jax.core.gate import RouterOutput
+from onn_jax.core.losses import hybrid_gate_loss, load_balancing_loss, router_z_loss
+from onn_jax.core.surprise_registry import get_surprise_fn
+from onn_jax.nn.embed import slot_surprise
+from onn_jax.nn.moe import MoERecord, layer_surprise
+from onn_jax.nn.units import UnitRecords, UnitTaps
+from onn_jax.training.options.base import LayerGate
+from onn_jax.training.options.registry import extra_gate_losses
 
 
-def layer_gate_loss(cfg: ModelConfig, gate_input: jax.Array, surprise: jax.Array | None,
-                    record: MoERecord, token_mask_N: jax.Array | None = None,
-                    target_N: jax.Array | None = None):
-    """One layer's gate loss: the Surprise hybrid (+ the avg_k budget), or load-balancing (+ z)
-    for top-k. `target_N`: the hard target when not argmin S (model.moe.gate_tie_break)."""
+def layer_gate_loss(cfg: ModelConfig, pre_NxE: jax.Array, gate: LayerGate | None, record: MoERecord):
+    """One MoE layer's gate loss: the Surprise hybrid toward `gate` (S, token set and hard target as
+    the gate options shape them) plus the options' extra terms, or load balancing (+ z) for top-k."""
     m = cfg.moe
     if m.router == "surprise":
-        loss, parts = hybrid_gate_loss(gate_input, surprise, m.w_ce, m.w_kl, token_mask_N,
-                                       m.kl_temperature, target_N)
-        if m.w_budget > 0:
-            budget = gate_targets.avg_k_budget(gate_input, m.budget_k, fallback_k=m.effective_fallback_k
-                                               if m.budget_fallback else None)
-            loss, parts = loss + m.w_budget * budget, {**parts, "budget": budget}
+        loss, parts = hybrid_gate_loss(pre_NxE, gate.surprise, m.w_ce, m.w_kl, gate.tokens,
+                                       m.kl_temperature, gate.target)
+        for name, (weight, value) in extra_gate_losses(m, pre_NxE).items():
+            loss, parts = loss + weight * value, {**parts, name: value}
         return loss, parts
-    lb = load_balancing_loss(gate_input, record.router.mask)
-    z = router_z_loss(gate_input)
+    lb = load_balancing_loss(pre_NxE, record.router.mask)
+    z = router_z_loss(pre_NxE)
     return m.lb_weight * lb + m.z_weight * z, {"lb": lb, "z": z}
 
 

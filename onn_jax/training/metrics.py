@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 from onn_jax.config import ModelConfig
-from onn_jax.core.analysis import gate_accuracy
+from onn_jax.core.analysis import fallback_count, gate_accuracy, surprise_target_counts
+from onn_jax.core.routing_metrics import routing_metrics
 from onn_jax.dispatch.capacity import dropped_fraction
 from onn_jax.nn.layer_stack import layer_params
-from onn_jax.training.optimizer import make_optimizer  # noqa: F401 (re-exported: it lived here)
-from onn_jax.core.routing_metrics import routing_metrics
-from onn_jax.training.options.adaptive_experts import DEAD_SURPRISE
 from onn_jax.nn.units import UnitRecords
-from onn_jax.core.analysis import fallback_count, surprise_target_counts
+from onn_jax.training.options.base import DEAD_SURPRISE
 
 
 def moe_metrics(cfg: ModelConfig, params, records, surprises, parts,

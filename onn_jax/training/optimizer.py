@@ -3,11 +3,11 @@ global-norm clip -> AdamW (per-expert under idle_experts='skip'; onn_jax.core.op
 """
 from __future__ import annotations
 
-from onn_jax.core.optimizer import ScalarOrSchedule, per_expert_adamw
-
 import optax
+
 from onn_jax.config import OptimConfig
-from onn_jax.core.grad_filter import expert_axes, is_expert_path, leaf_active, sigma_filter  # noqa: F401
+from onn_jax.core.grad_filter import sigma_filter
+from onn_jax.core.optimizer import ScalarOrSchedule, per_expert_adamw
 
 
 def make_optimizer(cfg: OptimConfig, learning_rate: ScalarOrSchedule | None = None

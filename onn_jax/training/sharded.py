@@ -3,17 +3,27 @@ jitted on a mesh (every mesh computes the same function as one device).
 """
 from __future__ import annotations
 
-from onn_jax.parallel.constrain import activation_rules
-from onn_jax.parallel.rules import (RULES, Rules, batch_sharding, check_batch, logical_to_spec, param_logical_axes,
-                                    param_shardings, path_keys)
-
 import functools
 from typing import Callable
+
 import jax
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
 from onn_jax.config import ModelConfig
+from onn_jax.parallel.constrain import activation_rules
+from onn_jax.parallel.rules import (
+    RULES,
+    Rules,
+    batch_sharding,
+    check_batch,
+    logical_to_spec,
+    param_logical_axes,
+    param_shardings,
+    path_keys,
+)
 
 
 def state_shardings(state_shape, mesh: Mesh, rules: Rules = RULES):

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from typing import Any
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+
 from onn_jax.config import ModelConfig
 from onn_jax.nn.transformer import init_params
-from onn_jax.training.optimizer import make_optimizer  # noqa: F401 (re-exported: it lived here)
 from onn_jax.training.options.router_state import forward_params, init_router_state
-
 
 Batch = dict[str, jax.Array]  # inputs [B, T] int32, targets [B, T] int32, loss_mask [B, T]
 

@@ -12,32 +12,29 @@ The forward is never recomputed. The optax chain applies the expert filter, then
 """
 from __future__ import annotations
 
-from onn_jax.training.accumulate import accumulated_grads
-from onn_jax.training.gate_losses import layer_gate_loss
-from onn_jax.training.metrics import moe_metrics
-from onn_jax.training.state import Batch, TrainState
-
 import functools
 from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 import optax
+
 from onn_jax.config import ModelConfig
 from onn_jax.core.grad_filter import SigmaFilterState
 from onn_jax.core.losses import next_token_loss
-from onn_jax.nn.transformer import Transformer, model_taps
-from onn_jax.nn.moe import expert_received_tokens, layer_surprise, layer_taps
-from onn_jax.nn.output import output_loss
-from onn_jax.training.optimizer import make_optimizer  # noqa: F401 (re-exported: it lived here)
-from onn_jax.core import gate_targets
-from onn_jax.training.options.adaptive_experts import gate_surprise
-from onn_jax.training.options.router_state import forward_params, live_masks, update_router_state
 from onn_jax.core.surprise import SurpriseFn
 from onn_jax.core.surprise_registry import get_surprise_fn
 from onn_jax.core.surprise_variants import advantage_surprise
+from onn_jax.nn.moe import expert_received_tokens, layer_surprise, layer_taps
+from onn_jax.nn.output import output_loss
+from onn_jax.nn.transformer import Transformer, model_taps
 from onn_jax.nn.units import UnitRecords, unit_records, unit_taps
-from onn_jax.training.gate_losses import unit_gate_inputs, unit_gate_loss, unit_surprises
-from onn_jax.training.metrics import unit_metrics
+from onn_jax.training.accumulate import accumulated_grads
+from onn_jax.training.gate_losses import layer_gate_loss, unit_gate_inputs, unit_gate_loss, unit_surprises
+from onn_jax.training.metrics import moe_metrics, unit_metrics
+from onn_jax.training.options.registry import layer_gates
+from onn_jax.training.options.router_state import forward_params, update_router_state
+from onn_jax.training.state import Batch, TrainState
 
 
 def step_taps(cfg: ModelConfig, batch_size: int, seq_len: int):
@@ -45,28 +42,6 @@ def step_taps(cfg: ModelConfig, batch_size: int, seq_len: int):
     if cfg.moe.router == "dense" or cfg.moe.dispatch == "dense":
         return model_taps(cfg, batch_size, seq_len)
     return tuple(layer_taps(cfg.moe, batch_size * seq_len, cfg.hidden) for _ in range(cfg.num_layers))
-
-
-def gate_loss_inputs(cfg: ModelConfig, surprises, router_state, loss_mask_N, step):
-    """Per layer (S for the gate loss, token mask, hard target or None) under the options:
-    masked-out experts at DEAD_SURPRISE, gate_tokens, gate_tie_break."""
-    m, out = cfg.moe, []
-    lives = live_masks(cfg, router_state or {})
-    for i, s in enumerate(surprises):
-        live = lives[i] if i < len(lives) else None
-        s_gate = s if live is None else gate_surprise(s, live)
-        if m.gate_tokens == "unmasked":
-            tokens = loss_mask_N
-        elif m.gate_tokens == "nonconstant":
-            tokens = gate_targets.nonconstant_rows(s, live)
-        else:
-            tokens = None
-        target = None
-        if m.gate_tie_break == "random":
-            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), step), i)
-            target = gate_targets.random_tie_argmin(s_gate, key)
-        out.append((s_gate, tokens, target))
-    return out
 
 
 def forward_loss(cfg: ModelConfig, model: Transformer, params, batch: Batch, taps, utaps,
@@ -145,17 +120,18 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig,
                               for d, r in zip(d_taps, records))
         usurprises = unit_surprises(cfg, urecords, d_utaps)
 
+    # What each gate loss is trained toward: S, every token, argmin S, unless a gate option
+    # (onn_jax.training.options) reshapes it.
+    gates = (None,) * len(records)
     if uses_surprise:
-        per_layer = gate_loss_inputs(cfg, surprises, router_state, loss_mask_N, step)
-        surprises = tuple(s for s, _, _ in per_layer)
-    else:
-        per_layer = [(None, None, None)] * len(records)
+        gates = layer_gates(cfg, surprises, router_state, loss_mask_N, step)
+        surprises = tuple(g.surprise for g in gates)
     w_aux = cfg.moe.w_aux
 
     def total_gate_loss(gate_inputs):
         moe_inputs, unit_inputs = gate_inputs
-        losses, parts = zip(*(layer_gate_loss(cfg, g, s, r, tokens, target)
-                              for g, r, (s, tokens, target) in zip(moe_inputs, records, per_layer))
+        losses, parts = zip(*(layer_gate_loss(cfg, pre, gate, r)
+                              for pre, r, gate in zip(moe_inputs, records, gates))
                             ) if records else ((), ())
         moe_loss = sum(losses, jnp.zeros([], jnp.float32))
         unit_total, per_kind = unit_gate_loss(cfg, unit_inputs, urecords, usurprises, loss_mask_N)

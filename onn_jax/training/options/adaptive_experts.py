@@ -7,7 +7,7 @@ activated no expert; at the end of the window it removes the experts nobody used
 expert for the unrouted tokens. Here the maximum E is allocated once and a live mask [E] says
 which slots are experts; everything is jnp.where on fixed shapes, so the step stays jitted.
 
-Window state of one MoE layer (a dict, part of TrainState.router_state, see router_state.py):
+Window state of one MoE layer (a dict, part of TrainState.router_state; model.moe.adaptive_experts):
   live            [E] bool   the slot is an expert (masked-out slots are never routed to)
   hits            [E] f32    (token, expert) activations in the window (fallback ones included)
   unrouted_sum    [C] f32    sum of the unit-normalised gate inputs x_t / |x_t| of the tokens
@@ -28,11 +28,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from onn_jax.config import MoEConfig
+from onn_jax.config import ModelConfig, MoEConfig
 from onn_jax.core.gate import l2_normalize
+from onn_jax.training.options.base import DEAD_SURPRISE, GateContext, GateOption, LayerGate
 
 WINDOW_KEYS = ("live", "hits", "unrouted_sum", "unrouted_count")
-DEAD_SURPRISE = 1e9  # S of a masked-out expert in the gate loss: never argmin, 0 in softmax(-S)
 
 
 def init_window(m: MoEConfig, hidden: int) -> dict:
@@ -79,3 +79,39 @@ def adapt(window: dict, protos_CxE: jax.Array, theta_E: jax.Array):
 def gate_surprise(surprise_NxE: jax.Array, live_E: jax.Array) -> jax.Array:
     """S for the gate loss with masked-out experts at DEAD_SURPRISE (never a target)."""
     return jnp.where(live_E[None, :], surprise_NxE, DEAD_SURPRISE)
+
+
+class AdaptiveExperts(GateOption):
+    """The live mask routes (`live` is a forward key) and hides dead experts from the gate loss;
+    the window advances every step and adapts every `adaptive_every` steps."""
+
+    name = "adaptive_experts"
+    stateful = True
+    forward_keys = ("live",)
+
+    def enabled(self, m: MoEConfig) -> bool:
+        return m.adaptive_experts
+
+    def layer_state(self, cfg: ModelConfig) -> dict:
+        return init_window(cfg.moe, cfg.hidden)
+
+    def shape_gate(self, ctx: GateContext, gate: LayerGate) -> LayerGate:
+        return gate._replace(surprise=gate_surprise(gate.surprise, ctx.state["live"]))
+
+    def update(self, m, state, moe_params, record, step):
+        window = accumulate({k: state[k] for k in WINDOW_KEYS}, record.router.mask, record.router.pre,
+                            record.expert_in)
+        adapted, protos, theta, counts = adapt(window, moe_params["prototypes"], moe_params["thresholds"])
+        due = (step % m.adaptive_every) == 0
+        pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(due, x, y), a, b)
+        state = {**state, **pick(adapted, window)}
+        moe_params = {**moe_params, "prototypes": jnp.where(due, protos, moe_params["prototypes"]),
+                      "thresholds": jnp.where(due, theta, moe_params["thresholds"])}
+        return state, moe_params, {"added": jnp.where(due, counts["added"], 0.0),
+                                   "removed": jnp.where(due, counts["removed"], 0.0),
+                                   "live": jnp.sum(state["live"].astype(jnp.float32))}
+
+    def summarize(self, per_layer):
+        return {"moe/live_experts": jnp.mean(jnp.stack([p["live"] for p in per_layer])),
+                "moe/experts_added": sum(p["added"] for p in per_layer),
+                "moe/experts_removed": sum(p["removed"] for p in per_layer)}

@@ -1,9 +1,9 @@
-"""Router state that is not a parameter: TrainState.router_state (issue 16).
+"""Router state that is not a parameter: TrainState.router_state, kept by the gate options.
 
-Some routers carry state that the optimizer must not touch but the forward, the checkpoint and
-evaluation need: the aux-loss-free balancing bias of the top-k router and the live-expert mask
-and window statistics of the adaptive expert count. It lives in ONE train-state field, a dict
-keyed like the parameters' blocks ({} when no such option is on, the faithful default):
+Some options carry state that the optimizer must not touch but the forward, the checkpoint and
+evaluation need (the aux-loss-free bias, the adaptive expert count's live mask and window).
+It lives in ONE train-state field, a dict keyed like the parameters' blocks ({} when no such
+option is on, the faithful default):
 
     router_state = {"block_i": {"router_bias": [E]}}                         aux_free_rate > 0
     router_state = {"block_i": {"live": [E], "hits": [E], "unrouted_sum": [C],
@@ -18,36 +18,30 @@ The interface, all pure and jittable:
                                                    state, params (the adaptive expert count
                                                    rewrites an added expert's prototype and
                                                    threshold) and metrics
-Aux-loss-free balancing (Wang et al., 2024, "Auxiliary-Loss-Free Load Balancing Strategy for
-Mixture-of-Experts"; DeepSeek-V3): load_e = tokens routed to e in the step's batch,
-    bias_e <- bias_e + rate * sign(mean_e(load) - load_e)
-and the bias is added to the router logits for the top-k choice only (onn_jax.core.gate.topk_gate).
+Each piece comes from the options' hooks (onn_jax.training.options.base).
 """
 from __future__ import annotations
 
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from onn_jax.training.options import adaptive_experts
 from onn_jax.config import ModelConfig
+from onn_jax.training.options.registry import OPTIONS, enabled_options
 
-FORWARD_KEYS = ("router_bias", "live")
+FORWARD_KEYS = tuple(k for opt in OPTIONS for k in opt.forward_keys)
 
 
 def init_router_state(cfg: ModelConfig) -> dict:
     """The router state at step 0 ({} for a model without stateful routing)."""
-    m = cfg.moe
-    if m.router == "dense" or not (m.aux_free_rate > 0 or m.adaptive_experts):
+    options = [opt for opt in enabled_options(cfg.moe) if opt.stateful]
+    if not options:
         return {}
 
     def layer() -> dict:  # fresh arrays per layer (a donated state must not alias buffers)
         out = {}
-        if m.aux_free_rate > 0:
-            out["router_bias"] = jnp.zeros((m.num_experts,), jnp.float32)
-        if m.adaptive_experts:
-            out.update(adaptive_experts.init_window(m, cfg.hidden))
+        for opt in options:
+            out.update(opt.layer_state(cfg))
         return out
 
     return {f"block_{i}": layer() for i in range(cfg.num_layers)}
@@ -65,48 +59,23 @@ def forward_params(params: Any, router_state: dict | None) -> Any:
     return out
 
 
-def aux_free_bias(bias_E: jax.Array, mask_NxE: jax.Array, rate: float) -> jax.Array:
-    """bias + rate * sign(mean load - load), load = tokens routed to each expert."""
-    load_E = jnp.sum(mask_NxE.astype(jnp.float32), axis=0)
-    return bias_E + rate * jnp.sign(jnp.mean(load_E) - load_E)
-
-
 def update_router_state(cfg: ModelConfig, router_state: dict, params: Any, records, step: jax.Array):
     """(router_state, params, metrics) after one step; `records` are the step's MoE records (one
     per layer, the forward before the update) and `step` the step count after the update."""
     if not router_state:
         return router_state, params, {}
-    m = cfg.moe
-    new_rs, new_params, metrics = {}, dict(params), {}
-    added, removed, live_n = [], [], []
-    for i, rec in enumerate(records):
+    options = [opt for opt in enabled_options(cfg.moe) if opt.stateful]
+    new_rs, new_params, per_option = {}, dict(params), {opt.name: [] for opt in options}
+    for i, record in enumerate(records):
         block = f"block_{i}"
-        layer = dict(router_state[block])
-        if "router_bias" in layer:
-            layer["router_bias"] = aux_free_bias(layer["router_bias"], rec.router.mask, m.aux_free_rate)
-        if "live" in layer:
-            window = adaptive_experts.accumulate({k: layer[k] for k in adaptive_experts.WINDOW_KEYS},
-                                                 rec.router.mask, rec.router.pre, rec.expert_in)
-            moe = params[block]["moe"]
-            adapted, protos, theta, counts = adaptive_experts.adapt(window, moe["prototypes"], moe["thresholds"])
-            due = (step % m.adaptive_every) == 0
-            pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(due, x, y), a, b)
-            layer.update(pick(adapted, window))
-            new_params[block] = {**params[block], "moe": {**moe, "prototypes": jnp.where(due, protos, moe["prototypes"]),
-                                                          "thresholds": jnp.where(due, theta, moe["thresholds"])}}
-            added.append(jnp.where(due, counts["added"], 0.0))
-            removed.append(jnp.where(due, counts["removed"], 0.0))
-            live_n.append(jnp.sum(layer["live"].astype(jnp.float32)))
-        new_rs[block] = layer
-    if live_n:
-        metrics = {"moe/live_experts": jnp.mean(jnp.stack(live_n)), "moe/experts_added": sum(added),
-                   "moe/experts_removed": sum(removed)}
-    if m.aux_free_rate > 0:
-        metrics["moe/aux_free_bias_absmax"] = jnp.max(jnp.stack([jnp.max(jnp.abs(l["router_bias"]))
-                                                                 for l in new_rs.values()]))
+        state, moe = dict(router_state[block]), params[block]["moe"]
+        for opt in options:
+            state, moe, layer_metrics = opt.update(cfg.moe, state, moe, record, step)
+            per_option[opt.name].append(layer_metrics)
+        new_rs[block] = state
+        if moe is not params[block]["moe"]:
+            new_params[block] = {**params[block], "moe": moe}
+    metrics = {}
+    for opt in options:
+        metrics.update(opt.summarize(per_option[opt.name]))
     return new_rs, new_params, metrics
-
-
-def live_masks(cfg: ModelConfig, router_state: dict) -> list:
-    """Per MoE layer the live mask [E] (None where the adaptive expert count is off)."""
-    return [router_state.get(f"block_{i}", {}).get("live") for i in range(cfg.num_layers)]
