@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.bench import time_fn
-from onn_jax.dispatch.capacity import grouped_gemm as gg
+from onn_jax.dispatch import grouped_gemm as gg
 
 FWD_GRID = dict(block_m=(64, 128), block_n=(128, 256), block_k=(64,), max_concurrent_steps=(2, 4),
                 grid_block_n=(1,))

@@ -5,7 +5,7 @@
 A layout DxE runs on the first D*E devices with mesh data=D, expert=E, at a fixed batch per
 device (weak scaling), so ideal tokens/s grows linearly with devices; `speedup` and
 `efficiency` are relative to the first single-device layout of the same run. `--moe-hook`
-adds the activation constraints proposed for onn_jax/moe.py (tokens along data, experts along
+adds the activation constraints proposed for onn_jax/nn/moe.py (tokens along data, experts along
 expert inside the MoE layer) by wrapping moe's expert/combine functions; `--size smoke` runs
 a tiny model (with XLA_FLAGS=--xla_force_host_platform_device_count=8 on CPU) to check the
 script. Needs no orbax.

@@ -1,4 +1,4 @@
-"""Adaptive softmax (model.output.kind = adaptive, onn_jax/output.py): normalisation, the dense
+"""Adaptive softmax (model.output.kind = adaptive, onn_jax/nn/output.py): normalisation, the dense
 special case, the label-only CE path against the full log-probabilities (values and gradients),
 the step and eval wiring, frequency ranks, config errors, and onn-train / resume / onn-generate
 sharing one cluster order."""
