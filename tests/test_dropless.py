@@ -12,13 +12,14 @@ from test_dispatch import layer_params, with_moe
 from onn_jax.config import ConfigError, MoEConfig
 from onn_jax.core.experts import expert_outputs
 from onn_jax.core.surprise import output_grad_closed_surprise, output_grad_surprise
+from onn_jax.core.surprise_variants import learning_cost_surprise
 from onn_jax.dispatch.capacity import dropped_fraction
 from onn_jax.dispatch.dropless import make_dropless, pair_rows, sum_rows_to_tokens
 from onn_jax.dispatch.grouped_gemm import GemmUnavailable, grouped_matmul, is_hopper, resolve_gemm
 from onn_jax.dispatch.token_sums import token_sums
 from onn_jax.nn.moe import layer_surprise, layer_taps, moe_layer, surprise_inputs
 from onn_jax.nn.transformer import init_params
-from onn_jax.training.step import compute_grads
+from onn_jax.training.step import compute_grads, step_taps
 
 TOL = 1e-5
 
@@ -125,9 +126,9 @@ def test_per_token_sums_are_the_weighted_row_sums_and_their_backward_gathers(imp
         np.testing.assert_allclose(sum_rows_to_tokens(a, d), sums(a, jnp.ones(30)), rtol=1e-6)
 
 
-def layer_vjp(params, x, cfg, seed):
+def layer_vjp(params, x, cfg, seed, y_tap=True):
     r = jax.random.normal(jax.random.key(seed), (x.shape[0], x.shape[1]))
-    taps = layer_taps(cfg, x.shape[0], x.shape[1])
+    taps = layer_taps(cfg, x.shape[0], x.shape[1], y_tap)
 
     def f(params, x, taps):
         out, rec = moe_layer(params, x, cfg, taps)
@@ -191,6 +192,47 @@ def test_overflow_drops_exactly_the_documented_pairs():
     assert np.all(s[~kept] == 0) and np.all(s[kept] > 0)
     np.testing.assert_allclose(dropped_fraction(rec.router.mask, rec.dispatch),
                                1 - kept.sum() / mask.sum(), rtol=1e-6)
+
+
+def test_without_the_row_tap_surprise_and_gradients_equal_the_tapped_layer():
+    """Surprise from dL/dout alone (no [R, C] tap; y_tap_needed) equals the row-tap Surprise on
+    kept pairs and is 0 on dropped ones; output and gradients are unchanged."""
+    cfg = MoEConfig(num_experts=8, intermediate=12, dispatch="dropless", pair_budget=1.5, fallback_k=3)
+    params = layer_params(4)
+    x = jax.random.normal(jax.random.key(5), (40, 16))
+    out_t, rec_t, g_t, taps_t = layer_vjp(params, x, cfg, 6)
+    out_n, rec_n, g_n, taps_n = layer_vjp(params, x, cfg, 6, y_tap=False)
+    kept = np.asarray(rec_n.dispatch.kept_NxE)
+    assert taps_n.expert_out is None and (np.asarray(rec_n.router.mask) & ~kept).any()  # some pairs drop
+    np.testing.assert_array_equal(out_n, out_t)
+    assert rel_err(g_n, g_t) < 1e-6
+    for fn in (output_grad_surprise, output_grad_closed_surprise):
+        s_n, s_t = layer_surprise(fn, rec_n, taps_n), layer_surprise(fn, rec_t, taps_t)
+        np.testing.assert_allclose(s_n, s_t, rtol=1e-5, atol=1e-7, err_msg=fn.__name__)
+    assert np.all(np.asarray(layer_surprise(output_grad_surprise, rec_n, taps_n))[~kept] == 0)
+    with pytest.raises(ValueError, match="reads dL/dY"):
+        layer_surprise(learning_cost_surprise, rec_n, taps_n)
+
+
+def test_rows_stay_in_the_compute_dtype_without_the_row_tap():
+    cfg = MoEConfig(num_experts=8, intermediate=16, dispatch="dropless", pair_budget=3.0, fallback_k=3)
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), layer_params(1))
+    x = jax.random.normal(jax.random.key(1), (24, 16), jnp.bfloat16)
+    _, tapped = moe_layer(params, x, cfg, layer_taps(cfg, 24, 16))
+    out, untapped = moe_layer(params, x, cfg, layer_taps(cfg, 24, 16, y_tap=False))
+    assert tapped.expert_out.dtype == jnp.float32 and untapped.expert_out.dtype == jnp.bfloat16
+    assert out.dtype == jnp.float32  # combined in float32 either way
+
+
+def test_step_taps_follow_the_router_and_the_surprise_function():
+    dl = with_moe(tiny_config(), dispatch="dropless", pair_budget=3.0)
+    assert step_taps(tiny_config(router="topk"), 2, 8) is None                 # top-k: no Surprise
+    assert step_taps(with_moe(dl, router="topk"), 2, 8) is None
+    assert all(t.expert_out is None for t in step_taps(dl, 2, 8))               # output_grad: dL/dout only
+    assert all(t.expert_out is None for t in step_taps(dl, 2, 8, "output_grad_closed"))
+    rows = step_taps(dl, 2, 8, learning_cost_surprise)                           # reads dL/dY
+    assert all(t.expert_out.shape == (pair_rows(16, dl.moe), dl.hidden) for t in rows)
+    assert step_taps(tiny_config(), 2, 8)[0].expert_out.shape == (16, 8, dl.hidden)  # dense: the faithful tap
 
 
 @pytest.mark.slow

@@ -133,7 +133,8 @@ def _receive_order(counts_DxL: jax.Array, s: int) -> tuple[jax.Array, jax.Array]
 
 def ep_dropless_layer(params: dict, x_NxC: jax.Array, cfg: MoEConfig, tap_RxC: jax.Array | None,
                       router: RouterOutput, mesh: Mesh, axes: tuple[str, ...]):
-    """(out [N, C] float32, returned rows y [devices * ep * S, C] float32 (+ tap), EPRows)."""
+    """(out [N, C] float32, returned rows y [devices * ep * S, C] (float32 + tap when a tap is
+    given, else the compute dtype), EPRows)."""
     n_glob, c = x_NxC.shape
     ep = mesh.shape["expert"]
     s = send_rows(n_glob // mesh.size, cfg, ep)
@@ -165,9 +166,8 @@ def ep_dropless_layer(params: dict, x_NxC: jax.Array, cfg: MoEConfig, tap_RxC: j
     def body(x_nxC, mask_nxE, weights_nxE, experts, tap=None):
         kept_nxE = _global_kept(mask_nxE, rows_glob, axes)
         y_RxC, d = (own_rows if ep == 1 else exchanged_rows)(x_nxC, kept_nxE, experts)
-        y_RxC = y_RxC.astype(jnp.float32)
         if tap is not None:
-            y_RxC = y_RxC + tap
+            y_RxC = y_RxC.astype(jnp.float32) + tap
         return combine_rows(weights_nxE, y_RxC, d, token_sum), y_RxC, d.row_NxE, d.kept_NxE
 
     args = [x_NxC, router.mask, router.weights, params["experts"]]

@@ -12,6 +12,12 @@ capacity are computed; Y and its tap then live in slot space [E, K, C]. `layer_s
 takes the faithful Surprise there; `surprise_inputs` maps them back to the pair layout
 [N, E, C] for any other surprise function. `cfg.dispatch == "dropless"` (onn_jax.dispatch.dropless)
 does the same with one expert-sorted row buffer [R, C] and no per-expert capacity.
+
+Under the dropless dispatch the Y tap is left out (`MoETaps.expert_out = None`) when the
+surprise function needs only dL/dout (`output_grad`, `output_grad_closed`; `y_tap_needed`):
+for a kept pair dL/dY[t, e] = w[t, e] dL/dout[t], so the faithful S = w |dL/dout| on the kept
+pairs and 0 on the dropped ones, with no [R, C] float32 tap, cotangent or row cast (the rows
+stay in the compute dtype; the combine adds them in float32 either way).
 """
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ import jax.numpy as jnp
 from onn_jax.config import MoEConfig
 from onn_jax.core.experts import combine, expert_outputs
 from onn_jax.core.gate import RouterOutput, top_any_gate, topk_gate
-from onn_jax.core.surprise import SurpriseFn, SurpriseInputs, output_grad_surprise
+from onn_jax.core.surprise import SurpriseFn, SurpriseInputs, output_grad_closed_surprise, output_grad_surprise
+from onn_jax.core.surprise_registry import get_surprise_fn
 from onn_jax.dispatch.capacity import (
     Dispatch,
     combine_slots,
@@ -61,8 +68,24 @@ class MoERecord(NamedTuple):
 class MoETaps(NamedTuple):
     """Zero taps whose cotangents are dL/dY and dL/dout."""
 
-    expert_out: jax.Array  # [N, E, C] float32 ([E, K, C] under sparse dispatch)
-    moe_out: jax.Array     # [N, C] float32
+    expert_out: jax.Array | None  # [N, E, C] float32 ([E, K, C] sparse, [R, C] dropless; None: no Y tap)
+    moe_out: jax.Array            # [N, C] float32
+
+
+# Surprise definitions that read only dL/dout and the combine weights: under the dropless
+# dispatch they need no tap on the expert-output rows.
+OUT_ONLY_SURPRISES = (output_grad_surprise, output_grad_closed_surprise)
+
+
+def y_tap_needed(cfg: MoEConfig, surprise_fn: SurpriseFn | None) -> bool:
+    """Whether the layer's taps must include the expert-output tap: always for the dense and
+    sparse dispatch, under dropless only for a surprise function that reads dL/dY (None: the
+    config's own surprise function)."""
+    if cfg.dispatch != "dropless":
+        return True
+    if surprise_fn is None:
+        surprise_fn = get_surprise_fn(cfg.surprise)
+    return surprise_fn not in OUT_ONLY_SURPRISES
 
 
 def zero_taps(num_tokens: int, num_experts: int, hidden: int) -> MoETaps:
@@ -70,9 +93,12 @@ def zero_taps(num_tokens: int, num_experts: int, hidden: int) -> MoETaps:
                    jnp.zeros((num_tokens, hidden), jnp.float32))
 
 
-def layer_taps(cfg: MoEConfig, num_tokens: int, hidden: int) -> MoETaps:
-    """Zero taps shaped for the layer's dispatch: Y taps are [E, K, C] slots when sparse."""
+def layer_taps(cfg: MoEConfig, num_tokens: int, hidden: int, y_tap: bool = True) -> MoETaps:
+    """Zero taps shaped for the layer's dispatch: Y taps are [E, K, C] slots when sparse, [R, C]
+    rows when dropless, and left out (None) under dropless when `y_tap` is False."""
     if cfg.dispatch == "dropless":
+        if not y_tap:
+            return MoETaps(None, jnp.zeros((num_tokens, hidden), jnp.float32))
         found = expert_mesh()  # expert-parallel: the returned rows of every device
         rows = pair_rows(num_tokens, cfg) if found is None else ep_tap_rows(num_tokens, cfg, found[0])
         return MoETaps(jnp.zeros((rows, hidden), jnp.float32),
@@ -92,7 +118,8 @@ def surprise_inputs(record: MoERecord, d_taps: MoETaps) -> SurpriseInputs:
     """
     d_y, y = d_taps.expert_out, record.expert_out
     if record.dispatch is not None:
-        d_y, y = _to_pairs(d_y, record.dispatch), _to_pairs(y, record.dispatch)
+        d_y = None if d_y is None else _to_pairs(d_y, record.dispatch)
+        y = _to_pairs(y, record.dispatch)
     return SurpriseInputs(d_expert_out=d_y, d_moe_out=d_taps.moe_out, expert_out=y,
                           weights=record.router.weights, mask=record.router.mask,
                           expert_in=record.expert_in, expert_params=record.expert_params)
@@ -105,6 +132,14 @@ def layer_surprise(surprise_fn: SurpriseFn, record: MoERecord, d_taps: MoETaps) 
     E*K slot rows, then an [E, K] -> [N, E] gather) instead of on the [N, E, C] pair grid;
     the values are the same. Every other definition sees `surprise_inputs`.
     """
+    if d_taps.expert_out is None:  # dropless with no Y tap (y_tap_needed): from dL/dout alone
+        if surprise_fn not in OUT_ONLY_SURPRISES:
+            raise ValueError("this surprise function reads dL/dY: build the taps with y_tap=True")
+        g_N = jnp.sqrt(jnp.sum(jnp.square(d_taps.moe_out.astype(jnp.float32)), axis=-1))
+        w_NxE = record.router.weights.astype(jnp.float32)
+        if surprise_fn is output_grad_surprise:  # dL/dY = w dL/dout on kept pairs, none elsewhere
+            w_NxE = jnp.where(record.dispatch.kept_NxE, w_NxE, 0.0)
+        return w_NxE * g_N[:, None]
     if record.dispatch is not None and surprise_fn is output_grad_surprise:
         d_y = d_taps.expert_out.astype(jnp.float32)
         return _to_pairs(jnp.sqrt(jnp.sum(jnp.square(d_y), axis=-1)), record.dispatch)
@@ -177,18 +212,17 @@ def _dropless_layer(params, x_NxC, cfg: MoEConfig, taps: MoETaps | None, router:
     """The experts on the kept pairs' rows (onn_jax.dispatch.dropless), combined back in token order;
     expert-parallel inside a sharded step with mesh.expert > 1 (onn_jax.dispatch.expert_parallel)."""
     found = expert_mesh()
+    y_tap = None if taps is None else taps.expert_out
     if found is not None:
-        out_NxC, y_RxC, d = ep_dropless_layer(params, x_NxC, cfg, None if taps is None else taps.expert_out,
-                                              router, *found)
+        out_NxC, y_RxC, d = ep_dropless_layer(params, x_NxC, cfg, y_tap, router, *found)
     else:
         d = make_dropless(router.mask, pair_rows(x_NxC.shape[0], cfg))
         token_sum = resolve_token_sum(cfg.token_sum, x_NxC.shape[-1])
         y_RxC = row_expert_outputs(params["experts"], dispatch_rows(x_NxC, d, token_sum), d.sizes_E,
                                    cfg.expert_kind, resolve_gemm(cfg.gemm, x_NxC.dtype))
-        y_RxC = y_RxC.astype(jnp.float32)
-        if taps is not None:
-            y_RxC = y_RxC + taps.expert_out
-        out_NxC = combine_rows(router.weights, y_RxC, d, token_sum)
+        if y_tap is not None:  # the Surprise reads dL/dY: float32 rows plus the tap
+            y_RxC = y_RxC.astype(jnp.float32) + y_tap
+        out_NxC = combine_rows(router.weights, y_RxC, d, token_sum)  # adds in float32 either way
     if taps is not None:
         out_NxC = out_NxC + taps.moe_out
     return out_NxC, MoERecord(router=router, expert_out=y_RxC, dispatch=d, expert_in=x_NxC,

@@ -25,7 +25,7 @@ from onn_jax.core.losses import next_token_loss
 from onn_jax.core.surprise import SurpriseFn
 from onn_jax.core.surprise_registry import get_surprise_fn
 from onn_jax.core.surprise_variants import advantage_surprise
-from onn_jax.nn.moe import expert_received_tokens, layer_surprise, layer_taps
+from onn_jax.nn.moe import expert_received_tokens, layer_surprise, layer_taps, y_tap_needed
 from onn_jax.nn.output import output_loss
 from onn_jax.nn.transformer import Transformer, model_taps
 from onn_jax.nn.units import UnitRecords, unit_records, unit_taps
@@ -37,11 +37,17 @@ from onn_jax.training.options.router_state import forward_params, update_router_
 from onn_jax.training.state import Batch, TrainState
 
 
-def step_taps(cfg: ModelConfig, batch_size: int, seq_len: int):
-    """The zero Surprise taps of every MoE layer, shaped for its dispatch (None for dense FFN)."""
-    if cfg.moe.router == "dense" or cfg.moe.dispatch == "dense":
+def step_taps(cfg: ModelConfig, batch_size: int, seq_len: int, surprise_fn: str | SurpriseFn | None = None):
+    """The zero Surprise taps of every MoE layer, shaped for its dispatch and for what
+    `surprise_fn` (default: the config's) reads; None where no Surprise is taken (the dense FFN
+    and the top-k router: their forward carries no tap at all)."""
+    if cfg.moe.router != "surprise":
+        return None
+    if cfg.moe.dispatch == "dense":
         return model_taps(cfg, batch_size, seq_len)
-    return tuple(layer_taps(cfg.moe, batch_size * seq_len, cfg.hidden) for _ in range(cfg.num_layers))
+    fn = None if surprise_fn is None else get_surprise_fn(surprise_fn)
+    y_tap = y_tap_needed(cfg.moe, fn)
+    return tuple(layer_taps(cfg.moe, batch_size * seq_len, cfg.hidden, y_tap) for _ in range(cfg.num_layers))
 
 
 def forward_loss(cfg: ModelConfig, model: Transformer, params, batch: Batch, taps, utaps,
@@ -87,7 +93,7 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig,
     """
     model = Transformer(cfg)
     b, t = batch["inputs"].shape
-    taps = step_taps(cfg, b, t)
+    taps = step_taps(cfg, b, t, surprise_fn)
     uses_surprise = cfg.moe.router == "surprise"
     surprise_fn = get_surprise_fn(surprise_fn or cfg.moe.surprise) if uses_surprise else None
     if surprise_fn is advantage_surprise and cfg.moe.dispatch != "dense":
