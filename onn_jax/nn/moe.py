@@ -184,7 +184,8 @@ def moe_layer(params: dict, x_NxC: jax.Array, cfg: MoEConfig,
     runs only active pairs within the capacity (onn_jax.dispatch.capacity). The output is float32;
     the caller casts it back to the residual dtype.
     """
-    router = route(params, x_NxC, cfg)
+    with jax.named_scope("route"):  # named scopes: profiles attribute time by them (bench/attribution.py)
+        router = route(params, x_NxC, cfg)
     if cfg.dispatch == "dropless":
         return _dropless_layer(params, x_NxC, cfg, taps, router)
     if cfg.dispatch == "sparse":
@@ -216,13 +217,18 @@ def _dropless_layer(params, x_NxC, cfg: MoEConfig, taps: MoETaps | None, router:
     if found is not None:
         out_NxC, y_RxC, d = ep_dropless_layer(params, x_NxC, cfg, y_tap, router, *found)
     else:
-        d = make_dropless(router.mask, pair_rows(x_NxC.shape[0], cfg))
         token_sum = resolve_token_sum(cfg.token_sum, x_NxC.shape[-1])
-        y_RxC = row_expert_outputs(params["experts"], dispatch_rows(x_NxC, d, token_sum), d.sizes_E,
-                                   cfg.expert_kind, resolve_gemm(cfg.gemm, x_NxC.dtype))
+        with jax.named_scope("layout"):
+            d = make_dropless(router.mask, pair_rows(x_NxC.shape[0], cfg))
+        with jax.named_scope("dispatch"):
+            x_RxC = dispatch_rows(x_NxC, d, token_sum)
+        with jax.named_scope("experts"):
+            y_RxC = row_expert_outputs(params["experts"], x_RxC, d.sizes_E, cfg.expert_kind,
+                                       resolve_gemm(cfg.gemm, x_NxC.dtype))
         if y_tap is not None:  # the Surprise reads dL/dY: float32 rows plus the tap
             y_RxC = y_RxC.astype(jnp.float32) + y_tap
-        out_NxC = combine_rows(router.weights, y_RxC, d, token_sum)  # adds in float32 either way
+        with jax.named_scope("combine"):
+            out_NxC = combine_rows(router.weights, y_RxC, d, token_sum)  # adds in float32 either way
     if taps is not None:
         out_NxC = out_NxC + taps.moe_out
     return out_NxC, MoERecord(router=router, expert_out=y_RxC, dispatch=d, expert_in=x_NxC,

@@ -120,11 +120,12 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig,
     surprises = (None,) * len(records)
     usurprises = UnitRecords()
     if uses_surprise or utaps is not None:
-        _, d_taps, d_utaps = pullback((one, no_gate))
-        if uses_surprise:
-            surprises = tuple(jax.lax.stop_gradient(layer_surprise(surprise_fn, r, d))
-                              for d, r in zip(d_taps, records))
-        usurprises = unit_surprises(cfg, urecords, d_utaps)
+        with jax.named_scope("surprise"):
+            _, d_taps, d_utaps = pullback((one, no_gate))
+            if uses_surprise:
+                surprises = tuple(jax.lax.stop_gradient(layer_surprise(surprise_fn, r, d))
+                                  for d, r in zip(d_taps, records))
+            usurprises = unit_surprises(cfg, urecords, d_utaps)
 
     # What each gate loss is trained toward: S, every token, argmin S, unless a gate option
     # (onn_jax.training.options) reshapes it.
@@ -144,11 +145,13 @@ def compute_grads(params, batch: Batch, cfg: ModelConfig,
         return moe_loss * w_aux + unit_total, (moe_loss, parts, unit_total, per_kind)
 
     # Every gate loss in the second pullback, each kind weighted by its own w_aux.
-    (_, (gate_loss, parts, unit_total, per_kind)), d_gate = jax.value_and_grad(
-        total_gate_loss, has_aux=True)(gate_inputs)
+    with jax.named_scope("gate_loss"):
+        (_, (gate_loss, parts, unit_total, per_kind)), d_gate = jax.value_and_grad(
+            total_gate_loss, has_aux=True)(gate_inputs)
     if gate_share is not None:
         d_gate = jax.tree.map(lambda g: g * gate_share, d_gate)
-    grads, _, _ = pullback((one, d_gate))
+    with jax.named_scope("gradient"):
+        grads, _, _ = pullback((one, d_gate))
 
     metrics = {
         "train/main_loss": main,
