@@ -14,17 +14,22 @@ All pure functions of [N, E] arrays; the gate options of onn_jax.training.option
   the thresholded count alone was held near 2 while half the tokens fell into the E/2 fallback.
 The temperature of the soft target and KL-only / CE-only losses are arguments of
 onn_jax.core.losses.hybrid_gate_loss (kl_temperature, w_ce, w_kl).
+Entry contracts (onn_jax.core.contracts): S and pre are floating [N, E], live [E].
 """
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
+
+from onn_jax.core.contracts import check_scores
 
 BUDGET_TAU = 0.1  # sharpness of the sigmoid that stands for "pre > 0"
 
 
 def random_tie_argmin(surprise_NxE: jax.Array, key: jax.Array) -> jax.Array:
     """[N] int32: per row, an index drawn uniformly among the entries equal to the row minimum."""
+    check_scores("random_tie_argmin", "surprise_NxE", surprise_NxE)
     s = surprise_NxE.astype(jnp.float32)
     tied_NxE = s == jnp.min(s, axis=-1, keepdims=True)
     u_NxE = jax.random.uniform(key, s.shape)
@@ -32,7 +37,12 @@ def random_tie_argmin(surprise_NxE: jax.Array, key: jax.Array) -> jax.Array:
 
 
 def nonconstant_rows(surprise_NxE: jax.Array, live_E: jax.Array | None = None) -> jax.Array:
-    """[N] bool: the row of S has at least two different values (among the live experts)."""
+    """[N] bool: the row of S has at least two different values (among the live experts).
+    live_E: [E] of any dtype (cast to bool)."""
+    check_scores("nonconstant_rows", "surprise_NxE", surprise_NxE)
+    if live_E is not None:
+        chex.assert_shape(live_E, surprise_NxE.shape[1:],
+                          custom_message="nonconstant_rows: live_E must be [E], E of surprise_NxE")
     s = surprise_NxE.astype(jnp.float32)
     if live_E is None:
         return jnp.max(s, axis=-1) > jnp.min(s, axis=-1)
@@ -42,6 +52,7 @@ def nonconstant_rows(surprise_NxE: jax.Array, live_E: jax.Array | None = None) -
 
 def soft_k(pre_NxE: jax.Array, tau: float = BUDGET_TAU) -> jax.Array:
     """[N]: sum_e sigmoid(pre[t, e] / tau), a smooth count of the experts above threshold."""
+    check_scores("soft_k", "pre_NxE", pre_NxE)
     return jnp.sum(jax.nn.sigmoid(pre_NxE.astype(jnp.float32) / tau), axis=-1)
 
 
@@ -49,6 +60,7 @@ def expected_k(pre_NxE: jax.Array, fallback_k: int, tau: float = BUDGET_TAU) -> 
     """[N]: the expected expert count when expert e is active with probability sigmoid(pre / tau),
     independently, and a token with none active takes fallback_k experts (as the gate does):
     soft_k + fallback_k * prod_e (1 - sigmoid(pre / tau)), the product taken in log space."""
+    check_scores("expected_k", "pre_NxE", pre_NxE)
     z_NxE = pre_NxE.astype(jnp.float32) / tau
     p_none_N = jnp.exp(jnp.sum(jax.nn.log_sigmoid(-z_NxE), axis=-1))
     return soft_k(pre_NxE, tau) + fallback_k * p_none_N
@@ -58,5 +70,6 @@ def avg_k_budget(pre_NxE: jax.Array, budget_k: float, tau: float = BUDGET_TAU,
                  fallback_k: int | None = None) -> jax.Array:
     """(mean_t k_t - budget_k)^2: pulls the gate's mean expert count toward budget_k. k_t is
     soft_k (the thresholded count), or expected_k when fallback_k is given (fallback counted)."""
+    check_scores("avg_k_budget", "pre_NxE", pre_NxE)
     k_N = soft_k(pre_NxE, tau) if fallback_k is None else expected_k(pre_NxE, fallback_k, tau)
     return jnp.square(jnp.mean(k_N) - budget_k)

@@ -8,7 +8,8 @@ are not expert weights pass through untouched.
 With `idle_aware=True` (the faithful no-token rule, optim.idle_experts='skip') the update
 takes the optax extra argument `expert_active` ([L, E] bool, onn_jax.core.optimizer): the entries
 of experts that received no token are left out of mean, std and the count n (they have no
-gradient in the original), and out of the zeroed fraction.
+gradient in the original), and out of the zeroed fraction. Its contract (onn_jax.core.contracts):
+a bool [L, E], checked at the update.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+
+from onn_jax.core.contracts import check_expert_active
 
 
 class SigmaFilterState(NamedTuple):
@@ -96,6 +99,7 @@ def sigma_filter(mode: str = "one_sided", scope: str = "pooled", sigma: float = 
         del params, extra_args
         if not idle_aware:
             expert_active = None
+        check_expert_active("sigma_filter", expert_active)
         if mode == "off":
             return updates, state
         paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
 
+from onn_jax.core.contracts import check_expert_active
 from onn_jax.core.grad_filter import expert_axes, leaf_active
 
 ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
@@ -59,6 +61,8 @@ def per_expert_adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float
     An idle expert's moments and counter are kept and its update is -0.0, so
     `optax.apply_updates` leaves its parameters bitwise unchanged (x + -0.0 == x for every x).
     Without `expert_active` every expert counts as active (then it equals optax.adamw).
+    The update checks (chex) that the updates have the params' shapes and that `expert_active`
+    is a bool [L, E].
     """
     lr_fn = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
 
@@ -74,6 +78,9 @@ def per_expert_adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float
         del extra_args
         if params is None:
             raise ValueError("per_expert_adamw needs params (decoupled weight decay)")
+        chex.assert_trees_all_equal_shapes(updates, params,
+                                           custom_message="per_expert_adamw: updates must have the params' shapes")
+        check_expert_active("per_expert_adamw", expert_active)
         lr = jnp.asarray(lr_fn(state.count), jnp.float32)
 
         def one(path, g, p, t, m, v):

@@ -19,14 +19,18 @@ get no credit from the ties, and the load numbers show the collapse itself:
 
 Dead experts need a window (an expert may be idle in one batch and alive): the training
 program counts them per layer from the window-averaged `moe/expert_load` (`dead_experts`).
+
+Entry contracts (onn_jax.core.contracts): pre, S and the weights are floating [N, E], masks [N, E].
 """
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from onn_jax.core.analysis import surprise_target_counts
+from onn_jax.core.contracts import check_scores
 
 # An expert is dead in a logging window if it is active for fewer than this share of tokens.
 DEAD_LOAD_FLOOR = 1e-3
@@ -34,6 +38,10 @@ DEAD_LOAD_FLOOR = 1e-3
 
 def informative_gate_hits(pre_NxE: jax.Array, surprise_NxE: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(hits, count) of argmax pre == argmin S over tokens whose S row is not constant."""
+    check_scores("informative_gate_hits", "pre_NxE", pre_NxE)
+    check_scores("informative_gate_hits", "surprise_NxE", surprise_NxE)
+    chex.assert_equal_shape([pre_NxE, surprise_NxE],
+                            custom_message="informative_gate_hits: surprise_NxE must be [N, E] like pre_NxE")
     s = surprise_NxE.astype(jnp.float32)
     informative_N = jnp.max(s, -1) > jnp.min(s, -1)
     hit_N = jnp.argmax(pre_NxE, -1) == jnp.argmin(s, -1)
@@ -41,26 +49,31 @@ def informative_gate_hits(pre_NxE: jax.Array, surprise_NxE: jax.Array) -> tuple[
 
 
 def load_balance(mask_NxE: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(cv, max/mean) of the per-expert share of tokens that activate the expert."""
+    """(cv, max/mean) of the per-expert share of tokens that activate the expert; mask_NxE [N, E]."""
+    chex.assert_rank(mask_NxE, 2, custom_message="load_balance: mask_NxE must be [N, E]")
     load_E = jnp.mean(mask_NxE.astype(jnp.float32), 0)
     mean = jnp.maximum(jnp.mean(load_E), 1e-12)
     return jnp.std(load_E) / mean, jnp.max(load_E) / mean
 
 
 def weight_entropy(weights_NxE: jax.Array) -> jax.Array:
-    """Mean over tokens of -sum_e w log w (0 log 0 = 0)."""
+    """Mean over tokens of -sum_e w log w (0 log 0 = 0); weights_NxE floating [N, E]."""
+    check_scores("weight_entropy", "weights_NxE", weights_NxE)
     w = weights_NxE.astype(jnp.float32)
     return jnp.mean(-jnp.sum(jnp.where(w > 0, w * jnp.log(jnp.where(w > 0, w, 1.0)), 0.0), -1))
 
 
 def routing_metrics(records, surprises, router: str) -> dict[str, jax.Array]:
-    """The module docstring's metrics over the MoE layers of one step."""
+    """The module docstring's metrics over the MoE layers of one step (records: one per layer;
+    surprises: their S [N, E], one per record, read by the `surprise` router's metrics)."""
     mean = lambda xs: jnp.mean(jnp.stack(xs))
     balance = [load_balance(r.router.mask) for r in records]
     out = {"moe/load_cv": mean([b[0] for b in balance]),
            "moe/load_max_mean": mean([b[1] for b in balance]),
            "moe/router_entropy": mean([weight_entropy(r.router.weights) for r in records])}
     if router == "surprise":
+        chex.assert_equal(len(surprises), len(records),
+                          custom_message="routing_metrics: surprises must hold one S per record")
         n = records[0].router.mask.shape[0]
         hits = [informative_gate_hits(r.router.pre, s) for r, s in zip(records, surprises)]
         out["moe/gate_acc_informative"] = sum(h for h, _ in hits) / jnp.maximum(sum(c for _, c in hits), 1.0)

@@ -8,11 +8,15 @@ it to the train step (or registering it in SURPRISE_FNS to select it by name).
 
 Note (docs/ALGORITHM.md, section 2): with out = sum_e w[t,e] Y[t,e], dL/dY[t,e] = w[t,e] dL/dout[t],
 so the faithful S[t,e] = w[t,e] |dL/dout[t]|, zero for every inactive expert.
+
+Each definition checks, at entry, the fields it reads (chex, static shapes and dtypes only, so
+free under jit): their ranks, that N, E and C agree among them, and that they are floating.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -33,7 +37,9 @@ SurpriseFn = Callable[[SurpriseInputs], jax.Array]
 
 
 def output_grad_surprise(inputs: SurpriseInputs) -> jax.Array:
-    """Faithful: S[t, e] = || dL/dY[t, e, :] ||_2 in float32."""
+    """Faithful: S[t, e] = || dL/dY[t, e, :] ||_2 in float32. Reads d_expert_out [N, E, C]."""
+    chex.assert_rank(inputs.d_expert_out, 3, custom_message="output_grad_surprise: d_expert_out must be [N, E, C]")
+    chex.assert_type(inputs.d_expert_out, float, custom_message="output_grad_surprise: d_expert_out must be floating")
     d = inputs.d_expert_out.astype(jnp.float32)
     return jnp.sqrt(jnp.sum(jnp.square(d), axis=-1))
 
@@ -44,7 +50,14 @@ def output_grad_closed_surprise(inputs: SurpriseInputs) -> jax.Array:
     Equal to `output_grad` (up to rounding) for the faithful combine out = sum_e w Y, and
     cheaper: it needs only dL/dout [N, C], never the [N, E, C] cotangent. Under sparse
     dispatch it also gives dropped pairs their (dense-path) Surprise instead of 0.
+    Reads d_moe_out [N, C] and weights [N, E].
     """
+    fn = "output_grad_closed_surprise"
+    chex.assert_rank(inputs.d_moe_out, 2, custom_message=f"{fn}: d_moe_out must be [N, C]")
+    chex.assert_shape(inputs.weights, (inputs.d_moe_out.shape[0], None),
+                      custom_message=f"{fn}: weights must be [N, E], N of d_moe_out")
+    chex.assert_type([inputs.d_moe_out, inputs.weights], float,
+                     custom_message=f"{fn}: d_moe_out, weights must be floating")
     d = inputs.d_moe_out.astype(jnp.float32)
     norm_N = jnp.sqrt(jnp.sum(jnp.square(d), axis=-1))
     return inputs.weights.astype(jnp.float32) * norm_N[:, None]

@@ -23,12 +23,16 @@ the gate loss (its hard target is argmin S, its soft target softmax(-S)).
   which SurpriseInputs carries as the optional fields `expert_in` and `expert_params`.
   Other unit kinds (gated attention heads) put an object with a method
   `unit_grad_norms(x_NxC, g_NxC) -> [N, U]` in `expert_params`; it is called instead.
+Like the definitions of onn_jax.core.surprise, each checks at entry the shapes and dtypes of
+the fields it reads (chex).
 """
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
+from onn_jax.core.contracts import check_stacked_experts, check_tokens
 from onn_jax.core.experts import gelu_exact
 from onn_jax.core.surprise import SurpriseInputs
 
@@ -36,7 +40,17 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def advantage_surprise(inputs: SurpriseInputs) -> jax.Array:
-    """A[t, e] = <g_t, Y[t, e] - out_t> in float32, out_t = sum_e w[t, e] Y[t, e]."""
+    """A[t, e] = <g_t, Y[t, e] - out_t> in float32, out_t = sum_e w[t, e] Y[t, e].
+
+    Reads expert_out Y [N, E, C], d_moe_out g [N, C] and weights w [N, E], floating.
+    """
+    fn = "advantage_surprise"
+    chex.assert_rank(inputs.expert_out, 3, custom_message=f"{fn}: expert_out must be [N, E, C]")
+    n, e, c = inputs.expert_out.shape
+    chex.assert_shape(inputs.d_moe_out, (n, c), custom_message=f"{fn}: d_moe_out must be [N, C] of expert_out")
+    chex.assert_shape(inputs.weights, (n, e), custom_message=f"{fn}: weights must be [N, E] of expert_out")
+    chex.assert_type([inputs.expert_out, inputs.d_moe_out, inputs.weights], float,
+                     custom_message=f"{fn}: expert_out, d_moe_out, weights must be floating")
     y_NxExC = inputs.expert_out.astype(jnp.float32)
     g_NxC = inputs.d_moe_out.astype(jnp.float32)
     out_NxC = jnp.einsum("ne,nec->nc", inputs.weights.astype(jnp.float32), y_NxExC, precision=HIGHEST)
@@ -53,7 +67,11 @@ def expert_grad_norms(expert_params: dict, x_NxC: jax.Array, g_NxC: jax.Array) -
 
     expert_params: stacked w1 [E, C, I], w2 [E, I, C] (and w3 [E, C, I] for SwiGLU, detected
     by its presence). Per linear layer |input| * |output cotangent| (per-example factorisation).
+    x_NxC and g_NxC floating [N, C].
     """
+    check_stacked_experts("expert_grad_norms", expert_params, x_NxC, "w3" in expert_params)
+    chex.assert_equal_shape([x_NxC, g_NxC], custom_message="expert_grad_norms: g_NxC must be [N, C] like x_NxC")
+    chex.assert_type(g_NxC, float, custom_message="expert_grad_norms: g_NxC must be floating")
     f32 = lambda a: a.astype(jnp.float32)
     x, g = f32(x_NxC), f32(g_NxC)
     h_NxExI = jnp.einsum("nc,eci->nei", x, f32(expert_params["w1"]), precision=HIGHEST)
@@ -87,6 +105,9 @@ def learning_cost_surprise(inputs: SurpriseInputs) -> jax.Array:
         raise ValueError("surprise 'learning_cost' needs SurpriseInputs.expert_in (the experts' "
                          "input x [N, C]) and SurpriseInputs.expert_params (stacked w1, w2[, w3]); "
                          "the MoE record did not provide them")
+    check_tokens("learning_cost_surprise", "expert_in", x)
+    chex.assert_equal_shape([x, inputs.d_moe_out],
+                            custom_message="learning_cost_surprise: d_moe_out must be [N, C] like expert_in")
     if hasattr(params, "unit_grad_norms"):  # a unit kind that declares its own (heads.HeadGradNorms)
         return params.unit_grad_norms(x, inputs.d_moe_out)
     return learning_cost(inputs, x, params)
