@@ -1,7 +1,9 @@
-"""The 2-sigma expert gradient filter against NumPy statistics."""
+"""The 2-sigma expert gradient filter against NumPy statistics, eagerly and under jit (chex.variants)."""
+import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
+from absl.testing import parameterized
 
 from onn_jax.core.grad_filter import sigma_filter
 
@@ -23,76 +25,78 @@ def expert_leaves(tree):
             tree["block_1"]["moe"]["experts"]["w1"], tree["block_1"]["moe"]["experts"]["w2"]]
 
 
-def apply_filter(tree, **kw):
+def non_expert_leaves(tree):
+    return [tree["block_0"]["moe"]["prototypes"], tree["block_0"]["attn"]["kernel"], tree["embed"]["embedding"]]
+
+
+def apply_filter(tree, variant=lambda fn: fn, **kw):
+    """The filter's update on `tree` (through `variant`: as is, or chex's jit / no-jit wrapper)."""
     tx = sigma_filter(**kw)
-    out, state = tx.update(jax_tree(tree), tx.init(tree))
+    out, state = variant(tx.update)(jax_tree(tree), tx.init(tree))
     return out, state
 
 
 def jax_tree(tree):
-    import jax
     return jax.tree.map(jnp.asarray, tree)
 
 
 def check_non_expert_untouched(tree, out):
-    for a, b in [(tree["block_0"]["moe"]["prototypes"], out["block_0"]["moe"]["prototypes"]),
-                 (tree["block_0"]["attn"]["kernel"], out["block_0"]["attn"]["kernel"]),
-                 (tree["embed"]["embedding"], out["embed"]["embedding"])]:
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(non_expert_leaves(out), non_expert_leaves(tree))
 
 
-def test_pooled_one_sided_is_faithful():
-    tree = grads_tree()
-    out, state = apply_filter(tree)
-    pooled = np.concatenate([x.ravel().astype(np.float64) for x in expert_leaves(tree)])
-    thr = pooled.mean() + 2.0 * pooled.std(ddof=1)
-    dropped = 0
-    for before, after in zip(expert_leaves(tree), expert_leaves(out)):
-        expected = np.where(before > thr, 0.0, before)
-        np.testing.assert_array_equal(after, expected)
-        dropped += int((before > thr).sum())
-    assert dropped > 0, "the fixture must contain outliers"
-    assert any((x < -thr).any() for x in expert_leaves(tree)), "negative outliers must survive"
-    check_non_expert_untouched(tree, out)
-    np.testing.assert_allclose(state.zeroed_fraction, dropped / pooled.size, rtol=1e-6)
+def zeroed_above(leaves, thr, magnitude=False):
+    """Each leaf with its entries above thr (|entry| when magnitude) set to 0, in NumPy."""
+    return [np.where((np.abs(x) if magnitude else x) > thr, 0.0, x) for x in leaves]
 
 
-def test_two_sided_filters_large_magnitudes_of_both_signs():
-    tree = grads_tree(1)
-    out, _ = apply_filter(tree, mode="two_sided")
-    pooled = np.abs(np.concatenate([x.ravel().astype(np.float64) for x in expert_leaves(tree)]))
-    thr = pooled.mean() + 2.0 * pooled.std(ddof=1)
-    for before, after in zip(expert_leaves(tree), expert_leaves(out)):
-        np.testing.assert_array_equal(after, np.where(np.abs(before) > thr, 0.0, before))
-    assert any((x < -thr).any() for x in expert_leaves(tree))
-    check_non_expert_untouched(tree, out)
+class TestSigmaFilterAgainstNumPy(chex.TestCase):
 
-
-def test_per_layer_uses_each_blocks_own_statistics():
-    tree = grads_tree(2)
-    out, _ = apply_filter(tree, scope="per_layer")
-    leaves_in, leaves_out = expert_leaves(tree), expert_leaves(out)
-    for layer in (slice(0, 2), slice(2, 4)):
-        pooled = np.concatenate([x.ravel().astype(np.float64) for x in leaves_in[layer]])
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_pooled_one_sided_is_faithful(self):
+        tree = grads_tree()
+        out, state = apply_filter(tree, self.variant)
+        pooled = np.concatenate([x.ravel().astype(np.float64) for x in expert_leaves(tree)])
         thr = pooled.mean() + 2.0 * pooled.std(ddof=1)
-        for before, after in zip(leaves_in[layer], leaves_out[layer]):
-            np.testing.assert_array_equal(after, np.where(before > thr, 0.0, before))
-    pooled_out, _ = apply_filter(tree)
-    assert not all(np.array_equal(a, b) for a, b in zip(expert_leaves(pooled_out), leaves_out))
+        chex.assert_trees_all_equal(expert_leaves(out), zeroed_above(expert_leaves(tree), thr))
+        dropped = sum(int((before > thr).sum()) for before in expert_leaves(tree))
+        assert dropped > 0, "the fixture must contain outliers"
+        assert any((x < -thr).any() for x in expert_leaves(tree)), "negative outliers must survive"
+        check_non_expert_untouched(tree, out)
+        np.testing.assert_allclose(state.zeroed_fraction, dropped / pooled.size, rtol=1e-6)
 
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_two_sided_filters_large_magnitudes_of_both_signs(self):
+        tree = grads_tree(1)
+        out, _ = apply_filter(tree, self.variant, mode="two_sided")
+        pooled = np.abs(np.concatenate([x.ravel().astype(np.float64) for x in expert_leaves(tree)]))
+        thr = pooled.mean() + 2.0 * pooled.std(ddof=1)
+        chex.assert_trees_all_equal(expert_leaves(out), zeroed_above(expert_leaves(tree), thr, magnitude=True))
+        assert any((x < -thr).any() for x in expert_leaves(tree))
+        check_non_expert_untouched(tree, out)
 
-@pytest.mark.parametrize("sigma", [1.0, 3.0])
-def test_sigma_is_honoured(sigma):
-    tree = grads_tree(3)
-    out, _ = apply_filter(tree, sigma=sigma)
-    pooled = np.concatenate([x.ravel().astype(np.float64) for x in expert_leaves(tree)])
-    thr = pooled.mean() + sigma * pooled.std(ddof=1)
-    for before, after in zip(expert_leaves(tree), expert_leaves(out)):
-        np.testing.assert_array_equal(after, np.where(before > thr, 0.0, before))
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_per_layer_uses_each_blocks_own_statistics(self):
+        tree = grads_tree(2)
+        out, _ = apply_filter(tree, self.variant, scope="per_layer")
+        leaves_in, leaves_out = expert_leaves(tree), expert_leaves(out)
+        for layer in (slice(0, 2), slice(2, 4)):
+            pooled = np.concatenate([x.ravel().astype(np.float64) for x in leaves_in[layer]])
+            thr = pooled.mean() + 2.0 * pooled.std(ddof=1)
+            chex.assert_trees_all_equal(leaves_out[layer], zeroed_above(leaves_in[layer], thr))
+        pooled_out, _ = apply_filter(tree, self.variant)
+        assert not all(np.array_equal(a, b) for a, b in zip(expert_leaves(pooled_out), leaves_out))
 
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(("sigma1", 1.0), ("sigma3", 3.0))
+    def test_sigma_is_honoured(self, sigma):
+        tree = grads_tree(3)
+        out, _ = apply_filter(tree, self.variant, sigma=sigma)
+        pooled = np.concatenate([x.ravel().astype(np.float64) for x in expert_leaves(tree)])
+        thr = pooled.mean() + sigma * pooled.std(ddof=1)
+        chex.assert_trees_all_equal(expert_leaves(out), zeroed_above(expert_leaves(tree), thr))
 
-def test_off_is_the_identity():
-    tree = grads_tree(4)
-    out, _ = apply_filter(tree, mode="off")
-    for a, b in zip(expert_leaves(tree), expert_leaves(out)):
-        np.testing.assert_array_equal(a, b)
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_off_is_the_identity(self):
+        tree = grads_tree(4)
+        out, _ = apply_filter(tree, self.variant, mode="off")
+        chex.assert_trees_all_equal(expert_leaves(out), expert_leaves(tree))

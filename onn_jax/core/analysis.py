@@ -73,6 +73,10 @@ def surprise_target_counts(surprise_NxE: jax.Array, mask_NxE: jax.Array,
     With the faithful S = w |g| every token that has an inactive expert gets the first
     inactive expert as its target, and a token with g = 0 gets expert 0.
     """
+    check_scores("surprise_target_counts", "surprise_NxE", surprise_NxE)
+    chex.assert_equal_shape([surprise_NxE, mask_NxE],
+                            custom_message="surprise_target_counts: mask_NxE must be [N, E] like surprise_NxE")
+    check_per_token("surprise_target_counts", "token_mask_N", token_mask_N, surprise_NxE.shape[0])
     w = _token_weights(surprise_NxE.shape[0], token_mask_N)
     target_N = jnp.argmin(surprise_NxE, axis=-1)
     active_N = jnp.take_along_axis(mask_NxE, target_N[:, None], axis=-1)[:, 0]
@@ -123,6 +127,7 @@ def _entropy(p: jax.Array, axis: int) -> jax.Array:
 def nmi_from_counts(counts_DxE: jax.Array) -> jax.Array:
     """Normalised mutual information I(E;D)/sqrt(H(E)H(D)) of a [..., D, E] count table
     (leading axes, e.g. layers, are kept). 0 where an entropy or the total is 0."""
+    chex.assert_shape(counts_DxE, (..., None, None), custom_message="nmi_from_counts: counts_DxE must be [..., D, E]")
     n = counts_DxE.astype(jnp.float32)
     p = n / jnp.maximum(jnp.sum(n, axis=(-2, -1), keepdims=True), 1e-30)
     p_d = jnp.sum(p, axis=-1, keepdims=True)
