@@ -55,7 +55,7 @@ def _inputs(d, r, x=None, p=None):
 def _mixing_jacobian(num_layers, seed, layer):
     """dL/d eps [N, E] at eps = 0, where out_t -> out_t + sum_e eps[t,e] (Y[t,e] - out_t) in `layer`:
     routing weight moved towards expert e (brute force: the scalar loss's full Jacobian)."""
-    cfg, params, batch, taps, records, _, _, model = _model_setup(num_layers=num_layers, seed=seed)
+    _, params, batch, taps, records, _, _, model = _model_setup(num_layers=num_layers, seed=seed)
     r = records[layer]
     y, w = jax.lax.stop_gradient(r.expert_out), jax.lax.stop_gradient(r.router.weights)
     out = jnp.einsum("ne,nec->nc", w, y)
@@ -74,7 +74,7 @@ class TestAdvantageAgainstReferences(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     @pytest.mark.slow  # innermost: the generated variants copy the marked function's attributes
     def test_advantage_equals_jacobian_of_the_loss_wrt_moving_routing_weight_in_the_model(self):
-        cfg, params, batch, taps, records, d_taps, _, model = _model_setup(num_layers=2, seed=3)
+        cfg, _, _, _, records, d_taps, _, _ = _model_setup(num_layers=2, seed=3)
         advantage = self.variant(advantage_surprise)
         for layer in range(cfg.num_layers):
             r = records[layer]
@@ -128,7 +128,7 @@ def _learning_cost_references(kind, layer):
     """Brute force for layer `layer` of _model_setup(num_layers=2, seed=1, expert_kind=kind):
     (per-token gradients of <g_t, Y(x_t)> w.r.t. the stacked expert weights, their per-expert
     norms [N, E], and the true gradient of the main loss w.r.t. the layer's expert weights)."""
-    cfg, params, batch, taps, records, d_taps, xs, model = _model_setup(num_layers=2, seed=1, expert_kind=kind)
+    _, params, batch, taps, _, d_taps, xs, model = _model_setup(num_layers=2, seed=1, expert_kind=kind)
     ep = params[f"block_{layer}"]["moe"]["experts"]
     per_token, brute = _brute_per_token_grad_norms(ep, xs[layer], d_taps[layer].moe_out, kind)
     true = jax.jit(jax.grad(lambda ep_: _loss_with_experts(model, params, batch, taps, layer, ep_)))(ep)
@@ -141,7 +141,7 @@ class TestLearningCostAgainstBruteForce(chex.TestCase):
     @parameterized.named_parameters(("gelu", "gelu"), ("swiglu", "swiglu"))
     @pytest.mark.slow  # innermost: the generated variants copy the marked function's attributes
     def test_learning_cost_equals_brute_force_per_token_parameter_gradient_norm(self, kind):
-        cfg, params, batch, taps, records, d_taps, xs, model = _model_setup(num_layers=2, seed=1, expert_kind=kind)
+        cfg, params, _, _, records, d_taps, xs, _ = _model_setup(num_layers=2, seed=1, expert_kind=kind)
         cost = self.variant(learning_cost)
         norms = self.variant(expert_grad_norms)
         # Via the optional SurpriseInputs fields, as the registry calls it.
