@@ -80,7 +80,7 @@ class BenchError(ValueError):
 def load_config(args) -> tuple[str, Config]:
     """(name, Config) from --config FILE (through the training program's loader) or --preset."""
     if args.config:
-        from train.config_loader import load  # the training program's loader: same errors, same files
+        from train.common.config_loader import load  # the training program's loader: same errors, same files
         return os.path.splitext(os.path.basename(args.config))[0], load(args.config)
     if args.preset not in PRESETS:
         raise BenchError(f"--preset: unknown preset {args.preset!r}; known: {sorted(PRESETS)}")

@@ -5,7 +5,14 @@ from pathlib import Path
 import pytest
 
 from onn_jax.config import Config
-from train.config_loader import ConfigLoadError, apply_overrides, load, load_config_file, parse_value, split_overrides
+from train.common.config_loader import (
+    ConfigLoadError,
+    apply_overrides,
+    load,
+    load_config_file,
+    parse_value,
+    split_overrides,
+)
 
 CONFIGS = ("tiny", "default", "reference", "gpu_small", "gpu_large")
 ROOT = Path(__file__).resolve().parents[1]

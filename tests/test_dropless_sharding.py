@@ -46,7 +46,7 @@ def test_sharded_dropless_step_equals_one_device(shape, gemm, reference):
 def test_mesh_eval_equals_one_device_eval(shape, reference):
     """onn-train's eval on a mesh (make_eval_step(mesh=...), global batches) runs the dropless
     layer per device as training does and gives the one-device eval's metrics."""
-    from train.evaluate import evaluate, make_eval_step
+    from train.run.evaluate import evaluate, make_eval_step
     state0_ref = reference[0]
     batch = {**make_batch(seed=3), "domain": np.arange(len(make_batch()["inputs"])) % 2}
     batch["domain"][-1] = -1                      # a padding row

@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
+from train.common.metrics_file import read_metrics
 from train.eval_cli import main
-from train.logging import read_metrics
 from train.main import main as train_main
 
 STEPS = 4
@@ -120,7 +120,7 @@ def test_bad_input_is_one_line_and_exit_2(workdir, tmp_path, capsys, argv, needl
 @pytest.mark.slow
 def test_router_state_is_restored_and_used(tmp_path, capsys):
     """A stateful-routing checkpoint (model.moe.aux_free_rate): onn-eval routes with its saved
-    router bias (restored without the optimizer state), as train.evaluate does with it."""
+    router bias (restored without the optimizer state), as train.run.evaluate does with it."""
     import dataclasses
     import itertools
 
@@ -132,9 +132,9 @@ def test_router_state_is_restored_and_used(tmp_path, capsys):
     from onn_jax.training.optimizer import make_optimizer
     from onn_jax.training.options.router_state import forward_params
     from onn_jax.training.state import init_state
-    from train.config_loader import load
-    from train.evaluate import evaluate, make_eval_step
-    from train.loop import build_dataset
+    from train.common.config_loader import load
+    from train.run.evaluate import evaluate, make_eval_step
+    from train.run.loop import build_dataset
     cfg = load("configs/tiny.py", [("model.moe.router", "topk"), ("model.moe.top_k", "2"),
                                    ("model.moe.aux_free_rate", "0.01")])
     state = init_state(cfg.model, make_optimizer(cfg.optim), jax.random.key(0))

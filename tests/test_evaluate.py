@@ -11,7 +11,7 @@ from onn_jax.config import EmbedConfig
 from onn_jax.core.losses import next_token_loss
 from onn_jax.nn.transformer import Transformer, init_params
 from onn_jax.training.step import compute_grads
-from train.evaluate import UNIT_EVAL_SKIPPED, evaluate, make_eval_step
+from train.run.evaluate import UNIT_EVAL_SKIPPED, evaluate, make_eval_step
 
 
 def _batch(seed):

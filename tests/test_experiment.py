@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train import experiment
+from train.experiment import grid as experiment
 
 TINY = {"model.moe.num_experts": 4, "data.records_per_domain": 40, "data.batch_size": 4,
         "data.seq_len": 32, "train.steps": 4, "train.log_every": 2, "train.eval_every": 2,
@@ -344,8 +344,8 @@ def test_config_hash_covers_the_settings_not_the_output_dir(tmp_path):
 def test_config_overrides_and_dry_run(tmp_path, capsys):
     """--config.* reaches every run's config; --dry-run lists the grid and writes nothing; a bad
     override is one line naming the flag, exit 2."""
-    from train.experiment import load_experiment, run_config
-    from train.experiment import main as experiment_main
+    from train.experiment.grid import load_experiment, run_config
+    from train.experiment.grid import main as experiment_main
     exp = load_experiment("configs/experiments/routing.py")
     exp["cli_overrides"] = [("data.batch_size", "4")]
     label = next(iter(exp["runs"]))
@@ -365,7 +365,7 @@ def test_config_overrides_and_dry_run(tmp_path, capsys):
 
 def test_paired_table_differences_dead_experts_and_imbalance_by_hand():
     """Paired differences are taken seed by seed (the seed's data is shared); SE uses ddof=1."""
-    from train.experiment_report import paired_table
+    from train.experiment.report import paired_table
     share = lambda e0: [[[e0, 1 - e0 - 0.005, 0.005, 0.0]] * 2]  # 1 layer, 2 domains, 4 experts
     rows = [{"label": "base", "seed": s, "analysis/loss": 2.0 + s, "analysis/avg_k": 2.0,
              "analysis/nmi": [0.1], "analysis/domain_expert_share": share(0.5)} for s in range(3)]
@@ -402,7 +402,7 @@ def test_unit_metrics_avg_k_and_nmi_by_hand():
 
 
 def test_paired_table_shows_unit_columns_only_when_present():
-    from train.experiment_report import paired_table
+    from train.experiment.report import paired_table
     row = lambda label, **kw: {"label": label, "seed": 0, "analysis/loss": 2.0, **kw}
     plain = paired_table([row("a"), row("b")], ["a"]).splitlines()[0]
     assert "active heads" not in plain and "params" not in plain
@@ -413,7 +413,7 @@ def test_paired_table_shows_unit_columns_only_when_present():
 
 
 def test_paired_domain_table_by_hand():
-    from train.experiment_report import paired_domain_table
+    from train.experiment.report import paired_domain_table
     rows = [{"label": "base", "seed": s, "domains": ["a", "b"], "analysis/domain_loss": [1.0 + s, 2.0]}
             for s in range(3)]
     rows += [{"label": "new", "seed": s, "domains": ["a", "b"], "analysis/domain_loss": [1.0 + s - d, 2.0 + d]}

@@ -1,6 +1,6 @@
 """Faults: kill -9 during training and during a checkpoint save, then resume; the workdir lock.
 
-The subprocess runs stop at a chosen point through train.faults (ONN_TRAIN_FAULT) and are then
+The subprocess runs stop at a chosen point through train.run.faults (ONN_TRAIN_FAULT) and are then
 killed with SIGKILL by the test, so the timing is deterministic. On CPU the resumed run's
 final parameters equal an uninterrupted run's bit for bit.
 """
@@ -22,9 +22,9 @@ pytest.importorskip("orbax.checkpoint")
 
 from onn_jax.io.checkpoint import TMP_MARK, Checkpointer  # noqa: E402
 from onn_jax.io.workdir import LOCK_FILE, WorkdirBusy, WorkdirLock  # noqa: E402
-from train import faults  # noqa: E402
-from train.logging import read_metrics  # noqa: E402
+from train.common.metrics_file import read_metrics  # noqa: E402
 from train.main import main  # noqa: E402
+from train.run import faults  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--config", "configs/tiny.py", "--config.train.steps=12", "--config.checkpoint.every=4",
@@ -202,7 +202,7 @@ def test_lock_held_by_another_process(tmp_path, procs):
 
 
 def test_halt_exits_by_itself_when_nobody_kills_it(procs):
-    code = "from train.faults import halt; halt('after_step', 3)"
+    code = "from train.run.faults import halt; halt('after_step', 3)"
     env = dict(os.environ, **{faults.TIMEOUT_ENV: "0.5"})
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     procs.append(proc)

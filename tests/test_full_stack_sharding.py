@@ -58,7 +58,7 @@ def test_sharded_step_with_gated_units_equals_one_device(name):
         assert out["head"].sharding.spec == out["tail_1"]["proj"].sharding.spec == jax.sharding.PartitionSpec("fsdp")
         assert out["tail_2"]["out"].sharding.spec == jax.sharding.PartitionSpec()
     if name == "heads_and_slots":  # onn-train's eval on the mesh: the same eval/attn_*, eval/embed_*
-        from train.evaluate import evaluate, make_eval_step
+        from train.run.evaluate import evaluate, make_eval_step
         eval_batch = {**batch, "domain": np.arange(len(batch["inputs"])) % 2}
         want = evaluate(make_eval_step(cfg, 2), state0.params, [eval_batch])
         params = jax.device_put(state0.params, state_shardings(state0, mesh).params)  # `state` was donated

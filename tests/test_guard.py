@@ -117,21 +117,21 @@ TINY = ["--config", "configs/tiny.py", "--config.train.steps=8", "--config.check
 
 def poison_steps(monkeypatch, steps):
     """Makes the loop's batches of the given (1-based) steps NaN-poisoned."""
-    import train.loop
-    original, seen = train.loop.Run._batch, []
+    import train.run.loop
+    original, seen = train.run.loop.Run._batch, []
 
     def batch(self):
         b = original(self)
         seen.append(len(seen) + 1)
         return poisoned(b) if seen[-1] in steps else b
 
-    monkeypatch.setattr(train.loop.Run, "_batch", batch)
+    monkeypatch.setattr(train.run.loop.Run, "_batch", batch)
 
 
 @pytest.mark.slow
 def test_training_skips_poisoned_batches_and_continues(monkeypatch, tmp_path, capsys):
     from onn_jax.io.checkpoint import Checkpointer
-    from train.logging import read_metrics
+    from train.common.metrics_file import read_metrics
     from train.main import main
     poison_steps(monkeypatch, {3, 4, 7})
     assert main([*TINY, "--workdir", str(tmp_path)]) == 0
@@ -173,7 +173,7 @@ def test_sample_clamps_new_tokens_to_max_len(monkeypatch):
     from onn_jax.config import Config, ModelConfig, MoEConfig
     from onn_jax.data.tokenizer import ByteTokenizer, encode_chat
     from onn_jax.nn.transformer import init_params
-    from train.loop import sample
+    from train.run.loop import sample
     model = ModelConfig(vocab_size=262, hidden=16, num_heads=2, max_len=24,
                         moe=MoEConfig(num_experts=2, intermediate=8))
     cfg = Config(model=model, data=Config().data.__class__(seq_len=16))

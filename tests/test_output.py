@@ -19,7 +19,7 @@ from onn_jax.nn.transformer import Transformer, init_params
 from onn_jax.parallel.rules import logical_axes_tree
 from onn_jax.training.step import compute_grads
 from tests.helpers import random_batch, rel_err
-from train.evaluate import eval_forward
+from train.run.evaluate import eval_forward
 
 V, C = 40, 16
 ORDER = tuple(np.random.default_rng(7).permutation(V).tolist())
@@ -175,14 +175,14 @@ ADAPTIVE = ("--config.model.output.kind=adaptive", "--config.model.output.cutoff
 
 def test_onn_train_counts_the_training_split_trains_and_resume_generate_use_the_same_clusters(tmp_path, capsys):
     from onn_jax.io.portable import load_export
-    from train.config_loader import build_config, load
+    from train.common.config_loader import build_config, load
+    from train.common.metrics_file import read_metrics
     from train.eval_cli import saved_config
     from train.export import main as export_main
     from train.generate import load_model
-    from train.logging import read_metrics
-    from train.loop import build_dataset
     from train.main import main
-    from train.output_order import training_label_counts
+    from train.run.loop import build_dataset
+    from train.run.output_order import training_label_counts
     w = tmp_path / "run"
     assert main(["--config", "configs/tiny.py", "--workdir", str(w), *ADAPTIVE, "--config.train.steps=10"]) == 0
     # resume with --config: the order is counted again from the same split, equal, so accepted

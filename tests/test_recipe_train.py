@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from onn_jax.training.schedules import make_schedule
-from train.logging import read_metrics
+from train.common.metrics_file import read_metrics
 from train.main import main
-from train.perf import perf_metrics
+from train.run.perf import perf_metrics
 
 RUN = ("--config.train.steps=8", "--config.checkpoint.every=4", "--config.train.log_every=1",
        "--config.train.eval_every=0", "--config.train.eval_batches=1", "--config.train.sample_tokens=2",
@@ -31,7 +31,7 @@ def run8(tmp_path_factory):
 def test_lr_follows_the_schedule_and_perf_is_logged(run8):
     rows = read_metrics(run8)
     assert [r["step"] for r in rows] == list(range(1, 9))
-    from train.config_loader import load, split_overrides
+    from train.common.config_loader import load, split_overrides
     optim = load("configs/tiny.py", split_overrides(list(RUN))[0]).optim
     lr = make_schedule(optim, 8)
     np.testing.assert_allclose([r["train/lr"] for r in rows], [float(lr(s - 1)) for s in range(1, 9)],

@@ -9,7 +9,7 @@ from onn_jax.core.analysis import gate_accuracy
 from onn_jax.core.gate import RouterOutput
 from onn_jax.core.routing_metrics import dead_experts, routing_metrics
 from onn_jax.nn.moe import MoERecord
-from train.logging import Progress, progress_fields
+from train.run.progress import Progress, progress_fields
 
 
 def record(pre, mask, weights):

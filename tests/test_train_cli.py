@@ -11,10 +11,11 @@ from onn_jax.config import Config, from_dict
 from onn_jax.data.tokenizer import ByteTokenizer, encode_chat
 from onn_jax.io.checkpoint import Checkpointer
 from onn_jax.nn.transformer import Transformer
-from train.config_loader import load
-from train.logging import progress_fields, read_metrics
-from train.loop import sample
+from train.common.config_loader import load
+from train.common.metrics_file import read_metrics
 from train.main import main
+from train.run.loop import sample
+from train.run.progress import progress_fields
 
 TINY = "configs/tiny.py"
 TRAIN_KEYS = {"step", "time", "train/main_loss", "train/main_acc", "train/total_loss", "train/grad_norm",

@@ -9,7 +9,7 @@ checkpoint) or an `onn-export` directory (its config; its tokenizer). The data i
 your own records). --split held_out (default) evaluates the held-out split exactly as training's
 evals do (data.eval_fraction of the records); --split all evaluates every record of
 data.source (user data; not for shards). --batches limits the number of eval batches (default:
-the whole split). The metrics are train.evaluate's (eval/main_loss, eval/main_acc,
+the whole split). The metrics are train.run.evaluate's (eval/main_loss, eval/main_acc,
 eval/domain_loss per domain, expert load, avg_k, gate accuracy, Surprise histogram, ...),
 printed as one JSON object and, with --out, written to FILE (not inside DIR). Nothing in DIR
 is written. Bad input: one line on stderr, exit code 2.
@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from train.config_loader import ConfigLoadError, apply_overrides, build_config, split_overrides, with_defaults
+from train.common.config_loader import ConfigLoadError, apply_overrides, build_config, split_overrides, with_defaults
 from train.generate import CHECKPOINT_DIR, CONFIG_FILE, GenerateError, load_model, quiet_orbax
 
 PROG = "onn-eval"
@@ -100,7 +100,7 @@ def saved_config(workdir: Path, step: int) -> tuple[dict, str]:
 def eval_data(cfg, split: str):
     """(dataset, its eval batches) of cfg.data for `split`."""
     from onn_jax.data.dataset import eval_batches
-    from train.loop import TrainError, build_dataset
+    from train.run.loop import TrainError, build_dataset
     d = cfg.data
     if split == "all":
         if d.source == "builtin" or d.source.startswith("shards:"):
@@ -129,15 +129,15 @@ def plain(value: Any) -> Any:
 
 @functools.lru_cache(maxsize=4)
 def eval_step(model_cfg, num_domains: int):
-    """train.evaluate's jitted eval step, kept for repeated calls in one process (compiled once)."""
-    from train.evaluate import make_eval_step
+    """train.run.evaluate's jitted eval step, kept for repeated calls in one process (compiled once)."""
+    from train.run.evaluate import make_eval_step
     return make_eval_step(model_cfg, num_domains)
 
 
 def run(args, overrides) -> dict:
     import itertools
 
-    from train.evaluate import evaluate
+    from train.run.evaluate import evaluate
     workdir = Path(args.workdir)
     try:
         params, model_cfg, tok_name, step = load_model(workdir, args.step)
@@ -169,7 +169,7 @@ def run(args, overrides) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from train.signals import run_program
+    from train.common.signals import run_program
     return run_program(_main, argv)
 
 

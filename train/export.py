@@ -51,7 +51,7 @@ def parse_args(argv: Sequence[str]):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from train.signals import run_program
+    from train.common.signals import run_program
     return run_program(_main, argv)
 
 
@@ -61,7 +61,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if not src.is_dir():
         print(f"onn-export: error: {src}: no such directory", file=sys.stderr)
         return 2
-    from train.cli_checks import export_args
+    from train.common.cli_checks import export_args
     problem = export_args(args)
     if problem:
         print(f"onn-export: error: {problem}", file=sys.stderr)

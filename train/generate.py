@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-CONFIG_FILE, CHECKPOINT_DIR = "config.json", "checkpoints"  # as written by train.loop
+CONFIG_FILE, CHECKPOINT_DIR = "config.json", "checkpoints"  # as written by train.run.loop
 
 
 class GenerateError(RuntimeError):
@@ -160,13 +160,13 @@ def run(args) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from train.signals import run_program
+    from train.common.signals import run_program
     return run_program(_main, argv)
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from train.cli_checks import generate_args
+    from train.common.cli_checks import generate_args
     problem = generate_args(args)  # before the model is loaded
     if problem:
         print(f"onn-generate: error: {problem}", file=sys.stderr)

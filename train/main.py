@@ -13,7 +13,7 @@ settings differ from the checkpoint's is refused, naming the fields, unless
 lock file); exit code 2 for bad input (config, data, tokenizer, checkpoint, workdir), 3 when
 train.max_skipped_in_a_row steps in a row were not finite, 4 when a checkpoint save failed
 (e.g. disk full), 128 + N after stop signal N (SIGINT 130, SIGTERM 143, SIGHUP 129; see
-train.signals).
+train.common.signals).
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from train.config_loader import ConfigLoadError, load, load_saved, split_overrides
+from train.common.config_loader import ConfigLoadError, load, load_saved, split_overrides
 
-SAVED_CONFIG = "config.json"  # train.loop.CONFIG_FILE (not imported here: it pulls in jax)
+SAVED_CONFIG = "config.json"  # train.run.loop.CONFIG_FILE (not imported here: it pulls in jax)
 
 
 def parse_args(argv: Sequence[str]):
@@ -63,7 +63,7 @@ def quiet_orbax_errors() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """onn-train's entry point; see _main for the exit codes."""
-    from train.signals import run_program
+    from train.common.signals import run_program
     return run_program(_main, argv)
 
 
@@ -82,8 +82,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         return 2
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
     from onn_jax.parallel.distributed import initialize_distributed, shutdown_distributed
-    from train.loop import SaveFailed, StoppedBySignal, TrainError, TrainStopped, train, vocab_from_tokenizer
-    from train.signals import StopOnSignal
+    from train.common.signals import StopOnSignal
+    from train.run.loop import SaveFailed, StoppedBySignal, TrainError, TrainStopped, train, vocab_from_tokenizer
     quiet_orbax_errors()
     if "model.vocab_size" not in {key for key, _ in overrides}:
         from onn_jax.config import ConfigError

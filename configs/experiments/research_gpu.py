@@ -16,7 +16,7 @@ plus top-8 and top-16 + load balancing: the surprise rows' active compute at thi
 """
 from pathlib import Path
 
-from train.config_loader import exec_python_file
+from train.common.config_loader import exec_python_file
 
 # Top-k + load balancing at the active compute the surprise rows reach at this size (their avg_k
 # is 7-11 of 32 for smk_faithful / v_adv_budget*, 16 for v_kl_only): the matched-compute controls.

@@ -11,7 +11,7 @@ with a held-out evaluation every 100 steps:
 """
 from pathlib import Path
 
-from train.config_loader import exec_python_file
+from train.common.config_loader import exec_python_file
 
 
 def get_experiment():

@@ -46,7 +46,7 @@ class StopOnSignal:
 
     @classmethod
     def current(cls) -> "StopOnSignal | None":
-        """The installed instance (None outside `with StopOnSignal()`), e.g. for train.faults."""
+        """The installed instance (None outside `with StopOnSignal()`), e.g. for train.run.faults."""
         return cls._current
 
     @property

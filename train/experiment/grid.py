@@ -47,7 +47,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from train.config_loader import (
+from train.common.config_loader import (
     ConfigLoadError,
     apply_overrides,
     build_config,
@@ -56,9 +56,9 @@ from train.config_loader import (
     split_overrides,
     with_defaults,
 )
-from train.experiment_parallel import ParallelCells
-from train.experiment_report import make_plots, markdown_table
-from train.experiment_reuse import reusable, set_aside_stale_run, stored_configs
+from train.experiment.parallel import ParallelCells
+from train.experiment.report import make_plots, markdown_table
+from train.experiment.reuse import reusable, set_aside_stale_run, stored_configs
 
 KINDS = ("routing", "forgetting")
 
@@ -148,7 +148,7 @@ def make_analysis_step(model_cfg, num_domains: int):
     import jax.numpy as jnp
 
     from onn_jax.core import analysis as an
-    from train.evaluate import eval_forward
+    from train.run.evaluate import eval_forward
 
     def step(params, batch):
         t = batch["inputs"].shape[1]
@@ -257,8 +257,8 @@ def analyse(step, params, batches, domains: Sequence[str]) -> dict[str, Any]:
 
 
 def _analysis_run_class():
-    """train.loop.Run whose periodic evaluation also logs `analysis/*` on all domains."""
-    from train.loop import Run
+    """train.run.loop.Run whose periodic evaluation also logs `analysis/*` on all domains."""
+    from train.run.loop import Run
 
     class AnalysisRun(Run):
         def __init__(self, cfg, workdir, full_ds, init_state=None):
@@ -285,7 +285,7 @@ def _analysis_run_class():
 
 def full_dataset(cfg):
     """All domains of cfg's corpus (the held-out split is the same for every run)."""
-    from train.loop import build_dataset
+    from train.run.loop import build_dataset
     return build_dataset(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="builtin")))
 
 
@@ -306,7 +306,7 @@ def write_phase_data(cfg, phases: dict, data_dir: Path) -> dict[str, str]:
 
 
 def jsonable(m: dict) -> dict:
-    from train.logging import to_jsonable
+    from train.common.metrics_file import to_jsonable
     return {k: to_jsonable(v) if not isinstance(v, (str, list, dict)) else v for k, v in m.items()}
 
 
@@ -335,14 +335,14 @@ def cell_dicts(exp: dict, configs: Sequence) -> list[dict]:
 
 def config_hash(exp: dict, configs: Sequence) -> str:
     """Hash of a cell's resolved Config dicts (steps included): a results.jsonl row of the same
-    hash is reused (and one that differs only by fields added since: train.experiment_reuse)."""
+    hash is reused (and one that differs only by fields added since: train.experiment.reuse)."""
     blob = json.dumps({"kind": exp["kind"], "configs": cell_dicts(exp, configs)}, sort_keys=True, default=repr)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def read_results(path: Path) -> list[dict]:
     """The rows of results.jsonl; a torn last line (a write cut by a kill) is dropped."""
-    from train.logging import read_jsonl
+    from train.common.metrics_file import read_jsonl
     try:
         numbered = read_jsonl(path, torn_tail_ok=True, numbered=True)  # a half-written cell runs again
     except ValueError as e:
@@ -420,7 +420,7 @@ def run_experiment(exp: dict, out: Path, seeds=None, only=None, steps=None, log=
                    parallel: ParallelCells | None = None, report: bool = True) -> list[dict]:
     """Runs every (label, seed) cell without a results.jsonl row of the same config hash (a row
     of other settings is re-run and replaced), then writes results.md and the plots (report).
-    parallel: run the cells as that many processes at once (train.experiment_parallel)."""
+    parallel: run the cells as that many processes at once (train.experiment.parallel)."""
     out.mkdir(parents=True, exist_ok=True)
     if steps is not None:
         exp = {**exp, "overrides": {**exp["overrides"], "train.steps": steps}}
@@ -579,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parallel = ParallelCells(a.experiment, a.parallel, cli_overrides, a.steps, cache, gpus)
         elif a.compile_cache != "none":
             enable_compile_cache(Path(a.compile_cache or out / "jax_cache"))
-        from train.loop import TrainError
+        from train.run.loop import TrainError
         try:
             run_experiment(exp, out, seeds, only, a.steps, parallel=parallel, report=not a.cell_only)
         except TrainError as e:

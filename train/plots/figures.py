@@ -193,7 +193,8 @@ class PlotError(ValueError):
 
 
 def _rows(workdir: Path) -> list[dict[str, Any]]:
-    from train.logging import METRICS_FILE, read_jsonl
+    from train.common.metrics_file import read_jsonl
+    from train.common.workdir_check import METRICS_FILE
     path = workdir / METRICS_FILE
     if not path.is_file():
         raise PlotError(f"{path}: not a file" if path.exists() else
@@ -218,7 +219,7 @@ def make_dashboards(workdir: str | Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from train.workdir_check import _kind_problem
+    from train.common.workdir_check import _kind_problem
 
     workdir = Path(workdir)
     if not workdir.is_dir():
@@ -227,7 +228,7 @@ def make_dashboards(workdir: str | Path) -> list[Path]:
     out = workdir / PLOTS_DIR
     drawn = []
     try:
-        from train.plot_units import UNIT_PLOTS
+        from train.plots.unit_figures import UNIT_PLOTS
         for fn in (plot_loss, plot_gate, plot_expert_load, plot_surprise, plot_domain_routing, *UNIT_PLOTS):
             try:
                 figure = fn(rows, out, plt)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from train.plot import _line, _save, domain_heatmap, load_heatmap
+from train.plots.figures import _line, _save, domain_heatmap, load_heatmap
 
 NOUN = {"attn": "heads", "embed": "slots"}
 

@@ -1,14 +1,13 @@
-"""Run outputs: metrics.jsonl (one JSON object per logged step), TensorBoard events, progress bar.
+"""Run outputs: metrics.jsonl (one JSON object per logged step) and TensorBoard events.
 
-metrics.jsonl rows look like {"step": 120, "time": 1732620000.0, "train/main_loss": 2.1,
-"moe/expert_load": [[...], ...], ...}: namespaced keys, arrays as (nested) lists. A resumed
-run appends; rows with a step at or beyond the resume step are dropped first so the file
-stays one row per step (the run restarts from its last checkpoint, not its last log).
+The row format and its reader are train.common.metrics_file. A resumed run appends; rows with
+a step at or beyond the resume step are dropped first so the file stays one row per step (the
+run restarts from its last checkpoint, not its last log). Processes other than 0 of a
+multi-process run write nothing (NullWriter).
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -16,56 +15,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-METRICS_FILE = "metrics.jsonl"
-TB_DIR = "tb"
-# Gated heads (model.heads) and slot embedding (model.embed.kind=slots): active units per token and
-# the gate accuracy over tokens with a non-constant S row (pooled over layers; absent under top-k).
-# A run without them has no attn/* or embed/* metrics, so its bar is unchanged.
-UNIT_PROGRESS_KEYS = (("attn/avg_k", "attn_k"), ("attn/gate_acc_informative", "attn_acc_inf"),
-                      ("embed/avg_k", "emb_k"), ("embed/gate_acc_informative", "emb_acc_inf"))
-# Keys shown in the progress bar (and the plain log line), with their short labels. The routing
-# numbers are the ones a collapse does not inflate (onn_jax.core.routing_metrics); the
-# original's `moe/gate_acc` stays in metrics.jsonl only. `eval` is the latest eval loss.
-PROGRESS_KEYS = (("train/main_loss", "loss"), ("eval/main_loss", "eval"),
-                 ("moe/gate_acc_informative", "gate_acc_inf"), ("moe/dead_experts", "dead"),
-                 ("moe/load_cv", "load_cv"), ("moe/router_entropy", "H"), ("moe/fallback_share", "fallback"),
-                 ("moe/target_inactive", "tgt_inactive"), ("moe/avg_k", "avg_k"),
-                 *UNIT_PROGRESS_KEYS,
-                 ("train/grad_norm", "gnorm"), ("train/lr", "lr"), ("perf/tokens_per_sec", "tok/s"),
-                 ("perf/mfu", "mfu"))
-
-
-def progress_fields(metrics: Mapping[str, Any], latest_eval: float | None = None) -> dict[str, str]:
-    """The bar's labelled values: scalars with 3 decimals (lr in %.1e, tok/s whole), the dead
-    experts per layer as a/b/c, and the latest eval loss even on rows without an eval."""
-    post = {}
-    for key, label in PROGRESS_KEYS:
-        v = metrics.get(key)
-        if key == "eval/main_loss" and v is None:
-            v = latest_eval
-        if v is None:
-            continue
-        if key == "moe/dead_experts" and np.ndim(v) == 1:
-            post[label] = "/".join(str(int(x)) for x in np.asarray(v))
-        elif np.ndim(v) == 0 and isinstance(np.asarray(v).item(), (int, float)):
-            v = float(v)
-            post[label] = (f"{v:.3f}" if key == "perf/mfu" else f"{v:.0f}" if key.startswith("perf/")
-                           else f"{v:.1e}" if key == "train/lr" else f"{v:.3f}")
-    return post
-
-
-def to_jsonable(value: Any) -> Any:
-    """Numbers and arrays -> JSON values (floats, nested lists); NaN/inf -> None."""
-    arr = np.asarray(value)
-    if arr.ndim == 0:
-        item = arr.item()
-        if isinstance(item, float) and not math.isfinite(item):
-            return None
-        return item
-    if np.issubdtype(arr.dtype, np.floating):
-        arr = arr.astype(np.float64)
-        return [to_jsonable(v) for v in arr] if not np.all(np.isfinite(arr)) else arr.tolist()
-    return arr.tolist()
+from train.common.metrics_file import read_metrics, to_jsonable
+from train.common.workdir_check import METRICS_FILE, TB_DIR
 
 
 def mean_metrics(rows: Iterable[Mapping[str, Any]]) -> dict[str, np.ndarray]:
@@ -75,35 +26,6 @@ def mean_metrics(rows: Iterable[Mapping[str, Any]]) -> dict[str, np.ndarray]:
         return {}
     return {k: np.mean(np.stack([np.asarray(r[k], np.float64) for r in rows if k in r]), axis=0)
             for k in rows[0]}
-
-
-def read_jsonl(path: str | Path, torn_tail_ok: bool = False, numbered: bool = False) -> list[Any]:
-    """The JSON values of a .jsonl file, one a line (empty if the file does not exist).
-
-    torn_tail_ok: drop a malformed last line without its newline (a write cut by a kill).
-    numbered: return (line number, value) pairs. Any other malformed line raises ValueError
-    naming `path:line`."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    text = path.read_text(errors="replace")
-    lines = text.splitlines()
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                if torn_tail_ok and n == len(lines) and not text.endswith("\n"):
-                    break
-                raise ValueError(f"{path}:{n}: malformed JSON line: {e}") from None
-            rows.append((n, value) if numbered else value)
-    return rows
-
-
-def read_metrics(workdir: str | Path, torn_tail_ok: bool = False) -> list[dict[str, Any]]:
-    """All rows of WORKDIR/metrics.jsonl (empty if the file does not exist); see read_jsonl."""
-    return read_jsonl(Path(workdir) / METRICS_FILE, torn_tail_ok)
 
 
 class MetricsWriter:
@@ -212,40 +134,3 @@ class NullWriter:
 
     def close(self) -> None:
         pass
-
-
-class Progress:
-    """tqdm bar over the steps, its postfix showing PROGRESS_KEYS of the latest logged row."""
-
-    def __init__(self, total: int, initial: int, enabled: bool = True, silent: bool = False):
-        self._bar, self._silent, self._eval = None, silent, None
-        if enabled and not silent:
-            from tqdm.auto import tqdm
-            self._bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-
-    def update(self, n: int = 1) -> None:
-        if self._bar is not None:
-            self._bar.update(n)
-
-    def show(self, metrics: Mapping[str, Any]) -> None:
-        """Updates the bar's postfix; with the bar off, prints one plain line per logged row."""
-        if isinstance(metrics.get("eval/main_loss"), (int, float)):
-            self._eval = float(metrics["eval/main_loss"])
-        post = progress_fields(metrics, self._eval)
-        if self._bar is not None:
-            self._bar.set_postfix(post, refresh=True)
-        elif not self._silent and post:
-            step = metrics.get("step")
-            print((f"step {step}: " if step is not None else "") +
-                  " ".join(f"{k}={v}" for k, v in post.items()), flush=True)
-
-    def write(self, text: str) -> None:
-        """Prints a line above the bar (or plainly when the bar is off)."""
-        if self._bar is not None:
-            self._bar.write(text)
-        elif not self._silent:
-            print(text, flush=True)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()

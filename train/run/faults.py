@@ -11,7 +11,7 @@
                                    on a full disk (no halt)
 
 At the point the process prints `onn-train: fault point <point>:<N> reached` to stderr and
-sleeps; the test then kills it with SIGKILL, or sends it a signal of train.signals' policy,
+sleeps; the test then kills it with SIGKILL, or sends it a signal of train.common.signals' policy,
 which ends the sleep (except stall_save) so the run goes on to its clean stop. A process nobody
 kills exits by itself with code 99 after ONN_TRAIN_FAULT_TIMEOUT seconds (default 300), so a
 dead test never leaves a trainer asleep. Unset (the normal case), nothing is installed.
@@ -55,9 +55,9 @@ def halt_timeout(value: str | None = None) -> float:
 
 def halt(point: str, step: int, timeout: float | None = None, until_signal: bool = True) -> None:
     """Announce the fault point and wait to be killed, or (until_signal) for a stop signal of
-    train.signals, then return; exit (code 99, no cleanup) after `timeout` seconds (default
+    train.common.signals, then return; exit (code 99, no cleanup) after `timeout` seconds (default
     halt_timeout()) if neither came."""
-    from train.signals import requested
+    from train.common.signals import requested
     timeout = halt_timeout() if timeout is None else timeout
     print(f"onn-train: fault point {point}:{step} reached", file=sys.stderr, flush=True)
     deadline = time.monotonic() + timeout

@@ -3,7 +3,7 @@
     summary = train(cfg, workdir)
 
 Workdir layout: config.json (the resolved Config), checkpoints/ (orbax, see
-onn_jax.io.checkpoint), metrics.jsonl and tb/ (see train.logging), plots/*.png (train.plot).
+onn_jax.io.checkpoint), metrics.jsonl and tb/ (see train.logging), plots/*.png (train.plots.figures).
 If checkpoints/ holds a checkpoint the run resumes from the latest one: TrainState and the
 data iterator position are restored, so the continuation equals an uninterrupted run.
 """
@@ -38,16 +38,17 @@ from onn_jax.training.memory import memory_problem
 from onn_jax.training.optimizer import make_optimizer
 from onn_jax.training.schedules import last_lr, make_schedule
 from onn_jax.training.sharded import abstract_state, shard_batch, sharded_init
-from train.compat import config_diff, tokenizer_info, tokenizer_mismatch
-from train.evaluate import evaluate, make_eval_step
-from train.faults import Faults
-from train.logging import MetricsWriter, NullWriter, Progress, mean_metrics
-from train.output_order import with_output_order
-from train.perf import perf_metrics
-from train.plot import PlotError, make_dashboards
-from train.signals import StopOnSignal
-from train.signals import name as signal_name
-from train.workdir_check import check_workdir, meta_problem
+from train.common.signals import StopOnSignal
+from train.common.signals import name as signal_name
+from train.common.workdir_check import check_workdir, meta_problem
+from train.plots.figures import PlotError, make_dashboards
+from train.run.compat import config_diff, tokenizer_info, tokenizer_mismatch
+from train.run.evaluate import evaluate, make_eval_step
+from train.run.faults import Faults
+from train.run.metrics_writer import MetricsWriter, NullWriter, mean_metrics
+from train.run.output_order import with_output_order
+from train.run.perf import perf_metrics
+from train.run.progress import Progress
 
 CONFIG_FILE, CHECKPOINT_DIR = "config.json", "checkpoints"
 RESUME_FREE_DATA_FIELDS = ("strict",)  # data fields that do not change the batch stream

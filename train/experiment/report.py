@@ -167,7 +167,7 @@ def make_plots(exp: dict, rows: list[dict], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from train.logging import read_metrics
+    from train.common.metrics_file import read_metrics
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     labels = list(dict.fromkeys(r["label"] for r in rows))
