@@ -475,7 +475,7 @@ GOOD_ROW = {"step": 1, "train/main_loss": 2.0, "moe/gate_acc": 0.5}
                                                           "malformed metric values (ValueError"),
 ])
 def test_onn_plot_malformed_rows_write_nothing(capsys, tmp_path, bad, expected):
-    from train.plots.figures import main as plot_main
+    from train.plots.cli import main as plot_main
     w = metrics_dir(tmp_path, GOOD_ROW, bad)
     assert expected in one_error_line(capsys, "onn-plot", 2, plot_main, str(w))
     assert not (w / "plots").exists()
@@ -483,7 +483,7 @@ def test_onn_plot_malformed_rows_write_nothing(capsys, tmp_path, bad, expected):
 
 @pytest.mark.parametrize("entry, make", [("plots", make_file), ("plots/loss.png", make_dir)])
 def test_onn_plot_unusable_output(capsys, tmp_path, entry, make):
-    from train.plots.figures import main as plot_main
+    from train.plots.cli import main as plot_main
     w = metrics_dir(tmp_path, GOOD_ROW)
     if "/" in entry:
         (w / "plots").mkdir()
@@ -496,7 +496,7 @@ def test_onn_plot_to_a_full_disk(capsys, tmp_path, monkeypatch):
 
     from matplotlib.figure import Figure
 
-    from train.plots.figures import main as plot_main
+    from train.plots.cli import main as plot_main
 
     def full(self, path, *args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))

@@ -17,7 +17,7 @@ from onn_jax.nn.generate import generate
 from onn_jax.nn.transformer import Transformer, init_params, model_taps
 from onn_jax.nn.units import unit_records, unit_taps
 from onn_jax.training.step import compute_grads
-from train.plots.figures import make_dashboards
+from train.plots.dashboards import make_dashboards
 from train.run.evaluate import evaluate, make_eval_step
 from train.run.metrics_writer import MetricsWriter
 from train.run.progress import progress_fields

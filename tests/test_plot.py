@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from train.common.metrics_file import read_metrics, to_jsonable
-from train.plots.figures import main as plot_main
-from train.plots.figures import make_dashboards
+from train.plots.cli import main as plot_main
+from train.plots.dashboards import make_dashboards
 from train.run.metrics_writer import MetricsWriter, mean_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -26,7 +26,7 @@ FILES = (CONFIG_FILE, METRICS_FILE, CONFIG_FILE + ".tmp", METRICS_FILE + ".tmp")
 DIRS = (CHECKPOINT_DIR, TB_DIR, PLOTS_DIR)
 
 
-def _kind_problem(path: Path, want_dir: bool) -> str | None:
+def kind_problem(path: Path, want_dir: bool) -> str | None:
     if not os.path.lexists(path):
         return None
     if want_dir and not path.is_dir():
@@ -51,18 +51,18 @@ def check_workdir(workdir: str | os.PathLike, config: Mapping[str, Any], checkpo
     """None when the run may write `workdir`, else one line saying what is wrong and what to do."""
     w = Path(workdir)
     for name in FILES:
-        problem = _kind_problem(w / name, want_dir=False)
+        problem = kind_problem(w / name, want_dir=False)
         if problem:
             return problem
     for name in DIRS:
-        problem = _kind_problem(w / name, want_dir=True)
+        problem = kind_problem(w / name, want_dir=True)
         if problem:
             return problem
     plots = w / PLOTS_DIR
     if plots.is_dir():
         for p in sorted(plots.iterdir()):
             if p.suffix == ".png":
-                problem = _kind_problem(p, want_dir=False)
+                problem = kind_problem(p, want_dir=False)
                 if problem:
                     return problem
     steps = committed_steps(w / CHECKPOINT_DIR)

@@ -1,7 +1,7 @@
 """onn-plot's figures for the gated units beyond the MoE: attention heads (`attn/*`, model.heads)
 and the slot embedding (`embed/*`, model.embed.kind = slots); docs/FULL_STACK.md defines the
 metrics. Each figure is drawn only when the run has its metrics, so a run without gated heads
-or slots gets none of them (train/plot.py's set is unchanged).
+or slots gets none of them (train/plots/figures.py's set is unchanged).
 
     attn_gate.png, embed_gate.png     gate accuracy on tokens with non-constant S, avg_k, gate
                                       loss, fallback / inactive-target shares, load imbalance,
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from train.plots.figures import _line, _save, domain_heatmap, load_heatmap
+from train.plots.draw import domain_heatmap, finish, line, load_heatmap
 
 NOUN = {"attn": "heads", "embed": "slots"}
 
@@ -23,36 +23,36 @@ def unit_gate(rows, path: Path, plt, kind: str):
     p, e, units = f"{kind}/", f"eval/{kind}_", NOUN[kind]
     fig, axes = plt.subplots(2, 4, figsize=(20, 8))
     (acc, k, loss, shares), (cv, ent, theta, used) = axes
-    drawn = _line(k, rows, [(p + "avg_k", "train"), (e + "avg_k", "eval")], f"{units} per token")
+    drawn = line(k, rows, [(p + "avg_k", "train"), (e + "avg_k", "eval")], f"{units} per token")
     k.set_title(f"avg_k (active {units} per token)")
-    _line(acc, rows, [(p + "gate_acc_informative", "train, pooled over layers"),
-                      (p + "gate_acc", "train, mean over layers"),
-                      (p + "gate_acc_unmasked", "train, mean over layers, unmasked tokens"),
-                      (e + "gate_acc_informative", "eval, pooled over layers")],
-          "share of tokens: argmax pre == argmin S")
+    line(acc, rows, [(p + "gate_acc_informative", "train, pooled over layers"),
+                     (p + "gate_acc", "train, mean over layers"),
+                     (p + "gate_acc_unmasked", "train, mean over layers, unmasked tokens"),
+                     (e + "gate_acc_informative", "eval, pooled over layers")],
+         "share of tokens: argmax pre == argmin S")
     acc.set_title(f"{kind} gate accuracy (tokens with non-constant S)", fontsize=9)
-    _line(loss, rows, [(p + "gate_loss", "train"), (p + "gate_ce", "train, CE to argmin S"),
-                       (p + "gate_kl", "train, KL"), (p + "gate_lb", "train, load balancing"),
-                       (e + "gate_loss", "eval")], "gate loss" + (" (summed over layers)" if kind == "attn" else ""))
+    line(loss, rows, [(p + "gate_loss", "train"), (p + "gate_ce", "train, CE to argmin S"),
+                      (p + "gate_kl", "train, KL"), (p + "gate_lb", "train, load balancing"),
+                      (e + "gate_loss", "eval")], "gate loss" + (" (summed over layers)" if kind == "attn" else ""))
     loss.set_title(f"{kind} gate loss (unweighted by w_aux)", fontsize=9)
-    _line(shares, rows, [(p + "fallback_share", f"fallback (no {units[:-1]} above threshold)"),
-                         (p + "target_inactive", "hard target argmin S is inactive"),
-                         (e + "fallback_share", "fallback, eval"), (e + "target_inactive", "inactive target, eval")],
-          "share of tokens")
+    line(shares, rows, [(p + "fallback_share", f"fallback (no {units[:-1]} above threshold)"),
+                        (p + "target_inactive", "hard target argmin S is inactive"),
+                        (e + "fallback_share", "fallback, eval"), (e + "target_inactive", "inactive target, eval")],
+         "share of tokens")
     shares.set_title("fallback and inactive-target shares", fontsize=9)
-    _line(cv, rows, [(p + "load_cv", "train"), (e + "load_cv", "eval")], f"std / mean of {units[:-1]} load")
+    line(cv, rows, [(p + "load_cv", "train"), (e + "load_cv", "eval")], f"std / mean of {units[:-1]} load")
     cv.set_title("load imbalance (coefficient of variation; 0 = balanced)", fontsize=9)
-    _line(ent, rows, [(p + "router_entropy", "train"), (e + "router_entropy", "eval")], "nats")
+    line(ent, rows, [(p + "router_entropy", "train"), (e + "router_entropy", "eval")], "nats")
     ent.set_title("router entropy (per-token combine weights)", fontsize=9)
-    _line(theta, rows, [(p + "threshold_mean", f"mean over {units} (and layers)")], "sigmoid(theta)")
+    line(theta, rows, [(p + "threshold_mean", f"mean over {units} (and layers)")], "sigmoid(theta)")
     theta.set_title(f"{kind} thresholds sigmoid(theta)", fontsize=9)
     if kind == "embed":
-        _line(used, rows, [(p + "slots_used", "train, in the batch"), (e + "slots_used", "eval, in any eval batch")],
-              "slots")
+        line(used, rows, [(p + "slots_used", "train, in the batch"), (e + "slots_used", "eval, in any eval batch")],
+             "slots")
         used.set_title("slots active for some token", fontsize=9)
     else:
         used.axis("off")
-    return _save(fig, path, plt, drawn)
+    return finish(fig, path, plt, drawn)
 
 
 def plot_attn_gate(rows, out: Path, plt):

@@ -41,7 +41,7 @@ from onn_jax.training.sharded import abstract_state, shard_batch, sharded_init
 from train.common.signals import StopOnSignal
 from train.common.signals import name as signal_name
 from train.common.workdir_check import check_workdir, meta_problem
-from train.plots.figures import PlotError, make_dashboards
+from train.plots.dashboards import PlotError, make_dashboards
 from train.run.compat import config_diff, tokenizer_info, tokenizer_mismatch
 from train.run.evaluate import evaluate, make_eval_step
 from train.run.faults import Faults
