@@ -208,7 +208,7 @@ def test_generate_reads_the_model_config_of_the_checkpoint_step(tmp_path, state0
     """onn-generate --step K: the model config stored with step K, not the workdir's current
     config.json (a later run may have changed it); config.json only for a meta without one."""
     from onn_jax.config import Config
-    from train.generate import GenerateError, load_model
+    from train.common.trained_model import ModelLoadError, load_model
     work = tmp_path / "run"
     work.mkdir()
     (work / "config.json").write_text(json.dumps(to_dict(Config())))  # another model (hidden 32)
@@ -223,7 +223,7 @@ def test_generate_reads_the_model_config_of_the_checkpoint_step(tmp_path, state0
         ck.save(2, state0, make_meta())
     assert load_model(work, step=2)[1:] == (CFG, "byte", 2)
     (work / "config.json").write_text("{\n  bad")
-    with pytest.raises(GenerateError, match="config.json: invalid JSON at line 2"):
+    with pytest.raises(ModelLoadError, match="config.json: invalid JSON at line 2"):
         load_model(work, step=2)
     assert load_model(work, step=1)[1] == CFG  # its own config: config.json not read
 

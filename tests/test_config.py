@@ -59,7 +59,7 @@ def test_nonpositive_lr_says_must_be_positive(lr):
 def test_sample_format_auto_follows_the_corpus():
     """auto: a text prompt (BOS + prompt) only when every source file is plain text."""
     from onn_jax.config import Config, DataConfig
-    from train.run.loop import sample_as_text
+    from train.run.sample import sample_as_text
     as_text = lambda source, fmt="auto": sample_as_text(Config(data=DataConfig(source=source),
                                                                train=TrainConfig(sample_format=fmt)))
     assert as_text("book.txt") and as_text("a.txt, b.md")

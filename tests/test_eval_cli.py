@@ -133,8 +133,8 @@ def test_router_state_is_restored_and_used(tmp_path, capsys):
     from onn_jax.training.options.router_state import forward_params
     from onn_jax.training.state import init_state
     from train.common.config_loader import load
+    from train.run.data import build_dataset
     from train.run.evaluate import evaluate, make_eval_step
-    from train.run.loop import build_dataset
     cfg = load("configs/tiny.py", [("model.moe.router", "topk"), ("model.moe.top_k", "2"),
                                    ("model.moe.aux_free_rate", "0.01")])
     state = init_state(cfg.model, make_optimizer(cfg.optim), jax.random.key(0))

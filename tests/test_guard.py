@@ -173,7 +173,7 @@ def test_sample_clamps_new_tokens_to_max_len(monkeypatch):
     from onn_jax.config import Config, ModelConfig, MoEConfig
     from onn_jax.data.tokenizer import ByteTokenizer, encode_chat
     from onn_jax.nn.transformer import init_params
-    from train.run.loop import sample
+    from train.run.sample import sample
     model = ModelConfig(vocab_size=262, hidden=16, num_heads=2, max_len=24,
                         moe=MoEConfig(num_experts=2, intermediate=8))
     cfg = Config(model=model, data=Config().data.__class__(seq_len=16))

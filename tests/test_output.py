@@ -177,11 +177,11 @@ def test_onn_train_counts_the_training_split_trains_and_resume_generate_use_the_
     from onn_jax.io.portable import load_export
     from train.common.config_loader import build_config, load
     from train.common.metrics_file import read_metrics
+    from train.common.trained_model import load_model
     from train.eval_cli import saved_config
     from train.export import main as export_main
-    from train.generate import load_model
     from train.main import main
-    from train.run.loop import build_dataset
+    from train.run.data import build_dataset
     from train.run.output_order import training_label_counts
     w = tmp_path / "run"
     assert main(["--config", "configs/tiny.py", "--workdir", str(w), *ADAPTIVE, "--config.train.steps=10"]) == 0

@@ -19,9 +19,8 @@ from test_faults import assert_bitwise_equal, final_params, reap  # noqa: E402
 
 from onn_jax.data.dataset import Dataset, load_records  # noqa: E402
 from onn_jax.data.shards import ShardDataset, write_shards  # noqa: E402
-from onn_jax.data.tokenizer import ByteTokenizer  # noqa: E402
+from onn_jax.data.tokenizer import ByteTokenizer, tokenizer_info  # noqa: E402
 from train.main import main as train_main  # noqa: E402
-from train.run.compat import tokenizer_info  # noqa: E402
 from train.tokenize import main as tokenize_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ from onn_jax.nn.transformer import Transformer
 from train.common.config_loader import load
 from train.common.metrics_file import read_metrics
 from train.main import main
-from train.run.loop import sample
 from train.run.progress import progress_fields
+from train.run.sample import sample
 
 TINY = "configs/tiny.py"
 TRAIN_KEYS = {"step", "time", "train/main_loss", "train/main_acc", "train/total_loss", "train/grad_norm",

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from train.common.config_loader import ConfigLoadError, apply_overrides, build_config, split_overrides, with_defaults
-from train.generate import CHECKPOINT_DIR, CONFIG_FILE, GenerateError, load_model, quiet_orbax
+from train.common.trained_model import ModelLoadError, load_model, quiet_orbax
+from train.common.workdir_check import CHECKPOINT_DIR, CONFIG_FILE
 
 PROG = "onn-eval"
 
@@ -100,7 +101,8 @@ def saved_config(workdir: Path, step: int) -> tuple[dict, str]:
 def eval_data(cfg, split: str):
     """(dataset, its eval batches) of cfg.data for `split`."""
     from onn_jax.data.dataset import eval_batches
-    from train.run.loop import TrainError, build_dataset
+    from train.run.data import build_dataset
+    from train.run.errors import TrainError
     d = cfg.data
     if split == "all":
         if d.source == "builtin" or d.source.startswith("shards:"):
@@ -141,7 +143,7 @@ def run(args, overrides) -> dict:
     workdir = Path(args.workdir)
     try:
         params, model_cfg, tok_name, step = load_model(workdir, args.step)
-    except GenerateError as e:
+    except ModelLoadError as e:
         raise EvalError(str(e)) from e
     raw, where = saved_config(workdir, step)
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):

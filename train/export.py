@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from train.generate import CHECKPOINT_DIR, quiet_orbax
+from train.common.trained_model import quiet_orbax
+from train.common.workdir_check import CHECKPOINT_DIR
 
 
 def parse_args(argv: Sequence[str]):

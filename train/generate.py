@@ -14,25 +14,14 @@ temperature 0 (default) is greedy. Prints the continuation; errors exit with cod
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-CONFIG_FILE, CHECKPOINT_DIR = "config.json", "checkpoints"  # as written by train.run.loop
+from train.common.trained_model import ModelLoadError, load_model, quiet_orbax
 
 
 class GenerateError(RuntimeError):
-    """The workdir cannot be loaded; the message names the file."""
-
-
-def quiet_orbax() -> None:
-    """Orbax logs routine notes (e.g. 'directory is read only') as absl warnings; hide them."""
-    try:
-        from absl import logging as absl_logging
-    except ImportError:  # pragma: no cover - absl comes with optax/orbax
-        return
-    absl_logging.set_verbosity(absl_logging.ERROR)
+    """The prompt cannot be continued (tokenizer, prompt length, sampling arguments); the message says why."""
 
 
 def parse_args(argv: Sequence[str]):
@@ -49,76 +38,6 @@ def parse_args(argv: Sequence[str]):
     parser.add_argument("--tokenizer", default=None, metavar="PATH",
                         help="byte or a tokenizer.json (default: the run's or the export's)")
     return parser.parse_args(argv)
-
-
-def _config_sections(raw: Any, where: str):
-    """(ModelConfig, tokenizer name) from a resolved Config dict."""
-    from onn_jax.config import ConfigError, ModelConfig, from_dict
-    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
-        raise GenerateError(f"{where}: no 'model' section")
-    try:
-        model_cfg = from_dict(ModelConfig, raw["model"], "model.")
-    except ConfigError as e:
-        raise GenerateError(f"{where}: {e}") from e
-    return model_cfg, (raw.get("data") or {}).get("tokenizer", "byte")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise GenerateError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise GenerateError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-
-
-def load_model(workdir: str | Path, step: int | None = None):
-    """(params, ModelConfig, tokenizer name, step) of a training workdir or an export; the params
-    include the router state the forward reads (stateful-routing models), ready for model.apply."""
-    import jax
-
-    from onn_jax.io import checkpoint as ckpt_lib
-    from onn_jax.nn.transformer import init_params
-    workdir = Path(workdir)
-    if not workdir.is_dir():
-        raise GenerateError(f"{workdir}: no such directory")
-    try:
-        from onn_jax.io import portable
-        if portable.is_export(workdir):
-            meta = _read_json(workdir / ckpt_lib.EXPORT_META)
-            if step is not None and step != meta.get("step"):
-                raise GenerateError(f"{workdir}: the export holds step {meta.get('step')}, not {step}")
-            _config_sections(meta.get("config"), str(workdir / ckpt_lib.EXPORT_META))  # names a bad config
-            ex = portable.load_export(workdir, tokenizer="byte")  # the tokenizer is resolved in run()
-            return ex.params, ex.model_cfg, portable.folder_tokenizer(str(workdir), meta), ex.step
-        if not (workdir / CONFIG_FILE).is_file():
-            raise GenerateError(f"{workdir}: neither a training workdir (no {CONFIG_FILE}) "
-                                f"nor an onn-export directory (no {ckpt_lib.EXPORT_META})")
-        ckpt_dir = workdir / CHECKPOINT_DIR
-        if not ckpt_dir.is_dir():
-            raise GenerateError(f"{ckpt_dir}: no checkpoints (train first, or pass an onn-export directory)")
-        ckpt = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
-        step = ckpt.resolve_step(step)
-        model_cfg, tok = checkpoint_config(ckpt, step, workdir)
-        params, _ = ckpt.restore_model_params(
-            model_cfg, ckpt_lib.abstract_like(init_params, model_cfg, jax.random.key(0)), step)
-        return params, model_cfg, tok, step
-    except ckpt_lib.CheckpointError as e:
-        raise GenerateError(str(e)) from e
-
-
-def checkpoint_config(ckpt, step: int, workdir: Path):
-    """(ModelConfig, tokenizer name) the checkpoint of `step` was trained with: the config in
-    its own metadata, else (older checkpoints without one) the workdir's config.json, which
-    describes the latest run and may differ from an older step's."""
-    from onn_jax.io import checkpoint as ckpt_lib
-    try:
-        raw = ckpt.restore_meta(step).get("config")
-    except ckpt_lib.CheckpointError:
-        raw = None  # an unreadable meta: the params restore names the damaged step
-    if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
-        return _config_sections(raw, f"{ckpt.directory}/{step}/{ckpt_lib.META}")
-    return _config_sections(_read_json(workdir / CONFIG_FILE), str(workdir / CONFIG_FILE))
 
 
 def run(args) -> str:
@@ -174,7 +93,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     quiet_orbax()
     try:
         text = run(args)
-    except GenerateError as e:
+    except (GenerateError, ModelLoadError) as e:
         print(f"onn-generate: error: {e}", file=sys.stderr)
         return 2
     print(text)

@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from train.common.config_loader import ConfigLoadError, load, load_saved, split_overrides
-
-SAVED_CONFIG = "config.json"  # train.run.loop.CONFIG_FILE (not imported here: it pulls in jax)
+from train.common.workdir_check import CONFIG_FILE
 
 
 def parse_args(argv: Sequence[str]):
@@ -44,7 +43,7 @@ def parse_args(argv: Sequence[str]):
     parser.add_argument("--allow-config-change", action="store_true",
                         help="resume even if model/optim settings differ from the checkpoint's (recorded)")
     args = parser.parse_args(rest)
-    if args.config is None and (args.workdir is None or not (Path(args.workdir) / SAVED_CONFIG).is_file()):
+    if args.config is None and (args.workdir is None or not (Path(args.workdir) / CONFIG_FILE).is_file()):
         parser.error("--config FILE is required (or --workdir DIR of a run with a saved config.json)")
     return args, overrides
 
@@ -76,14 +75,16 @@ def _main(argv: Sequence[str] | None = None) -> int:
     try:
         args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         cfg = (load(args.config, overrides) if args.config is not None
-               else load_saved(Path(args.workdir) / SAVED_CONFIG, overrides))
+               else load_saved(Path(args.workdir) / CONFIG_FILE, overrides))
     except ConfigLoadError as e:
         print(printable(f"onn-train: config error: {e}"), file=sys.stderr)
         return 2
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
     from onn_jax.parallel.distributed import initialize_distributed, shutdown_distributed
     from train.common.signals import StopOnSignal
-    from train.run.loop import SaveFailed, StoppedBySignal, TrainError, TrainStopped, train, vocab_from_tokenizer
+    from train.run.data import vocab_from_tokenizer
+    from train.run.errors import SaveFailed, StoppedBySignal, TrainError, TrainStopped
+    from train.run.loop import train
     quiet_orbax_errors()
     if "model.vocab_size" not in {key for key, _ in overrides}:
         from onn_jax.config import ConfigError

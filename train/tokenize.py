@@ -52,8 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from onn_jax.data.records import DataError
     from onn_jax.data.shards import write_shards
-    from onn_jax.data.tokenizer import load_tokenizer
-    from train.run.compat import tokenizer_info
+    from onn_jax.data.tokenizer import load_tokenizer, tokenizer_info
     try:
         tok = load_tokenizer(args.tokenizer)
     except (OSError, ValueError, ImportError) as e:

@@ -285,7 +285,7 @@ def _analysis_run_class():
 
 def full_dataset(cfg):
     """All domains of cfg's corpus (the held-out split is the same for every run)."""
-    from train.run.loop import build_dataset
+    from train.run.data import build_dataset
     return build_dataset(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="builtin")))
 
 
@@ -579,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parallel = ParallelCells(a.experiment, a.parallel, cli_overrides, a.steps, cache, gpus)
         elif a.compile_cache != "none":
             enable_compile_cache(Path(a.compile_cache or out / "jax_cache"))
-        from train.run.loop import TrainError
+        from train.run.errors import TrainError
         try:
             run_experiment(exp, out, seeds, only, a.steps, parallel=parallel, report=not a.cell_only)
         except TrainError as e:

@@ -1,9 +1,15 @@
-"""Does a checkpoint fit this run? Its tokenizer (vocab size, file fingerprint) and its model config."""
+"""Does a checkpoint fit this run? Its tokenizer (vocab size, file fingerprint) and its config:
+which changes a resume refuses, and which it allows freely."""
 from __future__ import annotations
 
 from typing import Any
 
-from onn_jax.data.tokenizer import tokenizer_info  # noqa: F401  (re-exported: the loop and tools use it here)
+from onn_jax.config import Config, to_dict
+
+RESUME_FREE_DATA_FIELDS = ("strict",)  # data fields that do not change the batch stream
+# model/optim fields a resume may change freely (same math, another kernel); any other change
+# of model.* or optim.* alters the run's semantics and needs --allow-config-change.
+RESUME_FREE_MODEL_FIELDS = ("model.attention",)
 
 
 def tokenizer_mismatch(saved: dict | None, now: dict, where: str) -> str | None:
@@ -39,3 +45,24 @@ def _short(value: Any, limit: int = 80) -> str:
     if len(text) <= limit or not isinstance(value, (list, tuple)):
         return text
     return text[:limit - 10].rsplit(",", 1)[0] + f", ... ({len(value)} items)]"
+
+
+def semantic_changes(saved_config: dict | None, cfg: Config) -> list[str]:
+    """`field saved -> now` for every model/optim field (but RESUME_FREE_MODEL_FIELDS) that
+    differs between a checkpoint's config and `cfg`."""
+    saved_config = saved_config or {}
+    diff = []
+    for section in ("model", "optim"):
+        saved = saved_config.get(section)
+        if saved is None:
+            continue
+        now = _only_keys_of(to_dict(getattr(cfg, section)), saved)  # fields newer than the run: skip
+        diff += [d for d in config_diff(saved, now, section) if d.split()[0] not in RESUME_FREE_MODEL_FIELDS]
+    return diff
+
+
+def _only_keys_of(now: Any, saved: Any) -> Any:
+    """`now` restricted to the keys `saved` has (nested dicts)."""
+    if isinstance(now, dict) and isinstance(saved, dict):
+        return {k: _only_keys_of(now[k], saved[k]) for k in saved if k in now}
+    return now

@@ -1,17 +1,16 @@
-"""The training loop behind `onn-train`: data, sharded step, eval, checkpoints, logs, plots.
+"""The training loop behind `onn-train`: sharded steps, logs, evals, samples, checkpoints, stops.
 
     summary = train(cfg, workdir)
 
 Workdir layout: config.json (the resolved Config), checkpoints/ (orbax, see
-onn_jax.io.checkpoint), metrics.jsonl and tb/ (see train.logging), plots/*.png (train.plots.figures).
-If checkpoints/ holds a checkpoint the run resumes from the latest one: TrainState and the
-data iterator position are restored, so the continuation equals an uninterrupted run.
+onn_jax.io.checkpoint), metrics.jsonl and tb/ (see train.run.metrics_writer), plots/*.png
+(train.plots). If checkpoints/ holds a checkpoint the run resumes from the latest one: TrainState
+and the data iterator position are restored (train.run.setup), so the continuation equals an
+uninterrupted run. A stop signal ends the run at a step boundary after saving that step; too
+many non-finite steps in a row stop it with a checkpoint (train.run.errors).
 """
 from __future__ import annotations
 
-import json
-import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,377 +20,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onn_jax.config import Config, ConfigError, MeshConfig, to_dict
+from onn_jax.config import Config
 from onn_jax.core.routing_metrics import dead_experts
-from onn_jax.data.corpus import build_corpus
-from onn_jax.data.dataset import Dataset, load_records
-from onn_jax.data.records import DataError, is_chat_file
-from onn_jax.data.tokenizer import load_tokenizer, prompt_ids
 from onn_jax.io import checkpoint as ckpt_lib
-from onn_jax.io.workdir import WorkdirBusy, WorkdirLock
-from onn_jax.nn.attention import attention_impl
 from onn_jax.nn.layer_stack import layer_params
-from onn_jax.parallel import mesh as mesh_lib
-from onn_jax.parallel.rules import check_batch
-from onn_jax.training.guard import SKIPPED, make_guarded_step
-from onn_jax.training.memory import memory_problem
-from onn_jax.training.optimizer import make_optimizer
-from onn_jax.training.schedules import last_lr, make_schedule
-from onn_jax.training.sharded import abstract_state, shard_batch, sharded_init
-from train.common.signals import StopOnSignal
+from onn_jax.training.guard import SKIPPED
+from onn_jax.training.schedules import last_lr
+from onn_jax.training.sharded import shard_batch
 from train.common.signals import name as signal_name
-from train.common.workdir_check import check_workdir, meta_problem
+from train.common.workdir_check import CHECKPOINT_DIR
 from train.plots.dashboards import PlotError, make_dashboards
-from train.run.compat import config_diff, tokenizer_info, tokenizer_mismatch
-from train.run.evaluate import evaluate, make_eval_step
-from train.run.faults import Faults
-from train.run.metrics_writer import MetricsWriter, NullWriter, mean_metrics
-from train.run.output_order import with_output_order
+from train.run.errors import SaveFailed, StoppedBySignal, TrainStopped
+from train.run.evaluate import evaluate
+from train.run.metrics_writer import mean_metrics
 from train.run.perf import perf_metrics
 from train.run.progress import Progress
-
-CONFIG_FILE, CHECKPOINT_DIR = "config.json", "checkpoints"
-RESUME_FREE_DATA_FIELDS = ("strict",)  # data fields that do not change the batch stream
-# model/optim fields a resume may change freely (same math, another kernel); any other change
-# of model.* or optim.* alters the run's semantics and needs --allow-config-change.
-RESUME_FREE_MODEL_FIELDS = ("model.attention",)
+from train.run.report import report
+from train.run.sample import sample
+from train.run.setup import RunSetup
 
 
-def semantic_changes(saved_config: dict | None, cfg: Config) -> list[str]:
-    """`field saved -> now` for every model/optim field (but RESUME_FREE_MODEL_FIELDS) that
-    differs between a checkpoint's config and `cfg`."""
-    saved_config = saved_config or {}
-    diff = []
-    for section in ("model", "optim"):
-        saved = saved_config.get(section)
-        if saved is None:
-            continue
-        now = _only_keys_of(to_dict(getattr(cfg, section)), saved)  # fields newer than the run: skip
-        diff += [d for d in config_diff(saved, now, section) if d.split()[0] not in RESUME_FREE_MODEL_FIELDS]
-    return diff
-
-
-def _only_keys_of(now: Any, saved: Any) -> Any:
-    """`now` restricted to the keys `saved` has (nested dicts)."""
-    if isinstance(now, dict) and isinstance(saved, dict):
-        return {k: _only_keys_of(now[k], saved[k]) for k in saved if k in now}
-    return now
-
-
-class TrainError(RuntimeError):
-    """A run cannot start or continue; the message says why (field, file or checkpoint)."""
-
-
-class TrainStopped(RuntimeError):
-    """The run stopped on purpose (too many non-finite steps in a row) after a checkpoint."""
-
-
-class StoppedBySignal(RuntimeError):
-    """A stop signal (SIGTERM, SIGINT, SIGHUP) ended the run at a step boundary, after saving
-    that step; `code` is the exit code (128 + signal), `hard` that a save was abandoned and
-    still runs in a background thread, so the process must end with os._exit."""
-
-    def __init__(self, message: str, code: int, hard: bool = False):
-        super().__init__(message)
-        self.code, self.hard = code, hard
-
-
-class SaveFailed(RuntimeError):
-    """A checkpoint save failed (disk full, I/O error); the run stopped at once. The message
-    names the cause and the last committed checkpoint."""
-
-
-def build_dataset(cfg: Config) -> Dataset:
-    """The tokenizer and the train/eval dataset of cfg.data (builtin corpus or user files)."""
-    d = cfg.data
-    try:
-        tok = load_tokenizer(d.tokenizer)
-    except (OSError, ValueError, ImportError) as e:
-        raise TrainError(f"data.tokenizer: {e}") from e
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise TrainError(f"model.vocab_size: must be >= the tokenizer's vocab size "
-                         f"{tok.vocab_size} ({d.tokenizer}), got {cfg.model.vocab_size}")
-    if d.source.startswith("shards:"):
-        return open_shards(cfg, tok)
-    try:
-        if d.source == "builtin":
-            records = build_corpus(seed=d.seed, records_per_domain=d.records_per_domain)
-        else:
-            records = load_records([p.strip() for p in d.source.split(",") if p.strip()])
-        return Dataset(records, tok, d.seq_len, d.eval_fraction, pack=d.pack, strict=d.strict)
-    except DataError as e:
-        raise TrainError(f"data.source: {e}") from e
-    except ValueError as e:
-        raise TrainError(f"data: {e}") from e
-
-
-def vocab_from_tokenizer(cfg: Config) -> Config:
-    """cfg with model.vocab_size = the tokenizer's size, for a tokenizer.json (onn-train does this
-    unless --config.model.vocab_size is given). Unchanged if the tokenizer cannot be loaded
-    (build_dataset then reports why) or is the byte tokenizer."""
-    import dataclasses
-    if cfg.data.tokenizer == "byte":
-        return cfg
-    try:
-        size = load_tokenizer(cfg.data.tokenizer).vocab_size
-    except (OSError, ValueError, ImportError):
-        return cfg
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=size))
-
-
-def open_shards(cfg: Config, tok):
-    """The ShardDataset of data.source=shards:DIR, checked against cfg.data and the tokenizer."""
-    from onn_jax.data.shards import PREFIX, ShardDataset
-    d = cfg.data
-    try:
-        ds = ShardDataset(d.source[len(PREFIX):], tok)
-    except (DataError, ValueError) as e:
-        raise TrainError(f"data.source: {e}") from e
-    meta, where = ds.meta, d.source[len(PREFIX):]
-    for field, want in (("seq_len", d.seq_len), ("pack", d.pack), ("eval_fraction", d.eval_fraction)):
-        if meta.get(field) != want:
-            raise TrainError(f"data.{field}: the shards in {where} were made with {field} {meta.get(field)!r}, "
-                             f"this run has {want!r}; set --config.data.{field}={meta.get(field)!r} "
-                             "or tokenize again")
-    mismatch = tokenizer_mismatch(meta.get("tokenizer"), tokenizer_info(d.tokenizer, tok), f"shards {where}")
-    if mismatch:
-        raise TrainError(mismatch.replace(" was trained with ", " were made with "))
-    return ds
-
-
-def run_mesh(cfg: MeshConfig):
-    """The device mesh; a fully specified shape uses the first data*expert*fsdp devices."""
-    devices = jax.devices()
-    sizes = (cfg.data, cfg.expert, cfg.fsdp)
-    if -1 not in sizes:
-        devices = devices[:math.prod(sizes)]
-    try:
-        return mesh_lib.make_mesh(cfg, devices)
-    except ConfigError as e:
-        raise TrainError(str(e)) from e
-
-
-def sample_as_text(cfg: Config) -> bool:
-    """Whether the run's sample prompt is plain text (BOS + prompt) rather than a user turn:
-    train.sample_format, where `auto` means the corpus is only plain-text files."""
-    fmt = cfg.train.sample_format
-    if fmt != "auto":
-        return fmt == "text"
-    source = cfg.data.source
-    if source == "builtin" or source.startswith("shards:"):
-        return False
-    return not any(is_chat_file(p.strip()) for p in source.split(","))
-
-
-def sample(params: Any, cfg: Config, tok, prompt: str, max_new_tokens: int) -> str:
-    """Greedy continuation of `prompt`, encoded as the corpus was trained (sample_as_text); the
-    new tokens are clamped to the room model.max_len leaves after the prompt (as onn-generate does)."""
-    from onn_jax.nn.generate import generate
-    ids = prompt_ids(tok, prompt, raw=sample_as_text(cfg))
-    room = cfg.model.max_len - len(ids)
-    if room < 1:
-        return f"(prompt of {len(ids)} tokens does not fit model.max_len {cfg.model.max_len})"
-    out = generate(params, cfg.model, ids, max_new_tokens=min(max_new_tokens, room), temperature=0.0,
-                   eos_id=tok.eos_id, vocab_limit=min(tok.vocab_size, cfg.model.vocab_size))
-    return tok.decode(out)
-
-
-class Run:
-    """One invocation of the loop; attributes hold what the summary reports.
-
-    Everything that can be checked is checked before anything in the workdir is written:
-    config, data, tokenizer, mesh, the workdir lock, the checkpoint's tokenizer, shapes and
-    data position. Call close() (train() does) to release the workdir lock.
-    """
-
-    def __init__(self, cfg: Config, workdir: str | Path, allow_config_change: bool = False):
-        self.cfg, self.workdir = cfg, Path(workdir)
-        self.allow_config_change = allow_config_change
-        self.config_changes: list[dict] = []  # every accepted change of semantics, with its step
-        self.pending_change: str | None = None  # recorded in the first metrics row of this run
-        self.lock, self.ckpt, self.bar, self.writer = None, None, None, NullWriter()
-        self.stop = StopOnSignal.current() or StopOnSignal()  # no handler installed: never set
-        self.abandoned = False  # a save still running in the background was given up
-        self.is_chief = jax.process_index() == 0
-        try:
-            self.faults = Faults()
-        except ValueError as e:
-            raise TrainError(str(e)) from e
-        try:
-            attention_impl(cfg.model)  # 'cudnn' on a backend without it
-        except ConfigError as e:
-            raise TrainError(str(e)) from e
-        self.ds = build_dataset(cfg)
-        self.cfg = cfg = with_output_order(cfg, self.ds)  # adaptive softmax: ranks from the training split
-        self.tok = self.ds.tokenizer
-        self.mesh = run_mesh(cfg.mesh)
-        too_big = memory_problem(cfg, list(self.mesh.devices.flat))
-        if too_big:
-            raise TrainError(f"{too_big[0]}: {too_big[1]}")
-        try:
-            check_batch(cfg.data.batch_size, self.mesh)
-        except ConfigError as e:
-            raise TrainError(f"data.batch_size: {e.message}") from e
-        created = self._open_workdir()
-        try:
-            self._setup()
-        except BaseException:
-            self.close()
-            if created:  # leave no empty workdir behind a run that never started
-                try:
-                    os.rmdir(self.workdir)
-                except OSError:
-                    pass
-            raise
-
-    def _open_workdir(self) -> bool:
-        """Creates the workdir (True if it was new) and takes its lock (process 0)."""
-        w = self.workdir
-        created = not w.exists()
-        try:
-            w.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:
-            raise TrainError(f"--workdir {w}: exists and is not a directory") from None
-        except OSError as e:
-            raise TrainError(f"--workdir {w}: cannot create it ({e.strerror or e})") from None
-        if jax.process_index() == 0:
-            try:
-                self.lock = WorkdirLock(w).acquire()
-            except WorkdirBusy as e:
-                raise TrainError(str(e)) from None
-            except OSError as e:
-                raise TrainError(f"--workdir {w}: not writable ({e.strerror or e})") from None
-            self.stop.at_exit.append(self.lock.release)  # a second signal ends the process at once
-            problem = None if created else check_workdir(w, to_dict(self.cfg), self.cfg.checkpoint.enabled)
-            if problem:
-                self.close()
-                raise TrainError(problem)
-            if self.lock.stale:
-                print(f"onn-train: note: took over the lock of a process that ended without releasing "
-                      f"it ({self.lock.stale})", flush=True)
-        return created
-
-    def _setup(self) -> None:
-        cfg = self.cfg
-        self.lr = make_schedule(cfg.optim, cfg.train.steps)
-        self.tx = make_optimizer(cfg.optim, self.lr)
-        k = cfg.optim.accum_steps
-        try:  # every microbatch must split over the batch mesh axes as the batch does
-            check_batch(cfg.data.batch_size // k, self.mesh)
-        except ConfigError as e:
-            raise TrainError(f"optim.accum_steps: microbatches of {cfg.data.batch_size // k} rows: "
-                             f"{e.message}") from e
-        self.step_fn = make_guarded_step(cfg.model, self.tx, self.mesh, accum_steps=k)
-        self.eval_fn = make_eval_step(cfg.model, len(self.ds.domains), mesh=self.mesh)
-        if cfg.checkpoint.enabled:
-            try:
-                self.ckpt = ckpt_lib.Checkpointer(self.workdir / CHECKPOINT_DIR, save_every=cfg.checkpoint.every,
-                                                  keep=cfg.checkpoint.keep)
-            except ckpt_lib.CheckpointError as e:
-                raise TrainError(str(e)) from e
-            for name in self.ckpt.interrupted:
-                print(f"onn-train: note: removing {self.workdir / CHECKPOINT_DIR / name}, left by an "
-                      "interrupted checkpoint save", flush=True)
-        self.skipped_total, self.skipped_in_a_row = 0, 0
-        self.state, data_state = self._init_or_restore()
-        self.start_step = int(jax.device_get(self.state.step))
-        pi, pc = jax.process_index(), jax.process_count()
-        if pc > 1:  # the iterator hands process i the i-th equal slice of each global batch
-            from onn_jax.parallel.distributed import process_batch_rows
-            per = cfg.data.batch_size // pc
-            if process_batch_rows(self.mesh, cfg.data.batch_size) != slice(pi * per, (pi + 1) * per):
-                raise TrainError("mesh: this process's devices do not hold batch rows "
-                                 f"{pi * per}:{(pi + 1) * per}; order the mesh by process")
-        try:
-            self.data_iter = self.ds.train_iter(cfg.data.batch_size, cfg.data.seed, pi, pc, data_state)
-        except ValueError as e:
-            raise TrainError(f"data: cannot continue from the data position of checkpoint step "
-                             f"{self.start_step} ({e}); did data.source, data.seq_len or data.pack "
-                             "change? Use the run's data, or a new --workdir") from e
-        self.writer = NullWriter()
-        if not self.is_chief:  # only process 0 writes the workdir's logs, config and plots
-            return
-        try:
-            self.writer = MetricsWriter(self.workdir, resume_step=self.start_step + 1 if self.start_step else 0)
-        except ValueError as e:
-            raise TrainError(f"cannot append to the run's metrics: {e}") from e
-        tmp = self.workdir / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-        os.replace(tmp, self.workdir / CONFIG_FILE)  # atomic: a kill never leaves half a file
-
-    def close(self) -> None:
-        """Closes the checkpoint manager (waiting for its saves, unless one was abandoned) and
-        releases the workdir lock (idempotent)."""
-        if self.ckpt is not None and not self.abandoned:
-            try:
-                self.ckpt.close()
-            except Exception:  # noqa: BLE001 - a failed save was reported where it failed
-                pass
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
-
-    def _init_or_restore(self):
-        rng = jax.random.key(self.cfg.train.seed)
-        latest = self.ckpt.latest_step() if self.ckpt is not None else None
-        if latest is None:
-            return sharded_init(self.cfg.model, self.tx, rng, self.mesh), None
-        where = f"checkpoint {self.workdir / CHECKPOINT_DIR / str(latest)}"
-        try:
-            meta = self.ckpt.restore_meta(latest)
-        except ckpt_lib.CheckpointError as e:
-            raise TrainError(f"cannot resume: {e}") from e
-        problem = meta_problem(meta, str(self.workdir / CHECKPOINT_DIR / str(latest)))
-        if problem:
-            raise TrainError(f"cannot resume: {problem}; the checkpoint's metadata is damaged: move "
-                             f"{self.workdir / CHECKPOINT_DIR / str(latest)} away to resume from the previous one")
-        mismatch = tokenizer_mismatch(meta.get("tokenizer"), tokenizer_info(self.cfg.data.tokenizer, self.tok), where)
-        if mismatch:
-            raise TrainError(mismatch)
-        saved_data = (meta.get("config") or {}).get("data")
-        if saved_data is not None:  # the saved data position only means something in the same stream
-            now = {k: v for k, v in to_dict(self.cfg.data).items() if k not in RESUME_FREE_DATA_FIELDS}
-            diff = config_diff({k: v for k, v in saved_data.items() if k not in RESUME_FREE_DATA_FIELDS},
-                               now, "data")
-            if diff:
-                raise TrainError(f"{diff[0].split()[0]}: the data settings differ from those of {where} "
-                                 f"({'; '.join(diff)}), so the saved data position would not continue the "
-                                 "same stream. Resume with the run's data settings, or use a new --workdir")
-        self.config_changes = list(meta.get("config_changes") or [])
-        changes = semantic_changes(meta.get("config"), self.cfg)
-        if changes and not self.allow_config_change:
-            fields = ", ".join(c.split()[0] for c in changes)
-            raise TrainError(f"{fields}: resuming {where} with a different model/optimizer config "
-                             f"({'; '.join(changes)}) would change the run's semantics; resume without "
-                             "--config to use the run's saved config, or pass --allow-config-change to "
-                             "record the change and go on")
-        if changes:
-            print(f"onn-train: note: config changed on resume at step {latest} (recorded in "
-                  f"metrics.jsonl and the checkpoints): {'; '.join(changes)}", flush=True)
-            self.config_changes.append({"step": latest, "changes": changes})
-            self.pending_change = "; ".join(changes)
-        target = abstract_state(self.cfg.model, self.tx, self.mesh)
-        try:
-            state, meta = self.ckpt.restore(target, latest)
-        except ckpt_lib.CheckpointError as e:
-            diff = config_diff((meta.get("config") or {}).get("model"), to_dict(self.cfg.model), "model")
-            if diff:
-                raise TrainError(f"{diff[0].split()[0]}: the model config differs from the one of {where} "
-                                 f"({'; '.join(diff)}), and the parameter shapes do not match: {e}. "
-                                 "Resume with the checkpoint's model config, or use a new --workdir") from e
-            raise TrainError(f"cannot resume from {self.workdir / CHECKPOINT_DIR}: {e}") from e
-        guard = meta.get("guard") or {}
-        self.skipped_total = int(guard.get("skipped_steps", 0))
-        self.skipped_in_a_row = int(guard.get("skipped_in_a_row", 0))
-        return state, (meta or {}).get("data")
-
-    def _meta(self) -> dict:
-        tok = tokenizer_info(self.cfg.data.tokenizer, self.tok)
-        guard = {"skipped_steps": self.skipped_total, "skipped_in_a_row": self.skipped_in_a_row}
-        return ckpt_lib.make_meta(config=to_dict(self.cfg), data_state=self.data_iter.state(),
-                                  rng=jax.random.key(self.cfg.train.seed), tokenizer=tok,
-                                  domains=list(self.ds.domains), guard=guard,
-                                  config_changes=self.config_changes)
+class Run(RunSetup):
+    """One invocation of the loop: RunSetup's checked set-up, then run() trains up to train.steps,
+    logging, evaluating, sampling and saving on the way (train() runs one and prints its report)."""
 
     def _batch(self):
         host = next(self.data_iter)
@@ -635,15 +286,6 @@ class Run:
                       self.cfg.train.sample_tokens)
 
 
-def tensorboard_command(logdir: Path) -> str:
-    """How to view the events: the command, and how to install the viewer where it is missing."""
-    import importlib.util
-    cmd = f"tensorboard --logdir {logdir}"
-    if importlib.util.find_spec("tensorboard") is None:
-        cmd += "  (viewer not installed: pip install -e '.[tb]' in the repository)"
-    return cmd
-
-
 def train(cfg: Config, workdir: str | Path, quiet: bool = False,
           allow_config_change: bool = False) -> dict[str, Any]:
     """Runs (or resumes) training in `workdir`; prints where everything went and a sample.
@@ -659,23 +301,3 @@ def train(cfg: Config, workdir: str | Path, quiet: bool = False,
     if not quiet and jax.process_index() == 0:
         print(report(summary, cfg))
     return summary
-
-
-def report(summary: dict[str, Any], cfg: Config) -> str:
-    """The end-of-run text: losses, outputs and the sample generation."""
-    w, last = Path(summary["workdir"]), summary["last"]
-    lines = [f"trained steps {summary['start_step']} -> {summary['step']}"]
-    if summary.get("skipped_steps"):
-        lines.append(f"skipped steps (non-finite loss or gradients): {summary['skipped_steps']}")
-    if summary["first_loss"] is not None and last.get("train/main_loss") is not None:
-        lines.append(f"main loss {summary['first_loss']:.4f} (first log) -> {last['train/main_loss']:.4f}")
-    if last.get("eval/main_loss") is not None:
-        lines.append(f"eval loss {last['eval/main_loss']:.4f}, eval acc {last.get('eval/main_acc', 0):.3f}")
-    lines += [f"  config       {w / CONFIG_FILE}",
-              f"  checkpoints  {w / CHECKPOINT_DIR}" + ("" if cfg.checkpoint.enabled else " (disabled)"),
-              f"  metrics      {w / 'metrics.jsonl'}",
-              f"  tensorboard  {tensorboard_command(w / 'tb')}",
-              "  plots        " + (", ".join(Path(p).name for p in summary["plots"]) + f" in {w / 'plots'}"
-                                    if summary["plots"] else "(none)"),
-              f"sample (greedy): {cfg.train.sample_prompt!r} -> {summary['sample']!r}"]
-    return "\n".join(lines)
