@@ -1,6 +1,6 @@
 """`python -m train.experiment`: onn-experiment, as the --parallel cell processes start it."""
 import sys
 
-from train.experiment.grid import main
+from train.experiment.cli import main
 
 sys.exit(main())

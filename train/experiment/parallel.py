@@ -8,7 +8,7 @@ gave ~3x one process's throughput, docs/RESEARCH.md). Each cell runs as
 
 (the parent's --steps, --compile-cache and --config overrides passed on; its output in
 OUT/cells/LABEL_seedSEED.log), so no two processes write one results.jsonl. The parent decides
-which cells run (train.experiment.run_experiment), and when a cell's process ends well moves its
+which cells run (train.experiment.grid.run_experiment), and when a cell's process ends well moves its
 run directory to OUT/runs/LABEL/seed_SEED and writes its row. A cell whose process fails is
 named with its exit code and log, the others go on; the parent then stops with an error. On a
 GPU, children get XLA_PYTHON_CLIENT_PREALLOCATE=false unless it is set: each would otherwise
