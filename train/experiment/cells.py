@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from train.common.metrics_file import to_jsonable
 from train.experiment.analysis import analyse, make_analysis_step
 from train.experiment.spec import ExperimentError, run_config
 
@@ -68,7 +69,7 @@ def write_phase_data(cfg, phases: dict, data_dir: Path) -> dict[str, str]:
 
 
 def jsonable(m: dict) -> dict:
-    from train.common.metrics_file import to_jsonable
+    """A result row JSON-ready: numbers and arrays as JSON values (strings, lists and dicts kept)."""
     return {k: to_jsonable(v) if not isinstance(v, (str, list, dict)) else v for k, v in m.items()}
 
 

@@ -7,12 +7,12 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from train.common.metrics_file import read_jsonl
 from train.experiment.spec import ExperimentError
 
 
 def read_results(path: Path) -> list[dict]:
     """The rows of results.jsonl; a torn last line (a write cut by a kill) is dropped."""
-    from train.common.metrics_file import read_jsonl
     try:
         numbered = read_jsonl(path, torn_tail_ok=True, numbered=True)  # a half-written cell runs again
     except ValueError as e:
