@@ -12,6 +12,9 @@ Two kinds of problem, both found before the run writes anything:
   config from scratch (its files are then recomputed, nothing is lost). A workdir whose
   checkpoints would be ignored (checkpoint.enabled=false) is refused too: a later resume would
   mix two runs.
+
+The workdir's entry names (CONFIG_FILE, CHECKPOINT_DIR, METRICS_FILE, TB_DIR, PLOTS_DIR) are
+defined here once; onn-train writes them and the other programs read them.
 """
 from __future__ import annotations
 
