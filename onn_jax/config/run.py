@@ -148,7 +148,7 @@ class CheckpointConfig:
     every: int = 500
     keep: int = 3
     # stop_timeout_s: on a stop signal, how long onn-train waits for the save of the current
-    # step (and any save in flight) before abandoning it and exiting (see train.signals).
+    # step (and any save in flight) before abandoning it and exiting (see train.common.signals).
     stop_timeout_s: float = 120.0
 
     def __post_init__(self):

@@ -108,7 +108,7 @@ def write_shards(paths: Sequence[str | os.PathLike], tok: Tokenizer, tokenizer_i
                  rows_per_shard: int = 65536) -> dict:
     """Tokenizes `paths` into shard files in the new directory `out`; returns the meta.
 
-    tokenizer_info: what meta.json records about the tokenizer (train.compat.tokenizer_info).
+    tokenizer_info: what meta.json records about the tokenizer (onn_jax.data.tokenizer.tokenizer_info).
     `out` must not exist or be empty (nothing is overwritten); on error the files written so
     far stay without meta.json, which no loader accepts.
     """
