@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.bench import time_fn
+from bench.harness import time_fn
 from onn_jax.dispatch import grouped_gemm as gg
 
 FWD_GRID = dict(block_m=(64, 128), block_n=(128, 256), block_k=(64,), max_concurrent_steps=(2, 4),

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.bench import time_fn
+from bench.harness import time_fn
 
 SIZES = {  # (N tokens, E experts, C hidden, k active per token, B, T, H, V vocab)
     "tiny": dict(n=512, e=8, c=32, k=2, b=8, t=64, h=4, v=262),

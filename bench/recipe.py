@@ -24,7 +24,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from bench.bench import PRESETS, random_batch
+from bench.harness import random_batch
+from bench.modes import PRESETS
 from onn_jax.config import Config, from_dict
 from onn_jax.training.guard import make_guarded_step
 from onn_jax.training.optimizer import make_optimizer

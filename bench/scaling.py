@@ -13,7 +13,7 @@ script. Needs no orbax.
 `--scan-layers` and `--remat` set model.scan_layers / model.remat (the Mosaic GPU grouped GEMM
 needs the scan to compile in reasonable time at gpu_large).
 `--mode smk|plain`, `--dispatch dense|sparse|dropless`, `--pair-budget`, `--gemm` and
-`--force-avg-k E/8` pick the router and the MoE dispatch as onn-bench does (bench.bench.mode_config;
+`--force-avg-k E/8` pick the router and the MoE dispatch as onn-bench does (bench.modes.mode_config;
 the thresholds are forced on the batch so about k experts pass per token). Each record carries the
 compiled step's memory per device (XLA's memory_analysis: arguments + temporaries + outputs -
 aliased) and, with `--profile`, the costliest XLA ops per step and device; with `--check`, the
@@ -42,7 +42,8 @@ if __package__ in (None, ""):  # run as `python bench/scaling.py`: import bench.
 import jax
 import numpy as np
 
-from bench.bench import force_thresholds, mode_config, parse_k, profile_ops
+from bench.harness import profile_ops
+from bench.modes import force_thresholds, mode_config, parse_k
 from onn_jax.config import MeshConfig, ModelConfig, MoEConfig, OptimConfig
 from onn_jax.nn import moe as moe_module
 from onn_jax.parallel.constrain import constrain

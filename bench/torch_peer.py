@@ -31,8 +31,9 @@ import time
 
 import numpy as np
 
-from bench.bench import PEAK_TFLOPS, load_config, train_flops_per_token
+from bench.flops import PEAK_TFLOPS, train_flops_per_token
 from bench.gemm_tune import uneven_sizes
+from bench.modes import load_config
 
 
 def _torch():

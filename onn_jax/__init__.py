@@ -38,7 +38,7 @@ from onn_jax.data.records import DataError, encode_record, iter_records
 from onn_jax.data.shards import ShardDataset, write_shards
 from onn_jax.data.tokenizer import ByteTokenizer, HFTokenizer, encode_chat, load_tokenizer
 from onn_jax.dispatch.capacity import Dispatch, expert_capacity, make_dispatch
-from onn_jax.io.checkpoint import Checkpointer, CheckpointError, abstract_like, export_params, load_params, make_meta
+from onn_jax.io import Checkpointer, CheckpointError, abstract_like, export_params, load_params, make_meta
 from onn_jax.io.portable import Export, load_export, write_export
 from onn_jax.nn.attention import DecodeCache, KVCache, init_cache
 from onn_jax.nn.embed import SlotRecord, slot_embed, slot_surprise

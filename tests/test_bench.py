@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 from helpers import random_batch, tiny_config
 
-from bench.bench import dropless_fields, force_thresholds, main, mode_config, train_flops_per_token
+from bench.bench import main
+from bench.flops import train_flops_per_token
+from bench.measure import dropless_fields
+from bench.modes import force_thresholds, mode_config
 from onn_jax.config import ModelConfig, MoEConfig
 from onn_jax.core.losses import next_token_loss
 from onn_jax.nn.transformer import Transformer, init_params

@@ -10,16 +10,11 @@ import pytest
 pytest.importorskip("orbax.checkpoint")
 
 from onn_jax.config import ModelConfig, MoEConfig, OptimConfig, to_dict  # noqa: E402
-from onn_jax.io.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    abstract_like,
-    export_params,
-    load_params,
-    make_meta,
-    rng_from_json,
-    rng_to_json,
-)
+from onn_jax.io.checkpoint_meta import make_meta, rng_from_json, rng_to_json
+from onn_jax.io.checkpointer import Checkpointer
+from onn_jax.io.errors import CheckpointError
+from onn_jax.io.params_export import export_params, load_params
+from onn_jax.io.restore_targets import abstract_like
 from onn_jax.training.optimizer import make_optimizer  # noqa: E402
 from onn_jax.training.state import init_state  # noqa: E402
 from onn_jax.training.step import make_train_step  # noqa: E402
@@ -171,7 +166,7 @@ def test_export_then_load_params(tmp_path, state0):
 
 def test_export_refuses_the_remains_of_an_interrupted_export(tmp_path, state0, monkeypatch):
     """A crash after params/ but before export.json: neither tool takes the folder; export names it."""
-    import onn_jax.io.checkpoint as checkpoint_mod
+    import onn_jax.io.params_export as params_export_mod
     with Checkpointer(tmp_path / "ck", save_every=1) as ck:
         ck.save(1, state0, make_meta(config={"model": to_dict(CFG)}))
 
@@ -182,7 +177,7 @@ def test_export_refuses_the_remains_of_an_interrupted_export(tmp_path, state0, m
             raise OSError("disk full")
         return real_replace(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint_mod.os, "replace", crash)  # dies committing export.json
+    monkeypatch.setattr(params_export_mod.os, "replace", crash)  # dies committing export.json
     with pytest.raises(OSError, match="disk full"):
         export_params(tmp_path / "ck", tmp_path / "out")
     monkeypatch.undo()

@@ -128,7 +128,8 @@ def test_router_state_is_restored_and_used(tmp_path, capsys):
     import jax.numpy as jnp
 
     from onn_jax.config import to_dict
-    from onn_jax.io.checkpoint import Checkpointer, make_meta
+    from onn_jax.io.checkpoint_meta import make_meta
+    from onn_jax.io.checkpointer import Checkpointer
     from onn_jax.training.optimizer import make_optimizer
     from onn_jax.training.options.router_state import forward_params
     from onn_jax.training.state import init_state

@@ -17,7 +17,8 @@ from onn_jax.config import (  # noqa: E402
     to_dict,  # noqa: E402
 )
 from onn_jax.data.tokenizer import ByteTokenizer, tokenizer_info  # noqa: E402
-from onn_jax.io.checkpoint import Checkpointer, make_meta  # noqa: E402
+from onn_jax.io.checkpoint_meta import make_meta  # noqa: E402
+from onn_jax.io.checkpointer import Checkpointer  # noqa: E402
 from onn_jax.io.portable import load_export, write_export  # noqa: E402
 from onn_jax.nn.transformer import Transformer, init_params  # noqa: E402
 from train.export import main as export_main  # noqa: E402

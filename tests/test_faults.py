@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("orbax.checkpoint")
 
-from onn_jax.io.checkpoint import TMP_MARK, Checkpointer  # noqa: E402
+from onn_jax.io.checkpointer import TMP_MARK, Checkpointer  # noqa: E402
 from onn_jax.io.workdir import LOCK_FILE, WorkdirBusy, WorkdirLock  # noqa: E402
 from train.common.metrics_file import read_metrics  # noqa: E402
 from train.main import main  # noqa: E402

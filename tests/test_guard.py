@@ -130,7 +130,7 @@ def poison_steps(monkeypatch, steps):
 
 @pytest.mark.slow
 def test_training_skips_poisoned_batches_and_continues(monkeypatch, tmp_path, capsys):
-    from onn_jax.io.checkpoint import Checkpointer
+    from onn_jax.io.checkpointer import Checkpointer
     from train.common.metrics_file import read_metrics
     from train.main import main
     poison_steps(monkeypatch, {3, 4, 7})
@@ -151,7 +151,7 @@ def test_training_skips_poisoned_batches_and_continues(monkeypatch, tmp_path, ca
 
 @pytest.mark.slow
 def test_too_many_skips_in_a_row_stop_with_a_checkpoint(monkeypatch, tmp_path, capsys):
-    from onn_jax.io.checkpoint import Checkpointer
+    from onn_jax.io.checkpointer import Checkpointer
     from train.main import main
     poison_steps(monkeypatch, {3, 4, 5, 6, 7, 8})
     assert main([*TINY, "--workdir", str(tmp_path), "--config.train.max_skipped_in_a_row=3",

@@ -198,7 +198,8 @@ def test_idle_expert_is_bitwise_unchanged(idle_run):
 
 def test_checkpoint_carries_the_per_expert_counters(idle_run, tmp_path):
     pytest.importorskip("orbax.checkpoint")
-    from onn_jax.io.checkpoint import Checkpointer, abstract_like
+    from onn_jax.io.checkpointer import Checkpointer
+    from onn_jax.io.restore_targets import abstract_like
     cfg, tx, step, batch, _, state1, _ = idle_run
     with Checkpointer(tmp_path / "ck", save_every=1) as ck:
         assert ck.save(1, state1, {"s": 1})

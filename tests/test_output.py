@@ -12,7 +12,7 @@ import pytest
 
 from onn_jax.config import ConfigError, ModelConfig, MoEConfig, OutputConfig
 from onn_jax.core.losses import next_token_loss
-from onn_jax.io.checkpoint import Checkpointer
+from onn_jax.io.checkpointer import Checkpointer
 from onn_jax.nn.generate import generate
 from onn_jax.nn.output import adaptive_ce, adaptive_log_probs, clusters, count_labels, frequency_order, output_loss
 from onn_jax.nn.transformer import Transformer, init_params

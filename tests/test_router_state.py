@@ -140,7 +140,8 @@ def test_dead_experts_are_never_the_gate_target():
 
 @pytest.mark.slow
 def test_adaptive_resume_across_add_remove_is_bit_exact(tmp_path):
-    from onn_jax.io.checkpoint import Checkpointer, abstract_like
+    from onn_jax.io.checkpointer import Checkpointer
+    from onn_jax.io.restore_targets import abstract_like
     cfg = tiny_config(adaptive_experts=True, adaptive_every=2, adaptive_initial=3)
     step = make_train_step(cfg, TX, donate=False)
     state = jax.device_put(jax.jit(init_state, static_argnums=(0, 1))(cfg, TX, jax.random.key(0)),

@@ -142,8 +142,10 @@ def test_decoding_dropless_gated_heads_and_deep_embed_under_scan():
 
 
 def test_layouts_convert_both_ways_through_checkpoints_and_export(tmp_path):
-    from onn_jax.io.checkpoint import Checkpointer, abstract_like, make_meta
+    from onn_jax.io.checkpoint_meta import make_meta
+    from onn_jax.io.checkpointer import Checkpointer
     from onn_jax.io.portable import load_export, write_export
+    from onn_jax.io.restore_targets import abstract_like
     params = init_params(CFG, jax.random.key(1))
     sparams = stack_layers(params)
     assert rel_err(unstack_layers(sparams), params) == 0.0

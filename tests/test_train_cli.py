@@ -9,7 +9,7 @@ import pytest
 
 from onn_jax.config import Config, from_dict
 from onn_jax.data.tokenizer import ByteTokenizer, encode_chat
-from onn_jax.io.checkpoint import Checkpointer
+from onn_jax.io.checkpointer import Checkpointer
 from onn_jax.nn.transformer import Transformer
 from train.common.config_loader import load
 from train.common.metrics_file import read_metrics

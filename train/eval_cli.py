@@ -79,7 +79,7 @@ def check_args(args) -> None:
 def saved_config(workdir: Path, step: int) -> tuple[dict, str]:
     """The whole config dict the model was trained with (export.json's, the checkpoint's
     metadata, else the workdir's config.json) and where it came from."""
-    from onn_jax.io import checkpoint as ckpt_lib
+    from onn_jax import io as ckpt_lib
     from onn_jax.io import portable
     if portable.is_export(workdir):
         path = workdir / ckpt_lib.EXPORT_META

@@ -70,7 +70,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     quiet_orbax()
     if (src / CHECKPOINT_DIR).is_dir():
         src = src / CHECKPOINT_DIR
-    from onn_jax.io.checkpoint import CheckpointError, error_cause, os_error_in  # heavy: after the cheap checks
+    from onn_jax.io.errors import CheckpointError, error_cause, os_error_in  # heavy: after the cheap checks
     from onn_jax.io.portable import write_export
     out = Path(args.out)
     before = set(os.listdir(out)) if out.is_dir() else None

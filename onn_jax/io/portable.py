@@ -25,10 +25,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from onn_jax.io import checkpoint as ckpt_lib
+from onn_jax.io.checkpointer import Checkpointer
+from onn_jax.io.errors import CheckpointError
+from onn_jax.io.params_export import EXPORT_META, EXPORT_PARAMS, load_params
+from onn_jax.io.restore_targets import abstract_like
 
 FORMATS = ("orbax", "safetensors", "npz")
-PARAM_FILES = {"orbax": ckpt_lib.EXPORT_PARAMS, "safetensors": "model.safetensors", "npz": "params.npz"}
+PARAM_FILES = {"orbax": EXPORT_PARAMS, "safetensors": "model.safetensors", "npz": "params.npz"}
 CONFIG, TOKENIZER, TOKENIZER_CONFIG, CARD = "config.json", "tokenizer.json", "tokenizer_config.json", "README.md"
 MODEL_TYPE = "onn-jax-moe"
 
@@ -81,13 +84,13 @@ def unflatten(flat: dict[str, Any], target: Any, where: str) -> Any:
     want = flatten_abstract(target)
     for key, leaf in want.items():
         if key not in flat:
-            raise ckpt_lib.CheckpointError(f"{where}: parameter {key} {tuple(leaf.shape)} is missing")
+            raise CheckpointError(f"{where}: parameter {key} {tuple(leaf.shape)} is missing")
         if tuple(flat[key].shape) != tuple(leaf.shape):
-            raise ckpt_lib.CheckpointError(f"{where}: parameter {key} has shape {tuple(flat[key].shape)} "
-                                           f"but {tuple(leaf.shape)} in config.json's model")
+            raise CheckpointError(f"{where}: parameter {key} has shape {tuple(flat[key].shape)} "
+                                  f"but {tuple(leaf.shape)} in config.json's model")
     extra = sorted(set(flat) - set(want))
     if extra:
-        raise ckpt_lib.CheckpointError(f"{where}: holds {extra[0]} that config.json's model does not have")
+        raise CheckpointError(f"{where}: holds {extra[0]} that config.json's model does not have")
 
     def build(node, prefix):
         return {k: build(v, f"{prefix}{k}.") if hasattr(v, "items") else
@@ -132,13 +135,13 @@ def _resolve_tokenizer(info: dict, override: str | None):
     try:
         tok = load_tokenizer(name)
     except (OSError, ValueError, ImportError) as e:
-        raise ckpt_lib.CheckpointError(f"tokenizer {name!r} of the checkpoint cannot be loaded ({e}); "
-                                       "pass --tokenizer PATH to its tokenizer.json") from e
+        raise CheckpointError(f"tokenizer {name!r} of the checkpoint cannot be loaded ({e}); "
+                              "pass --tokenizer PATH to its tokenizer.json") from e
     now = tokenizer_info(name, tok)
     if info and (info.get("vocab_size"), info.get("fingerprint")) != (now["vocab_size"], now["fingerprint"]):
-        raise ckpt_lib.CheckpointError(f"tokenizer {name!r} (vocab {now['vocab_size']}) is not the one the "
-                                       f"checkpoint was trained with ({info.get('name')!r}, vocab "
-                                       f"{info.get('vocab_size')})")
+        raise CheckpointError(f"tokenizer {name!r} (vocab {now['vocab_size']}) is not the one the "
+                              f"checkpoint was trained with ({info.get('name')!r}, vocab "
+                              f"{info.get('vocab_size')})")
     return name, tok, dict(now, name="byte" if name == "byte" else TOKENIZER)
 
 
@@ -161,11 +164,11 @@ def is_export(path: str | os.PathLike) -> bool:
     """A complete export of any format (export.json and its parameter file)."""
     path = os.fspath(path)
     try:
-        with open(os.path.join(path, ckpt_lib.EXPORT_META)) as f:
+        with open(os.path.join(path, EXPORT_META)) as f:
             fmt = json.load(f).get("format", "orbax")
     except (OSError, ValueError, AttributeError):
         return False
-    return os.path.exists(os.path.join(path, PARAM_FILES.get(fmt, ckpt_lib.EXPORT_PARAMS)))
+    return os.path.exists(os.path.join(path, PARAM_FILES.get(fmt, EXPORT_PARAMS)))
 
 
 def model_card(model: dict, step: int, flat: dict, tok_desc: dict, fmt: str) -> str:
@@ -194,7 +197,7 @@ def _model_config(model: dict, where: str):
     try:
         return from_dict(ModelConfig, model, "model.")
     except ConfigError as e:
-        raise ckpt_lib.CheckpointError(f"{where}: {e}") from e
+        raise CheckpointError(f"{where}: {e}") from e
 
 
 def write_export(ckpt_dir: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
@@ -206,25 +209,25 @@ def write_export(ckpt_dir: str | os.PathLike, out: str | os.PathLike, step: int 
     `per_layer` (block_i/..., model.scan_layers = false) or `stacked` (blocks/... [L, ...],
     model.scan_layers = true); the exported config's model.scan_layers says which."""
     if fmt not in FORMATS:
-        raise ckpt_lib.CheckpointError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
+        raise CheckpointError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
     if layout not in LAYOUTS:
-        raise ckpt_lib.CheckpointError(f"unknown layout {layout!r}; expected one of {list(LAYOUTS)}")
+        raise CheckpointError(f"unknown layout {layout!r}; expected one of {list(LAYOUTS)}")
     out = os.path.abspath(os.fspath(out))
     if is_export(out):
-        raise ckpt_lib.CheckpointError(f"{out} already holds an export; choose a new directory")
+        raise CheckpointError(f"{out} already holds an export; choose a new directory")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise ckpt_lib.CheckpointError(f"{out} exists and is not an empty directory; choose a new one")
+        raise CheckpointError(f"{out} exists and is not an empty directory; choose a new one")
     from onn_jax.training.options.router_state import init_router_state
-    src = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
+    src = Checkpointer(ckpt_dir, read_only=True)
     try:
         step = src.resolve_step(step)
         config = src.restore_meta(step).get("config") or {}
         if not isinstance(config.get("model"), dict):
-            raise ckpt_lib.CheckpointError(f"{ckpt_dir}/{step}: the checkpoint records no model config")
+            raise CheckpointError(f"{ckpt_dir}/{step}: the checkpoint records no model config")
         model_cfg = _model_config(config["model"], f"{ckpt_dir}/{step}")
         stateful = bool(init_router_state(model_cfg))
         if stateful and layout == "stacked":
-            raise ckpt_lib.CheckpointError(
+            raise CheckpointError(
                 "--layout stacked: this model routes with router state (model.moe.aux_free_rate / "
                 "adaptive_experts), which model.scan_layers does not support; export it per_layer")
         # The router state the forward reads (a bias, a live mask) travels inside the params.
@@ -258,7 +261,7 @@ def write_export(ckpt_dir: str | os.PathLike, out: str | os.PathLike, step: int 
     else:
         with open(os.path.join(out, PARAM_FILES[fmt]), "wb") as f:
             np.savez(f, **flat)
-    write_json(os.path.join(out, ckpt_lib.EXPORT_META),
+    write_json(os.path.join(out, EXPORT_META),
                 {"step": int(step), "config": config, "tokenizer": tok_info, "format": fmt})
     return int(step)
 
@@ -275,27 +278,27 @@ def load_export(path: str | os.PathLike, tokenizer: str | None = None) -> Export
     from onn_jax.nn.transformer import init_params
     from onn_jax.training.options.router_state import forward_params, init_router_state
     path = os.path.abspath(os.fspath(path))
-    meta_path = os.path.join(path, ckpt_lib.EXPORT_META)
+    meta_path = os.path.join(path, EXPORT_META)
     cfg_path = meta_path if os.path.isfile(meta_path) else os.path.join(path, CONFIG)
     try:
         with open(cfg_path) as f:
             meta = json.load(f)
     except FileNotFoundError:
-        raise ckpt_lib.CheckpointError(f"{path}: not an export (no {ckpt_lib.EXPORT_META} or {CONFIG})") from None
+        raise CheckpointError(f"{path}: not an export (no {EXPORT_META} or {CONFIG})") from None
     except json.JSONDecodeError as e:
-        raise ckpt_lib.CheckpointError(f"{cfg_path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        raise CheckpointError(f"{cfg_path}: invalid JSON at line {e.lineno}: {e.msg}") from None
     model = (meta.get("config") or {}).get("model") if cfg_path == meta_path else meta.get("model")
     fmt = meta.get("format", "orbax")
     if not isinstance(model, dict) or fmt not in FORMATS:
-        raise ckpt_lib.CheckpointError(f"{cfg_path}: no model config or unknown format {fmt!r}")
+        raise CheckpointError(f"{cfg_path}: no model config or unknown format {fmt!r}")
     model_cfg = _model_config(model, cfg_path)
-    target = ckpt_lib.abstract_like(  # with the router state a stateful-routing model applies
+    target = abstract_like(  # with the router state a stateful-routing model applies
         lambda: forward_params(init_params(model_cfg, jax.random.key(0)), init_router_state(model_cfg)))
     file = os.path.join(path, PARAM_FILES[fmt])
     if not os.path.exists(file):
-        raise ckpt_lib.CheckpointError(f"{file}: missing (the export is incomplete)")
+        raise CheckpointError(f"{file}: missing (the export is incomplete)")
     if fmt == "orbax":
-        params, _ = ckpt_lib.load_params(path, target)
+        params, _ = load_params(path, target)
     elif fmt == "safetensors":
         from safetensors.numpy import load_file
         params = unflatten(load_file(file), target, file)
@@ -306,7 +309,7 @@ def load_export(path: str | os.PathLike, tokenizer: str | None = None) -> Export
     try:
         tok = load_tokenizer(tok_name)
     except (OSError, ValueError, ImportError) as e:
-        raise ckpt_lib.CheckpointError(f"tokenizer {tok_name!r}: {e} (pass --tokenizer PATH)") from e
+        raise CheckpointError(f"tokenizer {tok_name!r}: {e} (pass --tokenizer PATH)") from e
     return Export(params, model_cfg, tok, int(meta.get("step") or 0), meta)
 
 

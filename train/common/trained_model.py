@@ -54,7 +54,7 @@ def load_model(workdir: str | Path, step: int | None = None):
     include the router state the forward reads (stateful-routing models), ready for model.apply."""
     import jax
 
-    from onn_jax.io import checkpoint as ckpt_lib
+    from onn_jax import io as ckpt_lib
     from onn_jax.nn.transformer import init_params
     workdir = Path(workdir)
     if not workdir.is_dir():
@@ -88,7 +88,7 @@ def checkpoint_config(ckpt, step: int, workdir: Path):
     """(ModelConfig, tokenizer name) the checkpoint of `step` was trained with: the config in
     its own metadata, else (older checkpoints without one) the workdir's config.json, which
     describes the latest run and may differ from an older step's."""
-    from onn_jax.io import checkpoint as ckpt_lib
+    from onn_jax import io as ckpt_lib
     try:
         raw = ckpt.restore_meta(step).get("config")
     except ckpt_lib.CheckpointError:

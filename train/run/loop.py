@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from onn_jax import io as ckpt_lib
 from onn_jax.config import Config
 from onn_jax.core.routing_metrics import dead_experts
-from onn_jax.io import checkpoint as ckpt_lib
 from onn_jax.nn.layer_stack import layer_params
 from onn_jax.training.guard import SKIPPED
 from onn_jax.training.schedules import last_lr

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import jax
 
-from bench.bench import device_peak_tflops, train_flops_per_token
+from bench.flops import device_peak_tflops, train_flops_per_token
 from onn_jax.config import Config
 
 

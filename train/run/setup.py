@@ -16,9 +16,9 @@ from pathlib import Path
 
 import jax
 
+from onn_jax import io as ckpt_lib
 from onn_jax.config import Config, ConfigError, MeshConfig, to_dict
 from onn_jax.data.tokenizer import tokenizer_info
-from onn_jax.io import checkpoint as ckpt_lib
 from onn_jax.io.workdir import WorkdirBusy, WorkdirLock
 from onn_jax.nn.attention import attention_impl
 from onn_jax.parallel import mesh as mesh_lib

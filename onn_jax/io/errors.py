@@ -1,0 +1,46 @@
+"""What goes wrong with a checkpoint, in words: the errors every io module raises.
+
+CheckpointError (missing, damaged or mismatched) and SaveError (a save that failed, with
+the steps still committed) are their own module so that the checkpointer, the restore
+targets, the exports and the programs' messages (onn-export) share them without importing
+orbax; os_error_in / error_cause dig the OSError out of the chains orbax wraps it in.
+"""
+from __future__ import annotations
+
+import os
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing or does not match what the caller expects."""
+
+
+class SaveError(RuntimeError):
+    """A checkpoint save failed (e.g. the disk is full); `step` is the step whose save failed,
+    `committed` the steps on disk, `cause` the underlying error in words."""
+
+    def __init__(self, step: int | None, cause: str, committed: list[int]):
+        self.step, self.cause, self.committed = step, cause, committed
+        what = f"the checkpoint save of step {step}" if step is not None else "a checkpoint save"
+        last = f"step {committed[-1]}" if committed else "none"
+        super().__init__(f"{what} failed: {cause}; last committed checkpoint: {last}")
+
+
+def os_error_in(e: BaseException) -> OSError | None:
+    """The first OSError with an errno in the chain of `e` (orbax wraps them), else None."""
+    seen, cur = set(), e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno is not None:
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def error_cause(e: BaseException) -> str:
+    """The root cause of `e` in words: the first OSError in its chain (e.g. 'No space left on
+    device (errno 28): PATH'), else the outermost exception's type and message."""
+    cur = os_error_in(e)
+    if cur is not None:
+        where = f": {cur.filename}" if cur.filename else ""
+        return f"{cur.strerror or os.strerror(cur.errno)} (errno {cur.errno}){where}"
+    return f"{type(e).__name__}: {str(e)[:300]}"
