@@ -17,12 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.components import COMPONENTS
-from bench.flops import device_peak_tflops, train_flops_per_token
 from bench.harness import breakdown, hlo_stats, profile_ops, random_batch
 from bench.modes import force_thresholds, mode_config, parse_k
 from bench.real_routing import corpus_batches, train_for
 from onn_jax.config import Config, ModelConfig
 from onn_jax.nn.attention import attention_impl
+from onn_jax.training.flops import device_peak_tflops, train_flops_per_token
 from onn_jax.training.optimizer import make_optimizer
 from onn_jax.training.state import init_state
 from onn_jax.training.step import make_train_step

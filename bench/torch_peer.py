@@ -31,9 +31,9 @@ import time
 
 import numpy as np
 
-from bench.flops import PEAK_TFLOPS, train_flops_per_token
 from bench.gemm_tune import uneven_sizes
 from bench.modes import load_config
+from onn_jax.training.flops import PEAK_TFLOPS, train_flops_per_token
 
 
 def _torch():

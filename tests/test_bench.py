@@ -11,12 +11,12 @@ import pytest
 from helpers import random_batch, tiny_config
 
 from bench.bench import main
-from bench.flops import train_flops_per_token
 from bench.measure import dropless_fields
 from bench.modes import force_thresholds, mode_config
 from onn_jax.config import ModelConfig, MoEConfig
 from onn_jax.core.losses import next_token_loss
 from onn_jax.nn.transformer import Transformer, init_params
+from onn_jax.training.flops import train_flops_per_token
 from onn_jax.training.step import compute_grads, step_taps
 
 

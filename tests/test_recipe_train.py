@@ -67,7 +67,7 @@ def test_rerun_at_the_final_step_evaluates(run8, capsys):
 def test_perf_metrics_formula():
     from onn_jax.config import Config, from_dict
     cfg = from_dict(Config, {"data": {"batch_size": 2, "seq_len": 4}, "train": {"peak_tflops": 100.0}})
-    from bench.flops import train_flops_per_token
+    from onn_jax.training.flops import train_flops_per_token
     out = perf_metrics(cfg, {"moe/avg_k": 3.0}, 0.5, num_devices=2, device_kind="cpu")
     expect = train_flops_per_token(cfg.model, 4, 3.0) * 8 / 0.5 / 2 / 1e12
     assert out["perf/tflops_per_device"] == pytest.approx(expect)

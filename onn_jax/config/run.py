@@ -100,7 +100,7 @@ class TrainConfig:
     profile_steps: [a, b] writes a jax.profiler trace of steps a..b (inclusive) into
       WORKDIR/profile; None = no trace.
     peak_tflops: the device's peak TFLOP/s per device for perf/mfu; None = from the table in
-      bench.flops.PEAK_TFLOPS by device kind (perf/mfu is null where the device is unknown).
+      onn_jax.training.flops.PEAK_TFLOPS by device kind (perf/mfu is null where the device is unknown).
     plots: draw the dashboards (WORKDIR/plots/*.png) when the run ends; false skips them (a few
       seconds of matplotlib per run: many short runs, or no matplotlib wanted on the cluster);
       `onn-plot WORKDIR` draws them later from metrics.jsonl.

@@ -12,8 +12,8 @@ from typing import Any, Mapping
 
 import jax
 
-from bench.flops import device_peak_tflops, train_flops_per_token
 from onn_jax.config import Config
+from onn_jax.training.flops import device_peak_tflops, train_flops_per_token
 
 
 def active_k(cfg: Config, row: Mapping[str, Any]) -> float:

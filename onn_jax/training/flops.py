@@ -1,8 +1,9 @@
 """Model FLOPs per token and device peaks: what the MFU of onn-bench and of training counts.
 
 `train_flops_per_token` counts only active-expert FLOPs (the formula in its docstring);
-`device_peak_tflops` looks up the dense bf16 peak by jax's device_kind. train/perf.py reports
-a run's perf/mfu with these, so a training run and a benchmark count FLOPs alike.
+`device_peak_tflops` looks up the dense bf16 peak by jax's device_kind. onn-train's perf/mfu
+(train/run/perf.py), onn-bench and the PyTorch peer (bench/) all count with these, so a training
+run and a benchmark count FLOPs alike.
 """
 from __future__ import annotations
 
