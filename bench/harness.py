@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.attribution import attribute
 from onn_jax.config import ModelConfig
 from onn_jax.core.losses import next_token_loss
 from onn_jax.nn.transformer import Transformer
@@ -69,10 +70,11 @@ def breakdown(model: ModelConfig, params, batch) -> dict[str, float]:
             "grads_ms": time_fn(jax.jit(lambda p: compute_grads(p, batch, model)), params)}
 
 
-def profile_ops(run, top: int, steps: int = 3, devices: int = 1) -> dict:
+def profile_ops(run, top: int, steps: int = 3, devices: int = 1, hlo_text: str | None = None) -> dict:
     """Device time per step (ms) of the costliest XLA ops and op kinds, from a jax.profiler trace;
     with `devices` > 1 (a mesh) the times summed over the devices' planes are divided by it, so
-    the figures are per device."""
+    the figures are per device. With the compiled step's `hlo_text`, also the time by JAX name
+    stack and primitive (bench/attribution.py)."""
     import glob
     import re
     import tempfile
@@ -94,5 +96,10 @@ def profile_ops(run, top: int, steps: int = 3, devices: int = 1) -> dict:
                     ops[ev.name] += ev.duration_ns
                     kinds[re.sub(r"[._]\d+$", "", ev.name)] += ev.duration_ns
     per_step = lambda c: [[n, round(ns / steps / devices / 1e6, 3)] for n, ns in c.most_common(top)]
-    return {"total_ms": round(sum(ops.values()) / steps / devices / 1e6, 3), "kinds": per_step(kinds),
-            "ops": per_step(ops), "lines": sorted(set(seen))} if ops else {"lines": seen}
+    if not ops:
+        return {"lines": seen}
+    out = {"total_ms": round(sum(ops.values()) / steps / devices / 1e6, 3), "kinds": per_step(kinds),
+           "ops": per_step(ops), "lines": sorted(set(seen))}
+    if hlo_text is not None:
+        out["attribution"] = attribute(ops, hlo_text, steps * devices, top=2 * top)
+    return out

@@ -141,6 +141,7 @@ def measure(name: str, cfg: Config, mode: str, args, component: str = "none") ->
         record["trained_main_loss"] = trained.get("train/main_loss")
     record.update(parts)
     if args.profile:
-        record["profile_ms_per_step"] = profile_ops(lambda i: run(i), args.profile_top)
+        record["profile_ms_per_step"] = profile_ops(lambda i: run(i), args.profile_top,
+                                                    hlo_text=compiled.as_text())
     record.update(hlo_stats(compiled))
     return record

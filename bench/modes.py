@@ -30,6 +30,11 @@ PRESETS = {  # built-in sizes (the same as configs/*.py), usable without a confi
                                      dtype="bfloat16", attention="auto",
                                      moe=dict(num_experts=32, intermediate=256)),
                           data=dict(batch_size=16, seq_len=256)),  # gpu_small's model, batch 16 x 256
+    "gpu_olmoe": dict(model=dict(vocab_size=50304, hidden=2048, num_layers=4, num_heads=16, max_len=2048,
+                                 norm="rmsnorm", final_norm=True, dtype="bfloat16", attention="auto",
+                                 scan_layers=True,
+                                 moe=dict(num_experts=64, intermediate=1024, top_k=8, dispatch="dropless")),
+                      data=dict(batch_size=8, seq_len=2048)),  # configs/gpu_olmoe.py
 }
 
 

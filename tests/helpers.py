@@ -29,3 +29,11 @@ def rel_err(a, b) -> float:
     num = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     den = max(float(jnp.max(jnp.abs(y))) for y in jax.tree.leaves(b))
     return num / max(den, 1e-30)
+
+
+def needs_devices(n: int):
+    """Marks a test that builds an n-device mesh: where fewer devices exist (one GPU) it skips with
+    the reason instead of failing with a mesh ConfigError (the CPU suite forces 8 devices)."""
+    import pytest
+    have = jax.device_count()
+    return pytest.mark.skipif(have < n, reason=f"needs {n} devices for its mesh; this machine has {have}")

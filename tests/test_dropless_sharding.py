@@ -14,6 +14,9 @@ from test_sharding import CFG, TX, assert_tree_close, make_batch, mesh_of
 from onn_jax.training.sharded import make_sharded_train_step, shard_batch, state_shardings
 from onn_jax.training.state import init_state
 from onn_jax.training.step import make_train_step
+from tests.helpers import needs_devices
+
+pytestmark = needs_devices(8)
 
 DL = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, dispatch="dropless", pair_budget=3.0,
                                                      gemm="padded", ep_budget=float(CFG.moe.num_experts)))

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import rel_err
+from helpers import needs_devices, rel_err
 from test_dispatch import layer_params
 from test_sharding import assert_tree_close
 
@@ -92,6 +92,7 @@ def test_reference_has_uneven_loads_an_idle_expert_fallbacks_and_drops(reference
     assert np.all(s[~kept] == 0) and (s[kept] > 0).mean() > 0.5  # 0 also where no loss reaches
 
 
+@needs_devices(8)
 @pytest.mark.parametrize("shape", [(4, 2), (2, 4), (1, 8)], ids=["4x2", "2x4", "1x8"])
 def test_expert_parallel_step_equals_one_device(shape, reference):
     state0, state1_ref, metrics_ref = reference
@@ -112,6 +113,7 @@ def test_expert_parallel_step_equals_one_device(shape, reference):
     assert max(sizes) < n * e * c, max(sizes)
 
 
+@needs_devices(8)
 @pytest.mark.parametrize("data,ep", [(2, 4), (8, 1)], ids=["2x4", "8x1"])
 def test_peer_budget_overflow_drops_the_documented_pairs(data, ep):
     """ep_budget 0.75: each device (8 tokens) sends at most 6 rows to each peer (8 / ep experts
@@ -175,6 +177,7 @@ def test_send_rows_and_config():
     Config(model=ModelConfig(moe=MoEConfig(dispatch="dropless")), mesh=MeshConfig(expert=2))
 
 
+@needs_devices(8)
 def test_surprise_pullback_stays_cheap_under_expert_parallelism():
     """As tests/test_bench.py on one device: the tap-only pullback adds one matmul (the LM
     head's input gradient) to the forward: no parameter gradient, no expert backward, nothing

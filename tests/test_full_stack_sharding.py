@@ -13,6 +13,9 @@ from onn_jax.training.optimizer import make_optimizer
 from onn_jax.training.sharded import make_sharded_train_step, shard_batch, sharded_init, state_shardings
 from onn_jax.training.state import init_state
 from onn_jax.training.step import make_train_step
+from tests.helpers import needs_devices
+
+pytestmark = needs_devices(8)
 
 BASE = ModelConfig(vocab_size=64, hidden=16, num_layers=1, num_heads=4, max_len=16,
                    moe=MoEConfig(num_experts=8, intermediate=16))

@@ -12,7 +12,7 @@ from onn_jax.training.optimizer import make_optimizer
 from onn_jax.training.sharded import shard_batch, sharded_init
 from onn_jax.training.state import init_state
 from onn_jax.training.step import make_train_step
-from tests.helpers import random_batch, tiny_config
+from tests.helpers import needs_devices, random_batch, tiny_config
 
 CFG = tiny_config(num_layers=1)
 TX = make_optimizer(OptimConfig())
@@ -92,6 +92,7 @@ def test_finite_step_is_the_unguarded_step_and_donates():
     assert jax.tree.leaves(old.params)[0].is_deleted()  # the old state was donated
 
 
+@needs_devices(8)
 @pytest.mark.slow
 def test_sharded_guarded_step_matches_one_device():
     """8 forced CPU devices, data x expert = 2 x 4: the same skips and the same update."""

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import random_batch, rel_err, tiny_config
+from helpers import needs_devices, random_batch, rel_err, tiny_config
 
 from onn_jax.config import Config, ConfigError, MeshConfig, OptimConfig, from_dict, to_dict
 from onn_jax.core.losses import next_token_loss
@@ -68,6 +68,7 @@ def check_step(new, metrics, ref_new, ref_metrics):
     assert counts.shape == (2, 8) and np.array_equal(counts, ref)  # AdamW counter per (layer, expert)
 
 
+@needs_devices(8)
 @pytest.mark.slow
 def test_sharded_scanned_remat_step_equals_the_unrolled_step(unrolled):
     """scan + remat + an 8-device (data, expert, fsdp) mesh against the unrolled one-device step."""

@@ -16,6 +16,7 @@ from onn_jax.training.optimizer import make_optimizer
 from onn_jax.training.sharded import abstract_state, make_sharded_train_step, shard_batch, sharded_init, state_shardings
 from onn_jax.training.state import init_state
 from onn_jax.training.step import compute_grads, make_train_step
+from tests.helpers import needs_devices
 
 CFG = ModelConfig(vocab_size=64, hidden=16, num_layers=1, num_heads=2, max_len=16,
                   moe=MoEConfig(num_experts=8, intermediate=16))
@@ -77,6 +78,7 @@ MESH_PARAMS = [pytest.param(s, id="x".join(map(str, s)),
                for s in MESHES]
 
 
+@needs_devices(8)
 @pytest.mark.parametrize("shape", MESH_PARAMS)
 def test_sharded_step_equals_one_device(shape, reference):
     """Loss, gradients (via mu), updated params and optimizer state equal one device's."""
@@ -97,6 +99,7 @@ def test_sharded_step_equals_one_device(shape, reference):
                                             new_state, shardings)))
 
 
+@needs_devices(8)
 def test_sharded_init_and_expert_weight_specs(reference):
     mesh = mesh_of((2, 2, 2))
     state = sharded_init(CFG, TX, jax.random.key(0), mesh)
@@ -132,6 +135,7 @@ def test_logical_axes_cover_every_parameter():
         logical_axes_tree({"block_0": {"mystery": jnp.zeros(3)}})
 
 
+@needs_devices(8)
 def test_make_mesh_resolves_and_rejects():
     assert dict(make_mesh(MeshConfig(data=-1, expert=2)).shape) == {"data": 4, "expert": 2, "fsdp": 1}
     assert dict(make_mesh(MeshConfig(data=2, expert=-1, fsdp=2)).shape) == {"data": 2, "expert": 2, "fsdp": 2}
@@ -141,6 +145,7 @@ def test_make_mesh_resolves_and_rejects():
         make_mesh(MeshConfig(data=1, expert=-1, fsdp=3))
 
 
+@needs_devices(8)
 def test_indivisible_experts_and_batch_are_config_errors():
     mesh = mesh_of((1, 8, 1))
     cfg = ModelConfig(vocab_size=64, hidden=16, num_heads=2, moe=MoEConfig(num_experts=4, intermediate=16))
@@ -150,6 +155,7 @@ def test_indivisible_experts_and_batch_are_config_errors():
         shard_batch(make_batch(batch=4), mesh)
 
 
+@needs_devices(8)
 def test_constrain_applies_only_inside_activation_rules():
     mesh = mesh_of((2, 4, 1))
     x = jnp.ones((8, 8, 4))
@@ -165,6 +171,7 @@ def test_constrain_applies_only_inside_activation_rules():
     np.testing.assert_array_equal(y, 2 * x)
 
 
+@needs_devices(8)
 def test_checkpoint_saved_on_one_mesh_restores_on_another(tmp_path, reference):
     ocp = pytest.importorskip("orbax.checkpoint")
     mesh_a, mesh_b = mesh_of((8, 1, 1)), mesh_of((2, 4, 1))

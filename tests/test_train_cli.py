@@ -11,6 +11,7 @@ from onn_jax.config import Config, from_dict
 from onn_jax.data.tokenizer import ByteTokenizer, encode_chat
 from onn_jax.io.checkpointer import Checkpointer
 from onn_jax.nn.transformer import Transformer
+from tests.helpers import needs_devices
 from train.common.config_loader import load
 from train.common.metrics_file import read_metrics
 from train.main import main
@@ -142,6 +143,7 @@ def test_sample_is_deterministic_greedy_argmax(run30):
     assert text == tok.decode(new)
 
 
+@needs_devices(8)
 @pytest.mark.slow
 def test_sharded_run_resumes_on_another_mesh(run30, tmp_path, capsys):
     """8 forced CPU devices: data-parallel run, then resumed with experts split over 4 devices;

@@ -3,7 +3,7 @@
     summary = train(cfg, workdir)
 
 Workdir layout: config.json (the resolved Config), checkpoints/ (orbax, see
-onn_jax.io.checkpoint), metrics.jsonl and tb/ (see train.run.metrics_writer), plots/*.png
+onn_jax.io.checkpointer), metrics.jsonl and tb/ (see train.run.metrics_writer), plots/*.png
 (train.plots). If checkpoints/ holds a checkpoint the run resumes from the latest one: TrainState
 and the data iterator position are restored (train.run.setup), so the continuation equals an
 uninterrupted run. A stop signal ends the run at a step boundary after saving that step; too

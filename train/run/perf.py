@@ -1,9 +1,9 @@
 """Throughput in the training log: model TFLOP/s per device and MFU (active-expert FLOPs).
 
-The FLOPs per token are bench.bench.train_flops_per_token (3 x the forward matmul FLOPs of
+The FLOPs per token are onn_jax.training.flops.train_flops_per_token (3 x the forward matmul FLOPs of
 the active experts, attention, router and LM head), with k = the step's measured moe/avg_k
 for the surprise gate and top_k for the top-k and dense baselines. The device peak is
-train.peak_tflops, else bench.bench.PEAK_TFLOPS matched by device kind; perf/mfu is null
+train.peak_tflops, else onn_jax.training.flops.PEAK_TFLOPS matched by device kind; perf/mfu is null
 (None) where the peak is unknown (e.g. CPUs).
 """
 from __future__ import annotations
