@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--scan-layers", action="store_true",
                     help="model.scan_layers=true: the blocks as one scan (each grouped-GEMM kernel compiled once)")
     ap.add_argument("--evolve", action="store_true",
-                    help="carry the state from step to step (donated; routing drifts); default: every "
-                         "timed step starts from the same state, so avg_k stays where it was forced")
+                    help="train with the config's learning rate while timing (the routing drifts); default: "
+                         "learning rate 0, so the donated state carried from step to step keeps its forced "
+                         "routing (the optimizer still does all its work)")
     ap.add_argument("--train-steps", type=int, default=0, metavar="N",
                     help="real routing: train the unforced model N steps on the builtin corpus, then time "
                          "it on corpus batches (bench/real_routing.py); not with --force-avg-k")

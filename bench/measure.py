@@ -67,23 +67,27 @@ def measure(name: str, cfg: Config, mode: str, args, component: str = "none") ->
     if k is not None and model.moe.router == "surprise":
         state = state.replace(params=force_thresholds(state.params, model, batches[0]["inputs"], k))
     parts = breakdown(model, state.params, batches[0]) if args.breakdown else {}
-    step = make_train_step(model, tx, donate=args.evolve)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, batches[0]).compile()
-    compile_s = time.perf_counter() - t0
     trained = {}
     if args.train_steps:
         t0 = time.perf_counter()
-        state, trained = train_for(compiled, state, train_batches, args.train_steps)
+        state, trained = train_for(make_train_step(model, tx), state, train_batches, args.train_steps)
         trained["train_s"] = time.perf_counter() - t0
-    state0 = state
+    # Timed steps run as training runs them: the state donated and carried from step to step. By
+    # default the learning rate is 0 (a schedule, so nothing folds it away: the optimizer does
+    # all its work), so the parameters and the forced or trained routing stay where they are;
+    # --evolve trains with the config's rate instead (the routing then drifts).
+    timed_tx = tx if args.evolve else make_optimizer(cfg.optim, learning_rate=lambda count: 0.0 * count)
+    if not args.evolve:
+        state = state.replace(opt_state=timed_tx.init(state.params))
+    step = make_train_step(model, timed_tx, donate=True)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - t0
 
-    def run(i):  # --evolve carries the state (routing drifts); else every step starts from state0
+    def run(i):
         nonlocal state
-        new, metrics = compiled(state if args.evolve else state0, batches[i % len(batches)])
-        if args.evolve:
-            state = new
-        return new, metrics
+        state, metrics = compiled(state, batches[i % len(batches)])
+        return state, metrics
 
     for i in range(args.warmup):
         run(i)
