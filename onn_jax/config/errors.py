@@ -1,5 +1,4 @@
-"""ConfigError, and the checks every config section's validation uses.
-"""
+"""ConfigError, and the checks every config section's validation uses."""
 from __future__ import annotations
 
 from typing import Any

@@ -1,5 +1,4 @@
-"""model.*: the transformer around the gated units.
-"""
+"""model.*: the transformer around the gated units."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

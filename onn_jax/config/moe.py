@@ -1,5 +1,4 @@
-"""model.moe: the MoE layer's router, experts, dispatch and gate losses.
-"""
+"""model.moe: the MoE layer's router, experts, dispatch and gate losses."""
 from __future__ import annotations
 
 from dataclasses import dataclass

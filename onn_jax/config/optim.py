@@ -1,5 +1,4 @@
-"""optim.*: the expert gradient filter, AdamW, the learning-rate schedule and accumulation.
-"""
+"""optim.*: the expert gradient filter, AdamW, the learning-rate schedule and accumulation."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

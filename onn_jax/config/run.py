@@ -1,5 +1,4 @@
-"""The training program's sections (mesh, data, train, checkpoint) and the top-level Config.
-"""
+"""The training program's sections (mesh, data, train, checkpoint) and the top-level Config."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

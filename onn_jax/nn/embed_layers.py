@@ -7,9 +7,7 @@ import jax.numpy as jnp
 
 from onn_jax.config import ModelConfig
 from onn_jax.nn.embed import ngram_bucket_ids, ngram_memory, previous_ids, slot_embed
-
-# PyTorch nn.Linear's default init, as in model.py.
-torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+from onn_jax.nn.inits import torch_linear_init
 
 
 class SlotEmbed(nn.Module):

@@ -1,5 +1,4 @@
-"""Parameter initialisers shared by the Flax modules (PyTorch nn.Linear's defaults).
-"""
+"""Parameter initialisers shared by the Flax modules (PyTorch nn.Linear's defaults)."""
 from __future__ import annotations
 
 import flax.linen as nn

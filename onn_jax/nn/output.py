@@ -30,9 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from onn_jax.config import ModelConfig
-
-LINEAR_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")  # = model.torch_linear_init
-
+from onn_jax.nn.inits import torch_linear_init
 
 # ---------------------------------------------------------------- frequency ranks (NumPy)
 
@@ -148,8 +146,8 @@ class AdaptiveTail(nn.Module):
 
     @nn.compact
     def __call__(self) -> dict:
-        return {"proj": self.param("proj", LINEAR_INIT, (self.hidden, self.width)),
-                "out": self.param("out", LINEAR_INIT, (self.width, self.size))}
+        return {"proj": self.param("proj", torch_linear_init, (self.hidden, self.width)),
+                "out": self.param("out", torch_linear_init, (self.width, self.size))}
 
 
 class AdaptiveOutput(nn.Module):
@@ -160,7 +158,7 @@ class AdaptiveOutput(nn.Module):
 
     def params_dict(self) -> dict:
         cl, c = clusters(self.cfg), self.cfg.hidden
-        params = {"head": self.param("head", LINEAR_INIT, (c, cl.head_size + len(cl.tails)))}
+        params = {"head": self.param("head", torch_linear_init, (c, cl.head_size + len(cl.tails)))}
         for i, (lo, hi, width) in enumerate(cl.tails, start=1):
             params[f"tail_{i}"] = AdaptiveTail(c, width, hi - lo, name=f"tail_{i}")()
         return params

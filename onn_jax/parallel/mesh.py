@@ -1,5 +1,4 @@
-"""The device mesh (data, expert, fsdp) from mesh.* of the config.
-"""
+"""The device mesh (data, expert, fsdp) from mesh.* of the config."""
 from __future__ import annotations
 
 import math

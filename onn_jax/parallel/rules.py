@@ -1,6 +1,6 @@
 """Sharding by logical axes: names per parameter, one rules table, mesh, sharded init and step.
 
-Every parameter gets logical axis names from its path in the Linen tree (model.py's layout):
+Every parameter gets logical axis names from its path in the Linen tree (onn_jax.nn.layers' layout):
 
   embed/embedding [V, C]                       (vocab, embed)
   attn/{query,key,value}/kernel [C, H, D]      (embed, heads, kv)

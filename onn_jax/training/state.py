@@ -1,5 +1,4 @@
-"""The train state: step, params, optimizer state and the non-parameter router state.
-"""
+"""The train state: step, params, optimizer state and the non-parameter router state."""
 from __future__ import annotations
 
 from typing import Any
