@@ -46,6 +46,12 @@ def primitive_of(meta: dict[str, str]) -> str:
     return meta.get("op_name", "?").rsplit("/", 1)[-1] or "?"
 
 
+def kernel_to_instruction(kernel: str) -> str:
+    """A GPU kernel's name as the HLO instruction it runs: XLA names a fusion's kernel after the
+    instruction with `.` turned into `_` (`loop_add_fusion_3` runs `loop_add_fusion.3`)."""
+    return re.sub(r"_(\d+)$", r".\1", kernel)
+
+
 def scope_of(meta: dict[str, str], depth: int = 4) -> str:
     """The op_name stack without its outer jit(...) frames, the last `depth` components; a
     backward op keeps a `bwd:` mark (a transpose(...) frame on its stack)."""
@@ -70,7 +76,7 @@ def attribute(op_ns: Counter, hlo_text: str, steps: int, top: int = 25) -> dict:
     meta = instruction_metadata(hlo_text)
     by_scope, by_primitive, by_source, unknown = Counter(), Counter(), Counter(), 0
     for name, ns in op_ns.items():
-        m = meta.get(name)
+        m = meta.get(name) or meta.get(kernel_to_instruction(name))
         if m is None:
             unknown += ns
             continue

@@ -50,6 +50,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="131072x512x256,131072x256x512", help="RxKxN,...")
     ap.add_argument("--groups", type=int, default=64)
     ap.add_argument("--no-grid", action="store_true", help="only the shipped Mosaic blocks")
+    ap.add_argument("--fwd-grid", type=json.loads, default=None,
+                    help='JSON {"block_m": [...], ...} replacing FWD_GRID (forward and dx blocks)')
+    ap.add_argument("--dw-grid", type=json.loads, default=None, help="JSON replacing DW_GRID (dw blocks)")
     args = ap.parse_args(argv)
     hopper = gg.is_hopper()
     for shape in args.shapes.split(","):
@@ -87,13 +90,13 @@ def main(argv=None) -> int:
         emit("mosaic_gpu", mg, fwd_blocks=shipped_fwd, dw_blocks=shipped_dw)
         if args.no_grid:
             continue
-        for fwd in grid(FWD_GRID):  # forward (and dx) blocks, dw blocks as shipped
+        for fwd in grid(args.fwd_grid or FWD_GRID):  # forward (and dx) blocks, dw blocks as shipped
             if n % (fwd["block_n"] * fwd["grid_block_n"]) or k % fwd["block_n"]:
                 continue
             gg.MGPU_FWD.clear(), gg.MGPU_FWD.update(fwd)
             emit("mosaic_gpu", mg, fwd_blocks=fwd, dw_blocks=shipped_dw)
         gg.MGPU_FWD.clear(), gg.MGPU_FWD.update(shipped_fwd)
-        for dw in grid(DW_GRID):
+        for dw in grid(args.dw_grid or DW_GRID):
             if k % dw["block_m"] or n % dw["block_n"]:
                 continue
             gg.MGPU_DW.clear(), gg.MGPU_DW.update(dw)

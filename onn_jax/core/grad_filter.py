@@ -84,7 +84,8 @@ def sigma_filter(mode: str = "one_sided", scope: str = "pooled", sigma: float = 
     """Zeroes outlier expert gradient entries; see the module docstring.
 
     is_expert(path) selects the filtered leaves; group_of(path) names the statistics group
-    when scope == 'per_layer'. Statistics are taken in float32 with two passes.
+    when scope == 'per_layer'. Statistics are taken in float32 with two passes (mean, then the
+    squared deviations), each summed per expert row first, then over the rows that count.
     """
     if mode not in ("one_sided", "two_sided", "off"):
         raise ValueError(f"unknown filter mode {mode!r}")
@@ -114,28 +115,38 @@ def sigma_filter(mode: str = "one_sided", scope: str = "pooled", sigma: float = 
             vals = [leaves[i].astype(jnp.float32) for i in idx]
             if mode == "two_sided":
                 vals = [jnp.abs(v) for v in vals]
-            if expert_active is None:
-                keep = [None] * len(idx)
-                n = float(sum(v.size for v in vals))
-                s = sum(jnp.sum(v) for v in vals)
-            else:
-                keep = [_broadcast_rows(leaf_active(paths_leaves[i][0], v, expert_active), v)
-                        for i, v in zip(idx, vals)]
-                n = sum(jnp.sum(k, dtype=jnp.float32) for k in keep)
-                s = sum(jnp.sum(jnp.where(k, v, 0.0)) for k, v in zip(keep, vals))
-            mean = s / jnp.maximum(n, 1.0)
-            var = sum(jnp.sum(jnp.square(v - mean) if k is None else jnp.where(k, jnp.square(v - mean), 0.0))
-                      for k, v in zip(keep, vals)) / jnp.maximum(n - 1, 1.0)
+            rows = [None if expert_active is None else leaf_active(paths_leaves[i][0], v, expert_active)
+                    for i, v in zip(idx, vals)]
+            n = sum(_count(v, r) for v, r in zip(vals, rows))
+            mean = sum(_masked_sum(v, r) for v, r in zip(vals, rows)) / jnp.maximum(n, 1.0)
+            var = sum(_masked_sum(jnp.square(v - mean), r) for v, r in zip(vals, rows)) / jnp.maximum(n - 1, 1.0)
             thr = mean + sigma * jnp.sqrt(var)
-            for i, v, k in zip(idx, vals, keep):
-                drop = v > thr if k is None else (v > thr) & k
-                zeroed = zeroed + jnp.sum(drop)
+            for i, v, r in zip(idx, vals, rows):
+                drop = v > thr if r is None else (v > thr) & _broadcast_rows(r, v)
+                zeroed = zeroed + _masked_sum(drop.astype(jnp.float32), r)
                 leaves[i] = jnp.where(drop, jnp.zeros_like(leaves[i]), leaves[i])
             total = total + n
         frac = zeroed / jnp.maximum(total, 1.0)
         return jax.tree_util.tree_unflatten(treedef, leaves), SigmaFilterState(frac)
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _count(v: jax.Array, active: jax.Array | None) -> jax.Array:
+    """The entries of leaf v that count: all, or those of the active experts (rows)."""
+    if active is None:
+        return jnp.asarray(float(v.size), jnp.float32)
+    return jnp.sum(active, dtype=jnp.float32) * (v.size // active.size)
+
+
+def _masked_sum(x: jax.Array, active: jax.Array | None) -> jax.Array:
+    """The float32 sum of x over its entries, or over the rows of the active experts: first per
+    expert row (a row reduction over the trailing axes, the fast shape on a GPU), then over the
+    kept rows. An idle expert's row adds nothing."""
+    if active is None:
+        return jnp.sum(x.reshape(x.shape[0], -1) if x.ndim > 1 else x, dtype=jnp.float32)
+    per_row = jnp.sum(x, axis=tuple(range(active.ndim, x.ndim)), dtype=jnp.float32)
+    return jnp.sum(jnp.where(active, per_row, 0.0))
 
 
 def _broadcast_rows(active_E: jax.Array, v: jax.Array) -> jax.Array:
