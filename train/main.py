@@ -12,8 +12,9 @@ settings differ from the checkpoint's is refused, naming the fields, unless
 (`config/changed_on_resume`) and in the checkpoints' metadata (`config_changes`). One trainer per DIR (a
 lock file); exit code 2 for bad input (config, data, tokenizer, checkpoint, workdir), 3 when
 train.max_skipped_in_a_row steps in a row were not finite, 4 when a checkpoint save failed
-(e.g. disk full), 128 + N after stop signal N (SIGINT 130, SIGTERM 143, SIGHUP 129; see
-train.common.signals).
+(e.g. disk full), 5 when a process of a multi-process run was lost (restart all of them:
+they resume; train.run.peers), 128 + N after stop signal N (SIGINT 130, SIGTERM 143, SIGHUP
+129; see train.common.signals).
 """
 from __future__ import annotations
 
@@ -69,9 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None = None) -> int:
     """Exit codes: 0 done, 2 bad input or workdir in use (one line on stderr, no traceback),
     3 stopped after train.max_skipped_in_a_row non-finite steps (with a checkpoint), 4 a
-    checkpoint save failed (disk full, I/O error), 128 + N stopped by signal N (SIGTERM 143,
-    SIGINT 130, SIGHUP 129) after saving the current step; 130 also for a KeyboardInterrupt
-    outside the loop. Rerunning resumes from the last committed checkpoint."""
+    checkpoint save failed (disk full, I/O error), 5 a process of a multi-process run was lost,
+    128 + N stopped by signal N (SIGTERM 143, SIGINT 130, SIGHUP 129) after saving the current
+    step; 130 also for a KeyboardInterrupt outside the loop. Rerunning resumes from the last
+    committed checkpoint."""
     try:
         args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         cfg = (load(args.config, overrides) if args.config is not None
@@ -80,11 +82,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
         print(printable(f"onn-train: config error: {e}"), file=sys.stderr)
         return 2
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
-    from onn_jax.parallel.distributed import initialize_distributed, shutdown_distributed
     from train.common.signals import StopOnSignal
     from train.run.data import vocab_from_tokenizer
     from train.run.errors import SaveFailed, StoppedBySignal, TrainError, TrainStopped
     from train.run.loop import train
+    from train.run.peers import Peers
     quiet_orbax_errors()
     if "model.vocab_size" not in {key for key, _ in overrides}:
         from onn_jax.config import ConfigError
@@ -94,36 +96,39 @@ def _main(argv: Sequence[str] | None = None) -> int:
             print(printable(f"onn-train: config error: {e} (model.vocab_size is the tokenizer's "
                             f"{cfg.data.tokenizer})"), file=sys.stderr)
             return 2
+    peers = Peers(cfg, workdir)
     try:
-        initialize_distributed()  # no-op for one process; joins a multi-host launch otherwise
+        peers.join()  # no-op for one process; joins a multi-host launch otherwise (bounded)
     except ValueError as e:
         print(f"onn-train: distributed launch error: {e}", file=sys.stderr)
         return 2
     try:
         with StopOnSignal():
             train(cfg, workdir, allow_config_change=args.allow_config_change)
-        shutdown_distributed()  # a multi-process run: every process leaves together
+        code = 0
     except StoppedBySignal as e:
         print(f"onn-train: {e}", file=sys.stderr, flush=True)
-        if e.hard:  # a save thread is stuck: the interpreter's exit would wait for it
+        if e.hard and not peers.multi:  # a save thread is stuck: the interpreter's exit would wait for it
             sys.stdout.flush()
             os._exit(e.code)
-        return e.code
+        code = e.code  # several processes: peers.end leaves together, then ends with os._exit
     except SaveFailed as e:
         print(f"onn-train: error: {e}", file=sys.stderr)
-        return 4
+        code = 4
     except TrainError as e:
-        print(f"onn-train: error: {e}", file=sys.stderr)
-        return 2
+        print(printable(f"onn-train: error: {e}"), file=sys.stderr)
+        code = 2
     except TrainStopped as e:
         print(f"onn-train: stopped: {e}", file=sys.stderr)
-        return 3
+        code = 3
     except KeyboardInterrupt:
         print(f"\nonn-train: interrupted; rerun the same command to resume from the last checkpoint "
               f"in {workdir / 'checkpoints'}", file=sys.stderr)
-        return 130
-    return 0
-
+        code = 130
+    except Exception as e:
+        peers.crashed(e)  # several processes: names the lost peer (or the error) and ends the process
+        raise
+    return peers.end(code)  # several processes: shut down (0) or leave (else) together
 
 if __name__ == "__main__":
     sys.exit(main())

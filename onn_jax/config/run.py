@@ -1,4 +1,4 @@
-"""The training program's sections (mesh, data, train, checkpoint) and the top-level Config."""
+"""The training program's sections (mesh, data, train, checkpoint, distributed) and the top-level Config."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -160,6 +160,32 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """A multi-process run (jax.distributed; ignored by a single process). Whole seconds, as
+    jax.distributed.initialize takes them (onn_jax.parallel.distributed).
+
+    initialization_timeout_s: how long a process waits for the coordinator and for every
+      process to join; past it onn-train stops with one line naming the coordinator address
+      (exit code 2).
+    heartbeat_timeout_s: a process whose heartbeats stop for this long is lost; jax's runtime
+      then aborts every process. onn-train's watchdog notices at half of it, before the
+      runtime does, and stops the survivors with one line naming the lost process and the
+      checkpoint to resume from (exit code 5; see docs/SCALING.md).
+    shutdown_timeout_s: how long a finished process waits for the others at the end.
+    """
+
+    initialization_timeout_s: int = 300
+    heartbeat_timeout_s: int = 100
+    shutdown_timeout_s: int = 300
+
+    def __post_init__(self):
+        for name in ("initialization_timeout_s", "heartbeat_timeout_s", "shutdown_timeout_s"):
+            positive_int(getattr(self, name), "distributed." + name)
+        check(self.heartbeat_timeout_s >= 2, "distributed.heartbeat_timeout_s",
+              f"must be >= 2 (the watchdog acts at half of it), got {self.heartbeat_timeout_s}")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything one training run needs; `from_dict(Config, d)` builds it from a config file."""
 
@@ -169,10 +195,11 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self):
         kinds = {"model": ModelConfig, "optim": OptimConfig, "mesh": MeshConfig, "data": DataConfig,
-                 "train": TrainConfig, "checkpoint": CheckpointConfig}
+                 "train": TrainConfig, "checkpoint": CheckpointConfig, "distributed": DistributedConfig}
         for name, cls in kinds.items():
             check(isinstance(getattr(self, name), cls), name, f"must be a {cls.__name__}")
         check(self.data.seq_len <= self.model.max_len, "data.seq_len",

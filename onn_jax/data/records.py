@@ -15,7 +15,9 @@ consecutive rows that overlap by one token, so every one of its tokens is still 
 exactly once; a chat record is cut to its start (or, with strict, refused naming file:line).
 
 A record's domain is its own (chat), else the file name without extension. `source` is
-`path:line` for error messages. Bad data raises DataError naming the file and line.
+`path:line` for error messages. Bad data raises DataError naming the file and line: malformed
+JSON, and any record the JSON reader cannot take (nested too deeply, a line over MAX_LINE_BYTES,
+an integer beyond Python's digit limit, text with a lone surrogate).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from typing import Iterator, Sequence
 from onn_jax.data.tokenizer import ROLES, Tokenizer, encode_chat
 
 READ_BYTES = 1 << 20  # text files are read in blocks of this many bytes
+MAX_LINE_BYTES = 256 << 20  # a longer .jsonl line is refused (its JSON would need GiBs of memory)
 
 
 class DataError(ValueError):
@@ -37,6 +40,34 @@ class DataError(ValueError):
         where = f"{path}:{line}" if line is not None else f"{path}"
         super().__init__(f"{where}: {message}")
         self.path, self.line, self.message = path, line, message
+
+
+def _parse_json(text: str, path: str, line: int):
+    """One JSON line; every way the JSON reader can fail (syntax, nesting deeper than Python's
+    recursion limit, an integer beyond int's digit limit, memory) is a DataError naming file:line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(path, line, f"malformed JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise DataError(path, line, "JSON nested too deeply for the JSON reader (a record is an object "
+                                    'with a "messages" list)') from None
+    except MemoryError:
+        raise DataError(path, line, f"JSON line of {len(text)} characters is too large for the memory "
+                                    "left to the JSON reader") from None
+    except ValueError as e:  # e.g. an integer of more than sys.get_int_max_str_digits() digits
+        raise DataError(path, line, f"JSON the reader cannot take: {e}") from None
+
+
+def _text_problem(value: str) -> str | None:
+    """None when `value` can be encoded as UTF-8, else where it cannot (a lone surrogate such as
+    \\ud800, which JSON's \\u escapes can spell but no tokenizer can encode)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"is not valid text: {value[e.start]!r} at character {e.start} is a lone surrogate "
+                "(a \\u escape of half a UTF-16 pair)")
+    return None
 
 
 def _check_chat(obj, path: str, line: int) -> dict:
@@ -51,11 +82,17 @@ def _check_chat(obj, path: str, line: int) -> dict:
         if m.get("role") not in ROLES:
             raise DataError(path, line, f"messages[{j}] has unknown role {m.get('role')!r}; "
                                         f"expected one of {list(ROLES)}")
+        problem = _text_problem(m["content"])
+        if problem:
+            raise DataError(path, line, f"messages[{j}].content {problem}")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(path, line, "no assistant message: nothing to train on")
     domain = obj.get("domain")
     if domain is not None and not isinstance(domain, str):
         raise DataError(path, line, f'"domain" must be a string, got {domain!r}')
+    problem = _text_problem(domain) if domain is not None else None
+    if problem:
+        raise DataError(path, line, f'"domain" {problem}')
     return {"domain": domain,
             "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
             "source": f"{path}:{line}"}
@@ -65,20 +102,24 @@ def iter_chat_jsonl(path: str | os.PathLike, domain: str | None = None) -> Itera
     """Records of a chat jsonl file, line by line (blank lines skipped); DataError if none."""
     path = os.fspath(path)
     default = domain or os.path.splitext(os.path.basename(path))[0]
-    count = 0
+    count, line_no = 0, 0
     with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
+        while True:
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                break
+            line_no += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(path, line_no, f"line longer than {MAX_LINE_BYTES} bytes: too large for one "
+                                               "record (the JSON reader would need several times that "
+                                               "in memory); split it")
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(path, line_no, f"invalid UTF-8: {e.reason}") from None
             if not text.strip():
                 continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(path, line_no, f"malformed JSON: {e.msg} (column {e.colno})") from None
-            record = _check_chat(obj, path, line_no)
+            record = _check_chat(_parse_json(text, path, line_no), path, line_no)
             record["domain"] = record["domain"] or default
             count += 1
             yield record

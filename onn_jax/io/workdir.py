@@ -31,7 +31,7 @@ class WorkdirLock:
 
     def acquire(self) -> "WorkdirLock":
         """Takes the lock or raises WorkdirBusy (naming the holder's PID); OSError if the
-        workdir is not writable."""
+        workdir is not writable (or the disk is full: the lock file is then removed again)."""
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -50,12 +50,20 @@ class WorkdirLock:
             if same:
                 break
             os.close(fd)  # the holder released (and removed) it between our open and flock
-        old = os.read(fd, 200).decode(errors="replace").strip()
-        self.stale = old or None
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-        os.fsync(fd)
+        try:
+            old = os.read(fd, 200).decode(errors="replace").strip()
+            self.stale = old or None
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            os.fsync(fd)
+        except OSError:  # a full disk: give the lock up and leave no lock file (ours to remove: we hold it)
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            os.close(fd)
+            raise
         self._fd = fd
         return self
 

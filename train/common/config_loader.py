@@ -8,7 +8,10 @@ A config file is a Python file with `get_config()` returning an ml_collections.C
 Override values are parsed to the type of the value they replace (bool from true/false/1/0,
 int, float, str); where the file holds None or a list, as a Python literal (`None`, `0.5`,
 `[1, 2]`), else as a string. Every error is a `ConfigLoadError` naming the config file, the
-dotted key and, where it can be found, the line of the file that set it.
+dotted key and, where it can be found, the line of the file that set it. Whatever a config
+file raises or exits with while it loads or in get_config() (SystemExit included; a
+KeyboardInterrupt stays an interrupt) is such an error, so a config file can never end onn-train
+with its own exit code.
 """
 from __future__ import annotations
 
@@ -42,16 +45,18 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigLoadError(f"{path}: config file not found")
     try:
         module = exec_python_file(path, f"_onn_config_{path.stem}")
-    except Exception as e:  # the file itself is broken: say where
-        raise ConfigLoadError(f"{path}:{_exc_line(e, path)}: cannot load config file: "
-                              f"{type(e).__name__}: {e}") from e
+    except KeyboardInterrupt:  # Ctrl-C while loading: an interrupt, not the file's fault
+        raise
+    except BaseException as e:  # noqa: BLE001 - the file itself is broken (or exits): say where
+        raise ConfigLoadError(f"{path}:{_exc_line(e, path)}: cannot load config file: {_what(e)}") from e
     if not callable(getattr(module, "get_config", None)):
         raise ConfigLoadError(f"{path}: defines no get_config() function")
     try:
         cfg = module.get_config()
-    except Exception as e:
-        raise ConfigLoadError(f"{path}:{_exc_line(e, path)}: get_config() failed: "
-                              f"{type(e).__name__}: {e}") from e
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001 - SystemExit included: a config error, never an exit
+        raise ConfigLoadError(f"{path}:{_exc_line(e, path)}: get_config() failed: {_what(e)}") from e
     if hasattr(cfg, "to_dict"):  # ml_collections.ConfigDict / FrozenConfigDict
         cfg = cfg.to_dict()
     if not isinstance(cfg, Mapping):
@@ -177,8 +182,9 @@ def load_saved(path: str | Path, overrides: Sequence[tuple[str, str]] = ()) -> C
     import json
     try:
         saved = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigLoadError(f"{path}: cannot read the run's saved config: {e}") from e
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deeply
+        raise ConfigLoadError(f"{path}: cannot read the run's saved config: "
+                              f"{'JSON nested too deeply' if isinstance(e, RecursionError) else e}") from None
     if not isinstance(saved, Mapping):
         raise ConfigLoadError(f"{path}: the run's saved config is not a JSON object")
     raw = apply_overrides(with_defaults(saved), overrides, str(path))
@@ -195,6 +201,15 @@ def find_line(source: str, dotted: str) -> int | None:
     pattern = re.compile(rf"(\.{leaf}\s*=[^=])|(\b{leaf}\s*=[^=])|(['\"]{leaf}['\"]\s*:)")
     hits = [i + 1 for i, text in enumerate(lines) if pattern.search(text)]
     return hits[-1] if hits else None
+
+
+def _what(e: BaseException) -> str:
+    """What a config file raised, in words; an exit (sys.exit, exit(), raise SystemExit) says so,
+    since a config file only defines get_config() and must not end the program."""
+    if isinstance(e, SystemExit):
+        return (f"it calls sys.exit({e.code!r}) (SystemExit); a config file must only define "
+                "get_config()")
+    return f"{type(e).__name__}: {e}"
 
 
 def _exc_line(e: BaseException, path: Path) -> str:

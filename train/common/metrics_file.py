@@ -51,6 +51,9 @@ def read_jsonl(path: str | Path, torn_tail_ok: bool = False, numbered: bool = Fa
                 if torn_tail_ok and n == len(lines) and not text.endswith("\n"):
                     break
                 raise ValueError(f"{path}:{n}: malformed JSON line: {e}") from None
+            except (RecursionError, ValueError) as e:  # nested too deeply, an oversized integer
+                raise ValueError(f"{path}:{n}: JSON line the reader cannot take: "
+                                 f"{'nested too deeply' if isinstance(e, RecursionError) else e}") from None
             rows.append((n, value) if numbered else value)
     return rows
 

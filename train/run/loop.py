@@ -23,6 +23,7 @@ import numpy as np
 from onn_jax import io as ckpt_lib
 from onn_jax.config import Config
 from onn_jax.core.routing_metrics import dead_experts
+from onn_jax.io.errors import error_cause
 from onn_jax.nn.layer_stack import layer_params
 from onn_jax.training.guard import SKIPPED
 from onn_jax.training.schedules import last_lr
@@ -30,9 +31,10 @@ from onn_jax.training.sharded import shard_batch
 from train.common.signals import name as signal_name
 from train.common.workdir_check import CHECKPOINT_DIR
 from train.plots.dashboards import PlotError, make_dashboards
-from train.run.errors import SaveFailed, StoppedBySignal, TrainStopped
+from train.run.errors import SaveFailed, StoppedBySignal, TrainError, TrainStopped
 from train.run.evaluate import evaluate
-from train.run.metrics_writer import mean_metrics
+from train.run.metrics_writer import LogWriteError, mean_metrics
+from train.run.oom import is_out_of_memory, out_of_memory_message
 from train.run.perf import perf_metrics
 from train.run.progress import Progress
 from train.run.report import report
@@ -95,16 +97,40 @@ class Run(RunSetup):
         return row
 
     def run(self) -> dict[str, Any]:
-        """Trains up to train.steps; releases the workdir lock when done (or failed)."""
+        """Trains up to train.steps; releases the workdir lock when done (or failed). A failure
+        before the first step's outputs are written undoes the start (RunSetup.abandon_start)."""
         try:
             return self._run()
         except ckpt_lib.SaveError as e:
-            if self.bar is not None:
-                self.bar.close()
-            self.writer.close()
+            self._close_outputs()
             raise SaveFailed(f"{e} in {self.workdir / CHECKPOINT_DIR}; training stopped at once. Free "
                              "space (or fix the disk) and rerun the same command to resume from the last "
                              "committed checkpoint") from None
+        except TrainError:
+            self._close_outputs()
+            if not self.outputs_open:
+                self.abandon_start()
+            raise
+        except LogWriteError as e:  # metrics.jsonl or tb/ could not be written (a full disk, an I/O error)
+            self._close_outputs()
+            if not self.outputs_open:
+                self.abandon_start()
+                raise TrainError(f"--workdir {self.workdir}: cannot write it: {error_cause(e)}; nothing of "
+                                 "this run was kept. Free space (or fix the disk) and rerun") from None
+            committed = self.ckpt.committed_steps() if self.ckpt is not None else []
+            last = f"step {committed[-1]} in {self.workdir / CHECKPOINT_DIR}" if committed else "none"
+            raise SaveFailed(f"cannot write the run's logs in {self.workdir}: {error_cause(e)}; training "
+                             f"stopped at once (last committed checkpoint: {last}). Free space (or fix the "
+                             "disk) and rerun the same command to resume from it") from None
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            self._close_outputs()
+            step = int(jax.device_get(self.state.step)) if self.outputs_open else 0
+            message = out_of_memory_message(self.cfg, list(self.mesh.devices.flat), e, step)
+            if not self.outputs_open:
+                self.abandon_start()
+            raise TrainError(message) from None
         except KeyboardInterrupt:
             if self.ckpt is not None:  # let an asynchronous save in flight commit (or fail) cleanly
                 try:
@@ -115,10 +141,18 @@ class Run(RunSetup):
         finally:
             self.close()
 
+    def _close_outputs(self) -> None:
+        """Closes the progress bar and the logs after a failure (errors of a full disk ignored)."""
+        if self.bar is not None:
+            self.bar.close()
+        try:
+            self.writer.close()
+        except OSError:
+            pass
+
     def _run(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-        writer = self.writer
         bar = self.bar = Progress(t.steps, self.start_step, enabled=t.progress,
                                    silent=not self.is_chief)  # one process speaks
         if self.start_step:
@@ -128,6 +162,7 @@ class Run(RunSetup):
             bar.write(f"already at step {self.start_step} >= train.steps = {t.steps}: nothing to train; "
                       "evaluating the checkpoint")
             last = {k: v for k, v in self.evaluate().items() if np.ndim(v) == 0}
+            self.open_outputs()
             if "eval/main_loss" in last:
                 bar.write(f"eval at step {self.start_step}: loss {last['eval/main_loss']:.4f}, "
                           f"acc {last.get('eval/main_acc', 0):.3f} over {int(last['eval/tokens'])} tokens")
@@ -152,8 +187,9 @@ class Run(RunSetup):
             interval_steps += 1
             bar.update()
             if step == self.start_step + 1:  # exclude compilation from the throughput figures
-                jax.block_until_ready(metrics)
+                jax.block_until_ready(metrics)  # XLA's out-of-memory surfaces here at the latest
                 compile_s = time.perf_counter() - interval_start
+                self.open_outputs()  # the start is over: config.json, metrics.jsonl, tb/
                 interval_start, interval_steps = time.perf_counter(), 0
             every = lambda n: n > 0 and step % n == 0
             stop = self.skipped_in_a_row >= t.max_skipped_in_a_row
@@ -184,8 +220,8 @@ class Run(RunSetup):
                 if do_sample:
                     text = self._sample()
                     bar.write(f"step {step} sample: {t.sample_prompt!r} -> {text!r}")
-                    writer.add_text("sample", text, step)
-                last = writer.write(step, row)
+                    self.writer.add_text("sample", text, step)
+                last = self.writer.write(step, row)
                 first_loss = last.get("train/main_loss") if first_loss is None else first_loss
                 bar.show(last)
                 interval_start, interval_steps = time.perf_counter(), 0
@@ -201,20 +237,26 @@ class Run(RunSetup):
             self.faults.after_step(step, self.ckpt)
         if flag is not None:
             self._account(*flag)
+        # After the last step a stop signal still stops what is left (the wait for the final
+        # save, the sample, the plots): each is followed by a check, as the steps are.
+        if self.ckpt is not None:
+            self._previous_save_done()  # the final save; a stop signal ends the wait (below)
         if self._stop_signal() is not None:
             self._stop_on_signal(step)
         bar.close()
         if self.ckpt is not None:
             self.ckpt.close()  # waits for the asynchronous saves
         text = self._sample()
-        writer.add_text("sample", text, step)
-        writer.close()
+        self._stop_after_training(step)
+        self.writer.add_text("sample", text, step)
+        self.writer.close()
         try:
             plots = (make_dashboards(self.workdir) if self.cfg.train.plots and self.is_chief
                      and (self.workdir / "metrics.jsonl").exists() else [])
         except (PlotError, OSError) as e:  # after a whole run: say so, keep the run's exit code
             print(f"onn-train: warning: no plots drawn: {e}", file=sys.stderr, flush=True)
             plots = []
+        self._stop_after_training(step)
         return {"workdir": str(self.workdir), "start_step": self.start_step, "step": step,
                 "first_loss": first_loss, "last": last, "sample": text, "plots": [str(p) for p in plots],
                 "skipped_steps": self.skipped_total}
@@ -262,9 +304,20 @@ class Run(RunSetup):
                 where = (f"checkpoint saves did not finish within checkpoint.stop_timeout_s = {timeout:g}s "
                          f"and were abandoned (step {step} not saved); rerun the same command to resume "
                          f"from {last}")
-        self.bar.close()
-        self.writer.close()
+        self._close_outputs()
         raise StoppedBySignal(f"stopped by {signal_name(signum)}: {where}", code, hard)
+
+    def _stop_after_training(self, step: int) -> None:
+        """A stop signal after the checkpoints were closed (during the final sample or plots):
+        the final step is committed; raises StoppedBySignal with the documented line."""
+        signum = self._stop_signal()
+        if signum is None:
+            return
+        self._close_outputs()
+        where = (f"saved step {step} in {self.workdir / CHECKPOINT_DIR}; rerun the same command to resume from it"
+                 if self.ckpt is not None else
+                 f"no checkpoint saved (checkpoint.enabled is false); stopped after step {step}")
+        raise StoppedBySignal(f"stopped by {signal_name(signum)}: {where}", 128 + signum)
 
     def _stop(self, step: int) -> None:
         """Too many non-finite steps in a row: checkpoint (the last finite state) and stop."""
@@ -273,8 +326,7 @@ class Run(RunSetup):
             self.ckpt.save(step, self.state, self._meta(), force=True)
             self.ckpt.close()
             where = f"a checkpoint at step {step} in {self.workdir / CHECKPOINT_DIR}"
-        self.bar.close()
-        self.writer.close()
+        self._close_outputs()
         raise TrainStopped(
             f"{n} steps in a row (up to step {step}) had a non-finite loss or gradients "
             f"(train.max_skipped_in_a_row = {self.cfg.train.max_skipped_in_a_row}); the parameters are "
@@ -298,6 +350,12 @@ def train(cfg: Config, workdir: str | Path, quiet: bool = False,
         summary = run.run()
     finally:
         run.close()
+    if run.stop.signum is not None and jax.process_count() == 1:  # a signal as the run ended
+        raise StoppedBySignal(f"stopped by {signal_name(run.stop.signum)}: "
+                              + (f"saved step {summary['step']} in {Path(workdir) / CHECKPOINT_DIR}; rerun the "
+                                 "same command to resume from it" if run.ckpt is not None else
+                                 f"no checkpoint saved (checkpoint.enabled is false); stopped after step "
+                                 f"{summary['step']}"), 128 + run.stop.signum)
     if not quiet and jax.process_index() == 0:
         print(report(summary, cfg))
     return summary

@@ -28,8 +28,18 @@ def mean_metrics(rows: Iterable[Mapping[str, Any]]) -> dict[str, np.ndarray]:
             for k in rows[0]}
 
 
+class LogWriteError(OSError):
+    """metrics.jsonl or the TensorBoard events could not be written (a full disk, an I/O error);
+    `cause` is the OSError."""
+
+    def __init__(self, cause: OSError):
+        super().__init__(cause.errno, cause.strerror, cause.filename)
+        self.cause = cause
+
+
 class MetricsWriter:
-    """Appends metric rows to metrics.jsonl and TensorBoard (scalars, histograms)."""
+    """Appends metric rows to metrics.jsonl and TensorBoard (scalars, histograms). Writing
+    raises LogWriteError (an OSError) when the disk refuses."""
 
     def __init__(self, workdir: str | Path, resume_step: int = 0, tensorboard: bool = True):
         self.path = Path(workdir) / METRICS_FILE
@@ -54,10 +64,13 @@ class MetricsWriter:
         """Writes one row (step + wall time + metrics) and returns it as written."""
         row = {"step": int(step), "time": round(time.time(), 3)}
         row.update({k: to_jsonable(v) for k, v in metrics.items()})
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            self._write_tb(step, metrics)
+        try:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+            if self._tb is not None:
+                self._write_tb(step, metrics)
+        except OSError as e:
+            raise LogWriteError(e) from None
         return row
 
     def _write_tb(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -104,13 +117,24 @@ class MetricsWriter:
 
     def add_text(self, tag: str, text: str, step: int) -> None:
         if self._tb is not None:
-            self._tb.add_text(tag, text, step)
-            self._tb.flush()
+            try:
+                self._tb.add_text(tag, text, step)
+                self._tb.flush()
+            except OSError as e:
+                raise LogWriteError(e) from None
 
     def close(self) -> None:
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        """Closes the files (idempotent); LogWriteError if what was buffered cannot be written."""
+        failed = None
+        for close in (self._file.close, self._tb.close if self._tb is not None else None):
+            try:
+                if close is not None:
+                    close()
+            except OSError as e:
+                failed = failed or e
+        self._tb = None
+        if failed is not None:
+            raise LogWriteError(failed)
 
 
 def load_image(load_LxE) -> np.ndarray:

@@ -6,12 +6,19 @@ data, tokenizer, mesh, memory, the workdir lock, the checkpoint's metadata, toke
 position and config (a resume whose model/optim settings differ is refused unless
 allow_config_change; train.run.compat), and the parameter shapes. train.run.loop.Run goes on
 from here.
+
+The start lasts until the first step has run: only then are config.json, metrics.jsonl and tb/
+written (open_outputs), so that a step that cannot compile or run (out of device memory)
+changes nothing of a resumed run. A start that fails (bad input, a full disk, no memory)
+removes what it created (abandon_start): the whole workdir if it made it, else only the entries
+it added; nothing that was there before.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import jax
@@ -19,7 +26,8 @@ import jax
 from onn_jax import io as ckpt_lib
 from onn_jax.config import Config, ConfigError, MeshConfig, to_dict
 from onn_jax.data.tokenizer import tokenizer_info
-from onn_jax.io.workdir import WorkdirBusy, WorkdirLock
+from onn_jax.io.errors import error_cause
+from onn_jax.io.workdir import LOCK_FILE, WorkdirBusy, WorkdirLock
 from onn_jax.nn.attention import attention_impl
 from onn_jax.parallel import mesh as mesh_lib
 from onn_jax.parallel.rules import check_batch
@@ -40,9 +48,17 @@ from train.run.output_order import with_output_order
 
 
 def run_mesh(cfg: MeshConfig):
-    """The device mesh; a fully specified shape uses the first data*expert*fsdp devices."""
+    """The device mesh; a fully specified shape uses the first data*expert*fsdp devices (one
+    process), or must cover every device of a multi-process run (each process feeds its own)."""
     devices = jax.devices()
     sizes = (cfg.data, cfg.expert, cfg.fsdp)
+    if -1 not in sizes and jax.process_count() > 1 and math.prod(sizes) != len(devices):
+        n, local = jax.process_count(), jax.local_device_count()
+        raise TrainError(f"mesh: data*expert*fsdp = {cfg.data}*{cfg.expert}*{cfg.fsdp} = {math.prod(sizes)} "
+                         f"devices, but this run of {n} processes has {len(devices)} ({local} per process) and "
+                         "the mesh must hold them all (each process feeds the batch rows of its own devices); "
+                         "pass --config.mesh.data=-1 (all devices), or sizes whose product is "
+                         f"{len(devices)}")
     if -1 not in sizes:
         devices = devices[:math.prod(sizes)]
     try:
@@ -66,6 +82,7 @@ class RunSetup:
         self.config_changes: list[dict] = []  # every accepted change of semantics, with its step
         self.pending_change: str | None = None  # recorded in the first metrics row of this run
         self.lock, self.ckpt, self.bar, self.writer = None, None, None, NullWriter()
+        self.outputs_open = False  # config.json, metrics.jsonl, tb/ written (after the first step)
         self.stop = StopOnSignal.current() or StopOnSignal()  # no handler installed: never set
         self.abandoned = False  # a save still running in the background was given up
         self.is_chief = jax.process_index() == 0
@@ -88,44 +105,83 @@ class RunSetup:
             check_batch(cfg.data.batch_size, self.mesh)
         except ConfigError as e:
             raise TrainError(f"data.batch_size: {e.message}") from e
-        created = self._open_workdir()
+        self._created: Path | None = None  # the first folder this start created (the workdir or above)
+        self._before: set[str] | None = None  # the workdir's entries before, if it existed
         try:
+            self._open_workdir()
             self._setup()
+        except OSError as e:  # a full disk or an I/O error while the run starts
+            self.abandon_start()
+            raise TrainError(f"--workdir {self.workdir}: cannot write it: {error_cause(e)}; nothing of this "
+                             "run was kept. Free space (or fix the disk) and rerun") from None
         except BaseException:
-            self.close()
-            if created:  # leave no empty workdir behind a run that never started
-                try:
-                    os.rmdir(self.workdir)
-                except OSError:
-                    pass
+            self.abandon_start()
             raise
 
-    def _open_workdir(self) -> bool:
-        """Creates the workdir (True if it was new) and takes its lock (process 0)."""
+    def _open_workdir(self) -> None:
+        """Creates the workdir (remembering what it created) and takes its lock (process 0)."""
         w = self.workdir
-        created = not w.exists()
+        if w.is_dir():
+            self._before = set(os.listdir(w))
+        else:
+            top = w.absolute()
+            while not top.parent.exists() and top.parent != top:
+                top = top.parent
+            if not os.path.lexists(top):
+                self._created = top
         try:
             w.mkdir(parents=True, exist_ok=True)
         except FileExistsError:
+            self._created = None
             raise TrainError(f"--workdir {w}: exists and is not a directory") from None
         except OSError as e:
             raise TrainError(f"--workdir {w}: cannot create it ({e.strerror or e})") from None
         if jax.process_index() == 0:
             try:
                 self.lock = WorkdirLock(w).acquire()
-            except WorkdirBusy as e:
+            except WorkdirBusy as e:  # another trainer works here: touch nothing
+                self._created = self._before = None
                 raise TrainError(str(e)) from None
             except OSError as e:
                 raise TrainError(f"--workdir {w}: not writable ({e.strerror or e})") from None
             self.stop.at_exit.append(self.lock.release)  # a second signal ends the process at once
-            problem = None if created else check_workdir(w, to_dict(self.cfg), self.cfg.checkpoint.enabled)
+            problem = None if self._before is None else check_workdir(w, to_dict(self.cfg), self.cfg.checkpoint.enabled)
             if problem:
                 self.close()
                 raise TrainError(problem)
             if self.lock.stale:
                 print(f"onn-train: note: took over the lock of a process that ended without releasing "
                       f"it ({self.lock.stale})", flush=True)
-        return created
+
+    def abandon_start(self) -> None:
+        """Undoes a start that failed before the first step's outputs were written: closes the
+        checkpoint manager, removes what this start created while still holding the workdir lock
+        (the workdir if it made it, else the entries it added; nothing that was there before),
+        then releases the lock. Only process 0 (the lock holder) removes anything."""
+        if self.ckpt is not None:
+            try:
+                self.ckpt.close()
+            except Exception:  # noqa: BLE001 - a failed save was reported where it failed
+                pass
+            self.ckpt = None
+        w = self.workdir
+        if self.lock is not None and not self.outputs_open:
+            if self._created is not None:
+                for name in os.listdir(w) if w.is_dir() else []:
+                    if name != LOCK_FILE:
+                        _remove(w / name)
+            elif self._before is not None and w.is_dir():
+                for name in set(os.listdir(w)) - self._before - {LOCK_FILE}:
+                    _remove(w / name)
+        self.close()
+        if self._created is not None and not self.outputs_open and jax.process_index() == 0:
+            for d in [w.absolute(), *w.absolute().parents]:  # up to the first folder it created
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+                if d == self._created:
+                    break
 
     def _setup(self) -> None:
         cfg = self.cfg
@@ -165,15 +221,32 @@ class RunSetup:
                              f"{self.start_step} ({e}); did data.source, data.seq_len or data.pack "
                              "change? Use the run's data, or a new --workdir") from e
         self.writer = NullWriter()
-        if not self.is_chief:  # only process 0 writes the workdir's logs, config and plots
+
+    def open_outputs(self) -> None:
+        """config.json, metrics.jsonl (rows from the resume step on dropped) and tb/, once the
+        first step has run (process 0 only); an OSError here (a full disk) undoes the start."""
+        if self.outputs_open:
             return
-        try:
-            self.writer = MetricsWriter(self.workdir, resume_step=self.start_step + 1 if self.start_step else 0)
-        except ValueError as e:
-            raise TrainError(f"cannot append to the run's metrics: {e}") from e
-        tmp = self.workdir / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-        os.replace(tmp, self.workdir / CONFIG_FILE)  # atomic: a kill never leaves half a file
+        if self.is_chief:  # only process 0 writes the workdir's logs, config and plots
+            tmp = self.workdir / (CONFIG_FILE + ".tmp")
+            try:
+                try:
+                    self.writer = MetricsWriter(self.workdir,
+                                                resume_step=self.start_step + 1 if self.start_step else 0)
+                except ValueError as e:
+                    raise TrainError(f"cannot append to the run's metrics: {e}") from e
+                tmp.write_text(json.dumps(to_dict(self.cfg), indent=2) + "\n")
+                os.replace(tmp, self.workdir / CONFIG_FILE)  # atomic: a kill never leaves half a file
+            except OSError as e:
+                try:
+                    self.writer.close()
+                except OSError:
+                    pass
+                self.writer = NullWriter()
+                tmp.unlink(missing_ok=True)
+                raise TrainError(f"--workdir {self.workdir}: cannot write it: {error_cause(e)}; nothing of "
+                                 "this run was kept. Free space (or fix the disk) and rerun") from None
+        self.outputs_open = True
 
     def close(self) -> None:
         """Closes the checkpoint manager (waiting for its saves, unless one was abandoned) and
@@ -248,3 +321,13 @@ class RunSetup:
                                   rng=jax.random.key(self.cfg.train.seed), tokenizer=tok,
                                   domains=list(self.ds.domains), guard=guard,
                                   config_changes=self.config_changes)
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except OSError:
+        pass
