@@ -117,6 +117,21 @@ def test_config_file_missing_or_broken(capsys, trained, tmp_path):
     assert f"{cfg}:2: cannot load config file: SyntaxError" in onn_train_fails(capsys, trained, config=cfg)
 
 
+@pytest.mark.parametrize("text, line, expected", [
+    ("import sys\n\nsys.exit(0)\n", 3, "cannot load config file: it calls sys.exit(0) (SystemExit)"),
+    ("def get_config():\n    raise SystemExit('bye')\n", 2, "get_config() failed: it calls sys.exit('bye')"),
+    ("def get_config():\n    exit(3)\n", 2, "get_config() failed: it calls sys.exit(3)"),
+    ("class Stop(BaseException):\n    pass\n\n\nraise Stop('odd')\n", 5, "cannot load config file: Stop: odd"),
+])
+def test_config_file_that_exits_is_a_config_error(capsys, tmp_path, text, line, expected):
+    """Issue 26.1: a config file that exits (even with 0) or raises any BaseException is a config
+    error: one line naming the file and line, exit 2, nothing written."""
+    cfg = write(tmp_path / "exits.py", text)
+    msg = onn_train_fails(capsys, tmp_path / "run", config=cfg)
+    assert msg.startswith(f"onn-train: config error: {cfg}:{line}: {expected}"), msg
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_config_flag_is_a_usage_error(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:  # a workdir without a saved config.json
         main(["--workdir", str(tmp_path)])
@@ -176,6 +191,29 @@ def test_bad_jsonl_line(capsys, trained, tmp_path, lines, line_no, expected):
     data = write(tmp_path / "chat.jsonl", "".join(lines))
     msg = onn_train_fails(capsys, trained, f"--config.data.source={data}")
     assert f"data.source: {data}:{line_no}: {expected}" in msg, msg
+
+
+DEEP = "[" * 100000 + "]" * 100000
+
+
+@pytest.mark.parametrize("line, expected", [
+    (DEEP, "JSON nested too deeply for the JSON reader"),
+    ('{"n": ' + "9" * 5000 + "}", "JSON the reader cannot take: Exceeds the limit (4300 digits)"),
+    ('{"messages": [{"role": "assistant", "content": "a\\ud800b"}]}', "messages[0].content is not valid text: "
+     "'\\ud800' at character 1 is a lone surrogate"),
+    ('{"messages": [{"role": "assistant", "content": "ok"}], "domain": "\\udc00"}',
+     '"domain" is not valid text'),
+    ('{"messages": [{"role": "assistant", "content": "' + "x" * 300 + '"}]}', "line longer than 256 bytes"),
+])
+def test_json_record_the_reader_cannot_take(capsys, trained, tmp_path, monkeypatch, line, expected):
+    """Issue 26.2: any record the JSON reader cannot take (depth, size, encoding) is a data error
+    naming file:line (no RecursionError traceback)."""
+    from onn_jax.data import records
+    if "longer than" in expected:  # the size limit (256 MiB) scaled down
+        monkeypatch.setattr(records, "MAX_LINE_BYTES", 256)
+    data = write(tmp_path / "chat.jsonl", CHAT + line + "\n" + CHAT)
+    msg = onn_train_fails(capsys, trained, f"--config.data.source={data}")
+    assert f"data.source: {data}:2: {expected}" in msg, msg
 
 
 def test_empty_corpus(capsys, trained, tmp_path):
@@ -440,22 +478,125 @@ def test_onn_export_to_an_unusable_place(capsys, trained, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
-def test_onn_export_to_a_full_disk(capsys, trained, tmp_path, monkeypatch):
+def _full_disk(fmt: str, monkeypatch) -> None:
+    """Each format's writer fails part-way as on a full disk, the way its library reports it:
+    tensorstore's ValueError naming the OS error (orbax), safetensors' own error, an OSError (npz)."""
     import errno
 
+    import numpy as np
     import orbax.checkpoint as ocp
+    import safetensors.numpy
 
-    from train.export import main as export_main
-
-    def full(self, directory, *args, **kwargs):
+    def orbax_full(self, directory, *args, **kwargs):
         os.makedirs(directory, exist_ok=True)  # a partial write, then the disk is full
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing local file: Failed to write 237 bytes to file 11: "
+                         "No space left on device [os_error_code='28'] [tensorstore_spec='...']")
 
-    monkeypatch.setattr(ocp.PyTreeCheckpointer, "save", full)
-    out = tmp_path / "export"
-    msg = one_error_line(capsys, "onn-export", 4, export_main, str(trained), str(out))
-    assert f"cannot write the export to {out}: No space left on device (errno 28)" in msg, msg
-    assert msg.endswith("the partial export was removed") and not out.exists()
+    def safetensors_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    def npz_full(file, *args, **kwargs):
+        file.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if fmt == "orbax":
+        monkeypatch.setattr(ocp.PyTreeCheckpointer, "save", orbax_full)
+    elif fmt == "safetensors":
+        monkeypatch.setattr(safetensors.numpy, "save_file", safetensors_full)
+    else:
+        monkeypatch.setattr(np, "savez", npz_full)
+
+
+@pytest.mark.parametrize("fmt", ["orbax", "safetensors", "npz"])
+def test_onn_export_to_a_full_disk(capsys, trained, tmp_path, monkeypatch, fmt):
+    """Issue 26.3: one line, exit 4, no OUT (the export is written beside it and renamed at the
+    end), no folder left beside it, an earlier export in the same parent untouched."""
+    from train.export import main as export_main
+    parent = tmp_path / "exports"
+    assert export_main([str(trained), str(parent / "earlier"), "--format", fmt]) == 0
+    before = tree_hash(parent)
+    _full_disk(fmt, monkeypatch)
+    out = parent / "new" / "export"  # its parent folder "new" is created by the export, then removed
+    msg = one_error_line(capsys, "onn-export", 4, export_main, str(trained), str(out), "--format", fmt)
+    assert msg == (f"onn-export: error: cannot write the export to {out}: No space left on device (errno 28); "
+                   "nothing was written there"), msg
+    assert sorted(p.name for p in parent.iterdir()) == ["earlier"] and tree_hash(parent) == before
+
+
+@pytest.mark.parametrize("failing", ["metrics", "lock"])
+def test_a_start_on_a_full_disk_removes_what_it_created(capsys, trained, tmp_path, monkeypatch, failing):
+    """Issue 26.4: exit 2 and one line; a new workdir is removed, an existing one keeps exactly
+    what it had (the resume's first step ran, then its logs could not be opened)."""
+    import errno
+
+    from onn_jax.io import workdir as workdir_lib
+    from train.run import setup
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "metrics.jsonl")
+
+    if failing == "metrics":
+        monkeypatch.setattr(setup, "MetricsWriter", full)
+    else:
+        monkeypatch.setattr(workdir_lib.os, "fsync", full)  # the lock file's write
+    new = tmp_path / "a" / "b" / "run"
+    msg = onn_train_fails(capsys, new)
+    what = "cannot write it: No space left on device" if failing == "metrics" else "not writable (No space"
+    assert msg.startswith(f"onn-train: error: --workdir {new}: {what}"), msg
+    assert sorted(tmp_path.iterdir()) == []  # a/b/run: every folder it made is gone
+    existing = copy_of(trained, tmp_path)
+    msg = onn_train_fails(capsys, existing, "--config.train.steps=6")  # the workdir is unchanged
+    assert f"--workdir {existing}: " in msg, msg
+
+
+def _oom_step(monkeypatch, where: str):
+    """make_guarded_step whose step fails as XLA does when the step does not fit the device."""
+    import jax
+
+    from train.run import setup
+    real = setup.make_guarded_step
+
+    def make(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def oom(state, batch):
+            raise jax.errors.JaxRuntimeError(
+                f"RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.25GiB.\n{where}\nBufferAssignment OOM "
+                "Debugging.\n" + "\n".join(f"  buffer {i}: 1.0GiB" for i in range(300)))
+        return oom if where else step
+    monkeypatch.setattr(setup, "make_guarded_step", make)
+
+
+def test_out_of_device_memory_is_one_line(capsys, trained, tmp_path, monkeypatch):
+    """Issue 26.8 (simulated on CPU): XLA's RESOURCE_EXHAUSTED at the first step becomes one line
+    naming the memory-driving fields, the estimate and the devices' capacity; exit 2; a new
+    workdir is removed, an existing one unchanged."""
+    _oom_step(monkeypatch, "compiling the train step")
+    msg = onn_train_fails(capsys, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    assert msg.startswith("onn-train: error: model.vocab_size, data.batch_size, model.moe.num_experts, "
+                          "model.hidden: the first step does not fit the device memory: XLA: RESOURCE_EXHAUSTED: "
+                          "Out of memory while trying to allocate 81.25GiB."), msg
+    assert "The estimate (a lower bound" in msg and "GiB of 1 device(s) (" in msg and "GiB each)" in msg, msg
+    assert "Lower data.batch_size" in msg and "buffer 1" not in msg, msg
+    assert "does not fit" in onn_train_fails(capsys, copy_of(trained, tmp_path), "--config.train.steps=6")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU: XLA's real out-of-memory error")
+def test_out_of_memory_on_a_gpu(capsys, tmp_path):
+    """Issue 26.8 on a GPU: a config under the memory pre-check (its estimate counts no attention
+    scores) whose float32 attention scores [batch, heads, T, T] do not fit the device."""
+    from onn_jax.training.memory import device_memory_bytes
+    have = device_memory_bytes(jax.devices()[:1])
+    seq = 8192
+    batch = max(8, int(4 * have / (4 * 4 * seq * seq)))  # 4x the device in attention scores alone
+    msg = onn_train_fails(capsys, tmp_path / "run", "--config.mesh.data=1", f"--config.data.seq_len={seq}",
+                          f"--config.model.max_len={seq}", f"--config.data.batch_size={batch}",
+                          "--config.model.attention=xla", "--config.model.remat=none")
+    assert "does not fit the device memory: XLA: " in msg and "RESOURCE_EXHAUSTED" in msg, msg
+    assert "data.batch_size" in msg and "GiB each)" in msg, msg
+    assert not (tmp_path / "run").exists()
 
 
 def metrics_dir(tmp_path: Path, *rows) -> Path:

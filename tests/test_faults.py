@@ -277,8 +277,11 @@ def test_stop_signals_save_the_step_and_resume_bit_for_bit(straight, tmp_path, p
     stopped = int(lines[0].split("saved step ")[1].split()[0])
     assert 8 <= stopped <= 12 and {8, stopped} <= set(steps_of(w)), (stopped, steps_of(w))
     assert not [p for p in ckpts.iterdir() if TMP_MARK in p.name]
-    out = run_cli(w)
-    assert out.returncode == 0 and f"resuming from step {stopped}" in out.stdout, out.stderr[-2000:]
+    # after the last step (its save committed), as the final sample runs (issue 26.5: ignored, exit 0)
+    rc, lines = stop_at(w, "after_train:12", signal.SIGINT, tmp_path, procs)
+    assert rc == 130 and lines == [f"onn-train: stopped by SIGINT: saved step 12 in {ckpts}; rerun the same "
+                                   "command to resume from it"], lines
+    assert not (w / LOCK_FILE).exists() and steps_of(w)[-1] == 12
     assert_bitwise_equal(final_params(w), final_params(straight))
 
 
@@ -307,6 +310,10 @@ def test_stuck_save_second_signal_and_full_disk(straight, tmp_path, procs):
     assert steps_of(w) == [4] and not (w / LOCK_FILE).exists()
     rows = read_metrics(w)
     assert rows and rows[-1]["step"] <= 12
-    out = run_cli(w)
-    assert out.returncode == 0 and "resuming from step 4" in out.stdout, out.stderr[-2000:]
+    # resumed from step 4: SIGTERM while the final save (step 12) is written stops the run once
+    # that save commits (issue 26.5: the signal was ignored and the run went on to exit 0)
+    rc, lines = stop_at(w, "in_save:12", signal.SIGTERM, tmp_path, procs)
+    assert rc == 143 and lines == [f"onn-train: stopped by SIGTERM: saved step 12 in {w / 'checkpoints'}; rerun "
+                                   "the same command to resume from it"], lines
+    assert steps_of(w) == [8, 12] and read_metrics(w)[-1]["step"] == 12
     assert_bitwise_equal(final_params(w), final_params(straight))

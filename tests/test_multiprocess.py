@@ -142,3 +142,105 @@ def test_process_batch_rows_single_process():
     arr = global_batch({"inputs": x}, mesh, 16)["inputs"]
     assert arr.sharding.is_equivalent_to(batch_sharding(mesh), 2)
     np.testing.assert_array_equal(np.asarray(arr), x)
+
+
+# ---------------------------------------------------------------- bounded failures (issue 26.6)
+
+class FakeKV:
+    """The coordination service's key-value store, as PeerWatchdog uses it (one per test)."""
+
+    def __init__(self):
+        import threading
+        self.store, self.lock = {}, threading.Lock()
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        with self.lock:
+            assert allow_overwrite or key not in self.store
+            self.store[key] = value
+
+    def key_value_dir_get(self, prefix):
+        with self.lock:
+            return [(k, v) for k, v in self.store.items() if k.startswith(prefix)]
+
+
+def watchdog(kv, me, n, stops):
+    from onn_jax.parallel.distributed import PeerWatchdog
+    return PeerWatchdog(1.0, lambda *verdict: stops.append(verdict), client=kv, process_id=me, num_processes=n)
+
+
+def wait_for(cond, timeout=5.0):
+    import time
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return cond()
+
+
+def test_watchdog_names_a_silent_process_and_spares_a_finished_one():
+    """Process 0 of 3: process 1 beats, process 2 finished (DONE), then process 1 falls silent:
+    lost after heartbeat_timeout / 2, announced under EXIT_DIR for the others."""
+    import time
+
+    from onn_jax.parallel.distributed import DONE, EXIT_DIR, HEARTBEAT_DIR
+    kv, stops = FakeKV(), []
+    kv.key_value_set(HEARTBEAT_DIR + "2", DONE)
+    dog = watchdog(kv, 0, 3, stops).start()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 1.5:  # process 1 alive for 1.5 s: three times lost_after
+        kv.key_value_set(HEARTBEAT_DIR + "1", str(time.monotonic()), allow_overwrite=True)
+        time.sleep(0.05)
+    assert stops == []
+    silent = time.monotonic()
+    assert wait_for(lambda: stops)
+    assert 0.5 <= time.monotonic() - silent < 1.0  # lost_after (0.5 s) + up to two intervals
+    assert stops == [("process 1 of 3 is lost (no heartbeat for 0.5 s: killed, crashed, or its host is down)",
+                      (1,), None)]
+    assert kv.store[EXIT_DIR + "0"] == "lost:1"
+    dog.finish()
+
+
+def test_watchdog_of_another_process_follows_the_announcements():
+    from onn_jax.parallel.distributed import EXIT_DIR, exit_value, parse_exit
+    assert parse_exit(exit_value(5, (2, 3))) == (5, (2, 3)) and parse_exit(exit_value(None, (1,))) == (None, (1,))
+    kv, stops = FakeKV(), []
+    watchdog(kv, 1, 3, stops).start()
+    kv.key_value_set(EXIT_DIR + "2", "2")  # process 2 left with a bad-input error
+    assert wait_for(lambda: stops)
+    assert stops == [("process 2 of 3 stopped with exit code 2 (its own output says why)", (), 2)]
+    kv2, stops2 = FakeKV(), []
+    watchdog(kv2, 1, 3, stops2).start()
+    kv2.key_value_set(EXIT_DIR + "0", "lost:2")  # process 0 found process 2 lost
+    assert wait_for(lambda: stops2)
+    assert stops2 == [("process 2 of 3 is lost (noticed by process 0)", (2,), None)]
+
+
+def test_leave_waits_for_the_others_and_shuts_down_only_when_none_is_lost():
+    import threading
+    import time
+
+    from onn_jax.parallel.distributed import DONE, EXIT_DIR, HEARTBEAT_DIR
+    kv = FakeKV()
+    dog = watchdog(kv, 0, 3, [])
+    threading.Timer(0.2, kv.key_value_set, (EXIT_DIR + "1", "2")).start()
+    kv.key_value_set(HEARTBEAT_DIR + "2", DONE)  # finished: waits at the shutdown barrier
+    t0 = time.monotonic()
+    assert dog.leave(2) is True and 0.2 <= time.monotonic() - t0 < 0.5  # everyone there: shut down together
+    assert kv.store[EXIT_DIR + "0"] == "2"
+    kv = FakeKV()
+    t0 = time.monotonic()
+    assert watchdog(kv, 0, 3, []).leave(5, lost=(1,), timeout=0.3) is False  # process 2 never answers
+    assert 0.3 <= time.monotonic() - t0 < 1.0 and kv.store[EXIT_DIR + "0"] == "5 lost:1"
+
+
+def test_runtime_timeouts_pass_what_the_installed_jax_takes():
+    import inspect
+
+    from onn_jax.config.run import DistributedConfig
+    from onn_jax.parallel.distributed import INIT_MARGIN_S, runtime_timeouts
+    cfg = DistributedConfig(initialization_timeout_s=30, heartbeat_timeout_s=12, shutdown_timeout_s=40)
+    here = runtime_timeouts(cfg)
+    assert set(here) <= set(inspect.signature(jax.distributed.initialize).parameters)
+    assert here.get("initialization_timeout") == 30 + INIT_MARGIN_S  # jax 0.10.2 and 0.11 have it
+    names = ["initialization_timeout", "heartbeat_timeout_seconds", "shutdown_timeout_seconds"]  # jax 0.10.2
+    assert runtime_timeouts(cfg, names) == dict(zip(names, [30 + INIT_MARGIN_S, 12, 40]))
+    assert runtime_timeouts(cfg, ["heartbeat_timeout", "coordinator_address"]) == {"heartbeat_timeout": 12}

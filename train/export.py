@@ -10,15 +10,14 @@ copied in, and tokenizer_config.json with its special ids and templates; --layou
 blocks between the per-layer and the stacked (model.scan_layers) layout), a model card
 README.md and export.json (see onn_jax.io.portable). --tokenizer names the tokenizer.json to
 copy when the one the run used has moved. `onn-generate --workdir OUT` and
-onn_jax.load_export read it from any path. Errors exit with code 2 (bad input, checked
-before anything is written), 4 when writing OUT failed (disk full, I/O error; the partial
-export is removed).
+onn_jax.load_export read it from any path. The export is written into a hidden folder beside
+OUT and renamed to OUT when complete. Errors exit with code 2 (bad input, checked before
+anything is written), 4 when writing failed (disk full, I/O error, in any format: one line;
+the folder beside OUT is removed, OUT and everything else in its parent are untouched).
 """
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -68,42 +67,30 @@ def _main(argv: Sequence[str] | None = None) -> int:
         print(f"onn-export: error: {problem}", file=sys.stderr)
         return 2
     quiet_orbax()
+    quiet_orbax_errors()
     if (src / CHECKPOINT_DIR).is_dir():
         src = src / CHECKPOINT_DIR
-    from onn_jax.io.errors import CheckpointError, error_cause, os_error_in  # heavy: after the cheap checks
+    from onn_jax.io.errors import CheckpointError, ExportWriteError  # heavy: after the cheap checks
     from onn_jax.io.portable import write_export
-    out = Path(args.out)
-    before = set(os.listdir(out)) if out.is_dir() else None
     try:
         step = write_export(src, args.out, args.step, fmt=args.format, tokenizer=args.tokenizer,
                             layout=args.layout)
     except CheckpointError as e:
         print(f"onn-export: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # writing OUT failed (disk full, I/O error): remove what this run wrote
-        if os_error_in(e) is None:
-            raise
-        _remove_partial(out, before)
-        print(f"onn-export: error: cannot write the export to {out.resolve()}: {error_cause(e)}; "
-              "the partial export was removed", file=sys.stderr)
+    except ExportWriteError as e:  # a full disk, an I/O error: written beside OUT, removed again
+        print(f"onn-export: error: {e}", file=sys.stderr)
         return 4
     print(f"exported step {step} of {src} to {Path(args.out).resolve()} ({args.format}; "
           f"see its README.md)")
     return 0
 
 
-def _remove_partial(out: Path, before: set[str] | None) -> None:
-    """Removes OUT if this run created it, else the entries it added to OUT."""
-    try:
-        if before is None:
-            shutil.rmtree(out, ignore_errors=True)
-        elif out.is_dir():
-            for name in set(os.listdir(out)) - before:
-                p = out / name
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    except OSError:
-        pass
-
+def quiet_orbax_errors() -> None:
+    """Drops orbax's own error log records (absl, with tracebacks, from its writer threads): a
+    failed write is reported once, in onn-export's error line."""
+    import logging
+    logging.getLogger("absl").addFilter(lambda r: "orbax" not in (r.pathname or ""))
 
 if __name__ == "__main__":
     sys.exit(main())

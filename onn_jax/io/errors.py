@@ -25,6 +25,14 @@ class SaveError(RuntimeError):
         super().__init__(f"{what} failed: {cause}; last committed checkpoint: {last}")
 
 
+class ExportWriteError(RuntimeError):
+    """Writing an export failed (a full disk, an I/O error); nothing was left at `out`."""
+
+    def __init__(self, out: str, cause: BaseException):
+        self.out, self.cause = out, error_cause(cause)
+        super().__init__(f"cannot write the export to {out}: {self.cause}; nothing was written there")
+
+
 def os_error_in(e: BaseException) -> OSError | None:
     """The first OSError with an errno in the chain of `e` (orbax wraps them), else None."""
     seen, cur = set(), e
@@ -43,4 +51,21 @@ def error_cause(e: BaseException) -> str:
     if cur is not None:
         where = f": {cur.filename}" if cur.filename else ""
         return f"{cur.strerror or os.strerror(cur.errno)} (errno {cur.errno}){where}"
-    return f"{type(e).__name__}: {str(e)[:300]}"
+    code = os_errno_in_text(e)
+    if code is not None:  # tensorstore (orbax) and safetensors name the OS error in their text
+        return f"{os.strerror(code)} (errno {code})"
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def os_errno_in_text(e: BaseException) -> int | None:
+    """The OS error number that a library's own exception names in its message, e.g. tensorstore's
+    `[os_error_code='28']` (orbax wraps it in a ValueError) or safetensors' `(os error 28)`."""
+    import re
+    seen, cur = set(), e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        m = re.search(r"os_error_code='?(\d+)|\(os error (\d+)\)|\[Errno (\d+)\]", str(cur)[:20000])
+        if m:
+            return int(next(g for g in m.groups() if g))
+        cur = cur.__cause__ or cur.__context__
+    return None

@@ -13,6 +13,10 @@ An export folder (the usual model-folder layout):
     README.md               the model card: config, step, parameter count, what each parameter means
     export.json             {step, config, tokenizer, format}, written last: marks a complete export
 
+The folder is written beside OUT (a hidden `.OUT.onn-export-*` folder in the same parent) and
+renamed to OUT when complete: a failure (a full disk) removes it and raises ExportWriteError,
+so OUT is never half written and nothing else in its parent is touched.
+
 The safetensors and npz keys are the parameter paths joined by "."; the arrays are float32
 as trained. onn_jax is only needed to run the model, not to read the files (README).
 """
@@ -26,7 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from onn_jax.io.checkpointer import Checkpointer
-from onn_jax.io.errors import CheckpointError
+from onn_jax.io.errors import CheckpointError, ExportWriteError
 from onn_jax.io.params_export import EXPORT_META, EXPORT_PARAMS, load_params
 from onn_jax.io.restore_targets import abstract_like
 
@@ -241,29 +245,93 @@ def write_export(ckpt_dir: str | os.PathLike, out: str | os.PathLike, step: int 
     flat = flatten(params)
     tok_name, tok, tok_info = _resolve_tokenizer(meta.get("tokenizer"), tokenizer)
     desc = tokenizer_description(tok, "byte" if tok_name == "byte" else "hf")
-    os.makedirs(out, exist_ok=True)  # all checks done: from here on only writing
-    if tok_name != "byte":
-        shutil.copyfile(tok_name, os.path.join(out, TOKENIZER))
-    write_json(os.path.join(out, TOKENIZER_CONFIG), desc)
     n_params = sum(int(np.prod(a.shape)) for a in flat.values())
-    write_json(os.path.join(out, CONFIG), {
-        "model_type": MODEL_TYPE, "format": fmt, "params_file": PARAM_FILES[fmt], "step": int(step),
-        "vocab_size": config["model"].get("vocab_size"), "num_parameters": n_params,
-        "model": config["model"], "tokenizer": tok_info["name"]})
-    with open(os.path.join(out, CARD), "w") as f:
-        f.write(model_card(config["model"], int(step), flat, desc, fmt))
+    files = {CONFIG: {"model_type": MODEL_TYPE, "format": fmt, "params_file": PARAM_FILES[fmt], "step": int(step),
+                      "vocab_size": config["model"].get("vocab_size"), "num_parameters": n_params,
+                      "model": config["model"], "tokenizer": tok_info["name"]},
+             EXPORT_META: {"step": int(step), "config": config, "tokenizer": tok_info, "format": fmt}}
+    with _beside(out) as tmp:  # all checks done: from here on only writing, into a folder beside OUT
+        if tok_name != "byte":
+            shutil.copyfile(tok_name, os.path.join(tmp, TOKENIZER))
+        write_json(os.path.join(tmp, TOKENIZER_CONFIG), desc)
+        write_json(os.path.join(tmp, CONFIG), files[CONFIG])
+        with open(os.path.join(tmp, CARD), "w") as f:
+            f.write(model_card(config["model"], int(step), flat, desc, fmt))
+        _write_params(os.path.join(tmp, PARAM_FILES[fmt]), fmt, params, flat, step)
+        write_json(os.path.join(tmp, EXPORT_META), files[EXPORT_META])
+    return int(step)
+
+
+def _write_params(path: str, fmt: str, params: Any, flat: dict, step: int) -> None:
     if fmt == "orbax":
         import orbax.checkpoint as ocp
-        ocp.PyTreeCheckpointer().save(os.path.join(out, PARAM_FILES[fmt]), args=ocp.args.PyTreeSave(params))
+        ocp.PyTreeCheckpointer().save(path, args=ocp.args.PyTreeSave(params))
     elif fmt == "safetensors":
         from safetensors.numpy import save_file
-        save_file(flat, os.path.join(out, PARAM_FILES[fmt]), metadata={"format": "np", "step": str(step)})
+        save_file(flat, path, metadata={"format": "np", "step": str(step)})
     else:
-        with open(os.path.join(out, PARAM_FILES[fmt]), "wb") as f:
+        with open(path, "wb") as f:
             np.savez(f, **flat)
-    write_json(os.path.join(out, EXPORT_META),
-                {"step": int(step), "config": config, "tokenizer": tok_info, "format": fmt})
-    return int(step)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class _beside:
+    """A temporary folder beside `out` (same parent, so the final rename is atomic) that becomes
+    `out` when the block ends without an error. On any error (a full disk: orbax, safetensors
+    and numpy each report it their own way) the folder and any parent folders it created are
+    removed and ExportWriteError names the cause: OUT is never half written, and nothing else
+    beside it (earlier exports) is touched. A kill -9 leaves a hidden `.OUT.onn-export-*`
+    folder, never OUT."""
+
+    def __init__(self, out: str):
+        self.out, self.tmp, self.made = out, None, None
+
+    def __enter__(self) -> str:
+        import tempfile
+        parent = os.path.dirname(self.out)
+        top = parent
+        while not os.path.exists(os.path.dirname(top)) and os.path.dirname(top) != top:
+            top = os.path.dirname(top)
+        try:
+            if not os.path.isdir(parent):
+                self.made = top
+                os.makedirs(parent)
+            self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.onn-export-", dir=parent)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o777 & ~umask)  # as a plain mkdir would (mkdtemp: 0700)
+        except OSError as e:
+            self._clean()
+            raise ExportWriteError(self.out, e) from None
+        return self.tmp
+
+    def __exit__(self, kind, e, tb) -> bool:
+        if kind is None:
+            try:
+                os.rename(self.tmp, self.out)  # replaces an empty OUT; fails on a non-empty one
+                return False
+            except OSError as err:
+                e = err
+        if isinstance(e, Exception):
+            self._clean()
+            raise ExportWriteError(self.out, e) from None
+        self._clean()
+        return False
+
+    def _clean(self) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.made is not None:
+            d = os.path.dirname(self.out)
+            while True:  # the parent folders this export created, innermost first
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    break
+                if d == self.made:
+                    break
+                d = os.path.dirname(d)
 
 
 # ---------------------------------------------------------------- reading

@@ -99,11 +99,12 @@ def wait_for_coordinator(address: str, timeout_s: float, poll_s: float = 0.5) ->
                 return
         except OSError as e:  # refused, unknown host, unreachable network, timed out
             last = e.strerror or str(e) or type(e).__name__
-        if time.monotonic() + poll_s >= deadline:
+        left = deadline - time.monotonic()
+        if left <= 0:
             raise CoordinatorUnreachable(
                 f"cannot reach the coordinator at {address} within distributed.initialization_timeout_s = "
                 f"{timeout_s:g} s ({last}); start process 0 there, or fix JAX_COORDINATOR_ADDRESS")
-        time.sleep(poll_s)
+        time.sleep(min(poll_s, left))
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -147,8 +148,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
             wait_for_coordinator(coordinator_address, limit)
         if on_init_timeout is not None:
             where = f"the coordinator at {coordinator_address}" if coordinator_address else "the coordinator"
-            expected = f"all {num_processes} processes" if num_processes else "every process"
-            message = (f"{expected} did not join {where} within distributed.initialization_timeout_s = "
+            expected = f"not all {num_processes} processes" if num_processes else "not every process"
+            message = (f"{expected} joined {where} within distributed.initialization_timeout_s = "
                        f"{limit:g} s (this is process {process_id if process_id is not None else '?'}); "
                        "start every process with the same JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES")
             guard = threading.Timer(max(limit - (time.monotonic() - start), 0.0), on_init_timeout, (message,))

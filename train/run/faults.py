@@ -6,6 +6,8 @@
                                    (in orbax's background thread, while training goes on)
     ONN_TRAIN_FAULT=at_save:N      at the start of the checkpoint save of step N (main thread)
     ONN_TRAIN_FAULT=in_eval:N      inside the evaluation of step N, after its first batch
+    ONN_TRAIN_FAULT=after_train:N  after the last step N, its final save committed, before the
+                                   final sample and plots
     ONN_TRAIN_FAULT=stall_save:N   like in_save, but a signal does not release it (a stuck save)
     ONN_TRAIN_FAULT=enospc_save:N  the commit of step N's save fails with OSError(ENOSPC), as
                                    on a full disk (no halt)
@@ -26,7 +28,7 @@ ENV = "ONN_TRAIN_FAULT"
 TIMEOUT_ENV = "ONN_TRAIN_FAULT_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
 TIMEOUT_EXIT_CODE = 99
-POINTS = ("after_step", "in_save", "at_save", "in_eval", "stall_save", "enospc_save")
+POINTS = ("after_step", "in_save", "at_save", "in_eval", "stall_save", "enospc_save", "after_train")
 
 
 def parse(value: str | None) -> tuple[str, int] | None:
@@ -87,7 +89,7 @@ class Faults:
             halt("after_step", step)
 
     def at(self, point: str, step: int) -> None:
-        """The hook of `point` (at_save, in_eval) at `step`."""
+        """The hook of `point` (at_save, in_eval, after_train) at `step`."""
         if self.fault == (point, step):
             halt(point, step)
 

@@ -246,6 +246,7 @@ class Run(RunSetup):
         bar.close()
         if self.ckpt is not None:
             self.ckpt.close()  # waits for the asynchronous saves
+        self.faults.at("after_train", step)
         text = self._sample()
         self._stop_after_training(step)
         self.writer.add_text("sample", text, step)
