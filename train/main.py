@@ -106,29 +106,37 @@ def _main(argv: Sequence[str] | None = None) -> int:
         with StopOnSignal():
             train(cfg, workdir, allow_config_change=args.allow_config_change)
         code = 0
-    except StoppedBySignal as e:
-        print(f"onn-train: {e}", file=sys.stderr, flush=True)
-        if e.hard and not peers.multi:  # a save thread is stuck: the interpreter's exit would wait for it
-            sys.stdout.flush()
-            os._exit(e.code)
-        code = e.code  # several processes: peers.end leaves together, then ends with os._exit
-    except SaveFailed as e:
-        print(f"onn-train: error: {e}", file=sys.stderr)
-        code = 4
-    except TrainError as e:
-        print(printable(f"onn-train: error: {e}"), file=sys.stderr)
-        code = 2
-    except TrainStopped as e:
-        print(f"onn-train: stopped: {e}", file=sys.stderr)
-        code = 3
-    except KeyboardInterrupt:
-        print(f"\nonn-train: interrupted; rerun the same command to resume from the last checkpoint "
-              f"in {workdir / 'checkpoints'}", file=sys.stderr)
-        code = 130
+    except (StoppedBySignal, SaveFailed, TrainError, TrainStopped, KeyboardInterrupt) as e:
+        peers.hold()  # several processes: this one ends by itself; no second line from the watchdog
+        code = _report(e, workdir, several=peers.multi)
     except Exception as e:
         peers.crashed(e)  # several processes: names the lost peer (or the error) and ends the process
         raise
     return peers.end(code)  # several processes: shut down (0) or leave (else) together
+
+
+def _report(e: BaseException, workdir: Path, several: bool = False) -> int:
+    """The error line of a run that ended early, and its exit code (see _main)."""
+    from train.run.errors import SaveFailed, StoppedBySignal, TrainError, TrainStopped
+    if isinstance(e, StoppedBySignal):
+        print(f"onn-train: {e}", file=sys.stderr, flush=True)
+        if e.hard and not several:  # a save thread is stuck: the interpreter's exit would wait for it
+            sys.stdout.flush()
+            os._exit(e.code)
+        return e.code  # several processes: Peers.end leaves together, then ends with os._exit
+    if isinstance(e, SaveFailed):
+        print(f"onn-train: error: {e}", file=sys.stderr)
+        return 4
+    if isinstance(e, TrainError):
+        print(printable(f"onn-train: error: {e}"), file=sys.stderr)
+        return 2
+    if isinstance(e, TrainStopped):
+        print(f"onn-train: stopped: {e}", file=sys.stderr)
+        return 3
+    print(f"\nonn-train: interrupted; rerun the same command to resume from the last checkpoint "
+          f"in {workdir / 'checkpoints'}", file=sys.stderr)
+    return 130
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -273,6 +273,8 @@ class PeerWatchdog:
                     verdict = (f"the coordinator (process 0 of {self.n}) does not answer ({type(e).__name__}: "
                                f"{first})", (0,), None)
             if verdict is not None and not self._halt.is_set():
+                if verdict[2] is not None and self._halt.wait(self.interval):
+                    return  # a peer left with an error and so does this process, by itself (hold/leave)
                 self._halt.set()
                 self.on_stop(*verdict)
                 return
@@ -304,6 +306,11 @@ class PeerWatchdog:
         self.client.key_value_set(EXIT_DIR + str(self.me), exit_value(None, lost), allow_overwrite=True)
         return (f"{_names(lost)} of {self.n} {'is' if len(lost) == 1 else 'are'} lost (no heartbeat for "
                 f"{self.lost_after:g} s: killed, crashed, or its host is down)", tuple(lost), None)
+
+    def hold(self) -> None:
+        """No more verdicts: this process is ending by itself (an error of its own, a stop signal)
+        and will `leave`; the others' exit codes are no news then."""
+        self._halt.set()
 
     def finish(self) -> None:
         """This process's work is done (it goes on to jax.distributed.shutdown): stop watching,

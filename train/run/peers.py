@@ -69,11 +69,17 @@ class Peers:
         """The watchdog's verdict (its thread): one line, the lock released, leave, end."""
         me, n = jax.process_index(), jax.process_count()
         code = LOST_PEER_EXIT if code is None or code == 0 else code
-        print(f"onn-train: {message}; process {me} stops too (exit code {code}). Restart all {n} processes "
+        restart = ("Once that is fixed, restart all" if code in (2, 3, 4) else "Restart all")  # 2, 3, 4: its input
+        print(f"onn-train: {message}; process {me} stops too (exit code {code}). {restart} {n} processes "
               f"with the same command: {self.resume_point()}", file=sys.stderr, flush=True)
         _release_lock()
         self.dog.leave(code, lost)
         _exit(code)
+
+    def hold(self) -> None:
+        """This process ends by itself (its own error line follows): the watchdog stops judging."""
+        if self.multi:
+            self.dog.hold()
 
     def end(self, code: int) -> int:
         """Returns `code` (single process). Several processes: 0 finishes (the others stop
