@@ -351,12 +351,12 @@ def train(cfg: Config, workdir: str | Path, quiet: bool = False,
         summary = run.run()
     finally:
         run.close()
+    if not quiet and jax.process_index() == 0:
+        print(report(summary, cfg))
     if run.stop.signum is not None and jax.process_count() == 1:  # a signal as the run ended
         raise StoppedBySignal(f"stopped by {signal_name(run.stop.signum)}: "
                               + (f"saved step {summary['step']} in {Path(workdir) / CHECKPOINT_DIR}; rerun the "
                                  "same command to resume from it" if run.ckpt is not None else
                                  f"no checkpoint saved (checkpoint.enabled is false); stopped after step "
                                  f"{summary['step']}"), 128 + run.stop.signum)
-    if not quiet and jax.process_index() == 0:
-        print(report(summary, cfg))
     return summary

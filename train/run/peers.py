@@ -19,7 +19,8 @@ returns its code. With several processes:
 * a process that stops with an error (exit 2, 3, 4) or a stop signal (128 + N) records its code:
   the others stop too, with a line naming it and the same code, and all shut down together;
 * an unexpected exception in one process (a collective that failed because a peer died) waits
-  for the watchdog's verdict first, so that the line names the lost process.
+  for the watchdog's verdict first, so that the line names the lost process; with no peer lost,
+  its traceback and one line follow, and the processes leave together with exit code 1.
 """
 from __future__ import annotations
 
@@ -105,6 +106,7 @@ class Peers:
             return
         import time
         time.sleep(self.dog.lost_after + 3 * self.dog.interval)  # the watchdog's thread may end us first
+        traceback.print_exception(exc)  # no peer was lost: an error of this process (a bug?), in full
         last = traceback.format_exception_only(type(exc), exc)[-1].strip().splitlines()[0][:300]
         print(f"onn-train: error: process {jax.process_index()}: {last}; restart all {jax.process_count()} "
               f"processes with the same command: {self.resume_point()}", file=sys.stderr, flush=True)
