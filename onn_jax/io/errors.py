@@ -1,9 +1,11 @@
 """What goes wrong with a checkpoint, in words: the errors every io module raises.
 
-CheckpointError (missing, damaged or mismatched) and SaveError (a save that failed, with
-the steps still committed) are their own module so that the checkpointer, the restore
-targets, the exports and the programs' messages (onn-export) share them without importing
-orbax; os_error_in / error_cause dig the OSError out of the chains orbax wraps it in.
+CheckpointError (missing, damaged or mismatched), SaveError (a save that failed, with the
+steps still committed) and ExportWriteError (an export that could not be written) are their
+own module so that the checkpointer, the restore targets, the exports and the programs'
+messages (onn-export) share them without importing orbax; os_error_in / error_cause dig the
+OSError out of the chains orbax wraps it in, or read the OS error number that tensorstore and
+safetensors write into their own messages (os_errno_in_text).
 """
 from __future__ import annotations
 
