@@ -22,7 +22,7 @@ COMMON="--dispatch dropless --gemm mosaic_gpu --token-sum pallas --scan-layers -
 for what in "$@"; do
   case $what in
     tests) stage gpu_tests 150 env JAX_PLATFORMS=cuda XLA_FLAGS= python3 -m pytest -q -p no:cacheprovider \
-             tests/test_dropless.py tests/test_dispatch.py ;;
+             tests/test_dropless.py tests/test_dispatch.py tests/test_out_of_memory.py ;;
     gemm) stage gemm 90 sh -c "python3 -m bench.gemm_tune --shapes 131072x2048x1024,131072x1024x2048 --groups 64 --no-grid; \
              python3 -m bench.torch_peer --gemm-shapes 131072x2048x1024,131072x1024x2048 --groups 64" ;;
     *) stage "${what}_onn" 260 python3 -m bench.bench --preset "$what" $COMMON --mode plain,smk,dense --profile --profile-top 40
