@@ -11,7 +11,8 @@ the offending field by its dotted path so the training program can point at the 
     model            config/model.py   the transformer around them
     optim            config/optim.py   gradient filter, AdamW, schedule, accumulation
     mesh, data,      config/run.py     the training program, and the top-level Config
-    train, checkpoint
+    train, checkpoint,
+    distributed
     (any)            config/limits.py  ranges every field gets (int32, finite, UTF-8)
 """
 from onn_jax.config.errors import ConfigError
@@ -28,7 +29,15 @@ from onn_jax.config.moe import (
                                 MoEConfig,
 )
 from onn_jax.config.optim import FILTER_MODES, FILTER_SCOPES, IDLE_EXPERTS, SCHEDULES, FilterConfig, OptimConfig
-from onn_jax.config.run import SAMPLE_FORMATS, CheckpointConfig, Config, DataConfig, MeshConfig, TrainConfig
+from onn_jax.config.run import (
+                                SAMPLE_FORMATS,
+                                CheckpointConfig,
+                                Config,
+                                DataConfig,
+                                DistributedConfig,
+                                MeshConfig,
+                                TrainConfig,
+)
 from onn_jax.config.serialize import from_dict, to_dict
 from onn_jax.config.units import (
                                 EMBED_KINDS,
@@ -46,7 +55,8 @@ __all__ = [
     "GATE_TIE_BREAKS", "GATE_TOKENS", "GEMMS", "HEAD_COMBINES", "HEAD_ROUTERS", "IDLE_EXPERTS",
     "MOE_GATE_TOKENS", "NORMS", "OUTPUT_KINDS", "REMATS", "ROUTERS", "SAMPLE_FORMATS", "SCHEDULES",
     "SLOT_SURPRISES", "TOKEN_SUMS",
-    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EmbedConfig", "FilterConfig", "HeadsConfig",
+    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistributedConfig", "EmbedConfig", "FilterConfig",
+    "HeadsConfig",
     "MeshConfig", "ModelConfig", "MoEConfig", "OptimConfig", "OutputConfig", "TrainConfig",
     "from_dict", "to_dict",
 ]
