@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dropless: per-token sums (model.moe.token_sum; onn_jax.dispatch.token_sums)")
     ap.add_argument("--attention", choices=("xla", "cudnn", "auto"), default=None,
                     help="override model.attention (training attention: einsums or cuDNN flash)")
+    ap.add_argument("--loss-chunk", type=int, default=None, metavar="N",
+                    help="model.output.loss_chunk: the LM head fused with its cross entropy over N positions "
+                         "at a time (no [B, T, V] logits; onn_jax.core.head_loss); 0 assembles the logits")
     ap.add_argument("--scan-layers", action="store_true",
                     help="model.scan_layers=true: the blocks as one scan (each grouped-GEMM kernel compiled once)")
     ap.add_argument("--evolve", action="store_true",
@@ -116,6 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise BenchError(f"--steps: must be >= {MIN_STEPS}, got {args.steps}")
         name, cfg = load_config(args)
         parse_k(args.force_avg_k, cfg.model.moe.num_experts)
+        if args.loss_chunk is not None and args.loss_chunk < 0:
+            raise BenchError(f"--loss-chunk: must be >= 0, got {args.loss_chunk}")
+        if args.loss_chunk and cfg.model.output.kind != "dense":
+            raise BenchError("--loss-chunk: the fused head is for model.output.kind = dense")
         if args.train_steps < 0:
             raise BenchError(f"--train-steps: must be >= 0, got {args.train_steps}")
         if args.train_steps and args.force_avg_k is not None:

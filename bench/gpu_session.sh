@@ -3,7 +3,8 @@
 # PyTorch peer, then the GPU test subset; results land under $OUT as they come. Each stage has
 # its own time limit and the whole run stops starting new stages at $DEADLINE_S (default 560 s).
 #   bash bench/gpu_session.sh gpu_olmoe tests gpu_large
-# MODES (default plain,smk,dense) picks the onn-bench modes; PROFILE=" " times without profiles.
+# MODES (default plain,smk,dense) picks the onn-bench modes; PROFILE=" " times without profiles;
+# EXTRA adds onn-bench flags (e.g. EXTRA="--loss-chunk 256": the fused head, model.output.loss_chunk).
 set -u
 OUT=${OUT:-/tmp/onn_out}; mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
@@ -23,11 +24,11 @@ COMMON="--dispatch dropless --gemm mosaic_gpu --token-sum pallas --scan-layers -
 for what in "$@"; do
   case $what in
     tests) stage gpu_tests 150 env JAX_PLATFORMS=cuda XLA_FLAGS= python3 -m pytest -q -p no:cacheprovider \
-             tests/test_dropless.py tests/test_dispatch.py tests/test_out_of_memory.py ;;
+             tests/test_dropless.py tests/test_dispatch.py tests/test_out_of_memory.py tests/test_head_loss.py ;;
     gemm) stage gemm 90 sh -c "python3 -m bench.gemm_tune --shapes 131072x2048x1024,131072x1024x2048 --groups 64 --no-grid; \
              python3 -m bench.torch_peer --gemm-shapes 131072x2048x1024,131072x1024x2048 --groups 64" ;;
     *) stage "${what}_onn" 260 python3 -m bench.bench --preset "$what" $COMMON --mode "${MODES:-plain,smk,dense}" \
-             ${PROFILE:---profile --profile-top 40}
+             ${PROFILE:---profile --profile-top 40} ${EXTRA:-}
        stage "${what}_peer" 100 python3 -m bench.torch_peer --preset "$what" --top-k 8 ;;
   esac
 done

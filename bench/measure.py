@@ -55,6 +55,8 @@ def measure(name: str, cfg: Config, mode: str, args, component: str = "none") ->
         model = dataclasses.replace(model, scan_layers=True)
     if args.token_sum:
         model = dataclasses.replace(model, moe=dataclasses.replace(model.moe, token_sum=args.token_sum))
+    if args.loss_chunk is not None:
+        model = dataclasses.replace(model, output=dataclasses.replace(model.output, loss_chunk=args.loss_chunk))
     b, t = cfg.data.batch_size, cfg.data.seq_len
     tx = make_optimizer(cfg.optim)
     state = init_state(model, tx, jax.random.key(args.seed))
@@ -118,6 +120,7 @@ def measure(name: str, cfg: Config, mode: str, args, component: str = "none") ->
         "backend": jax.default_backend(),
         "batch": b, "seq": t, "router": model.moe.router, "dispatch": model.moe.dispatch,
         "attention": attention_impl(model), "scan_layers": model.scan_layers,
+        "loss_chunk": model.output.loss_chunk,
         "surprise": model.moe.surprise if model.moe.router == "surprise" else None,
         "capacity_factor": model.moe.capacity_factor if model.moe.dispatch == "sparse" else None,
         **dropless_fields(model, b * t),

@@ -101,9 +101,10 @@ def test_every_component_changes_the_model():
 @pytest.mark.slow
 def test_components_time_each_one_against_none(capsys):
     rc = main(["--preset", "tiny", "--mode", "plain", "--component", "none,heads_surprise", "--steps", "20",
-               "--warmup", "1", "--no-isolate"])
+               "--warmup", "1", "--no-isolate", "--loss-chunk", "16"])
     lines = [json.loads(s) for s in capsys.readouterr().out.splitlines() if s.startswith("{")]
     assert rc == 0 and [r["component"] for r in lines] == ["none", "heads_surprise"]
+    assert [r["loss_chunk"] for r in lines] == [16, 16]
     assert all(np.isfinite(r["main_loss"]) and r["step_ms"] > 0 for r in lines)
     assert lines[1]["main_loss"] != pytest.approx(lines[0]["main_loss"], rel=1e-6)  # another model
 
@@ -123,7 +124,8 @@ def test_train_steps_times_a_trained_gate(capsys):
                                        (["--force-avg-k", "E/0"], "--force-avg-k"),
                                        (["--force-avg-k", "9"], "--force-avg-k"),
                                        (["--component", "none,bogus"], "--component"),
-                                       (["--train-steps", "5", "--force-avg-k", "2"], "--train-steps")])
+                                       (["--train-steps", "5", "--force-avg-k", "2"], "--train-steps"),
+                                       (["--loss-chunk", "-1"], "--loss-chunk")])
 def test_bad_flags_name_the_flag(argv, flag, capsys):
     assert main(["--preset", "tiny", *argv]) == 2
     assert flag in capsys.readouterr().err

@@ -165,16 +165,26 @@ class OutputConfig:
       training split when it is empty and stores it with the config (config.json, checkpoint
       metadata, export), so resume, onn-eval, onn-generate and onn-export use the same clusters.
       Empty outside onn-train: the identity (rank = id).
+    loss_chunk: 0 (default) assembles the dense head's logits [B, T, V] for the loss; N >= 1
+      runs the head and its cross entropy over N positions of every sequence at a time, the
+      loss's gradient formed in the same pass, so [B, T, V] never exists (onn_jax.core.head_loss:
+      several GiB less at a 50k vocabulary). Same loss and gradients (float32: up to summation
+      order; bfloat16: the head kernel's gradient is summed in float32). kind = dense only.
     """
 
     kind: str = "dense"
     cutoffs: tuple[int, ...] = ()
     div: int = 4
     order: tuple[int, ...] = ()
+    loss_chunk: int = 0
 
     def __post_init__(self):
         p = "model.output."
         choice(self.kind, OUTPUT_KINDS, p + "kind")
+        check(isinstance(self.loss_chunk, int) and not isinstance(self.loss_chunk, bool) and self.loss_chunk >= 0,
+              p + "loss_chunk", f"must be an integer >= 0, got {self.loss_chunk!r}")
+        check(self.kind == "dense" or self.loss_chunk == 0, p + "loss_chunk",
+              f"is for kind = dense (the adaptive softmax never assembles [B, T, V]), got {self.loss_chunk}")
         cutoffs = _int_tuple(self, "cutoffs", p)
         check(all(c > 0 for c in cutoffs), p + "cutoffs", f"must be > 0, got {list(cutoffs)}")
         check(all(a < b for a, b in zip(cutoffs, cutoffs[1:])), p + "cutoffs",

@@ -44,6 +44,18 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)))
 
 
+def batch_shards() -> int:
+    """How many ways the enclosing sharded step splits the batch axis (1 outside one)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return 1
+    mesh, rules = active
+    n = 1
+    for axis in rule_axes("batch", rules):
+        n *= mesh.shape.get(axis, 1)
+    return n
+
+
 def shard_map(f, mesh: Mesh, in_specs, out_specs):
     """jax.shard_map (jax >= 0.7, so 0.10 and 0.11), else jax.experimental.shard_map."""
     if hasattr(jax, "shard_map"):

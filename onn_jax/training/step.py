@@ -21,14 +21,17 @@ import optax
 
 from onn_jax.config import ModelConfig
 from onn_jax.core.grad_filter import SigmaFilterState
+from onn_jax.core.head_loss import chunked_head_loss
 from onn_jax.core.losses import next_token_loss
 from onn_jax.core.surprise import SurpriseFn
 from onn_jax.core.surprise_registry import get_surprise_fn
 from onn_jax.core.surprise_variants import advantage_surprise
+from onn_jax.nn.attention import compute_dtype
 from onn_jax.nn.moe import expert_received_tokens, layer_surprise, layer_taps, y_tap_needed
 from onn_jax.nn.output import output_loss
 from onn_jax.nn.transformer import Transformer, model_taps
 from onn_jax.nn.units import UnitRecords, unit_records, unit_taps
+from onn_jax.parallel.constrain import batch_shards
 from onn_jax.training.accumulate import accumulated_grads
 from onn_jax.training.gate_losses import layer_gate_loss, unit_gate_inputs, unit_gate_loss, unit_surprises
 from onn_jax.training.metrics import moe_metrics, unit_metrics
@@ -54,8 +57,9 @@ def forward_loss(cfg: ModelConfig, model: Transformer, params, batch: Batch, tap
                  per_token: bool = False):
     """The model's forward and main loss, as the train step and the eval/analysis pass take it:
     (main, acc, count, ce_BxT (per_token only, else None), MoE records, unit records). utaps
-    None: no gated units beyond the MoE. An adaptive softmax head applies its own loss."""
-    head = {"return_hidden": True} if cfg.output.kind == "adaptive" else {}
+    None: no gated units beyond the MoE. An adaptive softmax head applies its own loss, and so
+    does the dense head under model.output.loss_chunk (fused with its CE, onn_jax.core.head_loss)."""
+    head = {"return_hidden": True} if cfg.output.kind == "adaptive" or cfg.output.loss_chunk else {}
     if utaps is None:
         (logits, records), urecords = model.apply({"params": params}, batch["inputs"], taps,
                                                   **head), UnitRecords()
@@ -64,8 +68,12 @@ def forward_loss(cfg: ModelConfig, model: Transformer, params, batch: Batch, tap
                                                unit_taps=utaps, mutable=["gated"], **head)
         urecords = unit_records(cfg, state["gated"])
     ce_BxT = None
-    if head:  # adaptive softmax: `logits` are the hidden states (onn_jax.nn.output)
+    if cfg.output.kind == "adaptive":  # `logits` are the hidden states (onn_jax.nn.output)
         main, acc, count, ce_BxT = output_loss(cfg, params, logits, batch["targets"], batch["loss_mask"])
+    elif head:  # model.output.loss_chunk: the head and its loss fused over chunks of positions
+        main, acc, count, ce_BxT = chunked_head_loss(logits, params["lm_head"]["kernel"], batch["targets"],
+                                                     batch["loss_mask"], cfg.output.loss_chunk, compute_dtype(cfg),
+                                                     batch_shards())
     else:
         main, acc, count = next_token_loss(logits, batch["targets"], batch["loss_mask"])
         if per_token:
