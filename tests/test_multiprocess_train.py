@@ -130,6 +130,29 @@ def test_a_killed_process_stops_the_survivor_and_both_resume_exactly(two_process
 
 
 @pytest.mark.slow
+def test_a_process_lost_before_the_first_step_undoes_the_start(tmp_path):
+    """Issue 26.4 and 26.6 together: process 1 killed -9 after its set-up, before the first step;
+    process 0 stops with the one line and exit code 5 and leaves nothing of the new workdir (the
+    folder itself stays only where process 1's mkdir came first: the start did not create it)."""
+    w = tmp_path / "w"
+    procs = launch_two(w, faults=("", "in_start:0"))
+    deadline = time.monotonic() + 240
+    out1 = ""
+    while "fault point in_start:0 reached" not in out1:
+        assert procs[1].poll() is None and time.monotonic() < deadline, out1[-3000:]
+        out1 += procs[1].stdout.readline()
+    os.kill(procs[1].pid, signal.SIGKILL)
+    out0 = procs[0].communicate(timeout=120)[0]
+    procs[1].wait()
+    assert procs[0].returncode == 5, out0[-3000:]
+    assert own_lines(out0) == [
+        f"onn-train: process 1 of 2 is lost (no heartbeat for {HEARTBEAT_S / 2:g} s: killed, crashed, or its "
+        "host is down); process 0 stops too (exit code 5). Restart all 2 processes with the same command: "
+        f"no checkpoint is committed in {w / 'checkpoints'} yet: they start again"], out0[-3000:]
+    assert not w.exists() or list(w.iterdir()) == [], sorted(p.name for p in w.iterdir())
+
+
+@pytest.mark.slow
 def test_a_mesh_that_leaves_devices_out_names_the_fix(tmp_path):
     """Issue 26.7: configs/tiny.py's mesh.data=1 under a 2-process launch: one line in each process
     saying what to pass, exit 2 in both, no workdir left."""

@@ -42,6 +42,9 @@ class StopOnSignal:
         self.signum: int | None = None
         self.event = threading.Event()
         self.at_exit: list[Callable[[], None]] = []
+        # What undoes a start that has written no outputs yet (train.run.setup sets it while the
+        # start lasts); a multi-process run's watchdog calls it before it ends the process.
+        self.abandon: Callable[[], None] | None = None
         self._previous: dict[int, object] = {}
 
     @classmethod

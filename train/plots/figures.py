@@ -1,13 +1,7 @@
-"""onn-plot's figures of the main loss and the MoE's routing (onn_jax.core.routing_metrics
-defines the metrics); each returns (figure, path) or None when the run has no such metrics.
-
-    loss.png         main loss and accuracy, train and held-out eval
-    gate.png         routing health (gate accuracy on tokens with non-constant S, dead experts,
-                     load imbalance, router entropy, fallback and inactive-target shares),
-                     avg_k, gate loss and mean threshold sigmoid(theta), each on its own axes
-    expert_load.png  per-layer heatmap: expert x step, share of tokens routed to the expert
-    surprise.png     per-layer histogram of Surprise on active (token, expert) pairs, latest eval
-    domain_routing.png  per-layer heatmap: domain x expert, share of positions routed, latest eval
+"""onn-plot's figures of the main loss and the MoE's routing: loss.png, gate.png,
+expert_load.png, surprise.png, domain_routing.png (what each shows: train/plots/__init__.py;
+onn_jax.core.routing_metrics defines the metrics). Each returns (figure, path), or None when the
+run has no such metrics.
 """
 from __future__ import annotations
 

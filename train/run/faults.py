@@ -1,5 +1,7 @@
 """Test hooks that stop onn-train at a chosen point, so a kill -9 lands there deterministically.
 
+    ONN_TRAIN_FAULT=in_start:N     after the run's set-up (state built or restored at step N),
+                                   before its first step
     ONN_TRAIN_FAULT=after_step:N   after step N (and after every pending checkpoint is on disk)
     ONN_TRAIN_FAULT=in_save:N      inside the checkpoint save of step N: its files are written
                                    to orbax's temporary folder, the atomic rename not yet done
@@ -28,7 +30,7 @@ ENV = "ONN_TRAIN_FAULT"
 TIMEOUT_ENV = "ONN_TRAIN_FAULT_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
 TIMEOUT_EXIT_CODE = 99
-POINTS = ("after_step", "in_save", "at_save", "in_eval", "stall_save", "enospc_save", "after_train")
+POINTS = ("in_start", "after_step", "in_save", "at_save", "in_eval", "stall_save", "enospc_save", "after_train")
 
 
 def parse(value: str | None) -> tuple[str, int] | None:
@@ -89,7 +91,7 @@ class Faults:
             halt("after_step", step)
 
     def at(self, point: str, step: int) -> None:
-        """The hook of `point` (at_save, in_eval, after_train) at `step`."""
+        """The hook of `point` (in_start, at_save, in_eval, after_train) at `step`."""
         if self.fault == (point, step):
             halt(point, step)
 

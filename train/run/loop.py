@@ -123,7 +123,10 @@ class Run(RunSetup):
                              f"stopped at once (last committed checkpoint: {last}). Free space (or fix the "
                              "disk) and rerun the same command to resume from it") from None
         except Exception as e:
-            if not is_out_of_memory(e):
+            if not is_out_of_memory(e):  # a bug, or a collective that failed because a peer died
+                self._close_outputs()
+                if not self.outputs_open:
+                    self.abandon_start()
                 raise
             self._close_outputs()
             step = int(jax.device_get(self.state.step)) if self.outputs_open else 0
@@ -166,6 +169,7 @@ class Run(RunSetup):
             if "eval/main_loss" in last:
                 bar.write(f"eval at step {self.start_step}: loss {last['eval/main_loss']:.4f}, "
                           f"acc {last.get('eval/main_acc', 0):.3f} over {int(last['eval/tokens'])} tokens")
+        self.faults.at("in_start", self.start_step)
         interval_start, interval_steps = time.perf_counter(), 0
         step, flag = self.start_step, None  # flag: (step, device 0/1) not yet counted
         profile = t.profile_steps if self.is_chief else None

@@ -15,7 +15,9 @@ returns its code. With several processes:
   distributed.heartbeat_timeout_s / 2 without a heartbeat, before jax's runtime aborts every
   process at heartbeat_timeout_s: every survivor prints one line naming the lost process and
   the checkpoint the rerun resumes from, and exits with LOST_PEER_EXIT (5). A restart of all
-  processes resumes from that checkpoint, as after a kill of the whole run;
+  processes resumes from that checkpoint, as after a kill of the whole run. A process lost
+  before the first step's outputs were written undoes the start as a failed start does (process
+  0 removes what it created: a new workdir, or the entries it added);
 * a process that stops with an error (exit 2, 3, 4) or a stop signal (128 + N) records its code:
   the others stop too, with a line naming it and the same code, and all shut down together;
 * an unexpected exception in one process (a collective that failed because a peer died) waits
@@ -73,6 +75,7 @@ class Peers:
         restart = ("Once that is fixed, restart all" if code in (2, 3, 4) else "Restart all")  # 2, 3, 4: its input
         print(f"onn-train: {message}; process {me} stops too (exit code {code}). {restart} {n} processes "
               f"with the same command: {self.resume_point()}", file=sys.stderr, flush=True)
+        _abandon_start()
         _release_lock()
         self.dog.leave(code, lost)
         _exit(code)
@@ -119,6 +122,26 @@ def _join_timed_out(message: str) -> None:
     """distributed.initialization_timeout_s passed while joining (a timer thread): one line, exit 2."""
     print(f"onn-train: distributed launch error: {message}", file=sys.stderr, flush=True)
     _exit(2)
+
+
+def _abandon_start(timeout_s: float = 10.0) -> None:
+    """A start that wrote no outputs yet is undone (train.run.setup's abandon_start: what it
+    created is removed, process 0 only), on a helper thread bounded by `timeout_s` so that a
+    stuck close never holds the exit back."""
+    import threading
+    stop = StopOnSignal.current()
+    undo = stop.abandon if stop is not None else None
+    if undo is None:
+        return
+
+    def run() -> None:
+        try:
+            undo()
+        except Exception:  # noqa: BLE001 - leaving regardless
+            pass
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
 
 
 def _release_lock() -> None:

@@ -109,6 +109,7 @@ class RunSetup:
         self._before: set[str] | None = None  # the workdir's entries before, if it existed
         try:
             self._open_workdir()
+            self.stop.abandon = self.abandon_start  # until the first step's outputs are written
             self._setup()
         except OSError as e:  # a full disk or an I/O error while the run starts
             self.abandon_start()
@@ -158,6 +159,7 @@ class RunSetup:
         checkpoint manager, removes what this start created while still holding the workdir lock
         (the workdir if it made it, else the entries it added; nothing that was there before),
         then releases the lock. Only process 0 (the lock holder) removes anything."""
+        self.stop.abandon = None
         if self.ckpt is not None:
             try:
                 self.ckpt.close()
@@ -247,6 +249,7 @@ class RunSetup:
                 raise TrainError(f"--workdir {self.workdir}: cannot write it: {error_cause(e)}; nothing of "
                                  "this run was kept. Free space (or fix the disk) and rerun") from None
         self.outputs_open = True
+        self.stop.abandon = None
 
     def close(self) -> None:
         """Closes the checkpoint manager (waiting for its saves, unless one was abandoned) and
