@@ -2,12 +2,16 @@
 
 `time_fn` (median of waited-for calls; bench/kernels.py and bench/gemm_tune.py time with it
 too), `breakdown` (forward alone, gradient alone), `hlo_stats` (XLA's FLOP and matmul counts,
-host callbacks, compiled temp memory), `profile_ops` (device time per XLA op from a
-jax.profiler trace; also bench/scaling.py's) and `random_batch` (uniform random tokens).
+host callbacks, compiled temp memory), `saved_residual_gib` (what the backward keeps),
+`profile_ops` (device time per XLA op from a jax.profiler trace; also bench/scaling.py's) and
+`random_batch` (uniform random tokens).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import re
 import statistics
 import time
 from typing import Any
@@ -15,12 +19,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import print_saved_residuals
 
 from bench.attribution import attribute
 from onn_jax.config import ModelConfig
 from onn_jax.core.losses import next_token_loss
 from onn_jax.nn.transformer import Transformer
-from onn_jax.training.step import compute_grads
+from onn_jax.training.step import compute_grads, forward_loss, step_taps
 
 
 def random_batch(rng: np.random.Generator, batch: int, seq: int, vocab: int) -> dict[str, jax.Array]:
@@ -50,6 +55,25 @@ def hlo_stats(compiled) -> dict[str, Any]:
     return out
 
 
+def saved_residual_gib(model: ModelConfig, params, batch) -> float:
+    """GiB that the step's backward keeps from its forward (jax.ad_checkpoint's saved residuals
+    of the main loss, parameters and inputs excluded): what the step holds at its peak besides
+    the state and the gradients. Exact and the same on every backend (what XLA adds or fuses
+    aside); einsum attention (`attention: xla`) keeps [B, H, T, T] arrays that cuDNN does not."""
+    b, t = batch["inputs"].shape
+    taps = step_taps(model, b, t)
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        print_saved_residuals(lambda p, tp: forward_loss(model, Transformer(model), p, batch, tp, None)[0],
+                              params, taps)
+    width = {"f64": 8, "i64": 8, "u64": 8, "f32": 4, "i32": 4, "u32": 4, "bf16": 2, "f16": 2, "i16": 2, "u16": 2}
+    total = 0
+    for m in re.finditer(r"^(\w+)\[([\d,]*)\] (.*)$", text.getvalue(), re.M):
+        if "from the argument" not in m.group(3):  # bool, i8, u8: one byte
+            total += int(np.prod([int(d) for d in m.group(2).split(",") if d])) * width.get(m.group(1), 1)
+    return round(total / 2**30, 3)
+
+
 def time_fn(fn, *args, reps: int = 10) -> float:
     """Median wall time (ms) of a jitted function over `reps` waited-for calls, after one."""
     jax.block_until_ready(fn(*args))
@@ -76,7 +100,6 @@ def profile_ops(run, top: int, steps: int = 3, devices: int = 1, hlo_text: str |
     the figures are per device. With the compiled step's `hlo_text`, also the time by JAX name
     stack and primitive (bench/attribution.py)."""
     import glob
-    import re
     import tempfile
     from collections import Counter
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.components import COMPONENTS
-from bench.harness import breakdown, hlo_stats, profile_ops, random_batch
+from bench.harness import breakdown, hlo_stats, profile_ops, random_batch, saved_residual_gib
 from bench.modes import force_thresholds, mode_config, parse_k
 from bench.real_routing import corpus_batches, train_for
 from onn_jax.config import Config, ModelConfig
@@ -147,6 +147,7 @@ def measure(name: str, cfg: Config, mode: str, args, component: str = "none") ->
         record["train_s"] = round(trained["train_s"], 2)
         record["trained_main_loss"] = trained.get("train/main_loss")
     record.update(parts)
+    record["saved_residual_gib"] = saved_residual_gib(model, state.params, batches[0])
     if args.profile:
         record["profile_ms_per_step"] = profile_ops(lambda i: run(i), args.profile_top,
                                                     hlo_text=compiled.as_text())

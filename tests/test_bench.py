@@ -105,6 +105,7 @@ def test_components_time_each_one_against_none(capsys):
     lines = [json.loads(s) for s in capsys.readouterr().out.splitlines() if s.startswith("{")]
     assert rc == 0 and [r["component"] for r in lines] == ["none", "heads_surprise"]
     assert [r["loss_chunk"] for r in lines] == [16, 16]
+    assert all(r["saved_residual_gib"] > 0 for r in lines)
     assert all(np.isfinite(r["main_loss"]) and r["step_ms"] > 0 for r in lines)
     assert lines[1]["main_loss"] != pytest.approx(lines[0]["main_loss"], rel=1e-6)  # another model
 

@@ -98,12 +98,17 @@ def layout_of_rows(kept_NxE: jax.Array, row_NxE: jax.Array, rows: int, sizes_E: 
 
 def row_expert_outputs(params: dict, x_RxC: jax.Array, sizes_E: jax.Array, kind: str = "gelu",
                        backend: str = "ragged_dot") -> jax.Array:
-    """y[r] = W2_g . act(W1_g . x[r]) with g the expert owning row r, [R, C] in x's dtype."""
+    """y[r] = W2_g . act(W1_g . x[r]) with g the expert owning row r, [R, C] in x's dtype.
+
+    The activation runs under jax.checkpoint: the backward keeps its input h [R, I] and
+    recomputes the rest (the erf form of GELU would otherwise keep four [R, I] arrays per layer;
+    the product's input act(h) is kept by the second GEMM anyway). Same values."""
     h_RxI = grouped_matmul(x_RxC, params["w1"], sizes_E, backend)
     if kind == "gelu":
-        a_RxI = gelu_exact(h_RxI)
+        a_RxI = jax.checkpoint(gelu_exact)(h_RxI)
     elif kind == "swiglu":
-        a_RxI = jax.nn.silu(h_RxI) * grouped_matmul(x_RxC, params["w3"], sizes_E, backend)
+        g_RxI = grouped_matmul(x_RxC, params["w3"], sizes_E, backend)
+        a_RxI = jax.checkpoint(lambda h, g: jax.nn.silu(h) * g)(h_RxI, g_RxI)
     else:
         raise ValueError(f"unknown expert kind {kind!r}")
     return grouped_matmul(a_RxI, params["w2"], sizes_E, backend)

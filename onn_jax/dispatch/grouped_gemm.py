@@ -4,16 +4,20 @@ Rows x_RxK are sorted by group (expert); group g owns rows [start_g, start_g + s
 the sizes sum to R (the caller gives padding rows to the last group). Backends
 (`model.moe.gemm`):
 
-  ragged_dot  jax.lax.ragged_dot: portable (CPU, TPU), differentiable by JAX's own rules.
-  mosaic_gpu  the Pallas Mosaic GPU kernels that ship inside jax (Hopper, bf16/f16), wrapped
-              in a jax.custom_vjp: y = ragged_dot(x, w), dx = ragged_dot(dy, w, transpose_rhs),
+  ragged_dot  jax.lax.ragged_dot: portable (CPU, TPU), its gradients by JAX's own rules.
+  mosaic_gpu  the Pallas Mosaic GPU kernels that ship inside jax (Hopper, bf16/f16):
+              y = ragged_dot(x, w), dx = ragged_dot(dy, w, transpose_rhs),
               dw = transposed_ragged_dot(x, dy). No new compiled dependency.
   padded      every group's matmul on every row, then each row keeps its own group's result:
               exact and simple, G times the FLOPs (a reference, not a fast path).
   auto        mosaic_gpu on a Hopper GPU with a 16-bit dtype, else ragged_dot.
+
+Every backend runs inside one jax.custom_vjp that takes the weights in their stored dtype and
+rounds them in the forward and again in the backward (`grouped_matmul`).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import jax
@@ -72,16 +76,53 @@ def resolve_gemm(name: str, dtype) -> str:
 
 def grouped_matmul(x_RxK: jax.Array, w_GxKxN: jax.Array, sizes_G: jax.Array,
                    backend: str = "ragged_dot") -> jax.Array:
-    """y[r] = x[r] @ w[g(r)], [R, N] in x's dtype; `backend` as resolved by resolve_gemm."""
-    w_GxKxN = w_GxKxN.astype(x_RxK.dtype)
-    sizes_G = sizes_G.astype(jnp.int32)
+    """y[r] = x[r] @ w[g(r)], [R, N] in x's dtype; `backend` as resolved by resolve_gemm.
+
+    w is taken in its stored dtype (float32 parameters) and rounded to x's dtype inside a
+    custom VJP, in the forward and again in the backward: what the backward keeps is w itself
+    (a parameter: no copy), not a rounded [G, K, N] copy per layer (2 GiB over gpu_olmoe's 4
+    layers). Same values and gradients as rounding first (dw is rounded back to w's dtype)."""
+    if backend not in ("ragged_dot", "mosaic_gpu", "padded"):
+        raise ValueError(f"unknown grouped-GEMM backend {backend!r}")
+    return _grouped(x_RxK, w_GxKxN, sizes_G.astype(jnp.int32), backend)
+
+
+def _matmul(backend: str, x_RxK, w_GxKxN, sizes_G):
+    """The backend's product, w already in x's dtype."""
     if backend == "ragged_dot":
         return jax.lax.ragged_dot(x_RxK, w_GxKxN, sizes_G)
     if backend == "mosaic_gpu":
-        return _mgpu_matmul(x_RxK, w_GxKxN, sizes_G)
-    if backend == "padded":
-        return _padded_matmul(x_RxK, w_GxKxN, sizes_G)
-    raise ValueError(f"unknown grouped-GEMM backend {backend!r}")
+        fwd, _ = mgpu_kernels()
+        return fwd(x_RxK, w_GxKxN, group_sizes=sizes_G, **MGPU_FWD)
+    return _padded_matmul(x_RxK, w_GxKxN, sizes_G)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _grouped(x_RxK, w_GxKxN, sizes_G, backend):
+    return _matmul(backend, x_RxK, w_GxKxN.astype(x_RxK.dtype), sizes_G)
+
+
+def _grouped_fwd(x_RxK, w_GxKxN, sizes_G, backend):
+    return _grouped(x_RxK, w_GxKxN, sizes_G, backend), (x_RxK, w_GxKxN, sizes_G)
+
+
+def _grouped_bwd(backend, res, dy_RxN):
+    """dx = dy @ w[g]^T and dw[g] = x[g]^T @ dy[g]: the Mosaic kernels (dx by the forward
+    kernel with transpose_rhs, dw by the transposed ragged kernel), else JAX's own rules."""
+    x_RxK, w_GxKxN, sizes_G = res
+    w_lo = w_GxKxN.astype(x_RxK.dtype)
+    dy_RxN = dy_RxN.astype(x_RxK.dtype)
+    if backend == "mosaic_gpu":
+        fwd, dw = mgpu_kernels()
+        dx_RxK = fwd(dy_RxN, w_lo, group_sizes=sizes_G, transpose_rhs=True, **MGPU_FWD)
+        dw_GxKxN = dw(x_RxK, dy_RxN, group_sizes=sizes_G, **MGPU_DW)
+    else:
+        _, pullback = jax.vjp(lambda x, w: _matmul(backend, x, w, sizes_G), x_RxK, w_lo)
+        dx_RxK, dw_GxKxN = pullback(dy_RxN)
+    return dx_RxK, dw_GxKxN.astype(w_GxKxN.dtype), None
+
+
+_grouped.defvjp(_grouped_fwd, _grouped_bwd)
 
 
 def group_of_rows(sizes_G: jax.Array, num_rows: int) -> jax.Array:
@@ -94,25 +135,3 @@ def _padded_matmul(x_RxK, w_GxKxN, sizes_G):
     y_RxGxN = jnp.einsum("rk,gkn->rgn", x_RxK, w_GxKxN)
     g_R = jnp.minimum(group_of_rows(sizes_G, x_RxK.shape[0]), w_GxKxN.shape[0] - 1)
     return jnp.take_along_axis(y_RxGxN, g_R[:, None, None], axis=1)[:, 0]
-
-
-@jax.custom_vjp
-def _mgpu_matmul(x_RxK, w_GxKxN, sizes_G):
-    fwd, _ = mgpu_kernels()
-    return fwd(x_RxK, w_GxKxN, group_sizes=sizes_G, **MGPU_FWD)
-
-
-def _mgpu_fwd(x_RxK, w_GxKxN, sizes_G):
-    return _mgpu_matmul(x_RxK, w_GxKxN, sizes_G), (x_RxK, w_GxKxN, sizes_G)
-
-
-def _mgpu_bwd(res, dy_RxN):
-    x_RxK, w_GxKxN, sizes_G = res
-    fwd, dw = mgpu_kernels()
-    dy_RxN = dy_RxN.astype(x_RxK.dtype)
-    dx_RxK = fwd(dy_RxN, w_GxKxN, group_sizes=sizes_G, transpose_rhs=True, **MGPU_FWD)
-    dw_GxKxN = dw(x_RxK, dy_RxN, group_sizes=sizes_G, **MGPU_DW)
-    return dx_RxK, dw_GxKxN.astype(w_GxKxN.dtype), None
-
-
-_mgpu_matmul.defvjp(_mgpu_fwd, _mgpu_bwd)

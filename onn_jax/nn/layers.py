@@ -24,15 +24,22 @@ from onn_jax.nn.moe import MoETaps, moe_layer
 class Norm(nn.Module):
     cfg: ModelConfig
 
+    """LayerNorm or RMSNorm computed in float32, the result in x's dtype.
+
+    The float32 normalisation runs under nn.remat (jax.checkpoint): the backward keeps only x
+    (in its own dtype) and recomputes the statistics, instead of three float32 [B, T, C] arrays
+    per norm. Flax's norms compute in float32 from a bfloat16 x exactly as from x in float32, so
+    the values are the same."""
+
     @nn.compact
     def __call__(self, x):
         if self.cfg.norm == "layernorm":
             # Two-pass variance, as PyTorch's LayerNorm (Flax's fast E[x^2]-E[x]^2 loses
             # precision when a token's mean is large against its spread).
-            y = nn.LayerNorm(epsilon=self.cfg.norm_eps, dtype=jnp.float32, use_fast_variance=False,
-                             name="ln")(x.astype(jnp.float32))
+            y = nn.remat(nn.LayerNorm)(epsilon=self.cfg.norm_eps, dtype=jnp.float32, use_fast_variance=False,
+                                       name="ln")(x)
         else:
-            y = nn.RMSNorm(epsilon=self.cfg.norm_eps, dtype=jnp.float32, name="rms")(x.astype(jnp.float32))
+            y = nn.remat(nn.RMSNorm)(epsilon=self.cfg.norm_eps, dtype=jnp.float32, name="rms")(x)
         return y.astype(x.dtype)
 
 

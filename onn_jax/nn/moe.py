@@ -185,7 +185,10 @@ def moe_layer(params: dict, x_NxC: jax.Array, cfg: MoEConfig,
     the caller casts it back to the residual dtype.
     """
     with jax.named_scope("route"):  # named scopes: profiles attribute time by them (bench/attribution.py)
-        router = route(params, x_NxC, cfg)
+        # Under jax.checkpoint saving only matmul outputs: the backward keeps x in its own dtype
+        # and recomputes the router's float32 copy / normalisation of it ([N, C] float32 per layer).
+        router = jax.checkpoint(lambda p, x: route(p, x, cfg), prevent_cse=False,
+                                policy=jax.checkpoint_policies.dots_saveable)(params, x_NxC)
     if cfg.dispatch == "dropless":
         return _dropless_layer(params, x_NxC, cfg, taps, router)
     if cfg.dispatch == "sparse":
