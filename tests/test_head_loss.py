@@ -141,3 +141,14 @@ def test_config_errors_name_the_field(output, message):
     with pytest.raises(ConfigError, match=message) as e:
         OutputConfig(**output)
     assert e.value.field == "model.output.loss_chunk"
+
+
+def test_the_memory_check_counts_one_chunk_of_logits():
+    """onn-train's lower bound (onn_jax/training/memory.py) counts [B, T, V] float32 logits, or
+    [B, loss_chunk, V] with the fused head: it must not refuse a run the fused head makes fit."""
+    from onn_jax.config import Config, DataConfig
+    from onn_jax.training.memory import step_bytes
+    data = DataConfig(batch_size=4, seq_len=32)
+    full, fused = (step_bytes(Config(model=model_cfg(loss_chunk=n), data=data))["model.vocab_size"]
+                   for n in (0, 16))
+    assert full - fused == 4.0 * 4 * (32 - 16) * V

@@ -36,7 +36,9 @@ def step_bytes(cfg: Any) -> dict[str, float]:
     state = 4.0 * 4  # params + 2 AdamW moments + gradients, float32
     tokens = d.batch_size * d.seq_len
     width = e * (c + i) if m.moe.dispatch == "dense" else m.moe.top_k * (c + i)
-    return {"model.vocab_size": state * embed + 4.0 * tokens * m.vocab_size,  # + the logits
+    chunk = m.output.loss_chunk  # the fused head holds the logits of one chunk of positions at a time
+    logit_rows = d.batch_size * min(chunk, d.seq_len) if chunk else tokens
+    return {"model.vocab_size": state * embed + 4.0 * logit_rows * m.vocab_size,  # + the logits
             "model.moe.num_experts": state * experts, "model.hidden": state * attn,
             "data.batch_size": 4.0 * tokens * L * width}  # expert inputs/outputs per layer
 
