@@ -151,4 +151,4 @@ def test_the_memory_check_counts_one_chunk_of_logits():
     data = DataConfig(batch_size=4, seq_len=32)
     full, fused = (step_bytes(Config(model=model_cfg(loss_chunk=n), data=data))["model.vocab_size"]
                    for n in (0, 16))
-    assert full - fused == 4.0 * 4 * (32 - 16) * V
+    assert full - fused == 4.0 * 4 * (32 - 16) * model_cfg().vocab_size
