@@ -5,6 +5,8 @@
 #   bash bench/gpu_session.sh gpu_olmoe tests gpu_large
 # MODES (default plain,smk,dense) picks the onn-bench modes; PROFILE=" " times without profiles;
 # EXTRA adds onn-bench flags (e.g. EXTRA="--loss-chunk 256": the fused head, model.output.loss_chunk).
+# BASELINE=DIR also times the onn-bench of an older tree in DIR (e.g. `mkdir base && git archive
+# 60380af | tar -x -C base`), same flags without EXTRA, on the same machine; its rows get "tree": "baseline".
 set -u
 OUT=${OUT:-/tmp/onn_out}; mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
@@ -16,7 +18,10 @@ stage() {  # stage NAME SECONDS CMD...: runs CMD with min(SECONDS, time left), o
   local l; l=$(left); [ "$l" -lt 30 ] && { echo "skip $name (no time left)"; return; }
   [ "$secs" -gt "$l" ] && secs=$l
   echo "== $name ($secs s)"; timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; echo "   rc=$?"
-  grep '^{' "$OUT/$name.log" >> "$OUT/results.jsonl" || true
+  case $name in
+    *_baseline) grep '^{' "$OUT/$name.log" | sed 's/^{/{"tree": "baseline", /' >> "$OUT/results.jsonl" || true ;;
+    *) grep '^{' "$OUT/$name.log" >> "$OUT/results.jsonl" || true ;;
+  esac
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/device.txt"
 python3 -c "import jax; print('jax', jax.__version__)" >> "$OUT/device.txt" 2>&1
@@ -29,6 +34,10 @@ for what in "$@"; do
              python3 -m bench.torch_peer --gemm-shapes 131072x2048x1024,131072x1024x2048 --groups 64" ;;
     *) stage "${what}_onn" 260 python3 -m bench.bench --preset "$what" $COMMON --mode "${MODES:-plain,smk,dense}" \
              ${PROFILE:---profile --profile-top 40} ${EXTRA:-}
+       if [ -n "${BASELINE:-}" ]; then
+         stage "${what}_baseline" 260 env PYTHONPATH="$BASELINE" sh -c "cd '$BASELINE' && python3 -m bench.bench \
+             --preset '$what' $COMMON --mode '${MODES:-plain,smk,dense}'"
+       fi
        stage "${what}_peer" 100 python3 -m bench.torch_peer --preset "$what" --top-k 8 ;;
   esac
 done
@@ -39,7 +48,7 @@ import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
     if "mode" in r:
-        print(r.get("config"), r["mode"], r.get("step_ms"), r.get("pipelined_step_ms"), r.get("mfu_pipelined"),
-              r.get("peak_mem_gib"), r.get("compiled_temp_gib"), r.get("avg_k"))
+        print(r.get("tree", "this"), r.get("config"), r["mode"], r.get("step_ms"), r.get("pipelined_step_ms"), r.get("mfu_pipelined"),
+              r.get("peak_mem_gib"), r.get("compiled_temp_gib"), r.get("saved_residual_gib"), r.get("avg_k"))
 PY
 tail -n 5 "$OUT/gpu_tests.log" 2>/dev/null
