@@ -22,8 +22,6 @@ from onn_jax.nn.moe import MoETaps, moe_layer
 
 
 class Norm(nn.Module):
-    cfg: ModelConfig
-
     """LayerNorm or RMSNorm computed in float32, the result in x's dtype.
 
     The conversion to float32 and the normalisation run under nn.remat (jax.checkpoint): the
@@ -31,6 +29,8 @@ class Norm(nn.Module):
     [B, T, C] arrays per norm. Same parameters and math; XLA may order the float32 reductions
     of the recomputation differently, so a step's gradients agree to rounding (float32: within
     4e-7 relative; bfloat16: the odd last-bit flip)."""
+
+    cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x):
