@@ -1,7 +1,8 @@
 """What the backward keeps of a bfloat16 dropless step (jax.ad_checkpoint.print_saved_residuals):
 no rounded copy of an expert weight, no GELU internals, no float32 copy of a [B, T, C] or
-[N, C] activation (norms, the router's input), and with model.output.loss_chunk no [B, T, V]
-logits. Each of these cost gigabytes at gpu_olmoe (docs/BENCHMARKS.md); the values are pinned
+[N, C] activation (norms, the router's input), of the [R, C] row buffers only the experts'
+outputs (the dispatched inputs are gathered again), and with model.output.loss_chunk no
+[B, T, V] logits. Each of these cost gigabytes at gpu_olmoe (docs/BENCHMARKS.md); the values are pinned
 elsewhere (test_dropless.py, test_head_loss.py, test_golden.py)."""
 import dataclasses
 import re
@@ -47,6 +48,7 @@ def test_the_backward_keeps_no_copies_that_it_can_recompute(capsys, router):
     shapes = [(d, s) for d, s, _ in res]
     assert not [r for r in res if r[1] in ((E, C, I), (E, I, C))], res  # weights: the parameters themselves
     assert [s for d, s in shapes if s == (R, I)] == [(R, I)] * 2, res   # h (the activation's input), act(h)
+    assert [s for d, s in shapes if s == (R, C)] == [(R, C)], res       # y (for the routing weights' gradient)
     f32_activations = [r for r in res if r[0] == "f32" and r[1] in ((B, T, C), (N, C))]
     assert not f32_activations, f32_activations
     assert any(s == (B, T, V) for _, s in shapes)  # the assembled logits, without loss_chunk

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from onn_jax.config import MoEConfig
 from onn_jax.core.experts import gelu_exact
-from onn_jax.dispatch.grouped_gemm import grouped_matmul
+from onn_jax.dispatch.grouped_gemm import grouped_matmul, rounded_matmul, rounded_matmul_vjp
 from onn_jax.dispatch.token_sums import token_sums
 
 
@@ -96,22 +96,69 @@ def layout_of_rows(kept_NxE: jax.Array, row_NxE: jax.Array, rows: int, sizes_E: 
                     order_R=order_R, start_N=start_N, count_N=count_N)
 
 
+def _first_weights(kind: str) -> tuple[str, ...]:
+    """The weights applied to the expert input: W1 (gelu), W1 and W3 (swiglu)."""
+    if kind == "gelu":
+        return ("w1",)
+    if kind == "swiglu":
+        return ("w1", "w3")
+    raise ValueError(f"unknown expert kind {kind!r}")
+
+
+def _activation(kind: str, h_RxI: jax.Array, g_RxI: jax.Array | None = None) -> jax.Array:
+    """GELU(h) or silu(h) * g under jax.checkpoint: the backward keeps its inputs and recomputes
+    the rest (the erf form of GELU would otherwise keep four [R, I] arrays per layer; act(h) is
+    kept by the second GEMM anyway). Same values."""
+    if kind == "gelu":
+        return jax.checkpoint(gelu_exact)(h_RxI)
+    return jax.checkpoint(lambda h, g: jax.nn.silu(h) * g)(h_RxI, g_RxI)
+
+
 def row_expert_outputs(params: dict, x_RxC: jax.Array, sizes_E: jax.Array, kind: str = "gelu",
                        backend: str = "ragged_dot") -> jax.Array:
-    """y[r] = W2_g . act(W1_g . x[r]) with g the expert owning row r, [R, C] in x's dtype.
+    """y[r] = W2_g . act(W1_g . x[r]) with g the expert owning row r, [R, C] in x's dtype."""
+    hs = [grouped_matmul(x_RxC, params[k], sizes_E, backend) for k in _first_weights(kind)]
+    return grouped_matmul(_activation(kind, *hs), params["w2"], sizes_E, backend)
 
-    The activation runs under jax.checkpoint: the backward keeps its input h [R, I] and
-    recomputes the rest (the erf form of GELU would otherwise keep four [R, I] arrays per layer;
-    the product's input act(h) is kept by the second GEMM anyway). Same values."""
-    h_RxI = grouped_matmul(x_RxC, params["w1"], sizes_E, backend)
-    if kind == "gelu":
-        a_RxI = jax.checkpoint(gelu_exact)(h_RxI)
-    elif kind == "swiglu":
-        g_RxI = grouped_matmul(x_RxC, params["w3"], sizes_E, backend)
-        a_RxI = jax.checkpoint(lambda h, g: jax.nn.silu(h) * g)(h_RxI, g_RxI)
-    else:
-        raise ValueError(f"unknown expert kind {kind!r}")
-    return grouped_matmul(a_RxI, params["w2"], sizes_E, backend)
+
+def token_expert_outputs(params: dict, x_NxC: jax.Array, d: Dropless, kind: str = "gelu",
+                         backend: str = "ragged_dot", token_sum: str = "loop") -> jax.Array:
+    """row_expert_outputs of the dispatched rows x[token_R] (zero for padding rows), without
+    keeping those rows [R, C] for the backward: it gathers them again from x [N, C], which the
+    layer keeps anyway (one [R, C] array less per layer: 512 MiB at gpu_olmoe). The backward of
+    the first GEMM(s) and of the gather is one custom VJP: dx[t] is the float32 sum of t's row
+    cotangents, rounded once (as dispatch_rows). Same values and gradients."""
+    names = _first_weights(kind)
+    hs = _gathered_matmuls(x_NxC, tuple(params[k] for k in names), d, token_sum, backend)
+    return grouped_matmul(_activation(kind, *hs), params["w2"], d.sizes_E, backend)
+
+
+def _gather_rows(x_NxC: jax.Array, d: Dropless) -> jax.Array:
+    return x_NxC.at[d.token_R].get(mode="fill", fill_value=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gathered_matmuls(x_NxC, ws, d, token_sum, backend):
+    rows = _gather_rows(x_NxC, d)
+    return tuple(rounded_matmul(backend, rows, w, d.sizes_E) for w in ws)
+
+
+def _gathered_matmuls_fwd(x_NxC, ws, d, token_sum, backend):
+    return _gathered_matmuls(x_NxC, ws, d, token_sum, backend), (x_NxC, ws, d)
+
+
+def _gathered_matmuls_bwd(token_sum, backend, res, dhs):
+    x_NxC, ws, d = res
+    rows = _gather_rows(x_NxC, d)
+    dx_RxC, dws = None, []
+    for w, dh in zip(ws, dhs):
+        dx, dw = rounded_matmul_vjp(backend, rows, w, d.sizes_E, dh)
+        dx_RxC = dx if dx_RxC is None else dx_RxC + dx
+        dws.append(dw)
+    return sum_rows_to_tokens(dx_RxC, d, token_sum).astype(x_NxC.dtype), tuple(dws), None
+
+
+_gathered_matmuls.defvjp(_gathered_matmuls_fwd, _gathered_matmuls_bwd)
 
 
 def dispatch_rows(x_NxC: jax.Array, d: Dropless, token_sum: str = "loop") -> jax.Array:
@@ -122,7 +169,7 @@ def dispatch_rows(x_NxC: jax.Array, d: Dropless, token_sum: str = "loop") -> jax
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _dispatch(x_NxC, d, token_sum):
-    return x_NxC.at[d.token_R].get(mode="fill", fill_value=0)
+    return _gather_rows(x_NxC, d)
 
 
 def _dispatch_fwd(x_NxC, d, token_sum):

@@ -48,6 +48,7 @@ from onn_jax.dispatch.dropless import (
     pair_budget,
     pair_rows,
     row_expert_outputs,
+    token_expert_outputs,
 )
 from onn_jax.dispatch.grouped_gemm import resolve_gemm
 from onn_jax.dispatch.token_sums import resolve_token_sum
@@ -160,8 +161,7 @@ def ep_dropless_layer(params: dict, x_NxC: jax.Array, cfg: MoEConfig, tap_RxC: j
         """Data parallelism (ep = 1): the one-device layout of the device's own S rows (the same
         drop rule as a single peer's send block), no exchange and no permutation."""
         d = make_dropless(kept_nxE, s)
-        x_RxC = dispatch_rows(x_nxC, d, token_sum)
-        return row_expert_outputs(experts, x_RxC, d.sizes_E, cfg.expert_kind, backend), d
+        return token_expert_outputs(experts, x_nxC, d, cfg.expert_kind, backend, token_sum), d
 
     def body(x_nxC, mask_nxE, weights_nxE, experts, tap=None):
         kept_nxE = _global_kept(mask_nxE, rows_glob, axes)

@@ -97,19 +97,16 @@ def _matmul(backend: str, x_RxK, w_GxKxN, sizes_G):
     return _padded_matmul(x_RxK, w_GxKxN, sizes_G)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _grouped(x_RxK, w_GxKxN, sizes_G, backend):
+def rounded_matmul(backend: str, x_RxK, w_GxKxN, sizes_G):
+    """The product with w rounded to x's dtype first (no VJP of its own: for custom VJPs that
+    hold their own residuals, as `grouped_matmul` and onn_jax.dispatch.dropless do)."""
     return _matmul(backend, x_RxK, w_GxKxN.astype(x_RxK.dtype), sizes_G)
 
 
-def _grouped_fwd(x_RxK, w_GxKxN, sizes_G, backend):
-    return _grouped(x_RxK, w_GxKxN, sizes_G, backend), (x_RxK, w_GxKxN, sizes_G)
-
-
-def _grouped_bwd(backend, res, dy_RxN):
-    """dx = dy @ w[g]^T and dw[g] = x[g]^T @ dy[g]: the Mosaic kernels (dx by the forward
-    kernel with transpose_rhs, dw by the transposed ragged kernel), else JAX's own rules."""
-    x_RxK, w_GxKxN, sizes_G = res
+def rounded_matmul_vjp(backend: str, x_RxK, w_GxKxN, sizes_G, dy_RxN):
+    """(dx, dw) of `rounded_matmul` for the cotangent dy: dx = dy @ w[g]^T and dw[g] = x[g]^T @
+    dy[g], dw in w's dtype. Mosaic: dx by the forward kernel with transpose_rhs, dw by the
+    transposed ragged kernel; other backends: JAX's own rules."""
     w_lo = w_GxKxN.astype(x_RxK.dtype)
     dy_RxN = dy_RxN.astype(x_RxK.dtype)
     if backend == "mosaic_gpu":
@@ -119,7 +116,21 @@ def _grouped_bwd(backend, res, dy_RxN):
     else:
         _, pullback = jax.vjp(lambda x, w: _matmul(backend, x, w, sizes_G), x_RxK, w_lo)
         dx_RxK, dw_GxKxN = pullback(dy_RxN)
-    return dx_RxK, dw_GxKxN.astype(w_GxKxN.dtype), None
+    return dx_RxK, dw_GxKxN.astype(w_GxKxN.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _grouped(x_RxK, w_GxKxN, sizes_G, backend):
+    return rounded_matmul(backend, x_RxK, w_GxKxN, sizes_G)
+
+
+def _grouped_fwd(x_RxK, w_GxKxN, sizes_G, backend):
+    return _grouped(x_RxK, w_GxKxN, sizes_G, backend), (x_RxK, w_GxKxN, sizes_G)
+
+
+def _grouped_bwd(backend, res, dy_RxN):
+    x_RxK, w_GxKxN, sizes_G = res
+    return (*rounded_matmul_vjp(backend, x_RxK, w_GxKxN, sizes_G, dy_RxN), None)
 
 
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)

@@ -43,11 +43,10 @@ from onn_jax.dispatch.capacity import (
 from onn_jax.dispatch.dropless import (
     Dropless,
     combine_rows,
-    dispatch_rows,
     make_dropless,
     pair_rows,
-    row_expert_outputs,
     rows_to_pairs,
+    token_expert_outputs,
 )
 from onn_jax.dispatch.expert_parallel import EPRows, ep_dropless_layer, ep_rows_to_pairs, ep_tap_rows
 from onn_jax.dispatch.grouped_gemm import resolve_gemm
@@ -223,11 +222,9 @@ def _dropless_layer(params, x_NxC, cfg: MoEConfig, taps: MoETaps | None, router:
         token_sum = resolve_token_sum(cfg.token_sum, x_NxC.shape[-1])
         with jax.named_scope("layout"):
             d = make_dropless(router.mask, pair_rows(x_NxC.shape[0], cfg))
-        with jax.named_scope("dispatch"):
-            x_RxC = dispatch_rows(x_NxC, d, token_sum)
-        with jax.named_scope("experts"):
-            y_RxC = row_expert_outputs(params["experts"], x_RxC, d.sizes_E, cfg.expert_kind,
-                                       resolve_gemm(cfg.gemm, x_NxC.dtype))
+        with jax.named_scope("experts"):  # the dispatch gather too (a custom VJP with the first GEMM)
+            y_RxC = token_expert_outputs(params["experts"], x_NxC, d, cfg.expert_kind,
+                                         resolve_gemm(cfg.gemm, x_NxC.dtype), token_sum)
         if y_tap is not None:  # the Surprise reads dL/dY: float32 rows plus the tap
             y_RxC = y_RxC.astype(jnp.float32) + y_tap
         with jax.named_scope("combine"):
