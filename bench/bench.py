@@ -28,6 +28,7 @@ per mode in its own process), XLA's own FLOP count and compile time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from typing import Sequence
 from bench.components import parse_components
 from bench.measure import measure
 from bench.modes import MODES, PRESETS, BenchError, load_config, parse_k
+from onn_jax.config import ConfigError
 from onn_jax.data.tokenizer import ByteTokenizer
 
 MIN_STEPS = 20
@@ -119,10 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise BenchError(f"--steps: must be >= {MIN_STEPS}, got {args.steps}")
         name, cfg = load_config(args)
         parse_k(args.force_avg_k, cfg.model.moe.num_experts)
-        if args.loss_chunk is not None and args.loss_chunk < 0:
-            raise BenchError(f"--loss-chunk: must be >= 0, got {args.loss_chunk}")
-        if args.loss_chunk and cfg.model.output.kind != "dense":
-            raise BenchError("--loss-chunk: the fused head is for model.output.kind = dense")
+        if args.loss_chunk is not None:  # the config's own check (model.output.loss_chunk), named by the flag
+            try:
+                dataclasses.replace(cfg.model.output, loss_chunk=args.loss_chunk)
+            except ConfigError as e:
+                raise BenchError(f"--loss-chunk: {e.message}") from None
         if args.train_steps < 0:
             raise BenchError(f"--train-steps: must be >= 0, got {args.train_steps}")
         if args.train_steps and args.force_avg_k is not None:

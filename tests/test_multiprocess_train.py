@@ -69,6 +69,18 @@ def own_lines(out: str) -> list[str]:
     return [ln for ln in out.splitlines() if ln.startswith("onn-train:")]
 
 
+def kill_at_fault(proc, point: str) -> float:
+    """Reads `proc`'s output until its fault point `point` is reached (ONN_TRAIN_FAULT), kills it
+    with SIGKILL there and returns the time of the kill."""
+    deadline = time.monotonic() + 240
+    out = ""
+    while f"fault point {point} reached" not in out:
+        assert proc.poll() is None and time.monotonic() < deadline, out[-3000:]
+        out += proc.stdout.readline()
+    os.kill(proc.pid, signal.SIGKILL)
+    return time.monotonic()
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     """An uninterrupted two-process run of 10 steps (checkpoints at 5 and 10); (workdir, outputs)."""
@@ -105,13 +117,7 @@ def test_a_killed_process_stops_the_survivor_and_both_resume_exactly(two_process
     from onn_jax.io.workdir import LOCK_FILE
     w = tmp_path / "w"
     procs = launch_two(w, faults=("", "after_step:7"))
-    deadline = time.monotonic() + 240
-    out1 = ""
-    while "fault point after_step:7 reached" not in out1:
-        assert procs[1].poll() is None and time.monotonic() < deadline, out1[-3000:]
-        out1 += procs[1].stdout.readline()
-    os.kill(procs[1].pid, signal.SIGKILL)
-    killed = time.monotonic()
+    killed = kill_at_fault(procs[1], "after_step:7")
     out0 = procs[0].communicate(timeout=120)[0]
     stopped_after = time.monotonic() - killed
     procs[1].wait()
@@ -136,12 +142,7 @@ def test_a_process_lost_before_the_first_step_undoes_the_start(tmp_path):
     folder itself stays only where process 1's mkdir came first: the start did not create it)."""
     w = tmp_path / "w"
     procs = launch_two(w, faults=("", "in_start:0"))
-    deadline = time.monotonic() + 240
-    out1 = ""
-    while "fault point in_start:0 reached" not in out1:
-        assert procs[1].poll() is None and time.monotonic() < deadline, out1[-3000:]
-        out1 += procs[1].stdout.readline()
-    os.kill(procs[1].pid, signal.SIGKILL)
+    kill_at_fault(procs[1], "in_start:0")
     out0 = procs[0].communicate(timeout=120)[0]
     procs[1].wait()
     assert procs[0].returncode == 5, out0[-3000:]

@@ -123,16 +123,15 @@ class Run(RunSetup):
                              f"stopped at once (last committed checkpoint: {last}). Free space (or fix the "
                              "disk) and rerun the same command to resume from it") from None
         except Exception as e:
-            if not is_out_of_memory(e):  # a bug, or a collective that failed because a peer died
-                self._close_outputs()
-                if not self.outputs_open:
-                    self.abandon_start()
-                raise
             self._close_outputs()
-            step = int(jax.device_get(self.state.step)) if self.outputs_open else 0
-            message = out_of_memory_message(self.cfg, list(self.mesh.devices.flat), e, step)
+            message = None
+            if is_out_of_memory(e):
+                step = int(jax.device_get(self.state.step)) if self.outputs_open else 0
+                message = out_of_memory_message(self.cfg, list(self.mesh.devices.flat), e, step)
             if not self.outputs_open:
                 self.abandon_start()
+            if message is None:  # a bug, or a collective that failed because a peer died
+                raise
             raise TrainError(message) from None
         except KeyboardInterrupt:
             if self.ckpt is not None:  # let an asynchronous save in flight commit (or fail) cleanly
